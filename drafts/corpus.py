@@ -1,0 +1,90 @@
+"""Text corpora: JSONL files (GSM8K format or a `text` field), `datasets` names, and a synthetic
+arithmetic corpus in GSM8K's style for tests and offline demos.
+
+GSM8K lines are `{"question": ..., "answer": "... <<48/2=24>>24 ...\n#### 72"}`; a document is
+`format_example(question, answer)` so that the model learns the question/answer layout and the
+calculator annotations.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+QUESTION_PREFIX = "Question: "
+ANSWER_PREFIX = "\nAnswer: "
+
+
+def format_prompt(question: str) -> str:
+    return f"{QUESTION_PREFIX}{question.strip()}{ANSWER_PREFIX}"
+
+
+def format_example(question: str, answer: str) -> str:
+    return format_prompt(question) + answer.strip()
+
+
+def load_records(source: str | Path, split: str = "train") -> list[dict]:
+    """Records from a JSONL file, a folder holding `{split}.jsonl`, or a `datasets` name."""
+    path = Path(source)
+    if path.is_dir():
+        path = path / f"{split}.jsonl"
+    if path.exists():
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    elif path.suffix in (".jsonl", ".json") or str(source).startswith((".", "/")):
+        raise FileNotFoundError(f"Corpus file '{source}' does not exist.")
+    else:
+        records = _load_dataset(str(source), split)
+    if not records:
+        raise ValueError(f"Corpus '{source}' is empty.")
+    return records
+
+
+def _load_dataset(name: str, split: str) -> list[dict]:
+    try:
+        import datasets
+    except ImportError as exc:
+        raise FileNotFoundError(
+            f"'{name}' is neither a file nor a folder, and the `datasets` package is not installed "
+            "to load it by name."
+        ) from exc
+    config = "main" if name.endswith("gsm8k") else None
+    return [dict(r) for r in datasets.load_dataset(name, config, split=split)]
+
+
+def record_text(record: dict) -> str:
+    if "question" in record and "answer" in record:
+        return format_example(record["question"], record["answer"])
+    if "text" in record:
+        return str(record["text"])
+    raise ValueError(f"Record has neither question/answer nor text fields: keys {sorted(record)}")
+
+
+def load_texts(source: str | Path, split: str = "train", limit: int | None = None) -> list[str]:
+    texts = [record_text(r) for r in load_records(source, split)]
+    return texts[:limit] if limit else texts
+
+
+# --- a synthetic GSM8K-style corpus (no files, no network)
+
+_NAMES = ["Ann", "Bob", "Cal", "Dee", "Eli", "Fay", "Gus", "Hal"]
+_ITEMS = ["apples", "pens", "cards", "eggs", "books", "coins"]
+
+
+def synthetic_records(n: int, seed: int = 0) -> list[dict]:
+    """GSM8K-shaped records with exact calculator annotations, e.g.
+    'Ann has 3 apples and buys 4 more. How many apples does Ann have?' -> '<<3+4=7>>7 ... #### 7'."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+        a, b = rng.randint(2, 20), rng.randint(2, 9)
+        if rng.random() < 0.5:
+            q = f"{name} has {a} {item} and buys {b} more. How many {item} does {name} have?"
+            r, expr = a + b, f"{a}+{b}"
+        else:
+            q = f"{name} has {a} bags with {b} {item} each. How many {item} does {name} have?"
+            r, expr = a * b, f"{a}*{b}"
+        ans = f"{name} has {expr} = <<{expr}={r}>>{r} {item}.\n#### {r}"
+        out.append({"question": q, "answer": ans})
+    return out

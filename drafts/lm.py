@@ -1,0 +1,124 @@
+"""Small causal LMs of a standard architecture (Llama) built and trained from scratch.
+
+Saved folders load in transformers and vLLM alike. head_dim is kept at 64: vLLM's CPU
+attention refuses smaller heads ("Unsupported CPU attention configuration").
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class LMShape:
+    hidden: int = 128
+    layers: int = 2
+    heads: int = 2
+    intermediate: int = 256
+    max_positions: int = 512
+
+    def __post_init__(self) -> None:
+        if self.hidden % self.heads or self.hidden // self.heads < 32:
+            raise ValueError(
+                f"hidden ({self.hidden}) / heads ({self.heads}) must be an integer head_dim >= 32 "
+                "(vLLM's CPU attention needs head_dim 64 or more to be safe)"
+            )
+
+
+def build_lm(shape: LMShape, tokenizer, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.heads,
+        max_position_embeddings=shape.max_positions,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def encode_corpus(texts: list[str], tokenizer) -> list[list[int]]:
+    """Each text as [bos] + ids + [eos]."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    return [[bos, *tokenizer(t, add_special_tokens=False)["input_ids"], eos] for t in texts]
+
+
+def batches(docs: list[list[int]], batch_size: int, seq_len: int, rng: random.Random):
+    """Endless batches of packed windows over the shuffled stream of documents. [B, seq_len+1]"""
+    stream: list[int] = []
+    while True:
+        order = list(range(len(docs)))
+        rng.shuffle(order)
+        for i in order:
+            stream.extend(docs[i])
+            while len(stream) >= batch_size * (seq_len + 1):
+                chunk = stream[: batch_size * (seq_len + 1)]
+                del stream[: batch_size * (seq_len + 1)]
+                yield torch.tensor(chunk).view(batch_size, seq_len + 1)
+
+
+def lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy. batch [B, S+1]"""
+    logits = model(input_ids=batch[:, :-1]).logits  # [B, S, V]
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int = 10) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def train_lm(
+    model,
+    docs: list[list[int]],
+    steps: int,
+    *,
+    batch_size: int = 16,
+    seq_len: int = 128,
+    lr: float = 3e-3,
+    seed: int = 0,
+    progress: bool = False,
+) -> list[float]:
+    """Plain LM training; returns the loss of every step."""
+    from tqdm import tqdm
+
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    it = batches(docs, batch_size, seq_len, rng)
+    losses = []
+    model.train()
+    bar = tqdm(range(steps), disable=not progress, desc="train", unit="step")
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, steps, lr)
+        loss = lm_loss(model, next(it))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return losses
+
+
+def save_lm(model, tokenizer, out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    return out

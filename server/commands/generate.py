@@ -1,0 +1,93 @@
+"""`epispec generate`: one prompt, streamed to the terminal with per-token uncertainty.
+
+With --jsonl: one JSON object per token (token_id, text, logprob, bias, variance, eu, flagged)
+and a final {"summary": {...}} line. Otherwise the text, with flagged tokens marked
+(reverse video on a terminal, [[like this]] in a pipe), and a summary line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import uuid
+
+from server.bundle import BundleError
+from server.commands.model_args import add_model_arguments, engine_args
+from server.engine.factory import EngineUnavailable, build_engine
+from server.engine.models import ModelFolderError
+from server.engine.types import DEFAULT_EU_THRESHOLD, Finished, FlagThresholds, SamplingParams
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--prompt", required=True, help="prompt text")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--eu-threshold", type=float, default=None,
+                        help=f"flag tokens with eu above this (nats; default: bundle's or {DEFAULT_EU_THRESHOLD})")
+    parser.add_argument("--jsonl", action="store_true", help="one JSON object per token")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        eargs, bundle = engine_args(args)
+        params = SamplingParams(
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            stop=tuple(args.stop),
+            thresholds=_thresholds(args, bundle),
+        )
+        params.validate()
+        engine = build_engine(eargs)
+    except (BundleError, ModelFolderError, EngineUnavailable, ValueError) as exc:
+        print(f"epispec generate: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(_generate(engine, args, params))
+
+
+def _thresholds(args: argparse.Namespace, bundle) -> FlagThresholds:
+    if args.eu_threshold is not None:
+        return FlagThresholds(eu=args.eu_threshold)
+    if bundle and bundle.thresholds.get("eu") is not None:
+        t = bundle.thresholds
+        return FlagThresholds(eu=float(t["eu"]), bias=t.get("bias"), variance=t.get("variance"))
+    return FlagThresholds()
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Prompt ids with the tokenizer's own special-token convention (BOS where it uses one)."""
+    ids = tokenizer(text)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if bos is not None and (not ids or ids[0] != bos) and getattr(tokenizer, "add_bos_token", True):
+        ids = [bos, *ids]
+    return ids
+
+
+async def _generate(engine, args: argparse.Namespace, params: SamplingParams) -> int:
+    mark = ("\x1b[7m", "\x1b[0m") if sys.stdout.isatty() else ("[[", "]]")
+    prompt_ids = encode_prompt(engine.tokenizer, args.prompt)
+    try:
+        async for item in engine.generate(uuid.uuid4().hex, prompt_ids, params):
+            if isinstance(item, Finished):
+                summary = {"tokens": item.completion_tokens, **item.stats.as_dict(),
+                           "finish_reason": item.finish_reason}
+                if args.jsonl:
+                    print(json.dumps({"summary": summary}), flush=True)
+                else:
+                    print(flush=True)
+                    print(f"[{json.dumps(summary)}]", file=sys.stderr)
+            elif args.jsonl:
+                print(json.dumps(item.as_dict()), flush=True)
+            else:
+                text = f"{mark[0]}{item.text}{mark[1]}" if item.flagged else item.text
+                print(text, end="", flush=True)
+    finally:
+        await engine.shutdown()
+    return 0

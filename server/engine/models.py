@@ -1,0 +1,90 @@
+"""Loading Hugging Face model folders and checking that drafts can serve a target.
+
+Drafts must share the target's tokenizer and vocabulary: their distributions are compared
+with the target's token by token. Both engines call `check_compatible` before loading
+weights so that a mismatch is a clear start-up error, never a wrong number later.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+class ModelFolderError(ValueError):
+    """A model folder is missing, unreadable or incompatible with the target."""
+
+
+def model_config(path: str | Path) -> dict:
+    """The folder's config.json as a dict, with a clear error when it is not a model folder."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ModelFolderError(f"Model folder '{folder}' does not exist.")
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        raise ModelFolderError(f"Model folder '{folder}' has no config.json: not a Hugging Face model folder.")
+    return json.loads(cfg.read_text())
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:  # transformers raises many types for a bad folder
+        raise ModelFolderError(f"Cannot load a tokenizer from '{path}': {exc}") from exc
+
+
+def check_compatible(target: str | Path, drafts: list[str | Path]) -> None:
+    """Raise ModelFolderError naming the first draft whose vocabulary differs from the target's."""
+    t_cfg = model_config(target)
+    t_vocab = load_tokenizer(target).get_vocab()
+    for d in drafts:
+        d_cfg = model_config(d)
+        if d_cfg.get("vocab_size") != t_cfg.get("vocab_size"):
+            raise ModelFolderError(
+                f"Draft '{d}' has vocab_size {d_cfg.get('vocab_size')} but the target '{target}' has "
+                f"{t_cfg.get('vocab_size')}: drafts must share the target's vocabulary."
+            )
+        if (Path(d) / "tokenizer.json").exists() or (Path(d) / "tokenizer_config.json").exists():
+            d_vocab = load_tokenizer(d).get_vocab()
+            if d_vocab != t_vocab:
+                diff = len(set(d_vocab.items()) ^ set(t_vocab.items()))
+                raise ModelFolderError(
+                    f"Draft '{d}' has a different tokenizer from the target '{target}' "
+                    f"({diff} vocabulary entries differ): drafts must share the target's tokenizer."
+                )
+
+
+def max_model_len(path: str | Path) -> int:
+    cfg = model_config(path)
+    return int(cfg.get("max_position_embeddings") or cfg.get("n_positions") or 2048)
+
+
+def load_causal_lm(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    model_config(path)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    return model.to(device).eval()
+
+
+def count_parameters(path: str | Path) -> int:
+    """Parameters of a saved model without loading its weights (safetensors header only)."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                total += _prod(st.get_slice(name).get_shape())
+    return total
+
+
+def _prod(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n

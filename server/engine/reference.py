@@ -1,0 +1,275 @@
+"""The reference engine: exact speculative decoding with a draft ensemble in PyTorch + transformers.
+
+The ground truth for tests and evaluation, and the fallback where vLLM is not installed.
+One sequence per round (gpt-fast sized); concurrent requests interleave round by round.
+Every model keeps a KV cache that is cropped back after a rejection: no prefix is ever
+recomputed. One round (DESIGN.md §2):
+
+    1) the M drafts propose k tokens autoregressively from their mixture q̄
+       (greedy at temperature 0, else a draw from q̄ under the request's temperature/top-p);
+       each draft step keeps all M raw distributions of that position
+    2) the target scores the k+1 positions in one forward pass
+    3) lossless verification (`speculative.verify`): n accepted + one recovered/bonus token
+    4) bias/variance/eu of every emitted position from the passes of 1) and 2); the bonus
+       position gets one extra draft step, which the next round would otherwise run anyway
+    5) crop every cache to the tokens that stand
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from server.engine import models
+from server.engine.detokenize import IncrementalDetokenizer
+from server.engine.speculative import sample, sampling_probs, verify
+from server.engine.stops import StopStringFilter
+from server.engine.types import (
+    EngineStats,
+    Finished,
+    GenerationItem,
+    SamplingParams,
+    TokenEvent,
+    TopLogprob,
+)
+from server.engine.uncertainty import decompose, mixture_logprobs
+
+
+@dataclass
+class _Model:
+    """One causal LM and its KV cache for the sequence being decoded."""
+
+    lm: torch.nn.Module
+    cache: object = None
+    seen: int = 0  # tokens whose keys/values are in the cache
+
+    def feed(self, tokens: list[int], device: str) -> torch.Tensor:
+        """Run the tokens not yet cached; returns raw logits of their positions. [L, V]"""
+        new = torch.tensor([tokens[self.seen :]], device=device)  # [1, L]
+        out = self.lm(input_ids=new, past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        self.seen = len(tokens)
+        return out.logits[0].float()  # [L, V]
+
+    def crop(self, length: int) -> None:
+        if self.seen > length:
+            self.cache.crop(length - self.seen)  # negative: drop that many trailing tokens
+            self.seen = length
+
+
+@dataclass
+class _Sequence:
+    tokens: list[int]
+    target: _Model
+    drafts: list[_Model]
+    stats: EngineStats = field(default_factory=EngineStats)
+
+
+class ReferenceEngine:
+    """Exact engine. `generate` streams `TokenEvent`s then one `Finished` (see types.Engine)."""
+
+    name = "reference"
+
+    def __init__(
+        self,
+        target: str | Path,
+        drafts: list[str | Path] = (),
+        *,
+        num_speculative_tokens: int = 3,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        model_name: str | None = None,
+        max_model_len: int | None = None,
+    ) -> None:
+        models.check_compatible(target, list(drafts))
+        self._tokenizer = models.load_tokenizer(target)
+        self.device = device
+        self.target = models.load_causal_lm(target, device, dtype)
+        self.drafts = [models.load_causal_lm(d, device, dtype) for d in drafts]
+        self.k = num_speculative_tokens if self.drafts else 0
+        self.num_drafts = len(self.drafts)
+        self.model_name = model_name or Path(target).name
+        self.max_model_len = min(max_model_len or 1 << 30, models.max_model_len(target))
+        self.vocab_size = self.target.config.vocab_size
+        self.eos_token_ids = _eos_ids(self.target, self._tokenizer)
+        self._step_lock = threading.Lock()  # one forward pass at a time: requests interleave by round
+        self._running: set[str] = set()
+        self._aborted: set[str] = set()
+        self._healthy = True
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    # --- the synchronous core
+
+    def stream(self, prompt_token_ids: list[int], params: SamplingParams) -> Iterator[GenerationItem]:
+        """Generate synchronously: TokenEvents, then one Finished."""
+        params.validate()
+        if not prompt_token_ids:
+            raise ValueError("prompt_token_ids must not be empty")
+        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        seq = _Sequence(
+            tokens=list(prompt_token_ids),
+            target=_Model(self.target),
+            drafts=[_Model(d) for d in self.drafts],
+        )
+        detok = IncrementalDetokenizer(self._tokenizer, prompt_token_ids)
+        stops = StopStringFilter(params.stop)
+        n_prompt = len(prompt_token_ids)
+        reason = "length"
+        while True:
+            generated = len(seq.tokens) - n_prompt
+            room = min(params.max_tokens - generated, self.max_model_len - len(seq.tokens))
+            if room <= 0:
+                break
+            with torch.inference_mode():
+                round_tokens = self._round(seq, params, gen, room)
+            ended = False
+            for tok, lp, unc, top in round_tokens:
+                seq.tokens.append(tok)
+                if tok in self.eos_token_ids and not params.ignore_eos:
+                    reason, ended = "stop", True
+                    break
+                bias, var, eu = unc if unc is not None else (None, None, None)
+                event = TokenEvent(
+                    token_id=tok,
+                    text=detok.add(tok),
+                    logprob=lp,
+                    bias=bias,
+                    variance=var,
+                    eu=eu,
+                    flagged=params.thresholds.flags(bias, var, eu),
+                    top_logprobs=top,
+                )
+                for ev in stops.push(event):
+                    yield ev
+                    if ev.flagged and params.stop_on_uncertainty:
+                        reason, ended = "uncertainty", True
+                        break
+                if stops.stopped and not ended:
+                    reason, ended = "stop", True
+                if ended:
+                    break
+            if ended:
+                break
+        if reason != "uncertainty" and not stops.stopped:
+            yield from stops.flush()
+        yield Finished(reason, n_prompt, len(seq.tokens) - n_prompt, seq.stats)
+
+    def _round(self, seq: _Sequence, params: SamplingParams, gen, room: int):
+        """One speculative round. Returns [(token, raw logprob, (bias, var, eu) | None, top)]."""
+        # at most `room` tokens may be emitted: propose at most room-1 (the +1 is recovered/bonus)
+        k = min(self.k, room - 1)
+        T, top_p = params.temperature, params.top_p
+        # 1) drafts propose k tokens; draft_lp[i] is [M, V] at the position of proposal i
+        draft_lp: list[torch.Tensor] = []
+        proposal: list[int] = []
+        q_probs: list[torch.Tensor] = []
+        for _ in range(k):
+            lp = self._draft_step(seq, seq.tokens + proposal)  # [M, V]
+            q = sampling_probs(mixture_logprobs(lp), T, top_p)  # [V]
+            proposal.append(int(q.argmax()) if T == 0 else int(sample(q, gen)))
+            draft_lp.append(lp)
+            q_probs.append(q)
+        # 2) the target scores k+1 positions in one pass
+        logits = seq.target.feed(seq.tokens + proposal, self.device)[-(k + 1) :]  # [k+1, V]
+        seq.stats.target_forward_passes += 1
+        p_raw = torch.log_softmax(logits, -1)  # [k+1, V]
+        p_tilde = sampling_probs(logits, T, top_p)  # [k+1, V]
+        # 3) verify
+        if k:
+            n, nxt = verify(torch.tensor(proposal), torch.stack(q_probs), p_tilde, gen)
+            seq.stats.proposed += k
+            seq.stats.accepted += n
+        else:
+            n, nxt = 0, int(sample(p_tilde[0], gen))
+        emitted = proposal[:n] + [nxt]
+        # 4) EU of each emitted position; the bonus position needs one more draft step
+        unc = [None] * len(emitted)
+        if self.drafts:
+            if n == k:
+                draft_lp.append(self._draft_step(seq, seq.tokens + proposal))
+            u = decompose(torch.stack(draft_lp[: n + 1]), p_raw[: n + 1])  # [n+1, M, V], [n+1, V]
+            unc = list(zip(u.bias.tolist(), u.variance.tolist(), u.eu.tolist(), strict=True))
+        # 5) crop caches to the tokens that stand (the new token is fed next round)
+        keep = len(seq.tokens) + n
+        for m in [seq.target, *seq.drafts]:
+            m.crop(keep)
+        ids = torch.tensor(emitted)
+        lps = p_raw[torch.arange(len(emitted)), ids].tolist()
+        tops = [self._top(p_raw[i], params.logprobs) for i in range(len(emitted))]
+        return list(zip(emitted, lps, unc, tops, strict=True))
+
+    def _draft_step(self, seq: _Sequence, tokens: list[int]) -> torch.Tensor:
+        """All M drafts' raw log-probs at the next position of `tokens`. [M, V]"""
+        seq.stats.draft_forward_passes += 1
+        last = [m.feed(tokens, self.device)[-1] for m in seq.drafts]  # M x [V]
+        return torch.log_softmax(torch.stack(last), -1)
+
+    def _top(self, logprobs: torch.Tensor, n: int) -> tuple[TopLogprob, ...]:
+        if n <= 0:
+            return ()
+        vals, ids = logprobs.topk(min(n, logprobs.shape[-1]))
+        return tuple(
+            TopLogprob(int(i), self._tokenizer.decode([int(i)]), float(v))
+            for v, i in zip(vals.tolist(), ids.tolist(), strict=True)
+        )
+
+    # --- the async Engine interface
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[GenerationItem]:
+        if request_id in self._running:
+            raise ValueError(f"request id '{request_id}' is already running")
+        self._running.add(request_id)
+        it = self.stream(prompt_token_ids, params)
+
+        def step():
+            with self._step_lock:
+                return next(it, None)
+
+        try:
+            while True:
+                if request_id in self._aborted:
+                    yield Finished("abort", len(prompt_token_ids), 0, EngineStats())
+                    return
+                try:
+                    item = await asyncio.to_thread(step)
+                except Exception:
+                    self._healthy = False
+                    raise
+                if item is None:
+                    return
+                yield item
+        finally:
+            it.close()
+            self._running.discard(request_id)
+            self._aborted.discard(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        if request_id in self._running:
+            self._aborted.add(request_id)
+
+    def num_running(self) -> int:
+        return len(self._running)
+
+    def is_healthy(self) -> bool:
+        return self._healthy
+
+    async def shutdown(self) -> None:
+        self._running.clear()
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    eos = model.generation_config.eos_token_id if model.generation_config else None
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    ids = eos if isinstance(eos, list) else [eos]
+    return {int(i) for i in ids if i is not None}

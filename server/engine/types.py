@@ -1,0 +1,173 @@
+"""The engine interface: sampling parameters, flag thresholds, token events, the engine protocol.
+
+Every engine (the exact PyTorch `reference` engine and the production `vllm` engine) turns
+`(request_id, prompt_token_ids, SamplingParams)` into an async stream of `TokenEvent`s ended
+by one `Finished`. The API layer formats that stream; it never sees an engine's internals.
+
+Terms, per generated position t (natural log, nats; see `uncertainty.py`):
+- `bias`     = KL(q̄ ‖ p): the drafts' mixture q̄ against the target p
+- `variance` = (1/M) Σ_m KL(q_m ‖ q̄): the drafts' disagreement (generalized JSD)
+- `eu`       = bias + variance
+All three are computed on the raw distributions (temperature 1, no top-p, no penalties),
+whatever the request's sampling settings. They are `None` when the engine has no drafts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+FinishReason = Literal["stop", "length", "uncertainty", "abort", "error"]
+
+# Used until a bundle carries a calibrated threshold (evaluation issue). In nats.
+DEFAULT_EU_THRESHOLD = 0.5
+
+
+@dataclass(frozen=True)
+class FlagThresholds:
+    """A token is flagged when eu > `eu` (and, where set, bias > `bias` or variance > `variance`)."""
+
+    eu: float = DEFAULT_EU_THRESHOLD
+    bias: float | None = None
+    variance: float | None = None
+
+    def flags(self, bias: float | None, variance: float | None, eu: float | None) -> bool:
+        if eu is None:
+            return False
+        if eu > self.eu:
+            return True
+        if self.bias is not None and bias is not None and bias > self.bias:
+            return True
+        return self.variance is not None and variance is not None and variance > self.variance
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What one request asks of the engine. Validation of client input happens in the API layer;
+    `validate()` guards the engine against programming errors with plain-sentence messages."""
+
+    max_tokens: int = 64
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int = 0  # how many top log-probs of the (processed) target to return per token
+    thresholds: FlagThresholds = field(default_factory=FlagThresholds)
+    stop_on_uncertainty: bool = False
+
+    def validate(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.logprobs < 0:
+            raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    token_id: int
+    text: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One emitted token with its uncertainty. `logprob` is the target's log-probability of
+    the token under the request's sampling distribution (temperature/top-p applied, as
+    OpenAI-style logprobs are); `bias`/`variance`/`eu` are on raw distributions."""
+
+    token_id: int
+    text: str  # incremental detokenized text this token adds (may be "" mid UTF-8 sequence)
+    logprob: float
+    bias: float | None
+    variance: float | None
+    eu: float | None
+    flagged: bool
+    top_logprobs: tuple[TopLogprob, ...] = ()
+
+    def as_dict(self) -> dict:
+        """The JSON shape shared by `epispec generate --jsonl` and `POST /generate`."""
+        return {
+            "token_id": self.token_id,
+            "text": self.text,
+            "logprob": self.logprob,
+            "bias": self.bias,
+            "variance": self.variance,
+            "eu": self.eu,
+            "flagged": self.flagged,
+        }
+
+
+@dataclass
+class EngineStats:
+    """Counters that make reuse measurable: a draft forward pass is one batched step of the
+    whole ensemble (all M drafts), a target forward pass is one scoring of k+1 positions."""
+
+    target_forward_passes: int = 0
+    draft_forward_passes: int = 0
+    proposed: int = 0
+    accepted: int = 0
+
+    def add(self, other: EngineStats) -> None:
+        self.target_forward_passes += other.target_forward_passes
+        self.draft_forward_passes += other.draft_forward_passes
+        self.proposed += other.proposed
+        self.accepted += other.accepted
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "target_forward_passes": self.target_forward_passes,
+            "draft_forward_passes": self.draft_forward_passes,
+            "proposed": self.proposed,
+            "accepted": self.accepted,
+        }
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The last item of every generation stream."""
+
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    stats: EngineStats
+    error: str | None = None  # set when finish_reason == "error"
+
+
+GenerationItem = TokenEvent | Finished
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What the API layer needs from an engine. One instance per server process."""
+
+    name: str  # "reference" or "vllm"
+    model_name: str  # the id served as `model` in the OpenAI API
+    max_model_len: int  # prompt + generated tokens must fit
+    num_drafts: int  # M; 0 = plain decoding, uncertainty fields are None
+
+    @property
+    def tokenizer(self):  # a transformers PreTrainedTokenizerBase
+        ...
+
+    def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[GenerationItem]:
+        """Stream token events, then one `Finished`. Closing the iterator early (client gone)
+        must abort the request and free its state."""
+        ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    def num_running(self) -> int:
+        """Requests currently holding engine state (0 when idle: tests check that aborts free it)."""
+        ...
+
+    def is_healthy(self) -> bool: ...
+
+    async def shutdown(self) -> None: ...

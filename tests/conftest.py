@@ -1,0 +1,18 @@
+"""Shared fixtures: tiny trained models (built once per session)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.tiny_models import build_tiny_models
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict:
+    root = os.environ.get("EPISPEC_TEST_MODELS")
+    folder = Path(root) if root else tmp_path_factory.mktemp("tiny_models")
+    folder.mkdir(parents=True, exist_ok=True)
+    return build_tiny_models(folder)
