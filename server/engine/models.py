@@ -24,7 +24,9 @@ def model_config(path: str | Path) -> dict:
         raise ModelFolderError(f"Model folder '{folder}' does not exist.")
     cfg = folder / "config.json"
     if not cfg.is_file():
-        raise ModelFolderError(f"Model folder '{folder}' has no config.json: not a Hugging Face model folder.")
+        raise ModelFolderError(
+            f"Model folder '{folder}' has no config.json: not a Hugging Face model folder."
+        )
     return json.loads(cfg.read_text())
 
 

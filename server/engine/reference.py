@@ -97,7 +97,9 @@ class ReferenceEngine:
         self.max_model_len = min(max_model_len or 1 << 30, models.max_model_len(target))
         self.vocab_size = self.target.config.vocab_size
         self.eos_token_ids = _eos_ids(self.target, self._tokenizer)
-        self._step_lock = threading.Lock()  # one forward pass at a time: requests interleave by round
+        self._step_lock = (
+            threading.Lock()
+        )  # one forward pass at a time: requests interleave by round
         self._running: set[str] = set()
         self._aborted: set[str] = set()
         self._healthy = True
@@ -108,7 +110,9 @@ class ReferenceEngine:
 
     # --- the synchronous core
 
-    def stream(self, prompt_token_ids: list[int], params: SamplingParams) -> Iterator[GenerationItem]:
+    def stream(
+        self, prompt_token_ids: list[int], params: SamplingParams
+    ) -> Iterator[GenerationItem]:
         """Generate synchronously: TokenEvents, then one Finished."""
         params.validate()
         if not prompt_token_ids:

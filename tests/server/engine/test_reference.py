@@ -1,0 +1,210 @@
+"""The reference engine on tiny trained models: exactness, losslessness, EU per token, bookkeeping."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import shutil
+
+import pytest
+import torch
+
+from server.engine import models
+from server.engine.reference import ReferenceEngine
+from server.engine.speculative import sampling_probs
+from server.engine.types import FlagThresholds, Finished, SamplingParams, TokenEvent
+from server.engine.uncertainty import decompose
+
+PROMPTS = [
+    "Question: Ann has 3 apples and buys 4 more. How many apples does Ann have?\nAnswer:",
+    "Question: Bob has 5 bags with 6 pens each. How many pens does Bob have?\nAnswer: Bob",
+    "Question: Eli",
+]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_models):
+    return ReferenceEngine(tiny_models["target"], tiny_models["drafts"], num_speculative_tokens=3)
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_models):
+    return ReferenceEngine(tiny_models["target"], [])
+
+
+def _ids(engine, text):
+    return [
+        engine.tokenizer.bos_token_id,
+        *engine.tokenizer(text, add_special_tokens=False)["input_ids"],
+    ]
+
+
+def _run(engine, ids, **kw):
+    items = list(engine.stream(ids, SamplingParams(**kw)))
+    assert isinstance(items[-1], Finished) and all(isinstance(e, TokenEvent) for e in items[:-1])
+    return items[:-1], items[-1]
+
+
+@torch.inference_mode()
+def _full_logprobs(lm, ids):
+    """Teacher-forced raw log-probs at every position, recomputing the whole prefix. [L, V]"""
+    return torch.log_softmax(lm(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+
+
+@torch.inference_mode()
+def _greedy(lm, ids, n, eos):
+    ids = list(ids)
+    out = []
+    for _ in range(n):
+        tok = int(_full_logprobs(lm, ids)[-1].argmax())
+        if tok == eos:
+            break
+        out.append(tok)
+        ids.append(tok)
+    return out
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_temperature_zero_equals_target_greedy(engine, prompt):
+    ids = _ids(engine, prompt)
+    events, fin = _run(engine, ids, max_tokens=40, temperature=0)
+    expected = _greedy(engine.target, ids, 40, engine.tokenizer.eos_token_id)
+    assert [e.token_id for e in events] == expected
+    assert fin.stats.proposed > 0 and fin.stats.target_forward_passes < len(expected) + 1
+
+
+def test_each_token_eu_equals_teacher_forced_recomputation(engine):
+    ids = _ids(engine, PROMPTS[0])
+    events, _ = _run(engine, ids, max_tokens=30, temperature=1.0, seed=3)
+    seq = ids + [e.token_id for e in events]
+    pos = torch.arange(len(ids) - 1, len(seq) - 1)  # positions predicting each output token
+    target = _full_logprobs(engine.target, seq)[pos]  # [T, V]
+    drafts = torch.stack([_full_logprobs(d, seq)[pos] for d in engine.drafts], 1)  # [T, M, V]
+    u = decompose(drafts, target)
+    got = torch.tensor([[e.bias, e.variance, e.eu] for e in events])
+    torch.testing.assert_close(
+        got, torch.stack([u.bias, u.variance, u.eu], 1), atol=1e-4, rtol=1e-4
+    )
+    lp = target[torch.arange(len(events)), torch.tensor([e.token_id for e in events])]
+    torch.testing.assert_close(torch.tensor([e.logprob for e in events]), lp, atol=1e-4, rtol=1e-4)
+
+
+def test_sampled_output_follows_the_target_distribution(engine):
+    """Pairs of the first two tokens over 1500 seeds against the exact target probabilities
+    p̃(t1)·p̃(t2|t1) (temperature 0.9, top-p 0.95). Categories with expected count ≥ 10 are
+    tested, the rest lumped: a chi-square this large (> dof + 6·sqrt(2·dof)) has p < 1e-4."""
+    ids = _ids(engine, "Question: Fay has")
+    T, top_p, n = 0.9, 0.95, 1500
+    counts = collections.Counter()
+    for seed in range(n):
+        events, _ = _run(
+            engine, ids, max_tokens=3, temperature=T, top_p=top_p, seed=seed, ignore_eos=True
+        )
+        counts[(events[0].token_id, events[1].token_id)] += 1
+    with torch.inference_mode():
+        p1 = sampling_probs(engine.target(input_ids=torch.tensor([ids])).logits[0, -1], T, top_p)
+        firsts = (p1 > 0).nonzero().flatten().tolist()
+        batch = torch.tensor([ids + [t] for t in firsts])
+        p2 = sampling_probs(engine.target(input_ids=batch).logits[:, -1], T, top_p)  # [F, V]
+    expected = {
+        (t1, t2): (p1[t1] * p2[i, t2]).item() * n
+        for i, t1 in enumerate(firsts)
+        for t2 in (p2[i] > 0).nonzero().flatten().tolist()
+    }
+    big = [c for c, e in expected.items() if e >= 10]
+    assert len(big) >= 3, "the test needs several likely pairs to mean anything"
+    obs = [counts[c] for c in big] + [n - sum(counts[c] for c in big)]
+    exp = [expected[c] for c in big] + [n - sum(expected[c] for c in big)]
+    chi2 = sum((o - e) ** 2 / e for o, e in zip(obs, exp, strict=True) if e > 0)
+    dof = len(obs) - 1
+    assert chi2 < dof + 6 * (2 * dof) ** 0.5, (chi2, dof)
+    assert set(counts) <= set(expected), "a pair of probability zero was sampled"
+
+
+def test_seed_reproducibility_and_independence(engine):
+    ids = _ids(engine, PROMPTS[2])
+    a, _ = _run(engine, ids, max_tokens=20, temperature=1.0, seed=11)
+    b, _ = _run(engine, ids, max_tokens=20, temperature=1.0, seed=11)
+    assert [e.token_id for e in a] == [e.token_id for e in b]
+    outs = {
+        tuple(e.token_id for e in _run(engine, ids, max_tokens=20, temperature=1.0, seed=s)[0])
+        for s in range(8)
+    }
+    assert len(outs) > 1
+
+
+def test_pass_counts_make_reuse_measurable(engine):
+    ids = _ids(engine, PROMPTS[0])
+    events, fin = _run(engine, ids, max_tokens=25, temperature=0, ignore_eos=True)
+    s = fin.stats
+    assert fin.completion_tokens == len(events) == 25 and fin.finish_reason == "length"
+    # every emitted token comes from one target pass: n accepted + 1 per round
+    assert len(events) == s.accepted + s.target_forward_passes
+    # k draft steps per round, +1 bonus step per fully accepted round; never a scoring pass
+    assert s.proposed <= 3 * s.target_forward_passes
+    assert s.proposed <= s.draft_forward_passes <= s.proposed + s.target_forward_passes
+
+
+def test_without_drafts_uncertainty_is_null(plain, engine):
+    ids = _ids(plain, PROMPTS[1])
+    events, fin = _run(plain, ids, max_tokens=15, temperature=0)
+    assert all(
+        e.eu is None and e.bias is None and e.variance is None and not e.flagged for e in events
+    )
+    assert fin.stats.draft_forward_passes == 0 and fin.stats.proposed == 0
+    spec, _ = _run(engine, ids, max_tokens=15, temperature=0)
+    assert [e.token_id for e in events] == [e.token_id for e in spec]
+
+
+def test_max_tokens_stop_strings_and_flags(engine):
+    ids = _ids(engine, PROMPTS[0])
+    full, _ = _run(engine, ids, max_tokens=30, temperature=0, ignore_eos=True)
+    text = "".join(e.text for e in full)
+    stop = text[8:11]
+    events, fin = _run(engine, ids, max_tokens=30, temperature=0, ignore_eos=True, stop=(stop,))
+    assert fin.finish_reason == "stop"
+    assert "".join(e.text for e in events) == text[: text.index(stop)]
+    flagged, fin = _run(
+        engine,
+        ids,
+        max_tokens=30,
+        temperature=0,
+        thresholds=FlagThresholds(eu=0.0),
+        stop_on_uncertainty=True,
+    )
+    assert fin.finish_reason == "uncertainty" and len(flagged) == 1 and flagged[0].flagged
+    none, _ = _run(engine, ids, max_tokens=10, temperature=0, thresholds=FlagThresholds(eu=1e9))
+    assert not any(e.flagged for e in none)
+
+
+def test_abort_frees_the_request(engine):
+    async def main():
+        gen = engine.generate(
+            "r1", _ids(engine, PROMPTS[0]), SamplingParams(max_tokens=50, temperature=0)
+        )
+        first = await gen.__anext__()
+        assert isinstance(first, TokenEvent) and engine.num_running() == 1
+        await gen.aclose()  # the client went away
+        assert engine.num_running() == 0
+        gen2 = engine.generate(
+            "r2", _ids(engine, PROMPTS[1]), SamplingParams(max_tokens=50, temperature=0)
+        )
+        await gen2.__anext__()
+        await engine.abort("r2")
+        items = [i async for i in gen2]
+        assert isinstance(items[-1], Finished) and items[-1].finish_reason == "abort"
+        assert engine.num_running() == 0
+
+    asyncio.run(main())
+
+
+def test_draft_with_other_vocabulary_is_refused(tiny_models, tmp_path):
+    bad = tmp_path / "bad_draft"
+    shutil.copytree(tiny_models["drafts"][0], bad)
+    from drafts.tokenizer import train_tokenizer
+
+    train_tokenizer(["completely different text " * 20], vocab_size=300, out_dir=bad)
+    with pytest.raises(models.ModelFolderError, match="different tokenizer"):
+        ReferenceEngine(tiny_models["target"], [str(bad)])
+    with pytest.raises(models.ModelFolderError, match="does not exist"):
+        ReferenceEngine(tiny_models["target"], [str(tmp_path / "missing")])
