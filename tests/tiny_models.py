@@ -32,7 +32,10 @@ def build_tiny_models(root: Path, num_drafts: int = 3, steps: int = 60) -> dict:
     docs = encode_corpus(texts, tok)
     target = build_lm(TARGET_SHAPE, tok, seed=0)
     train_lm(target, docs, steps, batch_size=16, seq_len=64, lr=3e-3, seed=0)
-    out = {"tokenizer": str(root / "tokenizer"), "target": str(save_lm(target, tok, root / "target"))}
+    out = {
+        "tokenizer": str(root / "tokenizer"),
+        "target": str(save_lm(target, tok, root / "target")),
+    }
     out["drafts"] = []
     for m in range(num_drafts):
         part = docs[m::num_drafts]

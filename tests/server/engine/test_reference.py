@@ -12,7 +12,7 @@ import torch
 from server.engine import models
 from server.engine.reference import ReferenceEngine
 from server.engine.speculative import sampling_probs
-from server.engine.types import FlagThresholds, Finished, SamplingParams, TokenEvent
+from server.engine.types import Finished, FlagThresholds, SamplingParams, TokenEvent
 from server.engine.uncertainty import decompose
 
 PROMPTS = [
