@@ -1,0 +1,95 @@
+"""OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}` for every failure.
+
+Client mistakes are 4xx that name the offending field in `param` (dotted, with list indices:
+`messages[0].role`); a 500 is only ever a server fault. Once a stream has started, the same
+body travels inside the stream as one `data:` event (see `sse.py`).
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+
+class APIError(Exception):
+    """An error to return to the client as is."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int = 400,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict:
+        return {
+            "error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        }
+
+
+def param_name(loc: tuple | list) -> str | None:
+    """('body', 'messages', 0, 'role') -> 'messages[0].role'."""
+    out = ""
+    for part in loc[1:] if loc and loc[0] in ("body", "query", "path", "header") else loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not str(part).startswith("function-"):  # pydantic's validator frames
+            out += f".{part}" if out else str(part)
+    return out or None
+
+
+def from_validation(exc: RequestValidationError) -> APIError:
+    err = exc.errors()[0]
+    if err.get("type") == "json_invalid":
+        return APIError(f"The request body is not valid JSON: {err.get('ctx', {}).get('error', '')}".rstrip(": "),
+                        code="invalid_json")
+    param = param_name(err.get("loc", ()))
+    if err.get("type") == "missing" and param:
+        return APIError(f"'{param}' is required.", param=param, code="missing_field")
+    msg = err.get("msg", "invalid value").removeprefix("Value error, ")
+    return APIError(f"Invalid '{param}': {msg}." if param else f"{msg}.", param=param,
+                    code="invalid_value")
+
+
+def _count_rejected(request: Request, status_code: int) -> None:
+    route = request.scope.get("route")
+    metrics = getattr(request.app.state, "metrics", None)
+    if route is not None and metrics is not None and 400 <= status_code < 500:
+        metrics.requests.labels(endpoint=getattr(route, "path", "?"), status="rejected").inc()
+
+
+def error_response(request: Request, err: APIError) -> JSONResponse:
+    _count_rejected(request, err.status_code)
+    headers = {"WWW-Authenticate": "Bearer"} if err.status_code == 401 else None
+    return JSONResponse(err.body(), status_code=err.status_code, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(request, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(request, from_validation(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error_response(request, APIError(str(exc.detail), status_code=exc.status_code, type=kind))
+
+    @app.exception_handler(Exception)
+    async def _server(request: Request, exc: Exception) -> JSONResponse:
+        err = APIError(f"Internal server error: {type(exc).__name__}.", status_code=500, type="server_error")
+        return error_response(request, err)

@@ -1,0 +1,35 @@
+"""Prompts to token ids: plain text, and chat messages through the tokenizer's chat template
+(or `DEFAULT_CHAT_TEMPLATE` where the tokenizer has none)."""
+
+from __future__ import annotations
+
+from server.api.errors import APIError
+from server.api.schemas import ChatMessage
+from server.commands.generate import encode_prompt
+
+# "User: hi\nAssistant:" — plain role-prefixed turns, what small base models were trained on.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def text_prompt_ids(tokenizer, text: str, param: str = "prompt") -> list[int]:
+    if not text:
+        raise APIError(f"'{param}' must not be empty.", param=param, code="empty_prompt")
+    return encode_prompt(tokenizer, text)
+
+
+def chat_prompt_ids(tokenizer, messages: list[ChatMessage]) -> list[int]:
+    turns = [{"role": m.role, "content": m.text()} for m in messages]
+    if not any(t["content"] for t in turns):
+        raise APIError("'messages' must hold some text.", param="messages", code="empty_prompt")
+    template = None if getattr(tokenizer, "chat_template", None) else DEFAULT_CHAT_TEMPLATE
+    try:
+        text = tokenizer.apply_chat_template(
+            turns, chat_template=template, add_generation_prompt=True, tokenize=False
+        )
+    except Exception as exc:  # a template may refuse an order of roles (jinja raise_exception)
+        raise APIError(f"The chat template refused these messages: {exc}", param="messages",
+                       code="invalid_messages") from exc
+    return encode_prompt(tokenizer, text)

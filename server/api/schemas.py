@@ -1,0 +1,127 @@
+"""Request bodies, validated by pydantic; a violation becomes a 400 that names the field.
+
+Limits that depend on the server (context length, `max_logprobs`, threshold bounds) are
+checked later, in `generation.py`, where the settings and the tokenized prompt are known.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+PositiveInt = Annotated[StrictInt, Field(gt=0)]
+NonNegativeInt = Annotated[StrictInt, Field(ge=0)]
+
+
+class ThresholdOverrides(BaseModel):
+    """Per-request flag thresholds (nats); each must lie within the server's bounds."""
+
+    model_config = ConfigDict(extra="forbid")
+    eu: float | None = None
+    bias: float | None = None
+    variance: float | None = None
+
+
+class SamplingFields(BaseModel):
+    """Fields shared by every generation endpoint."""
+
+    max_tokens: PositiveInt | None = None
+    temperature: Annotated[float, Field(ge=0)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    seed: StrictInt | None = None
+    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=16)] | None = None
+    stream: StrictBool = False
+    thresholds: ThresholdOverrides | None = None
+    stop_on_uncertainty: StrictBool = False
+
+    def stop_strings(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class GenerateRequest(SamplingFields):
+    """`POST /generate`: exactly one of `prompt` and `prompt_token_ids`."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: StrictStr | None = None
+    prompt_token_ids: list[StrictInt] | None = None
+    logprobs: NonNegativeInt = 0  # top log-probs per token
+
+
+class StreamOptions(BaseModel):
+    include_usage: StrictBool = False
+
+
+class OpenAIFields(SamplingFields):
+    """OpenAI options: unknown fields are ignored (as OpenAI-compatible servers do); known
+    ones that this server cannot honour are refused by `unsupported()`."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: StrictStr | None = None
+    stream_options: StreamOptions | None = None
+    n: PositiveInt = 1
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: StrictStr | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(param, message) of the first option this server cannot honour, else None."""
+        if self.n > 1:
+            return "n", "only n=1 is supported"
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                return name, f"{name} is not supported"
+        if self.logit_bias:
+            return "logit_bias", "logit_bias is not supported"
+        return None
+
+
+class CompletionRequest(OpenAIFields):
+    prompt: StrictStr | list[StrictStr] | list[StrictInt]
+    logprobs: Annotated[StrictInt, Field(ge=0)] | None = None
+    echo: StrictBool = False
+    best_of: PositiveInt | None = None
+    suffix: StrictStr | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.echo:
+            return "echo", "echo is not supported"
+        if self.best_of not in (None, 1):
+            return "best_of", "only best_of=1 is supported"
+        if self.suffix:
+            return "suffix", "suffix is not supported"
+        return super().unsupported()
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: StrictStr | list[TextPart] | None = None
+    name: StrictStr | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(OpenAIFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: PositiveInt | None = None
+    logprobs: StrictBool = False
+    top_logprobs: NonNegativeInt | None = None
+    tools: list[dict] | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.tools:
+            return "tools", "tools are not supported"
+        if self.top_logprobs and not self.logprobs:
+            return "top_logprobs", "top_logprobs needs logprobs=true"
+        return super().unsupported()

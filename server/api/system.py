@@ -1,0 +1,51 @@
+"""Probes and descriptions: `/health` (liveness, never behind the API key), `/ready`,
+`/metrics` (Prometheus text) and `/v1/models`."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+
+from server.api.auth import require_api_key
+from server.api.context import ready_context
+from server.api.generation import ServerContext
+
+open_router = APIRouter()
+router = APIRouter(dependencies=[Depends(require_api_key)])
+
+
+@open_router.get("/health")
+async def health(request: Request) -> JSONResponse:
+    """200 while the engine lives (or is still loading); 503 once it has failed."""
+    engine = request.app.state.ctx.engine
+    if engine is not None and not engine.is_healthy():
+        return JSONResponse({"status": "unhealthy"}, status_code=503)
+    return JSONResponse({"status": "ok" if engine is not None else "loading"})
+
+
+@router.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    """200 once the engine is built and healthy: the server can generate."""
+    engine = request.app.state.ctx.engine
+    if engine is None or not engine.is_healthy():
+        return JSONResponse({"status": "not ready"}, status_code=503)
+    return JSONResponse({"status": "ready", "model": engine.model_name, "engine": engine.name,
+                         "num_drafts": engine.num_drafts, "max_model_len": engine.max_model_len,
+                         "running": engine.num_running()})
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    m = request.app.state.ctx.metrics
+    return Response(m.render(), media_type=m.content_type)
+
+
+@router.get("/v1/models")
+async def models(ctx: ServerContext = Depends(ready_context)) -> dict:
+    e = ctx.engine
+    return {"object": "list", "data": [{
+        "id": e.model_name, "object": "model", "created": int(time.time()), "owned_by": "epispec",
+        "max_model_len": e.max_model_len, "engine": e.name, "num_drafts": e.num_drafts,
+    }]}

@@ -1,0 +1,77 @@
+"""The FastAPI application: `create_app(settings, engine=None)`.
+
+The lifespan builds the one engine of this process from the settings (unless one is given,
+as tests do), resolves the flag thresholds (settings, else the bundle's calibration, else
+`DEFAULT_EU_THRESHOLD`), and shuts the engine down at exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from server.api import api_router
+from server.api.errors import install_error_handlers
+from server.api.generation import Generations, ServerContext
+from server.api.limits import BodySizeLimit
+from server.bundle import Bundle
+from server.commands.model_args import add_model_arguments, engine_args
+from server.config import Settings
+from server.engine.factory import EngineArgs, build_engine
+from server.engine.types import Engine
+from server.metrics import Metrics
+
+log = logging.getLogger("epispec.server")
+
+
+def resolve_engine_args(settings: Settings) -> tuple[EngineArgs, Bundle | None]:
+    """EngineArgs from the settings, through the same code as the command-line model flags
+    (bundle resolution, vLLM passthrough). Raises BundleError when no model is found."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_model_arguments(parser)
+    ns = parser.parse_args([])
+    ns.target, ns.draft, ns.bundle = settings.target, list(settings.drafts), settings.bundle
+    ns.engine, ns.device, ns.max_model_len = settings.engine, settings.device, settings.max_model_len
+    ns.num_speculative_tokens = settings.num_speculative_tokens
+    ns.target_logprobs = settings.target_logprobs
+    for key, value in settings.model_flags.items():
+        setattr(ns, key, value)
+    eargs, bundle = engine_args(ns)
+    eargs.model_name = settings.model_name or eargs.model_name
+    return eargs, bundle
+
+
+def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
+    metrics = Metrics()
+    ctx = ServerContext(settings=settings, metrics=metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        bundle_thresholds = None
+        own = engine
+        if own is None:
+            eargs, bundle = resolve_engine_args(settings)
+            bundle_thresholds = bundle.thresholds if bundle else None
+            log.info("building the %s engine for %s", eargs.engine, eargs.target)
+            own = build_engine(eargs)
+        ctx.thresholds = settings.thresholds(bundle_thresholds)
+        ctx.engine = own
+        ctx.generations = Generations(own, metrics)
+        log.info("serving '%s' (%s engine, %d drafts, flag thresholds %s)",
+                 own.model_name, own.name, own.num_drafts, ctx.thresholds)
+        try:
+            yield
+        finally:
+            await ctx.generations.close()
+            if engine is None:  # a given engine belongs to the caller
+                await own.shutdown()
+
+    app = FastAPI(title="epispec", version="0.1.0", lifespan=lifespan)
+    app.state.ctx = ctx
+    install_error_handlers(app)
+    app.include_router(api_router())
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    return app
