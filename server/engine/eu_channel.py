@@ -1,0 +1,157 @@
+"""The side channel that carries the proposer's per-position records to the API process.
+
+vLLM runs the proposer inside its engine-core (or worker) process; token outputs reach the
+API process through vLLM's own output socket, which has no room for our numbers. So the
+proposer PUSHes one message per engine step over a ZeroMQ IPC socket, and the API side's
+`Joiner` PULLs them on a background thread and files each record under (request id,
+token position). `VllmEngine` awaits the record of every token it emits (the proposer sends
+it before the step's output leaves the engine core, but the two sockets are not ordered).
+
+Memory stays bounded: a message carries records of emitted positions only (never rejected
+drafts); the joiner keeps records only for requests registered as live and drops a request's
+records when it finishes or is aborted, and drops records for requests it does not know.
+
+Message (pickled dict): {"live": int, "reqs": [(req_id, passes, proposed, accepted,
+[(position, variance, ids int32 [N], probs float32 [N]), ...]), ...]}.
+vLLM appends "-<8 chars>" to the caller's request id; `external_id` strips it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+def external_id(internal: str) -> str:
+    return internal.rsplit("-", 1)[0]
+
+
+class Publisher:
+    """The proposer's end: connects lazily (the engine-core process is spawned after start-up)."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._sock = None
+
+    def send(self, message: dict) -> None:
+        if self._sock is None:
+            import zmq
+
+            self._sock = zmq.Context.instance().socket(zmq.PUSH)
+            self._sock.setsockopt(zmq.LINGER, 0)
+            self._sock.connect(self.address)
+        self._sock.send(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+@dataclass
+class JoinedRecord:
+    variance: float
+    ids: np.ndarray  # [N] int32: q̄'s top-N ids
+    probs: np.ndarray  # [N] float32
+
+
+@dataclass
+class _Request:
+    records: dict[int, JoinedRecord] = field(default_factory=dict)  # position -> record
+    passes: int = 0
+    proposed: int = 0
+    accepted: int = 0
+    steps: int = 0  # engine steps that emitted tokens for this request
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Joiner:
+    """The API side's end. `register` before submitting a request, `release` when it ends."""
+
+    def __init__(self, address: str) -> None:
+        import zmq
+
+        self.address = address
+        self._ctx = zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.PULL)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.bind(address)
+        self._lock = threading.Lock()
+        self._reqs: dict[str, _Request] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.proposer_states = 0  # the proposer's live slot count, as of its last message
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="epispec-joiner", daemon=True)
+        self._thread.start()
+
+    def register(self, req_id: str) -> None:
+        self._loop = asyncio.get_running_loop()
+        with self._lock:
+            self._reqs[req_id] = _Request()
+
+    def release(self, req_id: str) -> None:
+        with self._lock:
+            self._reqs.pop(req_id, None)
+
+    def num_requests(self) -> int:
+        """Requests holding joiner state (0 when idle)."""
+        with self._lock:
+            return len(self._reqs)
+
+    def stats(self, req_id: str) -> tuple[int, int, int, int]:
+        """(engine steps, draft passes, proposed, accepted) seen so far for a request."""
+        r = self._reqs[req_id]
+        return r.steps, r.passes, r.proposed, r.accepted
+
+    async def record(self, req_id: str, position: int, timeout: float) -> JoinedRecord | None:
+        """The record of the token at `position`; None if it does not come within `timeout`."""
+        r = self._reqs[req_id]
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            with self._lock:
+                rec = r.records.pop(position, None)
+                if rec is None:
+                    r.event.clear()
+            if rec is not None:
+                return rec
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return None
+            try:
+                await asyncio.wait_for(r.event.wait(), left)
+            except TimeoutError:
+                pass
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join(timeout=2)
+        self._sock.close()
+
+    def _run(self) -> None:
+        import zmq
+
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        while not self._stop:
+            if not poller.poll(100):
+                continue
+            msg = pickle.loads(self._sock.recv())
+            self._file(msg)
+
+    def _file(self, msg: dict) -> None:
+        woken = []
+        with self._lock:
+            self.proposer_states = msg["live"]
+            for rid, passes, proposed, accepted, recs in msg["reqs"]:
+                r = self._reqs.get(external_id(rid))
+                if r is None:
+                    continue  # finished or aborted: drop
+                r.passes += passes
+                r.proposed += proposed
+                r.accepted += accepted
+                r.steps += 1
+                for pos, var, ids, probs in recs:
+                    r.records[pos] = JoinedRecord(var, ids, probs)
+                woken.append(r.event)
+        if woken and self._loop is not None:
+            for ev in woken:
+                self._loop.call_soon_threadsafe(ev.set)
