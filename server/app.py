@@ -71,6 +71,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 
     app = FastAPI(title="epispec", version="0.1.0", lifespan=lifespan)
     app.state.ctx = ctx
+    app.state.metrics = metrics  # the registry's holder, also reachable as ctx.metrics
     install_error_handlers(app)
     app.include_router(api_router())
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
