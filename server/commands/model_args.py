@@ -22,6 +22,32 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                    help="vllm engine: target top-k log-probs for the bias; -1 = whole vocabulary (exact)")
     g.add_argument("--device", default="auto", help="reference engine: cpu, cuda or auto")
     g.add_argument("--max-model-len", type=int, default=None, help="prompt + output token limit")
+    v = parser.add_argument_group("vLLM engine arguments (passed through to vLLM)")
+    v.add_argument("--tensor-parallel-size", type=int, default=None, metavar="N")
+    v.add_argument("--pipeline-parallel-size", type=int, default=None, metavar="N")
+    v.add_argument("--distributed-executor-backend", default=None, metavar="BACKEND",
+                   help="mp, ray, uni or external_launcher: how vLLM runs its workers")
+    v.add_argument("--gpu-memory-utilization", type=float, default=None, metavar="FRACTION",
+                   help="fraction of GPU memory vLLM may use")
+    v.add_argument("--dtype", default=None, help="target weights' dtype (auto, float32, bfloat16, ...)")
+    v.add_argument("--max-num-seqs", type=int, default=None, metavar="N",
+                   help="most concurrent sequences per step")
+    v.add_argument("--enforce-eager", action="store_true", default=None,
+                   help="no CUDA graphs / compilation")
+    v.add_argument("--kv-cache-space", type=float, default=None, metavar="GIB",
+                   help="CPU KV cache size in GiB (vLLM-CPU's VLLM_CPU_KVCACHE_SPACE)")
+
+
+# EngineArgs.vllm_args keys, in vLLM's own names, for the pass-through flags above
+VLLM_PASSTHROUGH = (
+    "tensor_parallel_size", "pipeline_parallel_size", "distributed_executor_backend",
+    "gpu_memory_utilization", "dtype", "max_num_seqs", "enforce_eager", "kv_cache_space",
+)
+
+
+def vllm_args(args: argparse.Namespace) -> dict:
+    """The pass-through flags the user set (unset ones keep vLLM's defaults)."""
+    return {k: getattr(args, k) for k in VLLM_PASSTHROUGH if getattr(args, k, None) is not None}
 
 
 def resolve_models(args: argparse.Namespace) -> tuple[str, list[str], Bundle | None]:
@@ -47,6 +73,7 @@ def engine_args(args: argparse.Namespace) -> tuple[EngineArgs, Bundle | None]:
             target_logprobs=args.target_logprobs,
             device=args.device,
             max_model_len=args.max_model_len,
+            vllm_args=vllm_args(args),
         ),
         bundle,
     )

