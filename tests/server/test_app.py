@@ -1,0 +1,112 @@
+"""The app around an engine: the lifespan builds the engine from settings, engine failures
+become 500s (or an error event inside a started stream), a dead engine makes /health 503."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from server.app import create_app
+from server.config import Settings
+from server.engine.types import EngineStats, Finished, TokenEvent
+from tests.server.api.live import LiveServer
+
+
+class ScriptedEngine:
+    """Emits `n_tokens` token events, then fails (raises) or finishes as scripted."""
+
+    name, model_name, max_model_len, num_drafts = "scripted", "scripted", 64, 3
+
+    def __init__(self, tokenizer, n_tokens: int = 3, fail: str | None = None) -> None:
+        self._tokenizer, self.n_tokens, self.fail = tokenizer, n_tokens, fail
+        self.healthy = True
+        self.running = 0
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    async def generate(self, request_id, prompt_token_ids, params):
+        self.running += 1
+        try:
+            for i in range(self.n_tokens):
+                yield TokenEvent(token_id=5 + i, text=f"t{i} ", logprob=-0.5, bias=0.1 * i,
+                                 variance=0.2, eu=0.1 * i + 0.2, flagged=i == 2)
+            if self.fail == "raise":
+                raise RuntimeError("device lost")
+            if self.fail == "finish":
+                yield Finished("error", len(prompt_token_ids), self.n_tokens, EngineStats(),
+                               error="out of memory")
+                return
+            yield Finished("length", len(prompt_token_ids), self.n_tokens, EngineStats())
+        finally:
+            self.running -= 1
+
+    async def abort(self, request_id):
+        pass
+
+    def num_running(self):
+        return self.running
+
+    def is_healthy(self):
+        return self.healthy
+
+    async def shutdown(self):
+        pass
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_models):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_models["tokenizer"])
+
+
+@pytest.mark.parametrize("fail", ["raise", "finish"])
+def test_engine_failure_is_a_500_or_an_event_inside_the_stream(tokenizer, fail):
+    engine = ScriptedEngine(tokenizer, fail=fail)
+    with LiveServer(create_app(Settings(), engine)) as live, httpx.Client(base_url=live.url) as c:
+        r = c.post("/generate", json={"prompt": "hi", "max_tokens": 5})
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+        r = c.post("/generate", json={"prompt": "hi", "max_tokens": 5, "stream": True})
+        assert r.status_code == 200
+        events = [json.loads(b[6:]) for b in r.text.strip().split("\n\n")]
+        assert [e["text"] for e in events[:-1]] == ["t0 ", "t1 ", "t2 "]
+        assert events[-1]["error"]["type"] == "server_error"
+        r = c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 5, "stream": True})
+        blocks = r.text.strip().split("\n\n")
+        assert blocks[-1] == "data: [DONE]" and "error" in json.loads(blocks[-2][6:])
+        assert engine.running == 0
+
+
+def test_summary_from_scripted_events(tokenizer):
+    engine = ScriptedEngine(tokenizer)
+    with LiveServer(create_app(Settings(), engine)) as live:
+        body = httpx.post(f"{live.url}/generate", json={"prompt": "hi"}).json()
+    assert body["text"] == "t0 t1 t2 "
+    assert body["summary"] == {"mean_eu": pytest.approx(0.3), "max_eu": pytest.approx(0.4),
+                               "num_tokens": 3, "num_flagged": 1, "flagged": True}
+
+
+def test_dead_engine_makes_health_503(tokenizer):
+    engine = ScriptedEngine(tokenizer)
+    with LiveServer(create_app(Settings(), engine)) as live:
+        assert httpx.get(f"{live.url}/health").status_code == 200
+        engine.healthy = False
+        assert httpx.get(f"{live.url}/health").status_code == 503
+        assert httpx.get(f"{live.url}/ready").status_code == 503
+        r = httpx.post(f"{live.url}/generate", json={"prompt": "hi"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
+
+
+def test_lifespan_builds_the_engine_from_settings(tiny_models):
+    settings = Settings(target=tiny_models["target"], drafts=tiny_models["drafts"][:2],
+                        engine="reference", device="cpu", model_name="built", max_model_len=64)
+    with LiveServer(create_app(settings)) as live:
+        ready = httpx.get(f"{live.url}/ready").json()
+        assert ready["model"] == "built" and ready["engine"] == "reference"
+        assert ready["num_drafts"] == 2 and ready["max_model_len"] == 64
+        r = httpx.post(f"{live.url}/generate", json={"prompt": "hi", "max_tokens": 2}, timeout=60)
+        assert r.status_code == 200
