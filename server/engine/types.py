@@ -106,18 +106,22 @@ class TokenEvent:
 @dataclass
 class EngineStats:
     """Counters that make reuse measurable: a draft forward pass is one batched step of the
-    whole ensemble (all M drafts), a target forward pass is one scoring of k+1 positions."""
+    whole ensemble (all M drafts), a target forward pass is one scoring of k+1 positions.
+    `eu_seconds` is the wall time the engine spent computing bias/variance/eu (0.0 where an
+    engine does not measure it); it feeds the `epispec_eu_seconds_total` metric."""
 
     target_forward_passes: int = 0
     draft_forward_passes: int = 0
     proposed: int = 0
     accepted: int = 0
+    eu_seconds: float = 0.0
 
     def add(self, other: EngineStats) -> None:
         self.target_forward_passes += other.target_forward_passes
         self.draft_forward_passes += other.draft_forward_passes
         self.proposed += other.proposed
         self.accepted += other.accepted
+        self.eu_seconds += other.eu_seconds
 
     def as_dict(self) -> dict[str, int]:
         return {
