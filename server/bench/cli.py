@@ -1,0 +1,212 @@
+"""`epispec bench`: the four configs on the same target, prompts and machine, one after another.
+
+    epispec bench [--quick] [--json FILE] [--plot FILE] [--bundle DIR | --target DIR --draft DIR ...]
+
+Each config runs in its own subprocess (`python -m server.bench.runners`) for a clean memory
+figure; a config that cannot run here (e.g. the vllm engine missing) is reported as skipped
+with the reason. Then the EU error of `epispec` against exact values, the table, the goals of
+issue #8 as ratios, the JSON and the plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from server.bench import report
+from server.bench.runners import CONFIGS
+from server.bench.workload import DEFAULT_PROMPTS, Workload, load_questions
+from server.bundle import BundleError
+from server.commands.model_args import resolve_models
+
+# (prompts, max_tokens, requests per level, EU prompts)
+FULL = (128, 128, 64, 32)
+QUICK = (32, 32, 16, 8)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("models")
+    g.add_argument("--bundle", help="bundle folder (default: the demo bundle)")
+    g.add_argument("--target", help="target model folder, instead of a bundle")
+    g.add_argument(
+        "--draft", action="append", default=[], metavar="DIR", help="draft folder (repeat)"
+    )
+    g.add_argument(
+        "--draft-model",
+        metavar="DIR",
+        help="the draft vLLM's own draft_model speculation uses (default: the first draft)",
+    )
+    w = parser.add_argument_group("workload")
+    w.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"small workload (prompts, max tokens, requests/level, EU prompts = {QUICK}; "
+        f"full: {FULL})",
+    )
+    w.add_argument(
+        "--prompts",
+        default=str(DEFAULT_PROMPTS),
+        metavar="FILE",
+        help="JSONL with a 'question' field (default: GSM8K test)",
+    )
+    w.add_argument("--max-tokens", type=int, help="output tokens per request (ignore_eos)")
+    w.add_argument("--requests", type=int, help="requests per concurrency level (at least C)")
+    w.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], metavar="C")
+    w.add_argument(
+        "--eu-prompts", type=int, help="prompts whose EU is checked against exact values"
+    )
+    w.add_argument("--num-speculative-tokens", type=int, default=3, metavar="K")
+    w.add_argument(
+        "--target-logprobs",
+        type=int,
+        default=20,
+        metavar="K",
+        help="epispec's top-k target log-probs for the bias (the k of the EU error)",
+    )
+    r = parser.add_argument_group("run")
+    r.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    r.add_argument(
+        "--kv-cache-space",
+        type=float,
+        default=1,
+        metavar="GIB",
+        help="vLLM-CPU KV cache (GiB), the same for every vLLM config",
+    )
+    r.add_argument("--dtype", help="vLLM target dtype for every vLLM config (default: vLLM's auto)")
+    r.add_argument(
+        "--timeout", type=float, default=900, help="seconds per config before it is killed"
+    )
+    r.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    r.add_argument("--plot", metavar="FILE", help="write a PNG plot")
+
+
+def _workload(args: argparse.Namespace) -> Workload:
+    n_prompts, max_tokens, requests, eu_prompts = QUICK if args.quick else FULL
+    n_prompts = max(n_prompts, args.requests or 0, max(args.concurrency))
+    return Workload(
+        prompts=load_questions(args.prompts, n_prompts),
+        max_tokens=args.max_tokens or max_tokens,
+        concurrencies=tuple(args.concurrency),
+        requests_per_level=args.requests or requests,
+        eu_prompts=eu_prompts if args.eu_prompts is None else args.eu_prompts,
+        num_speculative_tokens=args.num_speculative_tokens,
+        target_logprobs=args.target_logprobs,
+    )
+
+
+def skip_reason(config: str, drafts: list[str]) -> str | None:
+    """Why a config cannot run here, or None."""
+    vllm = importlib.util.find_spec("vllm") is not None
+    if config.startswith("vllm-") and not vllm:
+        return "vLLM is not installed"
+    if config in ("vllm-draft-model", "epispec") and not drafts:
+        return "no drafts given"
+    if config == "epispec":
+        if not vllm:
+            return "vLLM is not installed"
+        if importlib.util.find_spec("server.engine.vllm_engine") is None:
+            return "the vllm engine (server/engine/vllm_engine.py) is not in this version"
+    return None
+
+
+def run_config(spec: dict, folder: Path, timeout: float) -> tuple[dict | None, str | None]:
+    """Run one config's subprocess; (result, None) or (None, reason)."""
+    name = spec["config"]
+    spec_path, out_path, log_path = (
+        folder / f"{name}.{x}" for x in ("spec.json", "out.json", "log")
+    )
+    spec_path.write_text(json.dumps(spec))
+    cmd = [sys.executable, "-m", "server.bench.runners", str(spec_path), str(out_path)]
+    print(f"epispec bench: running {name} ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    with log_path.open("w") as log:
+        try:
+            rc = subprocess.run(
+                cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout
+            ).returncode
+        except subprocess.TimeoutExpired:
+            return None, f"timed out after {timeout:.0f} s (log: {log_path})"
+    print(
+        f"epispec bench: {name} took {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True
+    )
+    if rc != 0 or not out_path.exists():
+        tail = log_path.read_text().strip().splitlines()[-3:]
+        return None, f"exit status {rc}: {' / '.join(tail)} (log: {log_path})"
+    return json.loads(out_path.read_text()), None
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.time()
+    try:
+        target, drafts, _ = resolve_models(args)
+        workload = _workload(args)
+    except (BundleError, FileNotFoundError, ValueError) as exc:
+        print(f"epispec bench: {exc}", file=sys.stderr)
+        return 2
+    doc = {
+        "command": "epispec bench " + " ".join(sys.argv[2:]),
+        "machine": report.machine(),
+        "models": _models(target, drafts),
+        "workload": {**workload.as_dict(), "prompts": len(workload.prompts)},
+        "runs": [],
+        "eu_error": None,
+        "goals": [],
+        "skipped": [],
+        "configs": {},
+    }
+    eu_tokens = []
+    with tempfile.TemporaryDirectory(prefix="epispec-bench-") as tmp:
+        for config in args.configs:
+            reason = skip_reason(config, drafts)
+            result = None
+            if reason is None:
+                spec = {
+                    "config": config,
+                    "target": target,
+                    "drafts": drafts,
+                    "draft_model": args.draft_model or (drafts[0] if drafts else None),
+                    "workload": workload.as_dict(),
+                    "kv_cache_space": args.kv_cache_space,
+                    "dtype": args.dtype,
+                }
+                result, reason = run_config(spec, Path(tmp), args.timeout)
+            if result is None:
+                doc["skipped"].append({"config": config, "reason": reason})
+                print(f"epispec bench: skipped {config}: {reason}", file=sys.stderr)
+                continue
+            doc["runs"] += result["runs"]
+            doc["configs"][config] = {
+                "startup_s": result["startup_s"],
+                "startup_peak_rss_bytes": result["startup_peak_rss_bytes"],
+            }
+            eu_tokens += result["eu_tokens"]
+    if eu_tokens:
+        from server.bench.eu_error import eu_error
+
+        doc["eu_error"] = eu_error(target, drafts, eu_tokens, workload.target_logprobs)
+    doc["goals"] = report.goals(doc["runs"], doc["eu_error"])
+    doc["wall_s"] = time.time() - started
+    print(report.markdown(doc))
+    if args.json:
+        Path(args.json).write_text(json.dumps(doc, indent=1))
+    if args.plot and doc["runs"]:
+        report.plot(doc, args.plot)
+    return 0 if doc["runs"] else 1
+
+
+def _models(target: str, drafts: list[str]) -> dict:
+    from server.engine.models import count_parameters
+
+    return {
+        "target": target,
+        "target_name": Path(target).name,
+        "drafts": drafts,
+        "target_parameters": count_parameters(target),
+        "draft_parameters": [count_parameters(d) for d in drafts],
+    }

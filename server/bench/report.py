@@ -1,0 +1,180 @@
+"""The benchmark's outputs: a markdown table, the goal ratios, the JSON document and a PNG plot.
+
+JSON shape: {"command", "machine", "models", "workload", "runs": [{config, concurrency,
+output_tokens_per_s, ttft_p50_s, itl_p50_s, itl_p99_s, acceptance_rate,
+draft_passes_per_token, peak_rss_bytes, ...}], "eu_error": {k, median_abs, p95_abs,
+median_rel, p95_rel, ...} | null, "goals": [...], "skipped": [{config, reason}]}.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import psutil
+
+MiB = 1 << 20
+
+# (name, numerator config, denominator config, metric, bound, concurrencies or None = all)
+THROUGHPUT_GOALS = (
+    ("epispec / vllm-target-alone tok/s at C=1", "epispec", "vllm-target-alone", 1.0, (1,)),
+    ("epispec / vllm-target-alone tok/s at C=32", "epispec", "vllm-target-alone", 0.9, (32,)),
+    ("epispec / vllm-draft-model tok/s", "epispec", "vllm-draft-model", 0.95, None),
+)
+MEMORY_BOUND = 1.15
+DRAFT_PASS_SLACK = 0.05
+EU_MEDIAN_REL, EU_P95_REL = 0.01, 0.05
+
+
+def machine() -> dict:
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": psutil.cpu_count(logical=True),
+        "memory_gib": round(psutil.virtual_memory().total / (1 << 30), 1),
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "load_average_at_start": list(load) if load else None,
+    }
+
+
+def _fmt(v, spec: str) -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def runs_table(runs: list[dict]) -> str:
+    head = (
+        "| config | C | out tok/s | TTFT p50 (ms) | ITL p50 (ms) | ITL p99 (ms) | acceptance "
+        "| draft passes/token | peak RSS (MiB) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )
+    rows = [
+        f"| {r['config']} | {r['concurrency']} | {_fmt(r['output_tokens_per_s'], '.1f')} "
+        f"| {_fmt(_ms(r['ttft_p50_s']), '.1f')} | {_fmt(_ms(r['itl_p50_s']), '.2f')} "
+        f"| {_fmt(_ms(r['itl_p99_s']), '.1f')} | {_fmt(r['acceptance_rate'], '.2f')} "
+        f"| {_fmt(r['draft_passes_per_token'], '.2f')} | {r['peak_rss_bytes'] / MiB:.0f} |"
+        for r in runs
+    ]
+    return "\n".join([head, *rows])
+
+
+def _ms(s):
+    return None if s is None else 1000 * s
+
+
+def _find(runs: list[dict], config: str, c: int) -> dict | None:
+    return next((r for r in runs if r["config"] == config and r["concurrency"] == c), None)
+
+
+def goals(runs: list[dict], eu_error: dict | None) -> list[dict]:
+    """Every goal of issue #8 that this run's data can decide: {goal, value, bound, met}."""
+    out = []
+    concurrencies = sorted({r["concurrency"] for r in runs})
+    for name, num, den, bound, cs in THROUGHPUT_GOALS:
+        for c in cs or concurrencies:
+            a, b = _find(runs, num, c), _find(runs, den, c)
+            if a and b and b["output_tokens_per_s"]:
+                v = a["output_tokens_per_s"] / b["output_tokens_per_s"]
+                label = name if cs else f"{name} at C={c}"
+                out.append({"goal": label, "value": v, "bound": f">= {bound}", "met": v >= bound})
+    for c in concurrencies:
+        a, b = _find(runs, "epispec", c), _find(runs, "vllm-target-alone", c)
+        if a and b:
+            v = a["peak_rss_bytes"] / b["peak_rss_bytes"]
+            out.append(
+                {
+                    "goal": f"epispec / vllm-target-alone peak RSS at C={c}",
+                    "value": v,
+                    "bound": f"<= {MEMORY_BOUND}",
+                    "met": v <= MEMORY_BOUND,
+                }
+            )
+        if a and a.get("spec_draft_passes_per_token"):
+            v = a["draft_passes_per_token"] / a["spec_draft_passes_per_token"]
+            out.append(
+                {
+                    "goal": f"epispec draft passes / speculation's need at C={c}",
+                    "value": v,
+                    "bound": f"<= {1 + DRAFT_PASS_SLACK}",
+                    "met": v <= 1 + DRAFT_PASS_SLACK,
+                }
+            )
+    if eu_error and eu_error.get("median_rel") is not None:
+        out.append(
+            {
+                "goal": f"EU median relative error (k={eu_error['k']})",
+                "value": eu_error["median_rel"],
+                "bound": f"<= {EU_MEDIAN_REL}",
+                "met": eu_error["median_rel"] <= EU_MEDIAN_REL,
+            }
+        )
+        out.append(
+            {
+                "goal": f"EU p95 relative error (k={eu_error['k']})",
+                "value": eu_error["p95_rel"],
+                "bound": f"<= {EU_P95_REL}",
+                "met": eu_error["p95_rel"] <= EU_P95_REL,
+            }
+        )
+    return out
+
+
+def goals_table(rows: list[dict]) -> str:
+    lines = ["| goal | value | bound | met |", "|---|---:|---|---|"]
+    lines += [
+        f"| {g['goal']} | {g['value']:.3f} | {g['bound']} | {'yes' if g['met'] else 'no'} |"
+        for g in rows
+    ]
+    return "\n".join(lines)
+
+
+def eu_line(e: dict | None) -> str:
+    if not e:
+        return "EU error: not measured (epispec did not run)."
+    return (
+        f"EU error of epispec against exact values (k = {e['k']}, {e['tokens']} tokens, "
+        f"median exact eu {e['median_exact_eu']:.4f} nats): median {e['median_abs']:.2e} nats "
+        f"/ {100 * e['median_rel']:.2f}%, p95 {e['p95_abs']:.2e} nats / {100 * e['p95_rel']:.2f}% "
+        f"(relative to max(eu*, {e['rel_floor']}))"
+    )
+
+
+def markdown(doc: dict) -> str:
+    parts = [runs_table(doc["runs"]), "", eu_line(doc["eu_error"])]
+    if doc["goals"]:
+        parts += ["", goals_table(doc["goals"])]
+    for s in doc["skipped"]:
+        parts.append(f"\nskipped {s['config']}: {s['reason']}")
+    return "\n".join(parts)
+
+
+def plot(doc: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    configs = list(dict.fromkeys(r["config"] for r in doc["runs"]))
+    panels = (
+        ("output_tokens_per_s", "output tokens/s", 1),
+        ("itl_p50_s", "ITL p50 (ms)", 1000),
+        ("peak_rss_bytes", "peak RSS (MiB)", 1 / MiB),
+    )
+    for ax, (key, label, scale) in zip(axes, panels, strict=True):
+        for cfg in configs:
+            rs = [r for r in doc["runs"] if r["config"] == cfg and r[key] is not None]
+            ax.plot(
+                [r["concurrency"] for r in rs], [r[key] * scale for r in rs], marker="o", label=cfg
+            )
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrency")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(
+        f"epispec bench — {doc['models']['target_name']}, {doc['machine']['cores']} CPU cores",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,81 @@
+"""The benchmark's prompts: GSM8K test questions, read as JSONL (one `{"question": ...}` a line).
+
+The prompt format must equal `drafts.corpus.format_prompt` (the drafts were distilled on it);
+`server` never imports `drafts`, so a test compares the two.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+# ../shared/data/gsm8k/test.jsonl beside the repository (DESIGN.md §6)
+DEFAULT_PROMPTS = Path(__file__).resolve().parents[3] / "shared" / "data" / "gsm8k" / "test.jsonl"
+
+
+def format_prompt(question: str) -> str:
+    return f"Question: {question.strip()}\nAnswer: "
+
+
+def load_questions(path: str | Path = DEFAULT_PROMPTS, n: int | None = None) -> list[str]:
+    """The first `n` questions of a JSONL file, in file order (the same for every config)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Prompt file '{path}' does not exist: pass --prompts FILE (JSONL with a 'question' field)."
+        )
+    out = []
+    with path.open() as f:
+        for line in f:
+            if line.strip():
+                record = json.loads(line)
+                if "question" not in record:
+                    raise ValueError(f"Prompt file '{path}' has a line without a 'question' field.")
+                out.append(format_prompt(record["question"]))
+            if n is not None and len(out) >= n:
+                break
+    if not out:
+        raise ValueError(f"Prompt file '{path}' holds no questions.")
+    return out
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What every config runs: the same prompts, greedy, a fixed number of output tokens each
+    (`ignore_eos`, so every request emits exactly `max_tokens`)."""
+
+    prompts: list[str]
+    max_tokens: int
+    concurrencies: tuple[int, ...]
+    requests_per_level: int  # requests per concurrency level, at least the concurrency
+    eu_prompts: int  # prompts whose per-token EU is checked against exact values (epispec)
+    num_speculative_tokens: int = 3
+    target_logprobs: int = 20
+
+    def level_prompts(self, concurrency: int) -> list[str]:
+        n = max(self.requests_per_level, concurrency)
+        return [self.prompts[i % len(self.prompts)] for i in range(n)]
+
+    def as_dict(self) -> dict:
+        return {
+            "prompts": self.prompts,
+            "max_tokens": self.max_tokens,
+            "concurrencies": list(self.concurrencies),
+            "requests_per_level": self.requests_per_level,
+            "eu_prompts": self.eu_prompts,
+            "num_speculative_tokens": self.num_speculative_tokens,
+            "target_logprobs": self.target_logprobs,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Workload:
+        return cls(
+            d["prompts"],
+            d["max_tokens"],
+            tuple(d["concurrencies"]),
+            d["requests_per_level"],
+            d["eu_prompts"],
+            d["num_speculative_tokens"],
+            d["target_logprobs"],
+        )
