@@ -8,6 +8,7 @@ calculator annotations.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -88,3 +89,20 @@ def synthetic_records(n: int, seed: int = 0) -> list[dict]:
         ans = f"{name} has {expr} = <<{expr}={r}>>{r} {item}.\n#### {r}"
         out.append({"question": q, "answer": ans})
     return out
+
+
+# --- identities: documents and corpora are recorded by hashes, never by position
+
+
+def text_hash(text: str) -> str:
+    """A document's identity: the first 16 hex digits of sha256 of its UTF-8 text."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def corpus_digest(texts: list[str]) -> str:
+    """Order-independent identity of a set of documents."""
+    return hashlib.sha256("\n".join(sorted(text_hash(t) for t in texts)).encode()).hexdigest()[:16]
+
+
+def describe_corpus(source: str | Path, split: str, texts: list[str]) -> dict:
+    return {"source": str(source), "split": split, "documents": len(texts), "digest": corpus_digest(texts)}

@@ -6,12 +6,13 @@ attention refuses smaller heads ("Unsupported CPU attention configuration").
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from drafts.training import TrainSettings, train_loop
 
 
 @dataclass(frozen=True)
@@ -76,12 +77,6 @@ def lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
 
 
-def cosine_lr(step: int, total: int, peak: float, warmup: int = 10) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-
 def train_lm(
     model,
     docs: list[list[int]],
@@ -92,28 +87,17 @@ def train_lm(
     lr: float = 3e-3,
     seed: int = 0,
     progress: bool = False,
+    run_dir: str | Path | None = None,
+    checkpoint_every: int = 0,
+    device: str | torch.device = "cpu",
 ) -> list[float]:
-    """Plain LM training; returns the loss of every step."""
-    from tqdm import tqdm
-
-    rng = random.Random(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    it = batches(docs, batch_size, seq_len, rng)
-    losses = []
-    model.train()
-    bar = tqdm(range(steps), disable=not progress, desc="train", unit="step")
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, steps, lr)
-        loss = lm_loss(model, next(it))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval()
-    return losses
+    """Plain LM training (resumable from `run_dir`); returns the loss of every step."""
+    settings = TrainSettings(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed,
+                             checkpoint_every=checkpoint_every)
+    model.to(device)
+    it = batches(docs, batch_size, seq_len, random.Random(seed))
+    return train_loop(model, it, lambda _step, b: lm_loss(model, b.to(device)), settings,
+                      run_dir=run_dir, fingerprint={"kind": "lm"}, progress=progress, desc="target")
 
 
 def save_lm(model, tokenizer, out_dir: str | Path) -> Path:
@@ -121,4 +105,21 @@ def save_lm(model, tokenizer, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
+    return out
+
+
+@torch.no_grad()
+def generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, **kwargs) -> list[list[int]]:
+    """New token ids for each prompt (left-padded batch; cut after eos). kwargs go to generate."""
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    dev = next(model.parameters()).device
+    width = max(map(len, prompts))
+    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in prompts], device=dev)  # [B, L]
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in prompts], device=dev)  # [B, L]
+    gen = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                         pad_token_id=pad, eos_token_id=eos, **kwargs)  # [B, L + T]
+    out = []
+    for row in gen[:, width:].tolist():
+        row = row[: row.index(eos) + 1] if eos in row else row
+        out.append([t for t in row if t != pad])
     return out

@@ -1,0 +1,163 @@
+"""Writing bundles: the folder that `epispec serve --bundle DIR` and `epispec generate --bundle DIR`
+load through `server.bundle` (the reader; keep the two in agreement).
+
+    DIR/bundle.json         the manifest (paths relative to DIR)
+    DIR/target/             HF model folder with its tokenizer and training.json
+    DIR/drafts/draft{m}/    the same for each draft, plus partition.json (DDD hashes)
+    DIR/tokenizer/          the shared tokenizer on its own
+
+Manifest keys: format, target {path, parameters, dtype, training}, drafts [{path, parameters,
+dtype, training, partition}], tokenizer {path, vocab_size}, training {osd, ddd} (aggregated over
+the drafts), thresholds ({} until calibrated; keys eu, bias, variance), calibrated, versions,
+bytes (all files but the manifest), created.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from drafts.distill import PARTITION
+from drafts.training import RECORD, read_record
+from server.bundle import MANIFEST
+from server.engine.models import (
+    ModelFolderError,
+    check_compatible,
+    count_parameters,
+    load_tokenizer,
+    model_config,
+)
+
+# what a model folder needs at serving time (no checkpoints, no optimizer state)
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+               "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", RECORD, PARTITION)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+THRESHOLD_KEYS = ("eu", "bias", "variance")
+FORMAT = 1
+
+
+def write_bundle(target: str | Path, drafts: list[str | Path], out: str | Path, *,
+                 thresholds: dict | None = None, dtype: str | None = None, force: bool = False) -> dict:
+    """Copy target and drafts into `out`, write bundle.json, return the manifest."""
+    if len(drafts) < 1:
+        raise ValueError("A bundle needs at least one draft (M >= 1).")
+    thresholds = _check_thresholds(thresholds or {})
+    check_compatible(target, list(drafts))  # missing folders, vocab or tokenizer mismatch
+    root = Path(out)
+    if root.exists() and any(root.iterdir()):
+        if not force:
+            raise ValueError(f"Output folder '{root}' is not empty; pass --force to replace it.")
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    _copy_model(target, root / "target", dtype)
+    for m, d in enumerate(drafts):
+        _copy_model(d, root / "drafts" / f"draft{m}", dtype)
+    (root / "tokenizer").mkdir()
+    for name in TOKENIZER_FILES:
+        if (root / "target" / name).exists():
+            shutil.copy2(root / "target" / name, root / "tokenizer" / name)
+
+    d_entries = [_entry(root, f"drafts/draft{m}") for m in range(len(drafts))]
+    for e in d_entries:
+        if (root / e["path"] / PARTITION).exists():
+            e["partition"] = f"{e['path']}/{PARTITION}"
+    manifest = {
+        "format": FORMAT,
+        "target": _entry(root, "target"),
+        "drafts": d_entries,
+        "tokenizer": {"path": "tokenizer", "vocab_size": len(load_tokenizer(root / "tokenizer"))},
+        "training": aggregate_training([e["training"] for e in d_entries]),
+        "thresholds": thresholds,
+        "calibrated": bool(thresholds),
+        "versions": _versions(),
+        "bytes": sum(f.stat().st_size for f in root.rglob("*") if f.is_file()),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def aggregate_training(records: list[dict]) -> dict:
+    """The bundle-level {osd, ddd} summary of the drafts' training records."""
+    osd = [r.get("osd") or {} for r in records]
+    ddd = [r.get("ddd") or {} for r in records]
+    return {
+        "osd": {
+            "mode": _common([o.get("mode") for o in osd]),
+            **{k: _common([o.get(k) for o in osd]) for k in ("noise", "rank", "members") if any(k in o for o in osd)},
+            "instances_per_draft": [o.get("instances") for o in osd],
+        },
+        "ddd": {
+            "enabled": _common([d.get("enabled") for d in ddd]),
+            "rule": _common([d.get("rule") for d in ddd]),
+            "partitions": [{k: d.get(k) for k in ("partition", "of", "documents", "digest")} for d in ddd],
+        },
+        "source": _common([(r.get("settings") or {}).get("source") for r in records]),
+    }
+
+
+def _common(values: list):
+    """The value all drafts share, or the list of them when they differ."""
+    return values[0] if values and all(v == values[0] for v in values) else values
+
+
+def _entry(root: Path, rel: str) -> dict:
+    folder = root / rel
+    record = read_record(folder)
+    record.pop("hashes", None)
+    (record.get("ddd") or {}).pop("hashes", None)
+    return {"path": rel, "parameters": count_parameters(folder),
+            "dtype": model_config(folder).get("dtype") or model_config(folder).get("torch_dtype"),
+            "training": record}
+
+
+def _copy_model(src: str | Path, dst: Path, dtype: str | None) -> None:
+    src = Path(src)
+    if not (src / "model.safetensors").is_file():
+        raise ModelFolderError(f"Model folder '{src}' has no model.safetensors.")
+    dst.mkdir(parents=True)
+    for name in MODEL_FILES:
+        if (src / name).exists():
+            shutil.copy2(src / name, dst / name)
+    if dtype:
+        _convert(dst, getattr(torch, dtype), dtype)
+
+
+def _convert(folder: Path, dt: torch.dtype, name: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    tensors = {k: (v.to(dt) if v.is_floating_point() else v) for k, v in load_file(str(path)).items()}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["dtype"] = name
+    cfg.pop("torch_dtype", None)
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def _check_thresholds(thresholds: dict) -> dict:
+    bad = [k for k in thresholds if k not in THRESHOLD_KEYS]
+    if bad:
+        raise ValueError(f"Unknown threshold(s) {bad}: allowed keys are {list(THRESHOLD_KEYS)}.")
+    for k, v in thresholds.items():
+        if v is not None and not isinstance(v, int | float):
+            raise ValueError(f"Threshold '{k}' must be a number, not {v!r}.")
+    return dict(thresholds)
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import tokenizers
+    import transformers
+
+    try:
+        epispec = version("epispec")
+    except PackageNotFoundError:
+        epispec = None
+    return {"epispec": epispec, "torch": torch.__version__, "transformers": transformers.__version__,
+            "tokenizers": tokenizers.__version__}

@@ -1,0 +1,149 @@
+"""Distilling M drafts from a target with OSD and DDD (Park et al., arXiv 2602.01956).
+
+For draft m: its data is DDD partition m of the corpus (or all of it without DDD), optionally
+replaced by continuations sampled from the target for the partition's prompts; at every step a
+fresh stochastic instance of the target is drawn (OSD, `drafts.osd`) and the draft minimizes
+KL(teacher ‖ draft) over the full next-token distribution at every position.
+
+Each draft folder gets `training.json` (seed, shape or init model, settings, OSD mode and the
+number of distinct teacher instances drawn, DDD partition digest) and `partition.json` (the
+hashes of its documents). Finished drafts are kept when the command is rerun; an interrupted
+one resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from drafts import ddd
+from drafts.lm import LMShape, batches, build_lm, encode_corpus, save_lm
+from drafts.osd import TeacherSampler
+from drafts.synthetic import prompt_of, sample_continuations
+from drafts.targets import is_finished, steps_for
+from drafts.training import (
+    TrainSettings,
+    finish_run,
+    loss_summary,
+    resolve_device,
+    train_loop,
+    write_record,
+)
+from server.engine.models import check_compatible, count_parameters, load_causal_lm, load_tokenizer
+from server.engine.uncertainty import kl
+
+PARTITION = "partition.json"
+
+
+@dataclass(frozen=True)
+class DistillSettings:
+    drafts: int = 4
+    osd: str = "lowrank"
+    noise: float = 0.1
+    rank: int = 4
+    ensemble: tuple[str, ...] = ()
+    ddd: bool = True
+    source: str = "corpus"  # or "synthetic"
+    max_new_tokens: int = 128
+    init: str | None = None
+
+
+def distill_loss(student, teacher: TeacherSampler, step_seed: int, batch: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(teacher instance ‖ student). batch [B, S+1]"""
+    x = batch[:, :-1]  # [B, S]
+    log_p = teacher.logprobs(step_seed, x)  # [B, S, V]
+    log_q = torch.log_softmax(student(input_ids=x).logits.float(), dim=-1)  # [B, S, V]
+    return kl(log_p, log_q).mean()
+
+
+def step_seed(seed: int, draft: int, step: int) -> int:
+    return (seed << 40) ^ (draft << 32) ^ step
+
+
+def distill_drafts(
+    texts: list[str],
+    corpus: dict,
+    target_dir: str | Path,
+    out_dir: str | Path,
+    settings: DistillSettings,
+    shape: LMShape,
+    *,
+    epochs: float = 1.0,
+    steps: int | None = None,
+    batch_size: int = 16,
+    seq_len: int = 128,
+    lr: float = 3e-3,
+    seed: int = 0,
+    device: str = "cpu",
+    checkpoint_every: int = 200,
+    dtype: str = "float32",
+    progress: bool = False,
+) -> list[Path]:
+    """Train settings.drafts drafts into out_dir/draft{m}; returns their folders."""
+    parts = ddd.partition(texts, settings.drafts, settings.ddd)  # validates M and the corpus
+    dev = resolve_device(device)
+    members = list(settings.ensemble)
+    check_compatible(target_dir, members + ([settings.init] if settings.init else []))
+    tok = load_tokenizer(target_dir)
+    target = load_causal_lm(target_dir, device=str(dev))
+    ens = [load_causal_lm(d, device=str(dev)) for d in members] if settings.osd == "ensemble" else []
+    out = []
+    for m, idx in enumerate(parts):
+        folder = Path(out_dir) / f"draft{m}"
+        out.append(folder)
+        if is_finished(folder):
+            continue
+        part_texts = [texts[i] for i in idx]
+        if settings.source == "synthetic":
+            docs = sample_continuations(target, tok, [prompt_of(t) for t in part_texts],
+                                        max_new_tokens=settings.max_new_tokens, seed=seed + m)
+        elif settings.source == "corpus":
+            docs = encode_corpus(part_texts, tok)
+        else:
+            raise ValueError(f"--source must be corpus or synthetic, not '{settings.source}'.")
+        n_steps = steps or steps_for(docs, batch_size, seq_len, epochs)
+        if settings.init:
+            student = load_causal_lm(settings.init, device=str(dev))
+        else:
+            student = build_lm(shape, tok, seed=seed + 100 + m).to(dev)
+        teacher = TeacherSampler(target, settings.osd, noise=settings.noise, rank=settings.rank, members=ens)
+        ts = TrainSettings(steps=n_steps, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed + m,
+                           checkpoint_every=checkpoint_every)
+        it = batches(docs, batch_size, seq_len, random.Random(seed + m))
+        part = ddd.describe(texts, idx, m, settings.drafts, settings.ddd)
+        losses = train_loop(
+            student, it,
+            lambda step, b, m=m, s=student, t=teacher: distill_loss(s, t, step_seed(seed, m, step), b.to(dev)),
+            ts, run_dir=folder, progress=progress, desc=f"draft{m}",
+            fingerprint={"kind": "distill", "settings": asdict(settings), "partition": part["digest"]},
+        )
+        save_lm(student.cpu().to(getattr(torch, dtype)), tok, folder)
+        hashes = part.pop("hashes")
+        (folder / PARTITION).write_text(_json({**part, "hashes": hashes}))
+        write_record(folder, {
+            "kind": "draft",
+            "finished": True,
+            "parameters": count_parameters(folder),
+            "shape": None if settings.init else asdict(shape),
+            "init": settings.init,
+            "seed": seed + m,
+            "teacher": str(Path(target_dir).resolve()),
+            "settings": {**ts.as_dict(), "epochs": epochs, "device": str(dev), "dtype": dtype,
+                         "source": settings.source, "max_new_tokens": settings.max_new_tokens,
+                         "loss": "KL(teacher || draft), full vocabulary"},
+            "osd": {**teacher.describe(), "ensemble": members if settings.osd == "ensemble" else []},
+            "ddd": part,
+            "corpus": corpus,
+            "loss": loss_summary(losses),
+        })
+        finish_run(folder)
+    return out
+
+
+def _json(obj) -> str:
+    import json
+
+    return json.dumps(obj, indent=1) + "\n"

@@ -1,0 +1,109 @@
+"""Online Stochastic Distillation (OSD): at every step the teacher is a freshly drawn stochastic
+instance of the target, so that in expectation the draft learns the target's aggregate.
+
+Modes (recorded in the draft's training record):
+    lowrank   W + σ·rms(W)·A Bᵀ/√r on every linear weight of the decoder layers, A [out, r],
+              B [in, r] standard normal, drawn per step (σ = `noise`)
+    dropout   dropout with probability `noise` on every attention and MLP output (MC dropout)
+    ensemble  one member of a target ensemble, drawn uniformly per step
+    none      the fixed target (the no-OSD ablation)
+
+An instance is determined by its step seed, so resumed runs redraw the same instances; the sampler
+counts the distinct instances it drew (`instances`) and, for ensembles, the draws per member.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import torch
+
+MODES = ("lowrank", "dropout", "ensemble", "none")
+
+
+class TeacherSampler:
+    def __init__(self, target, mode: str = "lowrank", *, noise: float = 0.1, rank: int = 4,
+                 members: list | None = None):
+        if mode not in MODES:
+            raise ValueError(f"OSD mode must be one of {', '.join(MODES)}, not '{mode}'.")
+        if mode == "ensemble" and not members:
+            raise ValueError("OSD mode 'ensemble' needs at least one ensemble member (--ensemble DIR ...).")
+        if mode in ("lowrank", "dropout") and not noise > 0:
+            raise ValueError(f"OSD mode '{mode}' needs --noise > 0 (got {noise}).")
+        self.target, self.mode, self.noise, self.rank = target.eval(), mode, noise, rank
+        self.members = [m.eval() for m in members or []]
+        self.draws: Counter = Counter()  # instance id -> times drawn
+        self._linears = [(name, mod) for name, mod in target.named_modules()
+                         if isinstance(mod, torch.nn.Linear) and ".layers." in f".{name}"]
+        self._base = {name: mod.weight.detach().clone() for name, mod in self._linears} if mode == "lowrank" else {}
+
+    @property
+    def instances(self) -> int:
+        """Distinct teacher instances drawn so far."""
+        return len(self.draws)
+
+    def describe(self) -> dict:
+        out = {"mode": self.mode, "instances": self.instances, "draws": sum(self.draws.values())}
+        if self.mode in ("lowrank", "dropout"):
+            out["noise"] = self.noise
+        if self.mode == "lowrank":
+            out["rank"] = self.rank
+        if self.mode == "ensemble":
+            out["members"] = len(self.members)
+            out["draws_per_member"] = {str(k): v for k, v in sorted(self.draws.items())}
+        return out
+
+    @torch.no_grad()
+    def logprobs(self, step_seed: int, input_ids: torch.Tensor) -> torch.Tensor:
+        """Log-probs of the instance drawn for `step_seed`. [B, S] -> [B, S, V]"""
+        if self.mode == "none":
+            self.draws[0] += 1
+            return self._forward(self.target, input_ids)
+        if self.mode == "ensemble":
+            k = random.Random(step_seed).randrange(len(self.members))
+            self.draws[k] += 1
+            return self._forward(self.members[k], input_ids)
+        self.draws[step_seed] += 1
+        if self.mode == "lowrank":
+            self._perturb(step_seed)
+            try:
+                return self._forward(self.target, input_ids)
+            finally:
+                self._restore()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(step_seed)
+            hooks = self._dropout_hooks()
+            try:
+                return self._forward(self.target, input_ids)
+            finally:
+                for h in hooks:
+                    h.remove()
+
+    @staticmethod
+    def _forward(model, input_ids):
+        return torch.log_softmax(model(input_ids=input_ids).logits.float(), dim=-1)  # [B, S, V]
+
+    def _perturb(self, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        for name, mod in self._linears:
+            w = self._base[name]  # [out, in]
+            a = torch.randn(w.shape[0], self.rank, generator=g)  # [out, r]
+            b = torch.randn(w.shape[1], self.rank, generator=g)  # [in, r]
+            scale = self.noise * w.float().pow(2).mean().sqrt() / self.rank ** 0.5
+            mod.weight.copy_(w + (scale * a @ b.T).to(w.device, w.dtype))
+
+    def _restore(self) -> None:
+        for name, mod in self._linears:
+            mod.weight.copy_(self._base[name])
+
+    def _dropout_hooks(self) -> list:
+        p = self.noise
+
+        def hook(_mod, _inp, out):
+            if isinstance(out, tuple):
+                return (torch.nn.functional.dropout(out[0], p, True), *out[1:])
+            return torch.nn.functional.dropout(out, p, True)
+
+        layers = self.target.model.layers
+        return [m.register_forward_hook(hook) for layer in layers for m in (layer.self_attn, layer.mlp)]

@@ -1,0 +1,59 @@
+"""`epispec info`: the active bundle's manifest (--bundle DIR, else $EPISPEC_BUNDLE, else the demo).
+
+Plain output is a short summary; `--json` prints the manifest with absolute paths and the bundle's
+size on disk: at least {"target": {"path", "parameters"}, "drafts": [{"path", "parameters", ...}],
+"bytes", "training": {"osd", "ddd"}}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from server.bundle import Bundle, BundleError, load_bundle
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bundle", help="bundle folder (default: $EPISPEC_BUNDLE or the demo bundle)")
+    parser.add_argument("--json", action="store_true", help="print the manifest as JSON")
+
+
+def describe(bundle: Bundle) -> dict:
+    """The manifest with absolute paths and the bytes the folder takes on disk."""
+    m = json.loads(json.dumps(bundle.manifest))  # a deep copy
+    m["root"] = str(bundle.root)
+    m["target"]["path"] = str(bundle.target)
+    for entry, path in zip(m.get("drafts", []), bundle.drafts, strict=True):
+        entry["path"] = str(path)
+        if entry.get("partition"):
+            entry["partition"] = str((bundle.root / entry["partition"]).resolve())
+    if isinstance(m.get("tokenizer"), dict) and m["tokenizer"].get("path"):
+        m["tokenizer"]["path"] = str((bundle.root / m["tokenizer"]["path"]).resolve())
+    m["bytes"] = sum(f.stat().st_size for f in bundle.root.rglob("*") if f.is_file())
+    m.setdefault("training", {})
+    return m
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        info = describe(load_bundle(args.bundle))
+    except BundleError as exc:
+        print(f"epispec info: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    t, drafts = info["target"], info.get("drafts", [])
+    train = info.get("training", {})
+    lines = [
+        f"bundle     {info['root']}  ({info['bytes'] / 1e6:.1f} MB on disk)",
+        f"target     {t['path']}  ({t.get('parameters', '?'):,} parameters)",
+    ]
+    lines += [f"draft {i:<4} {d['path']}  ({d.get('parameters', '?'):,} parameters)" for i, d in enumerate(drafts)]
+    osd, ddd = train.get("osd", {}), train.get("ddd", {})
+    if osd or ddd:
+        lines.append(f"OSD        {osd.get('mode', '?')}   DDD {'on' if ddd.get('enabled') else 'off'}")
+    lines.append(f"thresholds {info.get('thresholds') or 'none (server default)'}")
+    print("\n".join(lines))
+    return 0

@@ -1,0 +1,32 @@
+"""Fixtures for the drafts tests: a tiny GSM8K-format corpus file and the session's tiny models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from drafts.corpus import record_text, synthetic_records
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    torch.set_num_threads(1)  # the machine is shared; tiny models gain nothing from more
+
+
+@pytest.fixture(scope="session")
+def records() -> list[dict]:
+    return synthetic_records(120, seed=3)
+
+
+@pytest.fixture(scope="session")
+def texts(records) -> list[str]:
+    return [record_text(r) for r in records]
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory, records):
+    path = tmp_path_factory.mktemp("corpus") / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
