@@ -10,6 +10,7 @@ token with the token fields, then one final event `{"summary", "finish_reason", 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from fastapi import APIRouter, Depends
 
@@ -69,15 +70,16 @@ async def generate(req: GenerateRequest, ctx: ServerContext = Depends(ready_cont
         return EventStreamResponse(_events(items, top > 0))
 
     tokens, summary = [], Summary()
-    async for item in items:
-        if isinstance(item, Finished):
-            if item.finish_reason == "error":
-                raise engine_failure(item)
-            text = "".join(t["text"] for t in tokens)
-            return {"id": request_id, "model": ctx.engine.model_name, "text": text,
-                    "tokens": tokens, **final_fields(item, summary)}
-        summary.add(item)
-        tokens.append(token_fields(item, top > 0))
+    async with aclosing(items):
+        async for item in items:
+            if isinstance(item, Finished):
+                if item.finish_reason == "error":
+                    raise engine_failure(item)
+                text = "".join(t["text"] for t in tokens)
+                return {"id": request_id, "model": ctx.engine.model_name, "text": text,
+                        "tokens": tokens, **final_fields(item, summary)}
+            summary.add(item)
+            tokens.append(token_fields(item, top > 0))
 
 
 async def _events(items: AsyncIterator[GenerationItem], with_top: bool) -> AsyncIterator[bytes]:

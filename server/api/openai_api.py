@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from fastapi import APIRouter, Depends
 
@@ -107,19 +108,20 @@ async def _respond(ctx: ServerContext, req: OpenAIFields, fmt: _Format, endpoint
 
     events: list[TokenEvent] = []
     summary = Summary()
-    async for item in items:
-        if isinstance(item, Finished):
-            if item.finish_reason == "error":
-                raise engine_failure(item)
-            choice = fmt.choice(events)
-            if fmt.chat:
-                del choice["delta"]
-                choice["message"] = {"role": "assistant", "content": "".join(e.text for e in events)}
-            choice["finish_reason"] = item.finish_reason
-            choice["uncertainty"]["summary"] = summary.as_dict()
-            return {**head, "object": fmt.object, "choices": [choice], "usage": usage(item)}
-        summary.add(item)
-        events.append(item)
+    async with aclosing(items):
+        async for item in items:
+            if isinstance(item, Finished):
+                if item.finish_reason == "error":
+                    raise engine_failure(item)
+                choice = fmt.choice(events)
+                if fmt.chat:
+                    del choice["delta"]
+                    choice["message"] = {"role": "assistant", "content": "".join(e.text for e in events)}
+                choice["finish_reason"] = item.finish_reason
+                choice["uncertainty"]["summary"] = summary.as_dict()
+                return {**head, "object": fmt.object, "choices": [choice], "usage": usage(item)}
+            summary.add(item)
+            events.append(item)
 
 
 async def _stream(items: AsyncIterator[GenerationItem], fmt: _Format, head: dict,

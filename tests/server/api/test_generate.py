@@ -93,3 +93,20 @@ def test_stop_on_uncertainty_ends_at_the_first_flagged_token(client):
                                           "stop_on_uncertainty": True}).json()
     assert body["finish_reason"] == "uncertainty"
     assert len(body["tokens"]) == 1 and body["tokens"][0]["flagged"]
+
+
+def test_stop_string_ends_the_text_before_it(client):
+    req = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0}
+    text = client.post("/generate", json=req).json()["text"]
+    stop = text[3:5]
+    assert stop and text.find(stop) >= 0
+    body = client.post("/generate", json={**req, "stop": [stop, "never-seen"]}).json()
+    assert body["finish_reason"] == "stop"
+    assert body["text"] == text[: text.find(stop)]
+    assert "".join(t["text"] for t in body["tokens"]) == body["text"]
+
+
+def test_same_seed_same_sample(client):
+    req = {"prompt": PROMPT, "max_tokens": 6, "temperature": 1.0, "top_p": 0.9, "seed": 11}
+    a, b = (client.post("/generate", json=req).json() for _ in range(2))
+    assert [t["token_id"] for t in a["tokens"]] == [t["token_id"] for t in b["tokens"]]
