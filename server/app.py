@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from server.api import api_router
+from server.api.auth import ApiKeyGuard
 from server.api.errors import install_error_handlers
 from server.api.generation import Generations, ServerContext
 from server.api.limits import BodySizeLimit
@@ -75,4 +76,6 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(api_router())
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    key = settings.api_key.get_secret_value() if settings.api_key else None
+    app.add_middleware(ApiKeyGuard, key=key)  # added last: runs first
     return app

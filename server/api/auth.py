@@ -1,23 +1,36 @@
-"""Optional bearer API key: every route but `/health` requires `Authorization: Bearer KEY`
-when the server has one. Compared in constant time."""
+"""Optional bearer API key: every path but `/health` requires `Authorization: Bearer KEY`
+when the server has one. Checked in front of everything else (before the body is read or
+parsed), compared in constant time."""
 
 from __future__ import annotations
 
 import hmac
 
-from fastapi import Request
+from starlette.datastructures import Headers
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.api.errors import APIError
 
+OPEN_PATHS = frozenset({"/health"})
 
-async def require_api_key(request: Request) -> None:
-    key = request.app.state.ctx.settings.api_key
-    if key is None:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    ok = scheme.lower() == "bearer" and hmac.compare_digest(
-        token.strip().encode(), key.get_secret_value().encode()
-    )
-    if not ok:
-        raise APIError("Missing or invalid API key: send 'Authorization: Bearer <key>'.",
+
+def key_matches(authorization: str, key: str) -> bool:
+    scheme, _, token = authorization.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+
+
+class ApiKeyGuard:
+    def __init__(self, app: ASGIApp, key: str | None) -> None:
+        self.app = app
+        self.key = key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (scope["type"] != "http" or self.key is None or scope["path"] in OPEN_PATHS
+                or key_matches(Headers(scope=scope).get("authorization", ""), self.key)):
+            await self.app(scope, receive, send)
+            return
+        err = APIError("Missing or invalid API key: send 'Authorization: Bearer <key>'.",
                        status_code=401, type="authentication_error", code="invalid_api_key")
+        response = JSONResponse(err.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        await response(scope, receive, send)

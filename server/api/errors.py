@@ -71,8 +71,7 @@ def _count_rejected(request: Request, status_code: int) -> None:
 
 def error_response(request: Request, err: APIError) -> JSONResponse:
     _count_rejected(request, err.status_code)
-    headers = {"WWW-Authenticate": "Bearer"} if err.status_code == 401 else None
-    return JSONResponse(err.body(), status_code=err.status_code, headers=headers)
+    return JSONResponse(err.body(), status_code=err.status_code)
 
 
 def install_error_handlers(app: FastAPI) -> None:

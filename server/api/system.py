@@ -8,15 +8,13 @@ import time
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from server.api.auth import require_api_key
 from server.api.context import ready_context
 from server.api.generation import ServerContext
 
-open_router = APIRouter()
-router = APIRouter(dependencies=[Depends(require_api_key)])
+router = APIRouter()
 
 
-@open_router.get("/health")
+@router.get("/health")
 async def health(request: Request) -> JSONResponse:
     """200 while the engine lives (or is still loading); 503 once it has failed."""
     engine = request.app.state.ctx.engine

@@ -110,3 +110,21 @@ def test_lifespan_builds_the_engine_from_settings(tiny_models):
         assert ready["num_drafts"] == 2 and ready["max_model_len"] == 64
         r = httpx.post(f"{live.url}/generate", json={"prompt": "hi", "max_tokens": 2}, timeout=60)
         assert r.status_code == 200
+
+
+def test_bundle_thresholds_are_the_default_flags(tiny_models, tmp_path):
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "bundle.json").write_text(json.dumps({
+        "target": {"path": tiny_models["target"]},
+        "drafts": [{"path": d} for d in tiny_models["drafts"]],
+        "thresholds": {"eu": 0.123, "variance": 0.05},
+    }))
+    app = create_app(Settings(bundle=str(bundle), engine="reference", device="cpu"))
+    with LiveServer(app) as live:
+        t = app.state.ctx.thresholds
+        assert (t.eu, t.bias, t.variance) == (0.123, None, 0.05)
+        body = httpx.post(f"{live.url}/generate", timeout=60,
+                          json={"prompt": "Question: Tom", "max_tokens": 4, "temperature": 0}).json()
+        for tok in body["tokens"]:
+            assert tok["flagged"] == (tok["eu"] > 0.123 or tok["variance"] > 0.05)

@@ -45,3 +45,11 @@ def test_with_the_key(guarded):
     bad = openai.OpenAI(base_url=f"{guarded.url}/v1", api_key="nope", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
+
+
+def test_key_is_checked_before_the_body_is_read(guarded):
+    r = httpx.post(f"{guarded.url}/generate", content=b'{"broken',
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 401
+    r = httpx.post(f"{guarded.url}/generate", content=b"x" * (2 << 20))
+    assert r.status_code == 401
