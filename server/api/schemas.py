@@ -8,28 +8,29 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, StrictBool, StrictInt, StrictStr
 
 PositiveInt = Annotated[StrictInt, Field(gt=0)]
 NonNegativeInt = Annotated[StrictInt, Field(ge=0)]
+Seed = Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]  # what torch and vLLM accept
 
 
 class ThresholdOverrides(BaseModel):
     """Per-request flag thresholds (nats); each must lie within the server's bounds."""
 
     model_config = ConfigDict(extra="forbid")
-    eu: float | None = None
-    bias: float | None = None
-    variance: float | None = None
+    eu: FiniteFloat | None = None
+    bias: FiniteFloat | None = None
+    variance: FiniteFloat | None = None
 
 
 class SamplingFields(BaseModel):
     """Fields shared by every generation endpoint."""
 
     max_tokens: PositiveInt | None = None
-    temperature: Annotated[float, Field(ge=0)] | None = None
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    seed: StrictInt | None = None
+    temperature: Annotated[FiniteFloat, Field(ge=0)] | None = None
+    top_p: Annotated[FiniteFloat, Field(gt=0, le=1)] | None = None
+    seed: Seed | None = None
     stop: StrictStr | Annotated[list[StrictStr], Field(max_length=16)] | None = None
     stream: StrictBool = False
     thresholds: ThresholdOverrides | None = None
@@ -62,8 +63,8 @@ class OpenAIFields(SamplingFields):
     model: StrictStr | None = None
     stream_options: StreamOptions | None = None
     n: PositiveInt = 1
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: FiniteFloat | None = None
+    frequency_penalty: FiniteFloat | None = None
     logit_bias: dict[str, float] | None = None
     user: StrictStr | None = None
 
