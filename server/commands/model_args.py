@@ -34,7 +34,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                    help="most concurrent sequences per step")
     v.add_argument("--enforce-eager", action="store_true", default=None,
                    help="no CUDA graphs / compilation")
-    v.add_argument("--kv-cache-space", type=float, default=None, metavar="GIB",
+    v.add_argument("--kv-cache-space", type=int, default=None, metavar="GIB",
                    help="CPU KV cache size in GiB (vLLM-CPU's VLLM_CPU_KVCACHE_SPACE)")
 
 

@@ -24,6 +24,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import torch
+
+# vLLM logs to stdout by default, which would mix its lines into `epispec generate --jsonl`;
+# set before vLLM configures its loggers (spawned engine processes inherit it)
+os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+
 from vllm import SamplingParams as VllmSamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.sampling_params import RequestOutputKind
@@ -75,7 +80,7 @@ class VllmEngine:
         args = dict(vllm_args or {})
         kv_space = args.pop("kv_cache_space", None)
         if kv_space is not None:  # vLLM-CPU reads its KV cache size from the environment only
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_space)
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_space))
         self.joiner: Joiner | None = None
         engine_kw = dict(
             model=str(target), tokenizer=str(target), max_model_len=vllm_len,
@@ -195,6 +200,7 @@ class VllmEngine:
 
     async def shutdown(self) -> None:
         self.llm.shutdown()
+        self.llm.shutdown = lambda *a, **k: None  # its __del__ would shut down again at exit
         if self.joiner:
             self.joiner.close()
         self._running.clear()
