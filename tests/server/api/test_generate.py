@@ -110,3 +110,20 @@ def test_same_seed_same_sample(client):
     req = {"prompt": PROMPT, "max_tokens": 6, "temperature": 1.0, "top_p": 0.9, "seed": 11}
     a, b = (client.post("/generate", json=req).json() for _ in range(2))
     assert [t["token_id"] for t in a["tokens"]] == [t["token_id"] for t in b["tokens"]]
+
+
+def test_concurrent_requests_equal_their_sequential_runs(client, server, engine):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    reqs = [{"prompt": PROMPT, "max_tokens": 5, "temperature": 1.0, "seed": s} for s in (1, 2, 3)]
+    alone = [client.post("/generate", json=r).json()["tokens"] for r in reqs]
+
+    def post(r):
+        return httpx.post(f"{server.url}/generate", json=r, timeout=60).json()["tokens"]
+
+    with ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(post, reqs))
+    assert together == alone
+    assert engine.num_running() == 0
