@@ -51,6 +51,7 @@ dropping any family whose name clashes with one of ours.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Iterator
 
@@ -232,12 +233,9 @@ class RequestTracker:
         self.last = now
         self.tokens += 1
         m.generation_tokens.inc()
-        if event.eu is not None:
-            m.eu.observe(event.eu)
-        if event.bias is not None:
-            m.bias.observe(event.bias)
-        if event.variance is not None:
-            m.variance.observe(event.variance)
+        for hist, value in ((m.eu, event.eu), (m.bias, event.bias), (m.variance, event.variance)):
+            if value is not None and math.isfinite(value):  # an inf would poison the _sum series
+                hist.observe(value)
         if event.flagged:
             self.flagged += 1
             m.flagged_tokens.inc()
@@ -249,7 +247,7 @@ class RequestTracker:
         m.accepted.inc(s.accepted)
         m.draft_passes.inc(s.draft_forward_passes)
         m.target_passes.inc(s.target_forward_passes)
-        m.eu_seconds.inc(getattr(s, "eu_seconds", 0.0))
+        m.eu_seconds.inc(s.eu_seconds)
         self.finish_reason = finished.finish_reason
 
     def close(self, status: str | None = None) -> None:
