@@ -69,50 +69,106 @@ class _Slot:
     pending: dict[int, Record] = field(default_factory=dict)  # position -> record
 
 
-class _SlotDraft:
-    """One Llama-family causal LM evaluated over cache slots with per-row positions."""
+class _DraftGroup:
+    """Same-shape Llama-family drafts evaluated together: their weights are stacked on a
+    leading M axis, so one batched step of the group is one set of batched matmuls."""
 
-    def __init__(self, lm, slots: int, max_len: int, device: torch.device) -> None:
-        cfg = lm.config
-        self.lm = lm
-        self.layers = lm.model.layers
-        self.heads = cfg.num_attention_heads
-        self.kv_heads = cfg.num_key_value_heads
-        self.head_dim = self.layers[0].self_attn.head_dim
-        shape = (len(self.layers), slots, self.kv_heads, max_len, self.head_dim)
-        self.k_cache = torch.zeros(shape, device=device)  # [layers, slots, Hkv, L, D]
+    def __init__(self, lms: list, slots: int, max_len: int, device: torch.device) -> None:
+        cfg = lms[0].config
+        attn0 = lms[0].model.layers[0].self_attn
+        self.m, self.eps = len(lms), cfg.rms_norm_eps
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim, self.scaling = attn0.head_dim, attn0.scaling
+        self.rotary = lms[0].model.rotary_emb
+
+        def stack(get, t=False):  # [M, ...]; t: Linear weight [O, I] -> [I, O] for bmm
+            ws = [get(lm) for lm in lms]
+            if ws[0] is None:
+                return None
+            return torch.stack([w.detach().t() if t else w.detach() for w in ws]).to(device)
+
+        self.embed = stack(lambda lm: lm.model.embed_tokens.weight)  # [M, V, E]
+        self.head = stack(lambda lm: lm.lm_head.weight, t=True)  # [M, E, V]
+        self.norm = stack(lambda lm: lm.model.norm.weight)  # [M, E]
+        self.layers = []
+        for i in range(cfg.num_hidden_layers):
+            def get(path, i=i):
+                def f(lm):
+                    obj = lm.model.layers[i]
+                    for name in path.split("."):
+                        obj = getattr(obj, name, None)
+                    return obj
+                return f
+            layer = {n: stack(get(n), t=n.endswith("_proj.weight")) for n in (
+                "input_layernorm.weight", "post_attention_layernorm.weight",
+                "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+                "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
+                "mlp.down_proj.weight")}
+            for n in ("q", "k", "v", "o"):  # Qwen2-style projection biases, where present
+                layer[f"{n}_bias"] = stack(get(f"self_attn.{n}_proj.bias"))
+            self.layers.append(layer)
+        shape = (len(self.layers), self.m, slots, self.kv_heads, max_len, self.head_dim)
+        self.k_cache = torch.zeros(shape, device=device)  # [layers, M, slots, Hkv, L, D]
         self.v_cache = torch.zeros(shape, device=device)
 
-    def forward(self, tokens, pos, slots, valid, out_index) -> torch.Tensor:
-        """tokens/pos/valid [B, T], slots [B], out_index (rows [P], cols [P]) -> log-probs [P, V]."""
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    def _rms(self, x, w):  # [M, ..., E], [M, E]
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x * w.view(w.shape[0], *[1] * (x.dim() - 2), w.shape[-1])
 
-        B, T = tokens.shape
-        h = self.lm.model.embed_tokens(tokens)  # [B, T, E]
-        cos, sin = self.lm.model.rotary_emb(h, pos)  # [B, T, D]
+    @staticmethod
+    def _linear(x, w, b=None):  # [M, B, T, I] @ [M, I, O] (+ [M, O]) -> [M, B, T, O]
+        m, bsz, t, _ = x.shape
+        y = torch.bmm(x.reshape(m, bsz * t, -1), w)
+        if b is not None:
+            y = y + b[:, None, :]
+        return y.view(m, bsz, t, -1)
+
+    def forward(self, tokens, pos, slots, valid, out_index) -> torch.Tensor:
+        """tokens/pos/valid [B, T], slots [B], out_index (rows [P], cols [P]) -> log-probs [P, M, V]."""
+        M, (B, T) = self.m, tokens.shape
+        H, Hkv, D = self.heads, self.kv_heads, self.head_dim
+        h = self.embed[:, tokens]  # [M, B, T, E]
+        cos, sin = self.rotary(h[0], pos)  # [B, T, D]
+        cos, sin = cos[None, :, :, None], sin[None, :, :, None]  # [1, B, T, 1, D]
         n_keys = int(pos.max()) + 1
         mask = torch.arange(n_keys, device=h.device)[None, None, :] <= pos[:, :, None]  # [B, T, K]
-        w_slot = slots[:, None].expand(B, T)[valid]  # [Nv]
-        w_pos = pos[valid]  # [Nv]
-        for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-            k = attn.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            self.k_cache[i][w_slot, :, w_pos] = k.transpose(1, 2)[valid]  # [Nv, Hkv, D]
-            self.v_cache[i][w_slot, :, w_pos] = v.transpose(1, 2)[valid]
-            keys = self.k_cache[i][slots, :, :n_keys]  # [B, Hkv, K, D]
-            vals = self.v_cache[i][slots, :, :n_keys]
+        mask = mask[None, :, None].expand(M, B, 1, T, n_keys).reshape(M * B, 1, T, n_keys)
+        w_slot, w_pos = slots[:, None].expand(B, T)[valid], pos[valid]  # [Nv]
+        for i, ly in enumerate(self.layers):
+            x = self._rms(h, ly["input_layernorm.weight"])
+            q = self._linear(x, ly["self_attn.q_proj.weight"], ly["q_bias"]).view(M, B, T, H, D)
+            k = self._linear(x, ly["self_attn.k_proj.weight"], ly["k_bias"]).view(M, B, T, Hkv, D)
+            v = self._linear(x, ly["self_attn.v_proj.weight"], ly["v_bias"]).view(M, B, T, Hkv, D)
+            q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+            self.k_cache[i][:, w_slot, :, w_pos] = k[:, valid].transpose(0, 1)  # [Nv, M, Hkv, D]
+            self.v_cache[i][:, w_slot, :, w_pos] = v[:, valid].transpose(0, 1)
+            keys = self.k_cache[i][:, slots, :, :n_keys].reshape(M * B, Hkv, n_keys, D)
+            vals = self.v_cache[i][:, slots, :, :n_keys].reshape(M * B, Hkv, n_keys, D)
             o = torch.nn.functional.scaled_dot_product_attention(
-                q, keys, vals, attn_mask=mask[:, None], scale=attn.scaling,
-                enable_gqa=self.heads != self.kv_heads,
-            )  # [B, H, T, D]
-            h = h + attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        h = self.lm.model.norm(h[out_index])  # [P, E]
-        return torch.log_softmax(self.lm.lm_head(h).float(), -1)  # [P, V]
+                q.permute(0, 1, 3, 2, 4).reshape(M * B, H, T, D), keys, vals, attn_mask=mask,
+                scale=self.scaling, enable_gqa=H != Hkv,
+            )  # [M*B, H, T, D]
+            o = o.view(M, B, H, T, D).permute(0, 1, 3, 2, 4).reshape(M, B, T, H * D)
+            h = h + self._linear(o, ly["self_attn.o_proj.weight"], ly["o_bias"])
+            x = self._rms(h, ly["post_attention_layernorm.weight"])
+            g = torch.nn.functional.silu(self._linear(x, ly["mlp.gate_proj.weight"]))
+            h = h + self._linear(g * self._linear(x, ly["mlp.up_proj.weight"]), ly["mlp.down_proj.weight"])
+        h = self._rms(h[:, out_index[0], out_index[1]], self.norm)  # [M, P, E]
+        return torch.log_softmax(torch.bmm(h, self.head).float(), -1).transpose(0, 1)  # [P, M, V]
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _signature(lm) -> tuple:
+    """Drafts with equal signatures can share a stacked group."""
+    c = lm.config
+    return (c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads,
+            c.num_key_value_heads, c.vocab_size, getattr(c, "rope_theta", None),
+            str(getattr(c, "rope_scaling", None)), c.rms_norm_eps,
+            lm.model.layers[0].self_attn.q_proj.bias is not None)
 
 
 def summarize(draft_lp: torch.Tensor, top_n: int):
@@ -133,13 +189,16 @@ class DraftEnsemble:
 
         self.device = torch.device(device)
         self.k, self.top_n, self.max_len = k, top_n, max_len
-        self.drafts = []
+        groups: dict[tuple, list] = {}
         for p in paths:
             lm = load_causal_lm(p, str(self.device), torch.float32)
-            if not hasattr(lm, "model") or not hasattr(lm.model, "rotary_emb"):
+            if not hasattr(lm, "model") or not hasattr(lm.model, "rotary_emb") or (
+                    getattr(lm.config, "hidden_act", "silu") != "silu"):
                 raise ValueError(f"Draft '{p}' is not a Llama-family model (the proposer needs "
-                                 "embed_tokens, rotary_emb and Llama decoder layers).")
-            self.drafts.append(_SlotDraft(lm, slots, max_len, self.device))
+                                 "embed_tokens, rotary_emb, SiLU MLPs and Llama decoder layers).")
+            groups.setdefault(_signature(lm), []).append(lm)
+        # drafts of one shape run as one stacked group; the order of M does not matter
+        self.drafts = [_DraftGroup(lms, slots, max_len, self.device) for lms in groups.values()]
         self._free = list(range(slots - 1, -1, -1))
         self._slots: dict[str, _Slot] = {}
 
@@ -199,7 +258,7 @@ class DraftEnsemble:
         dev = self.device
         tokens, pos, valid = tokens.to(dev), pos.to(dev), valid.to(dev)
         idx = (torch.tensor(out_rows, device=dev), torch.tensor(out_cols, device=dev))
-        lp = torch.stack([d.forward(tokens, pos, slots, valid, idx) for d in self.drafts], 1)  # [P, M, V]
+        lp = torch.cat([d.forward(tokens, pos, slots, valid, idx) for d in self.drafts], 1)  # [P, M, V]
         var, ids, probs, log_mix = summarize(lp, self.top_n)
         fresh = {}
         for p_i, (b, position) in enumerate(zip(out_rows, out_pos, strict=True)):
@@ -216,8 +275,8 @@ class DraftEnsemble:
         arange_b = (torch.arange(B, device=dev), torch.zeros(B, dtype=torch.long, device=dev))
         for s in range(1, max(ks)):
             p_s = (n_hist + s - 1).clamp(max=self.max_len - 1).to(dev)[:, None]  # [B, 1]
-            lp = torch.stack([d.forward(cur[:, None].to(dev), p_s, slots, ones, arange_b)
-                              for d in self.drafts], 1)  # [B, M, V]
+            lp = torch.cat([d.forward(cur[:, None].to(dev), p_s, slots, ones, arange_b)
+                            for d in self.drafts], 1)  # [B, M, V]
             v_s, i_s, pr_s, lm_s = summarize(lp, self.top_n)
             step_var.append(v_s)
             step_ids.append(i_s)
