@@ -156,10 +156,12 @@ def _shape(args):
                    intermediate=args.intermediate, max_positions=args.max_positions)
 
 
-def _train_kwargs(args) -> dict:
-    return dict(epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                lr=args.lr, device=args.device, checkpoint_every=args.checkpoint_every,
-                dtype=args.dtype, progress=not args.no_progress)
+def _options(args):
+    from drafts.training import RunOptions
+
+    return RunOptions(epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                      lr=args.lr, device=args.device, checkpoint_every=args.checkpoint_every,
+                      dtype=args.dtype, progress=not args.no_progress)
 
 
 def _target(args) -> dict:
@@ -168,10 +170,9 @@ def _target(args) -> dict:
     texts, corpus = _corpus(args)
     if args.drafts_command == "ensemble":
         members = train_ensemble(texts, corpus, args.tokenizer, args.out, args.members,
-                                 base_seed=args.seed, shape=_shape(args), **_train_kwargs(args))
+                                 _shape(args), _options(args), base_seed=args.seed)
         return {"members": [str(m) for m in members]}
-    record = train_target(texts, corpus, args.tokenizer, args.out, _shape(args), seed=args.seed,
-                          **_train_kwargs(args))
+    record = train_target(texts, corpus, args.tokenizer, args.out, _shape(args), _options(args), seed=args.seed)
     return {"target": args.out, "parameters": record["parameters"], "loss": record["loss"]}
 
 
@@ -184,8 +185,8 @@ def _distill(args) -> dict:
         ensemble=tuple(args.ensemble), ddd=not args.no_ddd, source=args.source,
         max_new_tokens=args.max_new_tokens, init=args.init,
     )
-    out = distill_drafts(texts, corpus, args.target, args.out, settings, _shape(args),
-                         seed=args.seed, **_train_kwargs(args))
+    out = distill_drafts(texts, corpus, args.target, args.out, settings, _shape(args), _options(args),
+                         seed=args.seed)
     return {"drafts": [str(d) for d in out]}
 
 

@@ -25,7 +25,7 @@ from drafts.osd import TeacherSampler
 from drafts.synthetic import prompt_of, sample_continuations
 from drafts.targets import is_finished, steps_for
 from drafts.training import (
-    TrainSettings,
+    RunOptions,
     finish_run,
     loss_summary,
     resolve_device,
@@ -70,21 +70,13 @@ def distill_drafts(
     out_dir: str | Path,
     settings: DistillSettings,
     shape: LMShape,
+    opts: RunOptions = RunOptions(),
     *,
-    epochs: float = 1.0,
-    steps: int | None = None,
-    batch_size: int = 16,
-    seq_len: int = 128,
-    lr: float = 3e-3,
     seed: int = 0,
-    device: str = "cpu",
-    checkpoint_every: int = 200,
-    dtype: str = "float32",
-    progress: bool = False,
 ) -> list[Path]:
     """Train settings.drafts drafts into out_dir/draft{m}; returns their folders."""
     parts = ddd.partition(texts, settings.drafts, settings.ddd)  # validates M and the corpus
-    dev = resolve_device(device)
+    dev = resolve_device(opts.device)
     members = list(settings.ensemble)
     check_compatible(target_dir, members + ([settings.init] if settings.init else []))
     tok = load_tokenizer(target_dir)
@@ -104,23 +96,22 @@ def distill_drafts(
             docs = encode_corpus(part_texts, tok)
         else:
             raise ValueError(f"--source must be corpus or synthetic, not '{settings.source}'.")
-        n_steps = steps or steps_for(docs, batch_size, seq_len, epochs)
+        n_steps = opts.steps or steps_for(docs, opts.batch_size, opts.seq_len, opts.epochs)
         if settings.init:
             student = load_causal_lm(settings.init, device=str(dev))
         else:
             student = build_lm(shape, tok, seed=seed + 100 + m).to(dev)
         teacher = TeacherSampler(target, settings.osd, noise=settings.noise, rank=settings.rank, members=ens)
-        ts = TrainSettings(steps=n_steps, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed + m,
-                           checkpoint_every=checkpoint_every)
-        it = batches(docs, batch_size, seq_len, random.Random(seed + m))
+        ts = opts.settings(n_steps, seed + m)
+        it = batches(docs, opts.batch_size, opts.seq_len, random.Random(seed + m))
         part = ddd.describe(texts, idx, m, settings.drafts, settings.ddd)
         losses = train_loop(
             student, it,
             lambda step, b, m=m, s=student, t=teacher: distill_loss(s, t, step_seed(seed, m, step), b.to(dev)),
-            ts, run_dir=folder, progress=progress, desc=f"draft{m}",
+            ts, run_dir=folder, progress=opts.progress, desc=f"draft{m}",
             fingerprint={"kind": "distill", "settings": asdict(settings), "partition": part["digest"]},
         )
-        save_lm(student.cpu().to(getattr(torch, dtype)), tok, folder)
+        save_lm(student.cpu().to(getattr(torch, opts.dtype)), tok, folder)
         hashes = part.pop("hashes")
         (folder / PARTITION).write_text(_json({**part, "hashes": hashes}))
         write_record(folder, {
@@ -131,7 +122,7 @@ def distill_drafts(
             "init": settings.init,
             "seed": seed + m,
             "teacher": str(Path(target_dir).resolve()),
-            "settings": {**ts.as_dict(), "epochs": epochs, "device": str(dev), "dtype": dtype,
+            "settings": {**ts.as_dict(), "epochs": opts.epochs, "device": str(dev), "dtype": opts.dtype,
                          "source": settings.source, "max_new_tokens": settings.max_new_tokens,
                          "loss": "KL(teacher || draft), full vocabulary"},
             "osd": {**teacher.describe(), "ensemble": members if settings.osd == "ensemble" else []},

@@ -14,7 +14,14 @@ from pathlib import Path
 import torch
 
 from drafts.lm import LMShape, build_lm, encode_corpus, save_lm, train_lm
-from drafts.training import finish_run, loss_summary, read_record, resolve_device, write_record
+from drafts.training import (
+    RunOptions,
+    finish_run,
+    loss_summary,
+    read_record,
+    resolve_device,
+    write_record,
+)
 from server.engine.models import count_parameters, load_tokenizer
 
 
@@ -34,37 +41,30 @@ def train_target(
     tokenizer_dir: str | Path,
     out_dir: str | Path,
     shape: LMShape,
+    opts: RunOptions = RunOptions(),
     *,
-    epochs: float = 1.0,
-    steps: int | None = None,
-    batch_size: int = 16,
-    seq_len: int = 128,
-    lr: float = 3e-3,
     seed: int = 0,
-    device: str = "cpu",
-    checkpoint_every: int = 200,
-    dtype: str = "float32",
-    progress: bool = False,
 ) -> dict:
     """Train one target into `out_dir`; returns its training record."""
     if not texts:
         raise ValueError("Cannot train on an empty corpus.")
     tok = load_tokenizer(tokenizer_dir)
     docs = encode_corpus(texts, tok)
-    steps = steps or steps_for(docs, batch_size, seq_len, epochs)
-    dev = resolve_device(device)
+    steps = opts.steps or steps_for(docs, opts.batch_size, opts.seq_len, opts.epochs)
+    dev = resolve_device(opts.device)
     model = build_lm(shape, tok, seed=seed)
-    losses = train_lm(model, docs, steps, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed,
-                      progress=progress, run_dir=out_dir, checkpoint_every=checkpoint_every, device=dev)
-    save_lm(model.cpu().to(getattr(torch, dtype)), tok, out_dir)
+    losses = train_lm(model, docs, steps, batch_size=opts.batch_size, seq_len=opts.seq_len, lr=opts.lr,
+                      seed=seed, progress=opts.progress, run_dir=out_dir,
+                      checkpoint_every=opts.checkpoint_every, device=dev)
+    save_lm(model.cpu().to(getattr(torch, opts.dtype)), tok, out_dir)
     record = {
         "kind": "target",
         "finished": True,
         "shape": asdict(shape),
         "parameters": count_parameters(out_dir),
         "seed": seed,
-        "settings": {"steps": steps, "epochs": epochs, "batch_size": batch_size, "seq_len": seq_len,
-                     "lr": lr, "device": str(dev), "dtype": dtype},
+        "settings": {**opts.settings(steps, seed).as_dict(), "epochs": opts.epochs, "device": str(dev),
+                     "dtype": opts.dtype},
         "corpus": corpus,
         "loss": loss_summary(losses),
     }
@@ -74,7 +74,7 @@ def train_target(
 
 
 def train_ensemble(texts: list[str], corpus: dict, tokenizer_dir: str | Path, out_dir: str | Path,
-                   n: int, *, base_seed: int = 0, **kwargs) -> list[Path]:
+                   n: int, shape: LMShape, opts: RunOptions = RunOptions(), *, base_seed: int = 0) -> list[Path]:
     """N targets seeded base_seed … base_seed+N−1 in out_dir/member{i}; finished ones are kept."""
     if n < 1:
         raise ValueError(f"An ensemble needs at least 1 member (got {n}).")
@@ -82,6 +82,6 @@ def train_ensemble(texts: list[str], corpus: dict, tokenizer_dir: str | Path, ou
     for i in range(n):
         member = Path(out_dir) / f"member{i}"
         if not is_finished(member):
-            train_target(texts, corpus, tokenizer_dir, member, seed=base_seed + i, **kwargs)
+            train_target(texts, corpus, tokenizer_dir, member, shape, opts, seed=base_seed + i)
         members.append(member)
     return members

@@ -37,6 +37,25 @@ class TrainSettings:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """How a command trains: length (epochs, or steps when given), batches, device, saving."""
+
+    epochs: float = 1.0
+    steps: int | None = None
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 3e-3
+    device: str = "cpu"
+    checkpoint_every: int = 200
+    dtype: str = "float32"  # of the saved weights
+    progress: bool = False
+
+    def settings(self, steps: int, seed: int) -> TrainSettings:
+        return TrainSettings(steps=steps, batch_size=self.batch_size, seq_len=self.seq_len, lr=self.lr,
+                             seed=seed, checkpoint_every=self.checkpoint_every)
+
+
 def cosine_lr(step: int, total: int, peak: float, warmup: int = 10) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup

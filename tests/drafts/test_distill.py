@@ -10,6 +10,7 @@ import pytest
 from drafts.corpus import describe_corpus, text_hash
 from drafts.distill import PARTITION, DistillSettings, distill_drafts
 from drafts.lm import LMShape
+from drafts.training import RunOptions
 from server.engine.models import ModelFolderError, check_compatible, load_causal_lm
 
 SHAPE = LMShape(hidden=64, layers=1, heads=1, intermediate=128, max_positions=256)
@@ -18,7 +19,7 @@ SHAPE = LMShape(hidden=64, layers=1, heads=1, intermediate=128, max_positions=25
 def _distill(tiny, texts, out, steps=12, **kw):
     settings = DistillSettings(**{"drafts": 2, "osd": "lowrank", **kw})
     return distill_drafts(texts, describe_corpus("tiny", "train", texts), tiny["target"], out, settings,
-                          SHAPE, steps=steps, batch_size=8, seq_len=32, lr=5e-3)
+                          SHAPE, RunOptions(steps=steps, batch_size=8, seq_len=32, lr=5e-3))
 
 
 def _record(folder):
