@@ -54,6 +54,7 @@ import asyncio
 import math
 import time
 from collections.abc import Iterator
+from functools import partial
 
 from prometheus_client import (
     REGISTRY,
@@ -98,78 +99,34 @@ class Metrics:
             ["endpoint", "status"],
             registry=r,
         )
-        self.running = Gauge(
-            "epispec_requests_running",
-            "Generations in flight that have produced their first token.",
-            registry=r,
-        )
-        self.waiting = Gauge(
-            "epispec_requests_waiting",
-            "Generations in flight still waiting for their first token.",
-            registry=r,
-        )
-        self.ttft = Histogram(
-            "epispec_time_to_first_token_seconds",
-            "Time from the start of a generation to its first token.",
-            buckets=TTFT_BUCKETS,
-            registry=r,
-        )
-        self.itl = Histogram(
-            "epispec_inter_token_latency_seconds",
-            "Time between consecutive tokens of one generation.",
-            buckets=ITL_BUCKETS,
-            registry=r,
-        )
-        self.e2e = Histogram(
-            "epispec_e2e_request_latency_seconds",
-            "Time from the start of a generation to its end.",
-            buckets=E2E_BUCKETS,
-            registry=r,
-        )
-        self.prompt_tokens = Counter(
-            "epispec_prompt_tokens", "Prompt tokens of started generations.", registry=r
-        )
-        self.generation_tokens = Counter(
-            "epispec_generation_tokens", "Generated tokens.", registry=r
-        )
-        self.eu = Histogram(
-            "epispec_token_eu_nats",
-            "Epistemic uncertainty (bias + variance) per token.",
-            buckets=NATS_BUCKETS,
-            registry=r,
-        )
-        self.bias = Histogram(
-            "epispec_token_bias_nats", "Bias KL(q̄ ‖ p) per token.", buckets=NATS_BUCKETS, registry=r
-        )
-        self.variance = Histogram(
-            "epispec_token_variance_nats",
-            "Variance (the drafts' generalized JSD) per token.",
-            buckets=NATS_BUCKETS,
-            registry=r,
-        )
-        self.flagged_tokens = Counter(
-            "epispec_flagged_tokens", "Tokens flagged as possible hallucinations.", registry=r
-        )
-        self.flagged_responses = Counter(
-            "epispec_flagged_responses", "Generations with at least one flagged token.", registry=r
-        )
-        self.proposed = Counter(
-            "epispec_spec_proposed_tokens", "Draft tokens proposed for verification.", registry=r
-        )
-        self.accepted = Counter(
-            "epispec_spec_accepted_tokens", "Draft tokens accepted by the target.", registry=r
-        )
-        self.draft_passes = Counter(
-            "epispec_draft_forward_passes",
-            "Draft ensemble forward passes (all M drafts, one step).",
-            registry=r,
-        )
-        self.target_passes = Counter(
-            "epispec_target_forward_passes", "Target forward passes.", registry=r
-        )
-        self.eu_seconds = Counter(
-            "epispec_eu_seconds", "Engine time spent computing bias, variance, eu.", registry=r
-        )
+        gauge = partial(Gauge, registry=r)
+        counter = partial(Counter, registry=r)
+        seconds = partial(Histogram, registry=r)
+        nats = partial(Histogram, buckets=NATS_BUCKETS, registry=r)
+        # fmt: off
+        self.running = gauge("epispec_requests_running", "Generations in flight past their first token.")
+        self.waiting = gauge("epispec_requests_waiting", "Generations in flight before their first token.")
+        self.ttft = seconds("epispec_time_to_first_token_seconds",
+                            "Time from the start of a generation to its first token.", buckets=TTFT_BUCKETS)
+        self.itl = seconds("epispec_inter_token_latency_seconds",
+                           "Time between consecutive tokens of one generation.", buckets=ITL_BUCKETS)
+        self.e2e = seconds("epispec_e2e_request_latency_seconds",
+                           "Time from the start of a generation to its end.", buckets=E2E_BUCKETS)
+        self.prompt_tokens = counter("epispec_prompt_tokens", "Prompt tokens of started generations.")
+        self.generation_tokens = counter("epispec_generation_tokens", "Generated tokens.")
+        self.eu = nats("epispec_token_eu_nats", "Epistemic uncertainty (bias + variance) per token.")
+        self.bias = nats("epispec_token_bias_nats", "Bias KL(q̄ ‖ p) per token.")
+        self.variance = nats("epispec_token_variance_nats", "Variance (the drafts' generalized JSD) per token.")
+        self.flagged_tokens = counter("epispec_flagged_tokens", "Tokens flagged as possible hallucinations.")
+        self.flagged_responses = counter("epispec_flagged_responses",
+                                         "Generations with at least one flagged token.")
+        self.proposed = counter("epispec_spec_proposed_tokens", "Draft tokens proposed for verification.")
+        self.accepted = counter("epispec_spec_accepted_tokens", "Draft tokens accepted by the target.")
+        self.draft_passes = counter("epispec_draft_forward_passes",
+                                    "Draft ensemble forward passes (all M drafts, one step).")
+        self.target_passes = counter("epispec_target_forward_passes", "Target forward passes.")
+        self.eu_seconds = counter("epispec_eu_seconds", "Engine time spent computing bias, variance, eu.")
+        # fmt: on
 
     # --- recording
 
