@@ -82,6 +82,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument(
         "--timeout", type=float, default=900, help="seconds per config before it is killed"
     )
+    r.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="cProfile each config's process (and epispec's proposer) into DIR; slows the run",
+    )
     r.add_argument("--json", metavar="FILE", help="write the results as JSON")
     r.add_argument("--plot", metavar="FILE", help="write a PNG plot")
 
@@ -174,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
                     "workload": workload.as_dict(),
                     "kv_cache_space": args.kv_cache_space,
                     "dtype": args.dtype,
+                    "profile": str(Path(args.profile).resolve()) if args.profile else None,
                 }
                 result, reason = run_config(spec, Path(tmp), args.timeout)
             if result is None:

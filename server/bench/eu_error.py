@@ -3,8 +3,13 @@
 The exact value is recomputed by teacher forcing: the target and every draft (transformers,
 float32) score the served token sequence once, and `uncertainty.decompose` gives the
 full-vocabulary eu at every generated position. The served eu uses the target's top-k
-log-probs (k = `target_logprobs`) and q̄'s top-N from the proposer, so the difference is the
-price of the top-k bias plus any numerical difference between vLLM's and transformers' target.
+log-probs (k = `target_logprobs`) and q̄'s top-N from the proposer, so its error has two parts,
+reported apart:
+
+    method error          the top-k tail-bucket bias (`decompose_topk`, float32, here)
+                          against the exact bias: what k costs, whatever the implementation
+    implementation error  served eu against that same top-k value: vLLM's target precision
+                          (bf16 by default on CPU), q̄'s top-N truncation, any bug
 
     abs error = |eu − eu*|        rel error = abs / max(eu*, REL_FLOOR)
 
@@ -18,13 +23,14 @@ import torch
 
 from server.bench.measure import percentile
 from server.engine import models
-from server.engine.uncertainty import decompose
+from server.engine.uncertainty import decompose, decompose_topk
 
 REL_FLOOR = 1e-3  # nats
 
 
-def exact_eu(target: str, drafts: list[str], sequences: list[dict]) -> list[list[float]]:
-    """Exact eu of every generated token of every sequence ({"prompt_ids", "tokens"})."""
+def exact_eu(target: str, drafts: list[str], sequences: list[dict], k: int = 20) -> list[dict]:
+    """Per sequence ({"prompt_ids", "tokens"}): {"eu", "eu_topk", "topk_mass"} of every
+    generated token (exact eu, the top-k bound in float32, the target's top-k probability mass)."""
     lms = [models.load_causal_lm(p, "cpu", torch.float32) for p in [target, *drafts]]
     out = []
     with torch.inference_mode():
@@ -34,35 +40,60 @@ def exact_eu(target: str, drafts: list[str], sequences: list[dict]) -> list[list
             # logits at position i predict token i+1: the generated tokens are predicted by
             # positions n_prompt-1 .. n_prompt+n-2
             lp = [
-                torch.log_softmax(
-                    lm(input_ids=ids).logits[0, n_prompt - 1 : n_prompt + n - 1].float(), -1
-                )
+                torch.log_softmax(lm(input_ids=ids).logits[0, n_prompt - 1 : n_prompt + n - 1], -1)
                 for lm in lms
             ]  # each [n, V]
-            u = decompose(torch.stack(lp[1:], dim=1), lp[0])  # [n, M, V], [n, V] -> [n]
-            out.append(u.eu.tolist())
+            draft_lp = torch.stack(lp[1:], dim=1)  # [n, M, V]
+            exact = decompose(draft_lp, lp[0]).eu  # [n]
+            if k < 0 or k >= lp[0].shape[-1]:
+                top_eu, mass = exact, torch.ones(n)
+            else:
+                top_lp, top_ids = lp[0].topk(k, -1)  # [n, k]
+                top_eu = decompose_topk(draft_lp, top_ids, top_lp).eu
+                mass = top_lp.exp().sum(-1)
+            out.append(
+                {"eu": exact.tolist(), "eu_topk": top_eu.tolist(), "topk_mass": mass.tolist()}
+            )
     return out
 
 
-def error_summary(served: list[float], exact: list[float], k: int) -> dict:
-    """{k, tokens, median_abs, p95_abs, median_rel, p95_rel, rel_floor} over paired tokens."""
-    pairs = [(s, e) for s, e in zip(served, exact, strict=True) if s is not None]
-    abs_err = [abs(s - e) for s, e in pairs]
-    rel_err = [abs(s - e) / max(e, REL_FLOOR) for s, e in pairs]
+def _errors(approx: list[float | None], exact: list[float]) -> tuple[list[float], list[float]]:
+    pairs = [(a, e) for a, e in zip(approx, exact, strict=True) if a is not None]
+    return [abs(a - e) for a, e in pairs], [abs(a - e) / max(e, REL_FLOOR) for a, e in pairs]
+
+
+def error_summary(served: list[float | None], exact: list[float], k: int) -> dict:
+    """{k, tokens, missing, median_abs, p95_abs, median_rel, p95_rel, rel_floor, median_exact_eu}."""
+    abs_err, rel_err = _errors(served, exact)
     return {
         "k": k,
-        "tokens": len(pairs),
-        "missing": len(served) - len(pairs),
+        "tokens": len(abs_err),
+        "missing": len(served) - len(abs_err),
         "median_abs": percentile(abs_err, 50),
         "p95_abs": percentile(abs_err, 95),
         "median_rel": percentile(rel_err, 50),
         "p95_rel": percentile(rel_err, 95),
         "rel_floor": REL_FLOOR,
-        "median_exact_eu": percentile([e for _, e in pairs], 50),
+        "median_exact_eu": percentile(exact, 50),
     }
 
 
 def eu_error(target: str, drafts: list[str], eu_tokens: list[dict], k: int) -> dict:
-    exact = exact_eu(target, drafts, eu_tokens)
-    served = [v for s in eu_tokens for v in s["eu"]]
-    return error_summary(served, [v for e in exact for v in e], k)
+    """`error_summary` of the served eu, plus the method and implementation parts."""
+    exact = exact_eu(target, drafts, eu_tokens, k)
+    flat = lambda key, seqs: [v for s in seqs for v in s[key]]  # noqa: E731
+    served, eu_star, eu_k = flat("eu", eu_tokens), flat("eu", exact), flat("eu_topk", exact)
+    out = error_summary(served, eu_star, k)
+    method_abs, method_rel = _errors(eu_k, eu_star)
+    impl_abs, impl_rel = _errors(served, eu_k)
+    out["method"] = {
+        "median_rel": percentile(method_rel, 50),
+        "p95_rel": percentile(method_rel, 95),
+    }
+    out["implementation"] = {
+        "median_rel": percentile(impl_rel, 50),
+        "p95_rel": percentile(impl_rel, 95),
+        "median_abs": percentile(impl_abs, 50),
+    }
+    out["median_target_topk_mass"] = percentile(flat("topk_mass", exact), 50)
+    return out

@@ -134,7 +134,12 @@ def eu_line(e: dict | None) -> str:
         f"EU error of epispec against exact values (k = {e['k']}, {e['tokens']} tokens, "
         f"median exact eu {e['median_exact_eu']:.4f} nats): median {e['median_abs']:.2e} nats "
         f"/ {100 * e['median_rel']:.2f}%, p95 {e['p95_abs']:.2e} nats / {100 * e['p95_rel']:.2f}% "
-        f"(relative to max(eu*, {e['rel_floor']}))"
+        f"(relative to max(eu*, {e['rel_floor']})). Of which the top-{e['k']} bound itself "
+        f"(method): median {100 * e['method']['median_rel']:.2f}%, p95 "
+        f"{100 * e['method']['p95_rel']:.2f}% (median target top-{e['k']} mass "
+        f"{e['median_target_topk_mass']:.3f}); served against that bound (implementation): "
+        f"median {100 * e['implementation']['median_rel']:.2f}%, p95 "
+        f"{100 * e['implementation']['p95_rel']:.2f}%."
     )
 
 

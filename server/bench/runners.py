@@ -1,6 +1,7 @@
 """One benchmark config in its own process: `python -m server.bench.runners SPEC.json OUT.json`.
 
-SPEC holds {"config", "target", "drafts", "draft_model", "workload", "kv_cache_space", "dtype"}.
+SPEC holds {"config", "target", "drafts", "draft_model", "workload", "kv_cache_space", "dtype",
+"profile"} (profile: a folder for `profile.py`'s output, or null).
 The runner starts the config's engine, warms it up, then for each concurrency C keeps C
 requests in flight until the level's requests are done (closed loop), timing every output
 token and sampling the process tree's peak RSS. `epispec` also streams `eu_prompts` prompts once more,
@@ -13,6 +14,7 @@ untimed, and records every token's (bias, variance, eu) for `eu_error.py`.
 from __future__ import annotations
 
 import asyncio
+import cProfile
 import json
 import os
 import sys
@@ -21,7 +23,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from server.bench.measure import PeakRss, RequestTiming, latency_summary, now
-from server.bench.workload import Workload
+from server.bench.workload import Workload, fit_prompt, prompt_budget
+from server.engine.models import max_model_len
 
 CONFIGS = ("vllm-target-alone", "vllm-draft-model", "epispec", "reference")
 WARMUP_TOKENS = 4
@@ -143,6 +146,12 @@ def start_engine(spec: dict):
     from server.engine.factory import EngineArgs, build_engine
 
     w: Workload = spec["workload"]
+    if spec.get("profile") and spec["config"] == "epispec":
+        from server.bench import profile
+        from server.engine import vllm_engine
+
+        os.environ[profile.PROFILE_DIR_ENV] = spec["profile"]  # read by the worker's proposer
+        vllm_engine.PROPOSER_CLASS = profile.PROPOSER
     return build_engine(
         EngineArgs(
             target=spec["target"],
@@ -218,7 +227,11 @@ async def run_config(spec: dict) -> dict:
 
     config, w = spec["config"], spec["workload"]
     tok = AutoTokenizer.from_pretrained(spec["target"])
-    encode = lambda text: tok(text, add_special_tokens=True)["input_ids"]  # noqa: E731
+    budget = prompt_budget(max_model_len(spec["target"]), w.max_tokens, w.num_speculative_tokens)
+
+    def encode(text: str) -> list[int]:
+        return fit_prompt(tok(text, add_special_tokens=True)["input_ids"], budget)
+
     totals = {"spec_rounds": 0, "proposed": 0, "accepted": 0}
     t0 = time.perf_counter()
     with PeakRss() as rss:
@@ -235,11 +248,16 @@ async def run_config(spec: dict) -> dict:
         warm = [encode(p) for p in w.prompts[: max(w.concurrencies)]]
         await run_level(submit, warm, max(w.concurrencies), WARMUP_TOKENS, "warmup")
         runs = []
+        prof = cProfile.Profile() if spec.get("profile") else None
         for c in w.concurrencies:
             prompts = [encode(p) for p in w.level_prompts(c)]
             before = dict(totals)
             rss.reset()
+            if prof:
+                prof.enable()
             timings, counters, wall = await run_level(submit, prompts, c, w.max_tokens, f"c{c}")
+            if prof:
+                prof.disable()
             if config.startswith("vllm-"):
                 await asyncio.sleep(0.3)  # the last step's stats trail its outputs
                 counters = {key: totals[key] - before[key] for key in totals}
@@ -248,6 +266,13 @@ async def run_config(spec: dict) -> dict:
                 level_row(config, c, timings, counters, wall, rss.peak, w.num_speculative_tokens)
             )
             print(f"[{config}] c={c}: {runs[-1]['output_tokens_per_s']:.1f} tok/s", file=sys.stderr)
+        if prof:
+            from server.bench import profile
+
+            await asyncio.sleep(2 * profile.DUMP_EVERY_S)
+            await submit("profile-flush", warm[0], WARMUP_TOKENS)  # triggers the proposer's dump
+            await asyncio.sleep(2 * profile.DUMP_EVERY_S)
+            profile.save(prof, Path(spec["profile"]), f"{config}-api", {"levels": runs})
         eu_tokens = []
         if config == "epispec" and w.eu_prompts:
             eu_tokens = await collect_eu(

@@ -40,6 +40,19 @@ def load_questions(path: str | Path = DEFAULT_PROMPTS, n: int | None = None) -> 
     return out
 
 
+def prompt_budget(max_model_len: int, max_tokens: int, k: int) -> int:
+    """Prompt tokens that leave room for `max_tokens` outputs in every config: the vllm engine
+    keeps 2k+1 positions spare for its proposer (see vllm_engine.py)."""
+    return max_model_len - max_tokens - (2 * k + 1) - 1
+
+
+def fit_prompt(ids: list[int], budget: int) -> list[int]:
+    """The last `budget` tokens: a long question loses its start, never the "Answer: " cue."""
+    if budget < 1:
+        raise ValueError(f"no room for a prompt: the token budget is {budget}")
+    return ids[-budget:]
+
+
 @dataclass(frozen=True)
 class Workload:
     """What every config runs: the same prompts, greedy, a fixed number of output tokens each

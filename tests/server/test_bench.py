@@ -17,7 +17,13 @@ from server.bench import report
 from server.bench.eu_error import REL_FLOOR, error_summary, exact_eu
 from server.bench.measure import RequestTiming, latency_summary, percentile, tree_rss
 from server.bench.runners import level_row
-from server.bench.workload import Workload, format_prompt, load_questions
+from server.bench.workload import (
+    Workload,
+    fit_prompt,
+    format_prompt,
+    load_questions,
+    prompt_budget,
+)
 from server.engine.reference import ReferenceEngine
 from server.engine.types import Finished, SamplingParams, TokenEvent
 
@@ -44,6 +50,13 @@ def test_every_level_has_at_least_concurrency_requests_from_the_same_prompts():
     assert w.level_prompts(1) == ["a", "b", "c", "a"]
     assert w.level_prompts(8) == ["a", "b", "c"] * 2 + ["a", "b"]
     assert Workload.from_dict(w.as_dict()) == w
+
+
+def test_long_prompts_keep_their_end_and_leave_room_for_every_config():
+    assert prompt_budget(256, 32, 3) == 256 - 32 - 7 - 1
+    assert fit_prompt([1, 2, 3, 4], 2) == [3, 4] and fit_prompt([1, 2], 5) == [1, 2]
+    with pytest.raises(ValueError, match="budget"):
+        fit_prompt([1], 0)
 
 
 # --- statistics
@@ -154,8 +167,15 @@ def test_exact_eu_by_teacher_forcing_equals_the_reference_engine(tiny_models):
         if isinstance(e, TokenEvent)
     ]
     seq = {"prompt_ids": prompt, "tokens": [e.token_id for e in events]}
-    exact = exact_eu(tiny_models["target"], tiny_models["drafts"], [seq])[0]
-    assert torch.allclose(torch.tensor(exact), torch.tensor([e.eu for e in events]), atol=1e-4)
+    vocab = engine.vocab_size
+    full, top5 = (
+        exact_eu(tiny_models["target"], tiny_models["drafts"], [seq], k)[0] for k in (vocab, 5)
+    )
+    assert torch.allclose(torch.tensor(full["eu"]), torch.tensor([e.eu for e in events]), atol=1e-4)
+    # at k = V the top-k bound is exact; below, a lower bound with less than all the mass
+    assert torch.allclose(torch.tensor(full["eu_topk"]), torch.tensor(full["eu"]), atol=1e-4)
+    assert all(t <= e + 1e-5 for t, e in zip(top5["eu_topk"], top5["eu"], strict=True))
+    assert all(m < 1.0 for m in top5["topk_mass"])
 
 
 # --- end to end (reference config only: no vLLM start-up)
