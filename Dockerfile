@@ -31,7 +31,7 @@ ENTRYPOINT ["epispec"]
 CMD ["serve"]
 
 FROM base AS cpu
-ARG PIP_EXTRA_INDEX_URL=""
+ARG PIP_EXTRA_INDEX_URL
 COPY --chown=epispec:epispec pyproject.toml README.md ./
 COPY --chown=epispec:epispec server ./server
 COPY --chown=epispec:epispec drafts ./drafts
