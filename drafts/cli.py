@@ -68,6 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--out", required=True)
         if name == "ensemble":
             p.add_argument("-n", "--members", type=int, default=5)
+        else:
+            p.add_argument("--init", default=None, help="continue training this model (same tokenizer)")
         _shape_args(p, 256, 4, 4, 704)
         _train_args(p, lr=3e-3)
 
@@ -172,7 +174,8 @@ def _target(args) -> dict:
         members = train_ensemble(texts, corpus, args.tokenizer, args.out, args.members,
                                  _shape(args), _options(args), base_seed=args.seed)
         return {"members": [str(m) for m in members]}
-    record = train_target(texts, corpus, args.tokenizer, args.out, _shape(args), _options(args), seed=args.seed)
+    record = train_target(texts, corpus, args.tokenizer, args.out, _shape(args), _options(args), seed=args.seed,
+                          init=args.init)
     return {"target": args.out, "parameters": record["parameters"], "loss": record["loss"]}
 
 

@@ -22,7 +22,7 @@ from drafts.training import (
     resolve_device,
     write_record,
 )
-from server.engine.models import count_parameters, load_tokenizer
+from server.engine.models import ModelFolderError, count_parameters, load_causal_lm, load_tokenizer
 
 
 def steps_for(docs: list[list[int]], batch_size: int, seq_len: int, epochs: float) -> int:
@@ -44,15 +44,22 @@ def train_target(
     opts: RunOptions = RunOptions(),
     *,
     seed: int = 0,
+    init: str | Path | None = None,
 ) -> dict:
-    """Train one target into `out_dir`; returns its training record."""
+    """Train one target into `out_dir` (from fresh weights, or continuing the model `init`, which
+    must use the same tokenizer); returns its training record."""
     if not texts:
         raise ValueError("Cannot train on an empty corpus.")
     tok = load_tokenizer(tokenizer_dir)
     docs = encode_corpus(texts, tok)
     steps = opts.steps or steps_for(docs, opts.batch_size, opts.seq_len, opts.epochs)
     dev = resolve_device(opts.device)
-    model = build_lm(shape, tok, seed=seed)
+    if init:
+        if load_tokenizer(init).get_vocab() != tok.get_vocab():
+            raise ModelFolderError(f"Model '{init}' has a different tokenizer from '{tokenizer_dir}'.")
+        model = load_causal_lm(init)
+    else:
+        model = build_lm(shape, tok, seed=seed)
     losses = train_lm(model, docs, steps, batch_size=opts.batch_size, seq_len=opts.seq_len, lr=opts.lr,
                       seed=seed, progress=opts.progress, run_dir=out_dir,
                       checkpoint_every=opts.checkpoint_every, device=dev)
@@ -60,7 +67,8 @@ def train_target(
     record = {
         "kind": "target",
         "finished": True,
-        "shape": asdict(shape),
+        "shape": None if init else asdict(shape),
+        "init": str(Path(init).resolve()) if init else None,
         "parameters": count_parameters(out_dir),
         "seed": seed,
         "settings": {**opts.settings(steps, seed).as_dict(), "epochs": opts.epochs, "device": str(dev),
