@@ -34,6 +34,10 @@ def test_pipeline(corpus_file, tok_dir, tmp_path, capsys):
     rec = json.loads((tmp_path / "t" / "training.json").read_text())
     assert rec["seed"] == 7 and rec["corpus"]["documents"] == 120
 
+    more = _run(capsys, "target", *data, "--tokenizer", str(tok_dir), "--out", str(tmp_path / "t2"),
+                "--init", str(tmp_path / "t"), "--steps", "4", *SMALL)  # continue training
+    assert more["loss"]["first"] < t["loss"]["first"] and more["parameters"] == t["parameters"]
+
     ens = _run(capsys, "ensemble", *data, "--tokenizer", str(tok_dir), "--out", str(tmp_path / "e"),
                "-n", "2", "--steps", "3", *SMALL)
     seeds = [json.loads((tmp_path / "e" / f"member{i}" / "training.json").read_text())["seed"] for i in range(2)]
