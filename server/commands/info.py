@@ -52,8 +52,8 @@ def run(args: argparse.Namespace) -> int:
     ]
     lines += [f"draft {i:<4} {d['path']}  ({d.get('parameters', '?'):,} parameters)" for i, d in enumerate(drafts)]
     osd, ddd = train.get("osd", {}), train.get("ddd", {})
-    if osd or ddd:
-        lines.append(f"OSD        {osd.get('mode', '?')}   DDD {'on' if ddd.get('enabled') else 'off'}")
+    if osd.get("mode") or ddd.get("enabled") is not None:
+        lines.append(f"OSD        {osd.get('mode') or 'not recorded'}   DDD {'on' if ddd.get('enabled') else 'off'}")
     lines.append(f"thresholds {info.get('thresholds') or 'none (server default)'}")
     print("\n".join(lines))
     return 0
