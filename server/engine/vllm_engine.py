@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -37,9 +38,9 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from server.engine import models
 from server.engine.detokenize import IncrementalDetokenizer
 from server.engine.draft_ensemble import log_mix_from_record
+from server.engine.emission import EmissionGate
 from server.engine.eu_channel import Joiner
 from server.engine.factory import EngineArgs
-from server.engine.stops import StopStringFilter
 from server.engine.types import (
     EngineStats,
     Finished,
@@ -132,8 +133,8 @@ class VllmEngine:
         if self.joiner:
             self.joiner.register(request_id)
         detok = IncrementalDetokenizer(self._tokenizer, prompt_token_ids)
-        stops = StopStringFilter(params.stop)
-        steps, completion, reason, ended = 0, 0, "length", False
+        gate = EmissionGate(params)
+        steps, completion, reason, eu_seconds = 0, 0, "length", 0.0
         stream = self.llm.generate({"prompt_token_ids": list(prompt_token_ids)},
                                    self._vllm_params(params, room), request_id)
         try:
@@ -143,34 +144,31 @@ class VllmEngine:
                 for i, tok in enumerate(c.token_ids):
                     completion += 1
                     if tok in self.eos_token_ids and not params.ignore_eos:
-                        reason, ended = "stop", True
-                        break
-                    event = await self._event(request_id, n_prompt + completion - 1, tok,
-                                              c.logprobs[i], detok, params)
-                    for ev in stops.push(event):
+                        break  # counted, not emitted; vLLM finishes the request with "stop"
+                    event, dt = await self._event(request_id, n_prompt + completion - 1, tok,
+                                                  c.logprobs[i], detok, params)
+                    eu_seconds += dt
+                    for ev in gate.push(event):
                         yield ev
-                        if ev.flagged and params.stop_on_uncertainty:
-                            reason, ended = "uncertainty", True
-                            break
-                    if stops.stopped and not ended:
-                        reason, ended = "stop", True
-                    if ended:
+                    if gate.reason:
                         break
-                if ended:
-                    break
                 if c.finish_reason is not None:
-                    reason = "abort" if c.finish_reason == "abort" else c.finish_reason
+                    reason = c.finish_reason
                 if request_id in self._aborted:
-                    reason, ended = "abort", True
+                    reason = "abort"
+                if gate.reason or reason == "abort":
                     break
-            if ended:
+            if request_id in self._aborted:
+                reason = "abort"
+            if gate.reason:
+                reason = gate.reason
                 await self.llm.abort(request_id)
-            if reason not in ("uncertainty", "abort") and not stops.stopped:
-                for ev in stops.flush():
+            elif reason != "abort":
+                for ev in gate.flush():
                     yield ev
-            yield Finished(reason, n_prompt, completion, self._stats(request_id, steps))
+            yield Finished(reason, n_prompt, completion, self._stats(request_id, steps, eu_seconds))
         except Exception:
-            self._healthy = self.llm.is_running if hasattr(self.llm, "is_running") else False
+            self._healthy = not self.llm.errored
             raise
         finally:
             await stream.aclose()
@@ -196,7 +194,7 @@ class VllmEngine:
         return self.joiner.proposer_states if self.joiner else 0
 
     def is_healthy(self) -> bool:
-        return self._healthy and not getattr(self.llm, "errored", False)
+        return self._healthy and not self.llm.errored
 
     async def shutdown(self) -> None:
         self.llm.shutdown()
@@ -219,13 +217,16 @@ class VllmEngine:
         )
 
     async def _event(self, request_id: str, position: int, tok: int, lps: dict,
-                     detok: IncrementalDetokenizer, params: SamplingParams) -> TokenEvent:
+                     detok: IncrementalDetokenizer, params: SamplingParams) -> tuple[TokenEvent, float]:
+        """The token's event and the seconds spent joining its EU (not counting the wait)."""
         bias = var = eu = None
+        spent = 0.0
         if self.joiner:
             rec = await self.joiner.record(request_id, position, RECORD_TIMEOUT_S)
             if rec is None:
                 log.warning("no draft record for request %s position %d", request_id, position)
             else:
+                start = time.perf_counter()
                 ids = torch.tensor(list(lps.keys()))  # [K]
                 lp = torch.tensor([v.logprob for v in lps.values()], dtype=torch.float64)  # [K]
                 log_mix = log_mix_from_record(torch.from_numpy(rec.ids), torch.from_numpy(rec.probs),
@@ -233,11 +234,12 @@ class VllmEngine:
                 bias = float(bias_topk(log_mix, ids, lp))
                 var = float(rec.variance)
                 eu = bias + var
+                spent = time.perf_counter() - start
         return TokenEvent(
             token_id=tok, text=detok.add(tok), logprob=float(lps[tok].logprob),
             bias=bias, variance=var, eu=eu, flagged=params.thresholds.flags(bias, var, eu),
             top_logprobs=self._top(lps, params.logprobs),
-        )
+        ), spent
 
     def _top(self, lps: dict, n: int) -> tuple[TopLogprob, ...]:
         if n <= 0:
@@ -246,12 +248,12 @@ class VllmEngine:
         return tuple(TopLogprob(int(i), self._tokenizer.decode([int(i)]), float(v.logprob))
                      for i, v in best)
 
-    def _stats(self, request_id: str, steps: int) -> EngineStats:
+    def _stats(self, request_id: str, steps: int, eu_seconds: float) -> EngineStats:
         if not self.joiner:
             return EngineStats(target_forward_passes=steps)
         n_steps, passes, proposed, accepted = self.joiner.stats(request_id)
         return EngineStats(target_forward_passes=n_steps, draft_forward_passes=passes,
-                           proposed=proposed, accepted=accepted)
+                           proposed=proposed, accepted=accepted, eu_seconds=eu_seconds)
 
 
 def _eos_ids(cfg: dict, tokenizer) -> set[int]:

@@ -20,7 +20,7 @@ pytest.importorskip("vllm")
 from server.engine.models import ModelFolderError, load_causal_lm  # noqa: E402
 from server.engine.reference import ReferenceEngine  # noqa: E402
 from server.engine.types import Finished, FlagThresholds, SamplingParams, TokenEvent  # noqa: E402
-from server.engine.uncertainty import decompose  # noqa: E402
+from server.engine.uncertainty import bias_topk, decompose, mixture_logprobs  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -95,7 +95,7 @@ def _teacher_forced(hf_models, prompt: list[int], tokens: list[int]):
     q = torch.stack([lp(d) for d in drafts], 1)  # [T, M, V]
     u = decompose(q, p)
     token_lp = p[torch.arange(t), torch.tensor(tokens)]
-    return u, token_lp
+    return u, token_lp, p, q
 
 
 def _assert_matches(events: list[TokenEvent], u, token_lp, tol: float = 2e-3) -> None:
@@ -123,7 +123,7 @@ def test_exact_eu_equals_teacher_forced_values(exact_engine, hf_models, loop):
     events, fin = loop.run_until_complete(_collect(exact_engine, "exact", ids, params))
     assert len(events) > 10
     assert all(e.eu is not None for e in events)
-    u, token_lp = _teacher_forced(hf_models, ids, [e.token_id for e in events])
+    u, token_lp, _, _ = _teacher_forced(hf_models, ids, [e.token_id for e in events])
     _assert_matches(events, u, token_lp)
 
 
@@ -145,7 +145,7 @@ def test_concurrent_requests_each_get_their_own_eu(exact_engine, hf_models, loop
         assert events
         toks = [e.token_id for e in events]
         outputs.add(tuple(toks))
-        u, token_lp = _teacher_forced(hf_models, _encode(tok, text), toks)
+        u, token_lp, _, _ = _teacher_forced(hf_models, _encode(tok, text), toks)
         _assert_matches(events, u, token_lp)
     assert len(outputs) == len(PROMPTS)
 
@@ -186,23 +186,33 @@ def test_stop_on_uncertainty_ends_after_first_flagged_token(exact_engine, loop):
     assert exact_engine.num_running() == 0
 
 
-def test_default_topk_eu_error_is_measured(tiny_models, hf_models, exact_engine, loop):
+def test_default_topk_eu_error_is_measured(tiny_models, hf_models, loop):
     """Default K = 20: bias_K lumps the target's tail into one bucket (a lower bound of the
     exact bias) and q̄ arrives as its top-64. The error is printed; asserted only for sanity."""
     engine = loop.run_until_complete(_async(lambda: _start(tiny_models, 20)))
     try:
-        errors = []
+        errors, estimator_errors, eus = [], [], []
+        passes = tokens = 0
         for i, text in enumerate(PROMPTS[:4]):
             ids = _encode(engine.tokenizer, text)
-            events, _ = loop.run_until_complete(
+            events, fin = loop.run_until_complete(
                 _collect(engine, f"top{i}", ids, SamplingParams(max_tokens=40, temperature=0.0)))
-            u, _ = _teacher_forced(hf_models, ids, [e.token_id for e in events])
+            u, _, p, q = _teacher_forced(hf_models, ids, [e.token_id for e in events])
             assert (torch.tensor([e.variance for e in events]) - u.variance).abs().max() < 2e-3
             errors.append(torch.tensor([e.eu for e in events], dtype=torch.float64) - u.eu.double())
-        err = torch.cat(errors)
-        print(f"\nK=20 eu error over {len(err)} tokens: mean |err| {err.abs().mean():.4f} nats, "
-              f"max |err| {err.abs().max():.4f}, mean err {err.mean():+.4f}")
+            # the same K=20 estimator fed the exact q̄: the part of the error that is bias_K's own
+            top = p.topk(20, dim=-1)
+            b20 = bias_topk(mixture_logprobs(q).double(), top.indices, top.values.double())
+            estimator_errors.append(b20 - u.bias.double())
+            eus.append(u.eu.double())
+            passes, tokens = passes + fin.stats.draft_forward_passes, tokens + fin.completion_tokens
+        err, est, eu = torch.cat(errors), torch.cat(estimator_errors), torch.cat(eus)
+        print(f"\nK=20 eu error over {len(err)} tokens (exact eu mean {eu.mean():.3f} nats): "
+              f"mean |err| {err.abs().mean():.4f}, max |err| {err.abs().max():.4f}, mean {err.mean():+.4f}; "
+              f"bias_K with exact q̄: mean |err| {est.abs().mean():.4f}; "
+              f"draft passes per token {passes / tokens:.2f}")
         assert err.abs().mean() < 0.5
+        assert (err - est).abs().max() < 0.05  # shipping q̄'s top-64 adds little to bias_K's error
     finally:
         loop.run_until_complete(engine.shutdown())
 
@@ -238,3 +248,23 @@ def test_plain_vllm_without_drafts_has_null_uncertainty(tiny_models, loop):
         assert fin.stats.draft_forward_passes == 0
     finally:
         loop.run_until_complete(engine.shutdown())
+
+
+def test_closing_the_stream_early_frees_state(exact_engine, loop):
+    """A client that goes away closes the iterator: vLLM aborts, the joiner drops the request,
+    and the proposer frees its slot at the next step (here: a short follow-up request)."""
+    tok = exact_engine.tokenizer
+
+    async def scenario():
+        it = exact_engine.generate("leaver", _encode(tok, PROMPTS[4]),
+                                   SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True))
+        got = [await it.__anext__() for _ in range(3)]
+        await it.aclose()
+        await _collect(exact_engine, "after", _encode(tok, PROMPTS[5]), SamplingParams(max_tokens=5))
+        return got
+
+    got = loop.run_until_complete(scenario())
+    assert all(isinstance(e, TokenEvent) for e in got)
+    assert exact_engine.num_running() == 0
+    assert exact_engine.num_joiner_states() == 0
+    assert exact_engine.num_proposer_states() == 0
