@@ -38,19 +38,25 @@ class APIError(Exception):
         }
 
 
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
 def param_name(loc: tuple | list) -> str | None:
-    """('body', 'messages', 0, 'role') -> 'messages[0].role'."""
+    """('body', 'messages', 0, 'content', 'list[TextPart]', 0, 'type') -> 'messages[0].content[0].type':
+    list indices in brackets, pydantic's union-member and validator tags dropped."""
     out = ""
     for part in loc[1:] if loc and loc[0] in ("body", "query", "path", "header") else loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif not str(part).startswith("function-"):  # pydantic's validator frames
+        elif not ("[" in part or "-" in part or part in _TYPE_TAGS):
             out += f".{part}" if out else str(part)
     return out or None
 
 
 def from_validation(exc: RequestValidationError) -> APIError:
-    err = exc.errors()[0]
+    """The most specific error (deepest location: of a union, the member that came closest)."""
+    errors = exc.errors()
+    err = max(errors, key=lambda e: len(e.get("loc", ())))
     if err.get("type") == "json_invalid":
         return APIError(f"The request body is not valid JSON: {err.get('ctx', {}).get('error', '')}".rstrip(": "),
                         code="invalid_json")
