@@ -23,6 +23,7 @@ A draft forward pass (EngineStats.draft_forward_passes) is one batched step of a
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +59,7 @@ class RowOutput:
     draft_passes: int  # batched ensemble steps this request took part in this round
     proposed: int  # tokens proposed the previous round (what this step verified)
     accepted: int
+    eu_seconds: float = 0.0  # this row's share of the step's variance/q̄-summary time
 
 
 @dataclass
@@ -259,7 +261,9 @@ class DraftEnsemble:
         tokens, pos, valid = tokens.to(dev), pos.to(dev), valid.to(dev)
         idx = (torch.tensor(out_rows, device=dev), torch.tensor(out_cols, device=dev))
         lp = torch.cat([d.forward(tokens, pos, slots, valid, idx) for d in self.drafts], 1)  # [P, M, V]
+        t0 = time.perf_counter()
         var, ids, probs, log_mix = summarize(lp, self.top_n)
+        eu_seconds = time.perf_counter() - t0
         fresh = {}
         for p_i, (b, position) in enumerate(zip(out_rows, out_pos, strict=True)):
             fresh[(b, position)] = p_i
@@ -277,7 +281,9 @@ class DraftEnsemble:
             p_s = (n_hist + s - 1).clamp(max=self.max_len - 1).to(dev)[:, None]  # [B, 1]
             lp = torch.cat([d.forward(cur[:, None].to(dev), p_s, slots, ones, arange_b)
                             for d in self.drafts], 1)  # [B, M, V]
+            t0 = time.perf_counter()
             v_s, i_s, pr_s, lm_s = summarize(lp, self.top_n)
+            eu_seconds += time.perf_counter() - t0
             step_var.append(v_s)
             step_ids.append(i_s)
             step_probs.append(pr_s)
@@ -309,6 +315,7 @@ class DraftEnsemble:
                           for s in range(k_b)}
             out.proposal = list(st.proposal)
             out.draft_passes = n_steps
+            out.eu_seconds = eu_seconds / B
             if r.final:
                 self._free.append(self._slots.pop(r.req_id).index)
         return outs

@@ -11,7 +11,7 @@ Memory stays bounded: a message carries records of emitted positions only (never
 drafts); the joiner keeps records only for requests registered as live and drops a request's
 records when it finishes or is aborted, and drops records for requests it does not know.
 
-Message (pickled dict): {"live": int, "reqs": [(req_id, passes, proposed, accepted,
+Message (pickled dict): {"live": int, "reqs": [(req_id, passes, proposed, accepted, eu_seconds,
 [(position, variance, ids int32 [N], probs float32 [N]), ...]), ...]}.
 vLLM appends "-<8 chars>" to the caller's request id; `external_id` strips it.
 """
@@ -61,6 +61,7 @@ class _Request:
     proposed: int = 0
     accepted: int = 0
     steps: int = 0  # engine steps that emitted tokens for this request
+    eu_seconds: float = 0.0  # the proposer's time on this request's variance and q̄ summaries
     event: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -97,10 +98,10 @@ class Joiner:
         with self._lock:
             return len(self._reqs)
 
-    def stats(self, req_id: str) -> tuple[int, int, int, int]:
-        """(engine steps, draft passes, proposed, accepted) seen so far for a request."""
+    def stats(self, req_id: str) -> tuple[int, int, int, int, float]:
+        """(engine steps, draft passes, proposed, accepted, proposer EU seconds) so far."""
         r = self._reqs[req_id]
-        return r.steps, r.passes, r.proposed, r.accepted
+        return r.steps, r.passes, r.proposed, r.accepted, r.eu_seconds
 
     async def record(self, req_id: str, position: int, timeout: float) -> JoinedRecord | None:
         """The record of the token at `position`; None if it does not come within `timeout`."""
@@ -141,13 +142,14 @@ class Joiner:
         woken = []
         with self._lock:
             self.proposer_states = msg["live"]
-            for rid, passes, proposed, accepted, recs in msg["reqs"]:
+            for rid, passes, proposed, accepted, eu_seconds, recs in msg["reqs"]:
                 r = self._reqs.get(external_id(rid))
                 if r is None:
                     continue  # finished or aborted: drop
                 r.passes += passes
                 r.proposed += proposed
                 r.accepted += accepted
+                r.eu_seconds += eu_seconds
                 r.steps += 1
                 for pos, var, ids, probs in recs:
                     r.records[pos] = JoinedRecord(var, ids, probs)

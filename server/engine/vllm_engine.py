@@ -251,9 +251,10 @@ class VllmEngine:
     def _stats(self, request_id: str, steps: int, eu_seconds: float) -> EngineStats:
         if not self.joiner:
             return EngineStats(target_forward_passes=steps)
-        n_steps, passes, proposed, accepted = self.joiner.stats(request_id)
+        n_steps, passes, proposed, accepted, proposer_eu_seconds = self.joiner.stats(request_id)
         return EngineStats(target_forward_passes=n_steps, draft_forward_passes=passes,
-                           proposed=proposed, accepted=accepted, eu_seconds=eu_seconds)
+                           proposed=proposed, accepted=accepted,
+                           eu_seconds=eu_seconds + proposer_eu_seconds)
 
 
 def _eos_ids(cfg: dict, tokenizer) -> set[int]:

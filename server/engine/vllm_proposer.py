@@ -59,7 +59,7 @@ class EnsembleProposer:
         outs = self.ensemble.propose(rows)
         if self.publisher is not None:
             reqs = [
-                (r.req_id, o.draft_passes, o.proposed, o.accepted,
+                (r.req_id, o.draft_passes, o.proposed, o.accepted, o.eu_seconds,
                  [(rec.position, rec.variance, rec.ids.numpy(), rec.probs.numpy()) for rec in o.records])
                 for r, o in zip(rows, outs, strict=True) if r.num_emitted
             ]

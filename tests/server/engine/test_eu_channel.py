@@ -22,9 +22,9 @@ def test_records_join_by_request_and_position(tmp_path):
             joiner.register("a")
             joiner.register("b")
             pub = Publisher(address)
-            pub.send({"live": 2, "reqs": [("a-1234abcd", 3, 3, 2, [_rec(10, 0.1), _rec(11, 0.2)]),
-                                          ("b-99999999", 3, 3, 0, [_rec(10, 0.7)]),
-                                          ("gone-00000000", 3, 3, 0, [_rec(5, 9.9)])]})
+            pub.send({"live": 2, "reqs": [("a-1234abcd", 3, 3, 2, 0.5, [_rec(10, 0.1), _rec(11, 0.2)]),
+                                          ("b-99999999", 3, 3, 0, 0.1, [_rec(10, 0.7)]),
+                                          ("gone-00000000", 3, 3, 0, 0.1, [_rec(5, 9.9)])]})
             a11 = await joiner.record("a", 11, timeout=5)
             b10 = await joiner.record("b", 10, timeout=5)
             missing = await joiner.record("a", 12, timeout=0.2)
@@ -39,7 +39,7 @@ def test_records_join_by_request_and_position(tmp_path):
     assert a11.variance == 0.2 and b10.variance == 0.7
     assert list(a11.ids) == [3, 4]
     assert missing is None
-    assert stats == (1, 3, 3, 2)
+    assert stats == (1, 3, 3, 2, 0.5)
     assert n_left == 0 and live == 2
 
 

@@ -123,6 +123,7 @@ def test_exact_eu_equals_teacher_forced_values(exact_engine, hf_models, loop):
     events, fin = loop.run_until_complete(_collect(exact_engine, "exact", ids, params))
     assert len(events) > 10
     assert all(e.eu is not None for e in events)
+    assert fin.stats.eu_seconds > 0 and fin.stats.target_forward_passes > 0
     u, token_lp, _, _ = _teacher_forced(hf_models, ids, [e.token_id for e in events])
     _assert_matches(events, u, token_lp)
 
