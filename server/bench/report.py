@@ -129,7 +129,7 @@ def goals_table(rows: list[dict]) -> str:
 
 def eu_line(e: dict | None) -> str:
     if not e:
-        return "EU error: not measured (epispec did not run)."
+        return "EU error: not measured (epispec skipped, or --eu-prompts 0)."
     return (
         f"EU error of epispec against exact values (k = {e['k']}, {e['tokens']} tokens, "
         f"median exact eu {e['median_exact_eu']:.4f} nats): median {e['median_abs']:.2e} nats "
@@ -161,23 +161,28 @@ def plot(doc: dict, path: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     configs = list(dict.fromkeys(r["config"] for r in doc["runs"]))
     panels = (
-        ("output_tokens_per_s", "output tokens/s", 1),
-        ("itl_p50_s", "ITL p50 (ms)", 1000),
-        ("peak_rss_bytes", "peak RSS (MiB)", 1 / MiB),
+        ("output_tokens_per_s", "output tokens/s", 1, "log"),
+        ("itl_p50_s", "ITL p50 (ms)", 1000, "log"),
+        ("peak_rss_bytes", "peak RSS (MiB)", 1 / MiB, "linear"),
     )
-    for ax, (key, label, scale) in zip(axes, panels, strict=True):
+    for ax, (key, label, scale, yscale) in zip(axes, panels, strict=True):
         for cfg in configs:
             rs = [r for r in doc["runs"] if r["config"] == cfg and r[key] is not None]
             ax.plot(
                 [r["concurrency"] for r in rs], [r[key] * scale for r in rs], marker="o", label=cfg
             )
         ax.set_xscale("log", base=2)
+        ax.set_yscale(yscale)
         ax.set_xlabel("concurrency")
         ax.set_title(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
+    m = doc["models"]
+    drafts = m["draft_parameters"]
     fig.suptitle(
-        f"epispec bench — {doc['models']['target_name']}, {doc['machine']['cores']} CPU cores",
+        f"epispec bench — target {m['target_parameters'] / 1e6:.2f}M parameters, "
+        f"{len(drafts)} drafts of {(drafts[0] if drafts else 0) / 1e6:.2f}M; "
+        f"{doc['machine']['cores']} CPU cores",
         fontsize=10,
     )
     fig.tight_layout()
