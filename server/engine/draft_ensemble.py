@@ -113,6 +113,14 @@ class _DraftGroup:
         self.k_cache = torch.zeros(shape, device=device)  # [layers, M, slots, Hkv, L, D]
         self.v_cache = torch.zeros(shape, device=device)
 
+    def grow(self, slots: int) -> None:
+        """Widen the caches to `slots` rows, keeping the rows in use."""
+        extra = slots - self.k_cache.shape[2]
+        pad = torch.zeros(*self.k_cache.shape[:2], extra, *self.k_cache.shape[3:],
+                          device=self.k_cache.device)
+        self.k_cache = torch.cat([self.k_cache, pad], 2)
+        self.v_cache = torch.cat([self.v_cache, pad], 2)
+
     def _rms(self, x, w):  # [M, ..., E], [M, E]
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return x * w.view(w.shape[0], *[1] * (x.dim() - 2), w.shape[-1])
@@ -183,7 +191,12 @@ def summarize(draft_lp: torch.Tensor, top_n: int):
 
 
 class DraftEnsemble:
-    """M drafts proposing k tokens per round for up to `slots` concurrent requests."""
+    """M drafts proposing k tokens per round for up to `slots` concurrent requests.
+
+    Cache memory is 2·4 bytes × layers × M × Hkv × max_len × head_dim per slot; the caches
+    start with a few slots and double as concurrency grows, up to `slots`."""
+
+    INITIAL_SLOTS = 8
 
     def __init__(self, paths: list[str | Path], *, k: int, slots: int, max_len: int,
                  top_n: int = 64, device: str | torch.device = "cpu") -> None:
@@ -200,8 +213,9 @@ class DraftEnsemble:
                                  "embed_tokens, rotary_emb, SiLU MLPs and Llama decoder layers).")
             groups.setdefault(_signature(lm), []).append(lm)
         # drafts of one shape run as one stacked group; the order of M does not matter
-        self.drafts = [_DraftGroup(lms, slots, max_len, self.device) for lms in groups.values()]
-        self._free = list(range(slots - 1, -1, -1))
+        self.capacity, self.max_slots = min(slots, self.INITIAL_SLOTS), slots
+        self.drafts = [_DraftGroup(lms, self.capacity, max_len, self.device) for lms in groups.values()]
+        self._free = list(range(self.capacity - 1, -1, -1))
         self._slots: dict[str, _Slot] = {}
 
     def num_states(self) -> int:
@@ -212,6 +226,17 @@ class DraftEnsemble:
         """Free the slots of requests not in `keep` (finished or aborted)."""
         for rid in [r for r in self._slots if r not in keep]:
             self._free.append(self._slots.pop(rid).index)
+
+    def _take_slot(self) -> int:
+        if not self._free:
+            grown = min(2 * self.capacity, self.max_slots)
+            if grown == self.capacity:
+                raise RuntimeError(f"more than {self.max_slots} concurrent requests reached the drafts")
+            for d in self.drafts:
+                d.grow(grown)
+            self._free = list(range(grown - 1, self.capacity - 1, -1))
+            self.capacity = grown
+        return self._free.pop()
 
     @torch.inference_mode()
     def propose(self, rows: list[RowInput]) -> list[RowOutput]:
@@ -226,7 +251,7 @@ class DraftEnsemble:
             r, out = rows[i], outs[i]
             st = self._slots.get(r.req_id)
             if st is None:
-                st = self._slots[r.req_id] = _Slot(self._free.pop())
+                st = self._slots[r.req_id] = _Slot(self._take_slot())
             n, e = len(r.history), r.num_emitted
             if st.proposal:
                 out.proposed = len(st.proposal)

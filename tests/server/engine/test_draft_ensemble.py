@@ -72,3 +72,16 @@ def test_release_frees_slots_of_requests_gone_from_the_batch(tiny_models):
     assert ens.num_states() == 1
     ens.propose([RowInput("z", torch.tensor([1, 9]), 1)])  # x's slot is reused
     assert ens.num_states() == 2
+
+
+def test_caches_grow_with_concurrency_and_keep_rows_in_use(tiny_models, drafts):
+    ens = DraftEnsemble(tiny_models["drafts"], k=2, slots=20, max_len=64, top_n=-1)
+    first = ens.propose([RowInput("r0", torch.tensor([1, 5, 6]), 1)])[0]
+    rows = [RowInput(f"n{i}", torch.tensor([1, 7 + i]), 1) for i in range(2 * ens.INITIAL_SLOTS)]
+    ens.propose(rows)  # needs more slots than allocated: the caches double twice
+    assert ens.capacity == 20 and ens.num_states() == 2 * ens.INITIAL_SLOTS + 1
+    # r0's cached keys survived the growth: its next record equals a full recompute
+    h = [1, 5, 6, *first.proposal[:1], 9]
+    out = ens.propose([RowInput("r0", torch.tensor(h), 2)])[0]
+    for rec in out.records:
+        assert abs(float(variance(_exact(drafts, h[: rec.position]))) - rec.variance) < 1e-4
