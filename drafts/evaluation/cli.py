@@ -9,6 +9,7 @@ Models are trained on the fly under DIR/models (reused when rerun) unless folder
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -36,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
     parser.add_argument("--calibrate-bundle", default=None, metavar="DIR",
                         help="write the calibrated eu threshold into DIR/bundle.json")
+    parser.add_argument("--calibrate-only", action="store_true",
+                        help="with --calibrate-bundle: calibrate that bundle's own target and drafts, nothing else")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy machine)")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -70,6 +73,18 @@ def run(args: argparse.Namespace) -> int:
         recipe=rec, out=out, data=_data(args.data, args.quick), work=Path(args.work) if args.work else out / "models",
         ensemble=args.ensemble, fpr=args.fpr, bootstrap=args.bootstrap, progress=not args.no_progress,
         draft_sets={"ours": args.drafts, "no_ddd": args.drafts_no_ddd, "no_osd": args.drafts_no_osd})
+    if args.calibrate_only:
+        if not args.calibrate_bundle:
+            print("epispec eval: --calibrate-only needs --calibrate-bundle DIR.", file=sys.stderr)
+            return 2
+        try:
+            calib = pipeline.calibrate_bundle(args.calibrate_bundle, opts.data, rec, args.fpr)
+        except (ValueError, FileNotFoundError, ModelFolderError) as exc:
+            print(f"epispec eval: {exc}", file=sys.stderr)
+            return 2
+        report.write_json(calib, out / "calibration.json")
+        print(json.dumps(report.clean(calib), indent=2))
+        return 0
     try:
         results = pipeline.run(opts)
         if args.calibrate_bundle and "threshold" in results["calibration"]:

@@ -212,3 +212,47 @@ def run(opts: Options) -> dict:
                     "total": time.perf_counter() - t_start},
         "_arrays": {"both": both, "generated": gen_tokens, "labels": gen_labels},
     }
+
+
+def calibrate_bundle(bundle_dir: str | Path, data: str | None, recipe: recipes.Recipe, fpr: float,
+                     min_correct: int = 20) -> dict:
+    """Choose the eu threshold for a served bundle (its own target and drafts) and write it into
+    its bundle.json. Validation = the `val_questions` test-split questions that follow the
+    evaluation's `test_questions` (disjoint from them), because a bundle's target may have seen all
+    of train.
+    With fewer than `min_correct` correct calculator-result tokens (a weak target writes few
+    annotations), the threshold is the (1 − fpr) quantile of eu over the reference solutions'
+    tokens instead, i.e. a flag rate of fpr on text known to be right."""
+    from drafts.evaluation.calibrate import write_threshold
+    from server.bundle import load_bundle
+
+    bundle = load_bundle(bundle_dir)
+    tok = load_tokenizer(bundle.target)
+    target = load_causal_lm(bundle.target)
+    models = ScoringModels(target, [target], {"ours": [load_causal_lm(d) for d in bundle.drafts]})
+    n_test = recipe.test_questions
+    _, _, both, source = sequences.split_records(
+        data, recipes.with_overrides(recipe, test_questions=n_test + recipe.val_questions))
+    val, test = both[n_test:], both[:n_test]
+    split = {}
+    for name, recs in (("validation", val), ("test", test)):
+        seqs = sequences.build(recs, target, tok, recipe.max_new_tokens, f"generate {name}")
+        scored = _score_all(models, seqs, f"score {name}")
+        split[name] = {k: _concat(seqs, scored, k) for k in ("reference", "generated")}
+    val_tokens, val_labels = _labelled(split["validation"]["generated"])
+    test_tokens, test_labels = _labelled(split["test"]["generated"])
+    if (val_labels == 0).sum() >= min_correct:
+        calib = calibrate(val_tokens["ours.eu"], val_labels, test_tokens["ours.eu"], test_labels, fpr)
+    else:
+        ref = split["validation"]["reference"]["ours.eu"]
+        t = float(np.quantile(ref, 1 - fpr, method="higher"))
+        calib = {"score": "eu", "threshold": t,
+                 "method": f"(1 - {fpr}) quantile of eu over the reference-solution tokens of {len(val)} "
+                           f"validation questions (after the first {n_test} of the {source} test split; flag rate {fpr} on "
+                           f"correct text) — only {int((val_labels == 0).sum())} correct calculator-result "
+                           "tokens were generated, too few for a label-based false-positive rate",
+                 "validation": {**metrics.precision_recall_at(ref, np.zeros(len(ref)), t), "tokens": len(ref)},
+                 "test": {**metrics.precision_recall_at(test_tokens["ours.eu"], test_labels, t),
+                          "tokens": len(test_labels)}}
+    calib["written_to"] = str(write_threshold(bundle_dir, calib))
+    return calib

@@ -7,20 +7,20 @@ import math
 from pathlib import Path
 
 
-def _clean(x):
+def clean(x):
     if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items() if not str(k).startswith("_")}
+        return {str(k): clean(v) for k, v in x.items() if not str(k).startswith("_")}
     if isinstance(x, list | tuple):
-        return [_clean(v) for v in x]
+        return [clean(v) for v in x]
     if isinstance(x, float) and not math.isfinite(x):
         return None
     if hasattr(x, "item"):  # numpy scalars
-        return _clean(x.item())
+        return clean(x.item())
     return x
 
 
 def write_json(results: dict, path: Path) -> Path:
-    path.write_text(json.dumps(_clean(results), indent=2) + "\n")
+    path.write_text(json.dumps(clean(results), indent=2) + "\n")
     return path
 
 

@@ -90,3 +90,26 @@ def test_quick_recipe_trains_its_models(tmp_path):
     assert rec_no_osd["osd"]["mode"] == "none"
     assert np.isfinite(r["rmse"]["ours"])
     assert load_tokenizer(r["models"]["target"]) is not None
+
+
+def test_calibrate_only_writes_the_bundle_threshold(tiny_models, tmp_path):
+    """A served bundle's own target and drafts: threshold chosen on validation, written to bundle.json,
+    the other manifest keys kept."""
+    import argparse
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    manifest = {"target": {"path": tiny_models["target"]}, "drafts": [{"path": d} for d in tiny_models["drafts"]],
+                "training": {"kept": True}}
+    (bundle / "bundle.json").write_text(json.dumps(manifest))
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["--quick", "--out", str(tmp_path / "out"), "--data", "synthetic", "--calibrate-bundle",
+                              str(bundle), "--calibrate-only", "--val-questions", "4", "--test-questions", "3",
+                              "--max-new-tokens", "32", "--no-progress"])
+    assert cli.run(args) == 0
+    written = json.loads((bundle / "bundle.json").read_text())
+    calib = json.loads((tmp_path / "out" / "calibration.json").read_text())
+    assert written["thresholds"]["eu"] == pytest.approx(calib["threshold"], abs=1e-6) and calib["threshold"] > 0
+    assert written["training"] == {"kept": True}
+    assert 0 <= calib["validation"]["false_positive_rate"] <= 0.1 + 1e-9
