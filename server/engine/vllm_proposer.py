@@ -35,7 +35,6 @@ class EnsembleProposer:
         self.publisher = Publisher(cfg["channel"]) if _is_publishing_rank() else None
 
     def load_model(self, *args, **kwargs) -> None:
-        torch.set_num_threads(max(1, torch.get_num_threads()))
         self.ensemble = DraftEnsemble(
             self.cfg["drafts"], k=self.k, slots=self.slots, max_len=self.max_len,
             top_n=self.cfg["top_n"], device=self.device,
