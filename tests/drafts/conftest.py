@@ -10,9 +10,14 @@ import torch
 from drafts.corpus import record_text, synthetic_records
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def _few_threads():
-    torch.set_num_threads(1)  # the machine is shared; tiny models gain nothing from more
+    """One thread (the machine is shared; tiny models gain nothing from more), set before the
+    module-scoped fixtures that train, and restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
