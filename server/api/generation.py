@@ -48,6 +48,7 @@ class Generations:
     def __init__(self, engine: Engine, metrics: Metrics) -> None:
         self.engine = engine
         self.metrics = metrics
+        metrics.model_name = engine.model_name  # the `model` label of every series
         self._tasks: set[asyncio.Task] = set()  # keeps producer and abort tasks alive
 
     def _spawn(self, coro) -> asyncio.Task:
@@ -78,10 +79,12 @@ class Generations:
                 await items.aclose()
                 queue.put_nowait(None)
 
+        tracker = self.metrics.start_request(endpoint, len(prompt_ids))
         self._spawn(produce())
         status = "abort"
         try:
             while (item := await queue.get()) is not None:
+                tracker.observe(item)
                 if isinstance(item, Finished):
                     status = item.finish_reason
                 yield item
@@ -93,7 +96,7 @@ class Generations:
             if status == "abort":
                 gone.set()
                 self._spawn(self.engine.abort(request_id))
-            self.metrics.requests.labels(endpoint=endpoint, status=status).inc()
+            tracker.close(status)
 
     async def close(self) -> None:
         for task in list(self._tasks):
