@@ -70,7 +70,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="epispec's top-k target log-probs for the bias (the k of the EU error)",
     )
     r = parser.add_argument_group("run")
-    r.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    r.add_argument(
+        "--configs",
+        nargs="+",
+        default=list(CONFIGS),
+        choices=CONFIGS,
+        metavar="CONFIG",
+        help=f"which configs to run, in order (default: all of {', '.join(CONFIGS)})",
+    )
     r.add_argument(
         "--kv-cache-space",
         type=float,
@@ -157,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
     doc = {
         "command": "epispec bench " + " ".join(sys.argv[2:]),
         "machine": report.machine(),
+        "revision": _revision(),
         "models": _models(target, drafts),
         "workload": {**workload.as_dict(), "prompts": len(workload.prompts)},
         "runs": [],
@@ -216,3 +224,26 @@ def _models(target: str, drafts: list[str]) -> dict:
         "target_parameters": count_parameters(target),
         "draft_parameters": [count_parameters(d) for d in drafts],
     }
+
+
+def _revision() -> str | None:
+    """The checkout's commit, with "+dirty" when the working tree differs (what was measured)."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}+dirty" if head and dirty else head or None
