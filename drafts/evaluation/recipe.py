@@ -47,7 +47,7 @@ QUICK = Recipe(
     name="quick", train_records=800, val_questions=20, test_questions=30, vocab_size=512,
     target_shape=LMShape(hidden=128, layers=2, heads=2, intermediate=256, max_positions=512),
     draft_shape=LMShape(hidden=64, layers=1, heads=1, intermediate=128, max_positions=512),
-    ensemble=5, drafts=4, target_steps=120, draft_steps=60, batch_size=16, seq_len=128,
+    ensemble=5, drafts=4, target_steps=100, draft_steps=100, batch_size=16, seq_len=128,
     osd="ensemble", max_new_tokens=96, tokur_samples=5, tokur_noise=(0.1, 0.3),
 )
 FULL = Recipe(  # sized for ~20-30 minutes on 2 busy CPU cores; the demo bundle's 256-wide target
