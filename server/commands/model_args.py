@@ -18,8 +18,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                    help="vllm (default where vLLM is installed) or reference (exact PyTorch)")
     g.add_argument("--num-speculative-tokens", type=int, default=3, metavar="K",
                    help="tokens the drafts propose per round (default 3)")
+    g.add_argument("--bias-source", default="worker", choices=["worker", "logprobs"],
+                   help="vllm engine: where the bias KL(q̄ ‖ p) comes from: worker (default; exact, "
+                        "from the target's full logits inside vLLM's worker) or logprobs (the "
+                        "target's top-K log-probs, --target-logprobs)")
     g.add_argument("--target-logprobs", type=int, default=20, metavar="K",
-                   help="vllm engine: target top-k log-probs for the bias; -1 = whole vocabulary (exact)")
+                   help="vllm engine, --bias-source logprobs: target top-k log-probs for the bias; "
+                        "-1 = whole vocabulary (exact)")
     g.add_argument("--device", default="auto", help="reference engine: cpu, cuda or auto")
     g.add_argument("--max-model-len", type=int, default=None, help="prompt + output token limit")
     v = parser.add_argument_group("vLLM engine arguments (passed through to vLLM)")
@@ -70,6 +75,7 @@ def engine_args(args: argparse.Namespace) -> tuple[EngineArgs, Bundle | None]:
             drafts=drafts,
             engine=args.engine,
             num_speculative_tokens=args.num_speculative_tokens,
+            bias_source=args.bias_source,
             target_logprobs=args.target_logprobs,
             device=args.device,
             max_model_len=args.max_model_len,

@@ -36,12 +36,14 @@ from server.engine.uncertainty import mixture_logprobs, variance
 class Record:
     """What the EU of one emitted position needs from the drafts.
 
-    `ids`/`probs` are q̄'s top-N token ids and probabilities (N = V: all of q̄, exact bias)."""
+    `ids`/`probs` are q̄'s top-N token ids and probabilities (N = V: all of q̄, exact bias);
+    with top_n = 0 they are None and `log_mix` is q̄ itself, for a bias computed in process."""
 
     position: int  # index of the token in the request's history
     variance: float
-    ids: torch.Tensor  # [N] int32
-    probs: torch.Tensor  # [N] float32
+    ids: torch.Tensor | None  # [N] int32
+    probs: torch.Tensor | None  # [N] float32
+    log_mix: torch.Tensor | None = None  # [V] float32 log q̄ (top_n = 0), on the drafts' device
 
 
 @dataclass
@@ -182,16 +184,30 @@ def _signature(lm) -> tuple:
 
 
 def summarize(draft_lp: torch.Tensor, top_n: int):
-    """Per position: exact variance and q̄'s top-N. [P, M, V] -> [P], [P, N] int32, [P, N]"""
+    """Per position: exact variance, the record's fields of q̄, log q̄. [P, M, V] -> [P], fields, [P, V]
+
+    fields: (ids [P, N] int32, probs [P, N]) of q̄'s top-N (top_n < 0: N = V), or
+    (log q̄ [P, V],) for top_n = 0."""
     log_mix = mixture_logprobs(draft_lp)  # [P, V]
     var = variance(draft_lp, log_mix)  # [P]
+    if top_n == 0:
+        return var, (log_mix,), log_mix
     n = min(top_n, log_mix.shape[-1]) if top_n > 0 else log_mix.shape[-1]
     probs, ids = log_mix.exp().topk(n, dim=-1)  # [P, N]
-    return var, ids.to(torch.int32), probs, log_mix
+    return var, (ids.to(torch.int32), probs), log_mix
+
+
+def _record(position: int, var: float, fields: tuple) -> Record:
+    """A record from one position's fields (see `summarize`)."""
+    if len(fields) == 1:
+        return Record(position, var, None, None, fields[0])
+    return Record(position, var, *fields)
 
 
 class DraftEnsemble:
     """M drafts proposing k tokens per round for up to `slots` concurrent requests.
+
+    Records carry q̄'s top-`top_n` (−1: all of it as ids/probs; 0: log q̄ itself, [V]).
 
     Cache memory is 2·4 bytes × layers × M × Hkv × max_len × head_dim per slot; the caches
     start with a few slots and double as concurrency grows, up to `slots`."""
@@ -287,7 +303,7 @@ class DraftEnsemble:
         idx = (torch.tensor(out_rows, device=dev), torch.tensor(out_cols, device=dev))
         lp = torch.cat([d.forward(tokens, pos, slots, valid, idx) for d in self.drafts], 1)  # [P, M, V]
         t0 = time.perf_counter()
-        var, ids, probs, log_mix = summarize(lp, self.top_n)
+        var, fields, log_mix = summarize(lp, self.top_n)
         eu_seconds = time.perf_counter() - t0
         fresh = {}
         for p_i, (b, position) in enumerate(zip(out_rows, out_pos, strict=True)):
@@ -297,7 +313,7 @@ class DraftEnsemble:
         n_hist = torch.tensor([len(rows[i].history) for i in live])
         ks = [min(self.k, self.max_len - int(n) - 1) for n in n_hist]  # room in the drafts' caches
         step_var = [var[last_idx]]  # each [B]
-        step_ids, step_probs = [ids[last_idx]], [probs[last_idx]]
+        step_fields = [tuple(t[last_idx] for t in fields)]  # each: fields of [B, ...]
         cur = log_mix[last_idx].argmax(-1)  # [B]
         proposal = [cur]
         ones = torch.ones(B, 1, dtype=torch.bool, device=dev)
@@ -307,21 +323,21 @@ class DraftEnsemble:
             lp = torch.cat([d.forward(cur[:, None].to(dev), p_s, slots, ones, arange_b)
                             for d in self.drafts], 1)  # [B, M, V]
             t0 = time.perf_counter()
-            v_s, i_s, pr_s, lm_s = summarize(lp, self.top_n)
+            v_s, fields_s, lm_s = summarize(lp, self.top_n)
             eu_seconds += time.perf_counter() - t0
             step_var.append(v_s)
-            step_ids.append(i_s)
-            step_probs.append(pr_s)
+            step_fields.append(fields_s)
             cur = lm_s.argmax(-1)
             proposal.append(cur)
         n_steps = 1 + max(0, max(ks) - 1)
         prop = torch.stack(proposal, 1).tolist()  # [B, S]
         var_s = torch.stack(step_var, 1).tolist()  # [B, S]
-        ids_s = torch.stack(step_ids, 1).cpu()  # [B, S, N]
-        probs_s = torch.stack(step_probs, 1).cpu()
+        # top-N fields go to the host (they are shipped); log q̄ stays where it is used
+        host = (lambda t: t.cpu()) if self.top_n else (lambda t: t)
+        fields_s = [host(torch.stack(ts, 1)) for ts in zip(*step_fields, strict=True)]  # [B, S, ...]
         # --- 3) records of the emitted positions; pending records of the new proposal
         var_l = var.tolist()
-        ids_c, probs_c = ids.cpu(), probs.cpu()
+        fields_c = [host(t) for t in fields]
         for b, i in enumerate(live):
             r, st, out = rows[i], states[b], outs[i]
             n, e = len(r.history), r.num_emitted
@@ -329,14 +345,14 @@ class DraftEnsemble:
                 rec = st.pending.get(j)
                 if rec is None and (b, j) in fresh:
                     p_i = fresh[(b, j)]
-                    rec = Record(j, var_l[p_i], ids_c[p_i], probs_c[p_i])
+                    rec = _record(j, var_l[p_i], tuple(t[p_i] for t in fields_c))
                 if rec is not None:
                     out.records.append(rec)
             k_b = max(0, ks[b])
             st.proposal = prop[b][:k_b]
             st.drafted_from = n
             st.valid = n + max(0, k_b - 1)
-            st.pending = {n + s: Record(n + s, var_s[b][s], ids_s[b, s], probs_s[b, s])
+            st.pending = {n + s: _record(n + s, var_s[b][s], tuple(t[b, s] for t in fields_s))
                           for s in range(k_b)}
             out.proposal = list(st.proposal)
             out.draft_passes = n_steps

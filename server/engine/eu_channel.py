@@ -12,7 +12,9 @@ drafts); the joiner keeps records only for requests registered as live and drops
 records when it finishes or is aborted, and drops records for requests it does not know.
 
 Message (pickled dict): {"live": int, "reqs": [(req_id, passes, proposed, accepted, eu_seconds,
-[(position, variance, ids int32 [N], probs float32 [N]), ...]), ...]}.
+[record, ...]), ...]} with record = (position, variance, bias) when the proposer computed the
+exact bias itself (bias source "worker"; bias None where it could not), else (position,
+variance, ids int32 [N], probs float32 [N]) of q̄'s top-N.
 vLLM appends "-<8 chars>" to the caller's request id; `external_id` strips it.
 """
 
@@ -50,8 +52,9 @@ class Publisher:
 @dataclass
 class JoinedRecord:
     variance: float
-    ids: np.ndarray  # [N] int32: q̄'s top-N ids
-    probs: np.ndarray  # [N] float32
+    ids: np.ndarray | None = None  # [N] int32: q̄'s top-N ids (bias source "logprobs")
+    probs: np.ndarray | None = None  # [N] float32
+    bias: float | None = None  # exact KL(q̄ ‖ p), computed by the proposer (bias source "worker")
 
 
 @dataclass
@@ -151,8 +154,9 @@ class Joiner:
                 r.accepted += accepted
                 r.eu_seconds += eu_seconds
                 r.steps += 1
-                for pos, var, ids, probs in recs:
-                    r.records[pos] = JoinedRecord(var, ids, probs)
+                for pos, var, *rest in recs:
+                    r.records[pos] = (JoinedRecord(var, *rest) if len(rest) == 2
+                                      else JoinedRecord(var, bias=rest[0]))
                 woken.append(r.event)
         if woken and self._loop is not None:
             for ev in woken:

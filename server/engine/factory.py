@@ -20,7 +20,8 @@ class EngineArgs:
     drafts: list[str] = field(default_factory=list)
     engine: str = "auto"  # "auto" = vllm where it imports, else reference
     num_speculative_tokens: int = 3
-    target_logprobs: int = 20  # top-k target log-probs for the bias (vllm); -1 = whole vocabulary
+    bias_source: str = "worker"  # vllm: "worker" (exact, from the target's logits) | "logprobs"
+    target_logprobs: int = 20  # bias source "logprobs": top-k target log-probs; -1 = whole vocabulary
     device: str = "auto"  # reference engine: cpu | cuda | auto
     model_name: str | None = None
     max_model_len: int | None = None

@@ -2,16 +2,20 @@
 
     API process                                   vLLM engine-core process
     VllmEngine.generate ── AsyncLLM ───────────▶  scheduler + model runner (target)
-         ▲   tokens + raw top-K target log-probs       │ propose() after each step
+         ▲   tokens (+ raw target log-probs)           │ propose() after each step
          │                                             ▼
        Joiner ◀── ZeroMQ PUSH/PULL (eu_channel) ── EnsembleProposer (M drafts, slot KV caches)
-              per emitted position: variance, q̄'s top-N
+              per emitted position: variance + bias, or variance + q̄'s top-N
 
-Per emitted token: variance comes exact from the drafts; bias = `bias_topk` of q̄ (from the
-record) against the target's raw log-probs (vLLM `logprobs_mode="raw_logprobs"`, top-K with
-K = `target_logprobs`; K = −1 returns the whole vocabulary and the proposer ships all of q̄,
-so the EU is exact). Conventions match the reference engine: EOS is counted but not emitted,
-`logprob` is the target's raw log-prob, stop strings and detokenization are ours.
+Per emitted token, variance comes exact from the drafts. The bias has two sources:
+  - "worker" (default): the proposer computes the exact KL(q̄ ‖ p) from the target's full
+    raw logits of the step, still in vLLM's runner (see vllm_proposer.py), and ships the
+    number; no target log-probs are requested beyond what the caller asked for.
+  - "logprobs": `bias_topk` of q̄ (its top-N shipped in the record) against the target's raw
+    top-K log-probs (vLLM `logprobs_mode="raw_logprobs"`, K = `target_logprobs`; K = −1
+    returns the whole vocabulary and the proposer ships all of q̄, so the EU is exact).
+Conventions match the reference engine: EOS is counted but not emitted, `logprob` is the
+target's raw log-prob, stop strings and detokenization are ours.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ log = logging.getLogger(__name__)
 
 PROPOSER_CLASS = "server.engine.vllm_proposer.EnsembleProposer"
 DEFAULT_DRAFT_TOP_N = 64  # q̄ entries shipped per position when K > 0
+BIAS_SOURCES = ("worker", "logprobs")
 RECORD_TIMEOUT_S = 30.0  # a record that never comes leaves that token's uncertainty null
 
 
@@ -64,13 +69,18 @@ class VllmEngine:
     def __init__(self, target: str, drafts: list[str], *, num_speculative_tokens: int = 3,
                  target_logprobs: int = 20, model_name: str | None = None,
                  max_model_len: int | None = None, draft_top_n: int | None = None,
-                 vllm_args: dict | None = None) -> None:
+                 bias_source: str = "worker", vllm_args: dict | None = None) -> None:
+        if bias_source not in BIAS_SOURCES:
+            raise ValueError(f"bias_source must be one of {', '.join(BIAS_SOURCES)}, got '{bias_source}'")
         models.check_compatible(target, list(drafts))
         self._tokenizer = models.load_tokenizer(target)
         self.model_name = model_name or Path(target).name
         self.num_drafts = len(drafts)
         self.k = num_speculative_tokens if drafts else 0
         self.target_logprobs = target_logprobs
+        self.bias_source = bias_source
+        # target log-probs requested for the bias (None: only what the caller asks for)
+        bias_lp = target_logprobs if drafts and bias_source == "logprobs" else None
         cfg = models.model_config(target)
         self.vocab_size = int(cfg["vocab_size"])
         vllm_len = min(max_model_len or 1 << 30, models.max_model_len(target))
@@ -86,20 +96,22 @@ class VllmEngine:
         engine_kw = dict(
             model=str(target), tokenizer=str(target), max_model_len=vllm_len,
             logprobs_mode="raw_logprobs",
-            max_logprobs=-1 if target_logprobs < 0 else max(target_logprobs, 20),
+            max_logprobs=-1 if bias_lp is not None and bias_lp < 0 else max(bias_lp or 0, 20),
             **args,
         )
         if drafts:
             address = f"ipc://{tempfile.gettempdir()}/epispec-eu-{uuid.uuid4().hex[:12]}"
             self.joiner = Joiner(address)
-            top_n = -1 if target_logprobs < 0 else (draft_top_n or DEFAULT_DRAFT_TOP_N)
+            top_n = -1 if target_logprobs < 0 else (draft_top_n or DEFAULT_DRAFT_TOP_N)  # logprobs
             engine_kw["speculative_config"] = {
                 "method": "custom_class", "model": PROPOSER_CLASS,
                 "num_speculative_tokens": num_speculative_tokens,
             }
             engine_kw["additional_config"] = {"epispec": {
-                "drafts": [str(d) for d in drafts], "channel": address, "top_n": top_n}}
+                "drafts": [str(d) for d in drafts], "channel": address, "top_n": top_n,
+                "bias": bias_source}}
             engine_kw.setdefault("async_scheduling", False)
+        self._bias_logprobs = bias_lp
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kw))
         self._running: set[str] = set()
         self._aborted: set[str] = set()
@@ -109,7 +121,8 @@ class VllmEngine:
     def from_args(cls, args: EngineArgs) -> VllmEngine:
         return cls(args.target, list(args.drafts), num_speculative_tokens=args.num_speculative_tokens,
                    target_logprobs=args.target_logprobs, model_name=args.model_name,
-                   max_model_len=args.max_model_len, vllm_args=dict(args.vllm_args))
+                   max_model_len=args.max_model_len, bias_source=args.bias_source,
+                   vllm_args=dict(args.vllm_args))
 
     @property
     def tokenizer(self):
@@ -206,10 +219,9 @@ class VllmEngine:
     # --- helpers
 
     def _vllm_params(self, params: SamplingParams, room: int) -> VllmSamplingParams:
-        if self.num_drafts:
-            n_lp = -1 if self.target_logprobs < 0 else max(self.target_logprobs, params.logprobs)
-        else:
-            n_lp = params.logprobs
+        n_lp = params.logprobs  # 0 still returns the sampled token's own log-prob
+        if self._bias_logprobs is not None:
+            n_lp = -1 if self._bias_logprobs < 0 else max(self._bias_logprobs, n_lp)
         return VllmSamplingParams(
             n=1, max_tokens=room, temperature=params.temperature, top_p=params.top_p,
             seed=params.seed, ignore_eos=params.ignore_eos, logprobs=n_lp,
@@ -225,6 +237,9 @@ class VllmEngine:
             rec = await self.joiner.record(request_id, position, RECORD_TIMEOUT_S)
             if rec is None:
                 log.warning("no draft record for request %s position %d", request_id, position)
+            elif rec.ids is None:  # bias source "worker": exact, computed by the proposer
+                bias, var = rec.bias, float(rec.variance)
+                eu = None if bias is None else bias + var
             else:
                 start = time.perf_counter()
                 ids = torch.tensor(list(lps.keys()))  # [K]

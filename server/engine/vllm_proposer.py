@@ -10,16 +10,36 @@ are the runner's `input_batch.req_ids`; the runner is the caller of `propose`, s
 from the calling frame (vLLM 0.32's V1 runner; the version line is pinned). With real ids the
 proposer keeps one KV-cache slot per request and publishes each emitted position's record
 under its request id (see eu_channel.py).
+
+Bias source "worker" (`cfg["bias"]`): the target's raw logits of every position verified
+this step are still in vLLM's runner when `propose` runs, so the proposer computes the exact
+bias = KL(q̄ ‖ softmax(logits)) over the whole vocabulary here and publishes just (position,
+variance, bias). It reads vLLM 0.32 internals (pinned):
+  - `sample_tokens` (a few frames up) holds `logits` and `spec_decode_metadata`: the rows of
+    request i are [cu_num_sampled_tokens[i] − num_draft_tokens[i] − 1, cu_num_sampled_tokens[i])
+    and the j-th emitted token was sampled from the j-th of them (`_calc_spec_decode_metadata`).
+  - with a speculative config the runner builds that metadata on every step (0 drafts for
+    prefills) and samples through the rejection sampler, which indexes copies of the rows and
+    never writes to `logits`. Without metadata, vLLM's plain `Sampler` would scale and mask
+    `logits` in place (temperature, top-p/k, penalties): the proposer refuses that case.
+  - a structured-output grammar bitmask is applied to `logits` in place before sampling; the
+    rows of such requests are no longer the raw target, so their bias is published as None
+    (epispec itself never requests structured output).
+Bias source "logprobs": records ship q̄'s top-N and the API side computes `bias_topk`.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 
 import torch
 
 from server.engine.draft_ensemble import DraftEnsemble, RowInput
 from server.engine.eu_channel import Publisher
+from server.engine.uncertainty import kl
+
+_VERSION_HINT = "vLLM's model runner changed; epispec's worker bias source needs vLLM 0.32"
 
 
 class EnsembleProposer:
@@ -31,13 +51,14 @@ class EnsembleProposer:
         self.slots = vllm_config.scheduler_config.max_num_seqs
         self.device = vllm_config.device_config.device
         self.cfg = cfg
+        self.worker_bias = cfg.get("bias", "logprobs") == "worker"
         self.ensemble: DraftEnsemble | None = None
         self.publisher = Publisher(cfg["channel"]) if _is_publishing_rank() else None
 
     def load_model(self, *args, **kwargs) -> None:
         self.ensemble = DraftEnsemble(
             self.cfg["drafts"], k=self.k, slots=self.slots, max_len=self.max_len,
-            top_n=self.cfg["top_n"], device=self.device,
+            top_n=0 if self.worker_bias else self.cfg["top_n"], device=self.device,
         )
 
     def propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None,
@@ -56,14 +77,68 @@ class EnsembleProposer:
                                  len(emitted), _is_final(runner.requests.get(rid), emitted, n)))
         self.ensemble.release(set(req_ids))
         outs = self.ensemble.propose(rows)
+        biases = self._biases(rows, outs) if self.worker_bias else None
         if self.publisher is not None:
-            reqs = [
-                (r.req_id, o.draft_passes, o.proposed, o.accepted, o.eu_seconds,
-                 [(rec.position, rec.variance, rec.ids.numpy(), rec.probs.numpy()) for rec in o.records])
-                for r, o in zip(rows, outs, strict=True) if r.num_emitted
-            ]
+            if self.worker_bias:
+                recs = [[(rec.position, rec.variance, b) for rec, b in zip(o.records, bs, strict=True)]
+                        for o, bs in zip(outs, biases, strict=True)]
+            else:
+                recs = [[(rec.position, rec.variance, rec.ids.numpy(), rec.probs.numpy())
+                         for rec in o.records] for o in outs]
+            reqs = [(r.req_id, o.draft_passes, o.proposed, o.accepted, o.eu_seconds, rs)
+                    for r, o, rs in zip(rows, outs, recs, strict=True) if r.num_emitted]
             self.publisher.send({"live": self.ensemble.num_states(), "reqs": reqs})
         return [o.proposal for o in outs]
+
+    def _biases(self, rows: list[RowInput], outs) -> list[list[float | None]]:
+        """Exact KL(q̄ ‖ p) of every record, p from the target's raw logits of this step (one
+        batched log-softmax over the rows needed). Adds the time to each row's eu_seconds."""
+        start = time.perf_counter()
+        step = _sample_tokens_locals()
+        meta, logits = step["spec_decode_metadata"], step["logits"]
+        if meta is None:  # the plain sampler ran, and it modifies `logits` in place
+            raise RuntimeError(f"epispec's proposer got a step without speculative metadata: {_VERSION_HINT}.")
+        ends, drafted = meta.cu_num_sampled_tokens.tolist(), meta.num_draft_tokens
+        if logits.shape[0] != ends[-1] or len(ends) < len(rows):
+            raise RuntimeError(f"epispec's proposer found {logits.shape[0]} logits rows for "
+                               f"{ends[-1]} sampled positions: {_VERSION_HINT}.")
+        first = [ends[i] - drafted[i] - 1 for i in range(len(rows))]  # request i's first row
+        grammar = step.get("grammar_output")
+        masked = set(grammar.structured_output_request_ids) if grammar is not None else set()
+        index, log_mix, where = [], [], []  # logits row, log q̄ [V], (row, record) of each record
+        for i, (r, o) in enumerate(zip(rows, outs, strict=True)):
+            n0 = len(r.history) - r.num_emitted  # position of the first emitted token
+            if r.num_emitted > drafted[i] + 1:
+                raise RuntimeError(f"epispec's proposer: {r.num_emitted} tokens emitted from "
+                                   f"{drafted[i] + 1} logits rows: {_VERSION_HINT}.")
+            for j, rec in enumerate(o.records):
+                if r.req_id not in masked:
+                    index.append(first[i] + rec.position - n0)
+                    log_mix.append(rec.log_mix)
+                    where.append((i, j))
+        out = [[None] * len(o.records) for o in outs]
+        if index:
+            idx = torch.tensor(index, device=logits.device)
+            target = torch.log_softmax(logits[idx].float(), -1)  # [R, V]
+            bias = kl(torch.stack(log_mix).to(target.device), target).tolist()  # [R]
+            for (i, j), b in zip(where, bias, strict=True):
+                out[i][j] = b
+        live = [o for r, o in zip(rows, outs, strict=True) if r.num_emitted]
+        for o in live:
+            o.eu_seconds += (time.perf_counter() - start) / len(live)
+        return out
+
+
+def _sample_tokens_locals() -> dict:
+    """The locals of vLLM's `GPUModelRunner.sample_tokens`, which called `propose` (through
+    `propose_draft_token_ids`, nested and method)."""
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code.co_name != "sample_tokens":
+        frame = frame.f_back
+    found = frame.f_locals if frame is not None else {}
+    if "logits" not in found or "spec_decode_metadata" not in found:
+        raise RuntimeError(f"epispec's proposer could not find the target's logits: {_VERSION_HINT}.")
+    return found
 
 
 def _is_final(state, emitted: list[int], n: int) -> bool:

