@@ -160,7 +160,7 @@ def plot(doc: dict, path: str) -> None:
     configs = list(dict.fromkeys(r["config"] for r in doc["runs"]))
     panels = (
         ("output_tokens_per_s", "output tokens/s", 1, "log"),
-        ("itl_p50_s", "ITL p50 (ms)", 1000, "log"),
+        ("ttft_p50_s", "TTFT p50 (ms)", 1000, "log"),
         ("peak_rss_bytes", "peak RSS (MiB)", 1 / MiB, "linear"),
     )
     for ax, (key, label, scale, yscale) in zip(axes, panels, strict=True):
