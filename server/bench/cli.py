@@ -67,7 +67,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=20,
         metavar="K",
-        help="epispec's top-k target log-probs for the bias (the k of the EU error)",
+        help="epispec with --bias-source logprobs: the target's top-k log-probs for the bias; "
+        "also the k of the top-k bound reported beside the EU error",
+    )
+    w.add_argument(
+        "--bias-source",
+        choices=["worker", "logprobs"],
+        help="epispec's bias: exact in vLLM's worker, or from top-k log-probs (default: the engine's)",
     )
     r = parser.add_argument_group("run")
     r.add_argument(
@@ -187,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
                     "workload": workload.as_dict(),
                     "kv_cache_space": args.kv_cache_space,
                     "dtype": args.dtype,
+                    "bias_source": args.bias_source,
                     "profile": str(Path(args.profile).resolve()) if args.profile else None,
                 }
                 result, reason = run_config(spec, Path(tmp), args.timeout)

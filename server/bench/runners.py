@@ -1,7 +1,7 @@
 """One benchmark config in its own process: `python -m server.bench.runners SPEC.json OUT.json`.
 
 SPEC holds {"config", "target", "drafts", "draft_model", "workload", "kv_cache_space", "dtype",
-"profile"} (profile: a folder for `profile.py`'s output, or null).
+"bias_source", "profile"} (profile: a folder for `profile.py`'s output, or null).
 The runner starts the config's engine, warms it up, then for each concurrency C keeps C
 requests in flight until the level's requests are done (closed loop), timing every output
 token and sampling the process tree's peak RSS. `epispec` also streams `eu_prompts` prompts once more,
@@ -64,6 +64,10 @@ def level_row(
     # what speculation itself needs: k draft steps per verification round that proposed
     row["spec_draft_passes_per_token"] = k * counters.get("spec_rounds", 0) / tokens
     row["target_passes_per_token"] = counters["rounds"] / tokens if "rounds" in counters else None
+    # engine-measured time computing bias/variance/eu (epispec, reference)
+    row["eu_ms_per_token"] = (
+        1000 * counters["eu_seconds"] / tokens if "eu_seconds" in counters else None
+    )
     row["peak_rss_bytes"] = peak_rss
     return row
 
@@ -152,8 +156,10 @@ def start_engine(spec: dict):
 
         os.environ[profile.PROFILE_DIR_ENV] = spec["profile"]  # read by the worker's proposer
         vllm_engine.PROPOSER_CLASS = profile.PROPOSER
+    extra = {"bias_source": spec["bias_source"]} if spec.get("bias_source") else {}
     return build_engine(
         EngineArgs(
+            **extra,
             target=spec["target"],
             drafts=list(spec["drafts"]),
             engine="vllm" if spec["config"] == "epispec" else "reference",
@@ -188,6 +194,7 @@ async def engine_request(
                 "proposed": s.proposed,
                 "accepted": s.accepted,
                 "spec_rounds": s.target_forward_passes if s.proposed else 0,
+                "eu_seconds": s.eu_seconds,
             }
         else:
             t.add(1, now())

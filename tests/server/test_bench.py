@@ -86,12 +86,15 @@ def test_level_row_derives_acceptance_and_passes_per_token():
     t = RequestTiming(0.0)
     t.add(10, 1.0)
     counters = {"proposed": 12, "accepted": 6, "draft_passes": 12, "spec_rounds": 4, "rounds": 4}
+    counters["eu_seconds"] = 0.02
     row = level_row("epispec", 1, [t], counters, 1.0, 123, k=3)
     assert row["acceptance_rate"] == 0.5
     assert row["draft_passes_per_token"] == 1.2 and row["spec_draft_passes_per_token"] == 1.2
     assert row["target_passes_per_token"] == 0.4 and row["peak_rss_bytes"] == 123
+    assert row["eu_ms_per_token"] == pytest.approx(2.0)
     plain = level_row("vllm-target-alone", 1, [t], {"proposed": 0, "accepted": 0}, 1.0, 1, k=3)
     assert plain["acceptance_rate"] is None and plain["draft_passes_per_token"] == 0
+    assert plain["eu_ms_per_token"] is None
 
 
 def test_tree_rss_counts_child_processes():
@@ -243,7 +246,7 @@ def test_engine_request_counts_stats_from_finished():
         async def generate(self, rid, ids, params):
             for tok in (5, 6, 7):
                 yield TokenEvent(tok, "x", -0.1, 0.1, 0.2, 0.3, False)
-            yield Finished("length", len(ids), 3, EngineStats(2, 6, 6, 1))
+            yield Finished("length", len(ids), 3, EngineStats(2, 6, 6, 1, eu_seconds=0.5))
 
     events: list = []
     timing, counters = asyncio.run(engine_request(Scripted(), "r", [1, 2], 3, events))
@@ -254,4 +257,5 @@ def test_engine_request_counts_stats_from_finished():
         "proposed": 6,
         "accepted": 1,
         "spec_rounds": 2,
+        "eu_seconds": 0.5,
     }
