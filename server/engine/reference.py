@@ -28,8 +28,8 @@ import torch
 
 from server.engine import models
 from server.engine.detokenize import IncrementalDetokenizer
+from server.engine.emission import EmissionGate
 from server.engine.speculative import sample, sampling_probs, verify
-from server.engine.stops import StopStringFilter
 from server.engine.types import (
     EngineStats,
     Finished,
@@ -125,21 +125,20 @@ class ReferenceEngine:
             drafts=[_Model(d) for d in self.drafts],
         )
         detok = IncrementalDetokenizer(self._tokenizer, prompt_token_ids)
-        stops = StopStringFilter(params.stop)
+        gate = EmissionGate(params)
         n_prompt = len(prompt_token_ids)
         reason = "length"
-        while True:
+        while gate.reason is None:
             generated = len(seq.tokens) - n_prompt
             room = min(params.max_tokens - generated, self.max_model_len - len(seq.tokens))
             if room <= 0:
                 break
             with torch.inference_mode():
                 round_tokens = self._round(seq, params, gen, room)
-            ended = False
             for tok, lp, unc, top in round_tokens:
                 seq.tokens.append(tok)
                 if tok in self.eos_token_ids and not params.ignore_eos:
-                    reason, ended = "stop", True
+                    reason = "stop"
                     break
                 bias, var, eu = unc if unc is not None else (None, None, None)
                 event = TokenEvent(
@@ -152,19 +151,13 @@ class ReferenceEngine:
                     flagged=params.thresholds.flags(bias, var, eu),
                     top_logprobs=top,
                 )
-                for ev in stops.push(event):
-                    yield ev
-                    if ev.flagged and params.stop_on_uncertainty:
-                        reason, ended = "uncertainty", True
-                        break
-                if stops.stopped and not ended:
-                    reason, ended = "stop", True
-                if ended:
+                yield from gate.push(event)
+                if gate.reason is not None:
                     break
-            if ended:
+            if reason == "stop":
                 break
-        if reason != "uncertainty" and not stops.stopped:
-            yield from stops.flush()
+        yield from gate.flush()
+        reason = gate.reason or reason
         yield Finished(reason, n_prompt, len(seq.tokens) - n_prompt, seq.stats)
 
     def _round(self, seq: _Sequence, params: SamplingParams, gen, room: int):
