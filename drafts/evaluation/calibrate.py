@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from drafts.evaluation.metrics import precision_recall_at
+from drafts.evaluation.report import clean
 
 
 def threshold_for_fpr(scores, labels, fpr: float) -> float:
@@ -43,10 +44,12 @@ def write_threshold(bundle_dir: str | Path, calibration: dict) -> Path:
         raise FileNotFoundError(f"No bundle manifest at '{path}'.")
     manifest = json.loads(path.read_text())
     manifest["thresholds"] = {**(manifest.get("thresholds") or {}), "eu": round(calibration["threshold"], 6)}
-    manifest["thresholds_calibration"] = {
+    if "calibrated" in manifest:  # the bundle writer's flag
+        manifest["calibrated"] = True
+    manifest["thresholds_calibration"] = clean({  # NaN (undefined precision/recall) -> null
         "method": calibration["method"],
         "validation": calibration["validation"],
         "test": calibration["test"],
-    }
+    })
     path.write_text(json.dumps(manifest, indent=2) + "\n")
     return path

@@ -251,7 +251,8 @@ def calibrate_bundle(bundle_dir: str | Path, data: str | None, recipe: recipes.R
                            f"validation questions (after the first {n_test} of the {source} test split; flag rate {fpr} on "
                            f"correct text) — only {int((val_labels == 0).sum())} correct calculator-result "
                            "tokens were generated, too few for a label-based false-positive rate",
-                 "validation": {**metrics.precision_recall_at(ref, np.zeros(len(ref)), t), "tokens": len(ref)},
+                 "validation": {"flagged": int((ref > t).sum()), "flag_rate": float((ref > t).mean()),
+                                "tokens": len(ref)},
                  "test": {**metrics.precision_recall_at(test_tokens["ours.eu"], test_labels, t),
                           "tokens": len(test_labels)}}
     calib["written_to"] = str(write_threshold(bundle_dir, calib))
