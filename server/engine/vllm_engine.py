@@ -57,6 +57,7 @@ from server.engine.uncertainty import bias_topk
 
 log = logging.getLogger(__name__)
 
+DEFAULT_CPU_KV_CACHE_GIB = 4  # GiB; ignored by GPU builds of vLLM
 PROPOSER_CLASS = "server.engine.vllm_proposer.EnsembleProposer"
 DEFAULT_DRAFT_TOP_N = 64  # q̄ entries shipped per position when K > 0
 BIAS_SOURCES = ("worker", "logprobs")
@@ -90,6 +91,10 @@ class VllmEngine:
         self.eos_token_ids = _eos_ids(cfg, self._tokenizer)
         args = dict(vllm_args or {})
         kv_space = args.pop("kv_cache_space", None)
+        if kv_space is None and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+            # vLLM-CPU's automatic size takes ~90% of the machine's memory, which kills the
+            # worker as soon as anything else needs memory; start modest, --kv-cache-space raises it
+            kv_space = DEFAULT_CPU_KV_CACHE_GIB
         if kv_space is not None:  # vLLM-CPU reads its KV cache size from the environment only
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_space))
         self.joiner: Joiner | None = None
