@@ -7,17 +7,21 @@ Every running request owns a *slot* (a row of each draft's preallocated KV cache
 round for a batch of requests, given each request's full token history h (n tokens) and the e
 tokens the target emitted this step (the last e of h):
 
-    1) feed every request's uncached suffix of h in ONE batched forward per draft (rows are
+    1) feed every request's uncached suffix of h in a batched forward per draft (rows are
        right-padded); its logits give q at the first drafted position and, where the previous
        round's drafts were all accepted, q at the bonus position (the extra draft token is fed
-       here, never in a separate pass)
+       here, never in a separate pass). Decoding rows (feeds of at most k+1 tokens) share one
+       forward; long feeds (new prompts, recomputes) run in forwards of their own, grouped by
+       similar length (`_feed_groups`), so decoding rows are never padded to a prompt
     2) k−1 more single-token steps, greedy on the mixture q̄, give a k-token proposal
     3) each emitted position's record (variance, q̄ summary) comes from the previous round's
        drafted positions, or from 1) where the previous round did not cover it
 
 "Cropping" after a rejection is implicit: a slot's valid length is the number of its tokens
 that still stand; later writes overwrite the rest and the causal mask never reads past it.
-A draft forward pass (EngineStats.draft_forward_passes) is one batched step of all M drafts.
+A draft forward pass (EngineStats.draft_forward_passes) is one batched step of all M drafts,
+counted per request: each request takes part in exactly one forward of 1) and in the k−1
+steps of 2), however many forwards 1) split the batch into (`RowOutput.draft_passes`).
 """
 
 from __future__ import annotations
@@ -58,7 +62,8 @@ class RowInput:
 class RowOutput:
     proposal: list[int]
     records: list[Record]
-    draft_passes: int  # batched ensemble steps this request took part in this round
+    draft_passes: int  # batched ensemble steps this request took part in this round (1 + k−1;
+    # a step 1) split into several forwards by feed length still counts once per request)
     proposed: int  # tokens proposed the previous round (what this step verified)
     accepted: int
     eu_seconds: float = 0.0  # this row's share of the step's variance/q̄-summary time
@@ -167,6 +172,22 @@ class _DraftGroup:
             h = h + self._linear(g * self._linear(x, ly["mlp.up_proj.weight"]), ly["mlp.down_proj.weight"])
         h = self._rms(h[:, out_index[0], out_index[1]], self.norm)  # [M, P, E]
         return torch.log_softmax(torch.bmm(h, self.head).float(), -1).transpose(0, 1)  # [P, M, V]
+
+
+def _feed_groups(lengths: list[int], short: int) -> list[list[int]]:
+    """Rows (indices into `lengths`, the uncached feed lengths) grouped for step 1's forwards.
+
+    Rows feeding at most `short` tokens (decoding: the emitted tokens, the bonus draft) run
+    together; longer feeds (new prompts, recomputes) run apart from them, longest first, a row
+    joining the previous long group while its feed is at least 3/4 of that group's longest, so
+    no decode row is padded to a prompt and a long group wastes at most a quarter on padding."""
+    groups = [[b for b, n in enumerate(lengths) if n <= short]]
+    for b in sorted((b for b, n in enumerate(lengths) if n > short), key=lambda b: -lengths[b]):
+        if len(groups) > 1 and 4 * lengths[b] >= 3 * lengths[groups[-1][0]]:
+            groups[-1].append(b)
+        else:
+            groups.append([b])
+    return [g for g in groups if g]
 
 
 def _rotate_half(x):
@@ -282,26 +303,38 @@ class DraftEnsemble:
             feeds.append(r.history[st.valid:])
             need.append((missing, n - 1))
             states.append(st)
-        # --- 1) one batched forward over every uncached suffix
+        # --- 1) batched forwards over the uncached suffixes, one per feed-length group
         B = len(live)
-        T = max(len(f) for f in feeds)
-        tokens = torch.zeros(B, T, dtype=torch.long)
-        valid = torch.zeros(B, T, dtype=torch.bool)
-        pos = torch.zeros(B, T, dtype=torch.long)
-        out_rows, out_cols, out_pos = [], [], []
-        for b, (f, st, (missing, last)) in enumerate(zip(feeds, states, need, strict=True)):
-            tokens[b, : len(f)] = f
-            valid[b, : len(f)] = True
-            pos[b, : len(f)] = torch.arange(st.valid, st.valid + len(f))
+        out_rows, out_cols, out_pos = [], [], []  # per needed position: row b, column in its feed
+        for b, (st, (missing, last)) in enumerate(zip(states, need, strict=True)):
             for p in [*missing, last]:
                 out_rows.append(b)
                 out_cols.append(p - st.valid)
                 out_pos.append(p + 1)  # the record is for the token at p + 1
         slots = torch.tensor([st.index for st in states], device=self.device)
         dev = self.device
-        tokens, pos, valid = tokens.to(dev), pos.to(dev), valid.to(dev)
-        idx = (torch.tensor(out_rows, device=dev), torch.tensor(out_cols, device=dev))
-        lp = torch.cat([d.forward(tokens, pos, slots, valid, idx) for d in self.drafts], 1)  # [P, M, V]
+        parts, order = [], []  # per group: log-probs [P_g, M, V]; the global indices of its P_g
+        for group in _feed_groups([len(f) for f in feeds], self.k + 1):
+            local = {b: g for g, b in enumerate(group)}
+            p_g = [p_i for p_i, b in enumerate(out_rows) if b in local]
+            T = max(len(feeds[b]) for b in group)
+            tokens = torch.zeros(len(group), T, dtype=torch.long)
+            valid = torch.zeros(len(group), T, dtype=torch.bool)
+            pos = torch.zeros(len(group), T, dtype=torch.long)
+            for g, b in enumerate(group):
+                f, st = feeds[b], states[b]
+                tokens[g, : len(f)] = f
+                valid[g, : len(f)] = True
+                pos[g, : len(f)] = torch.arange(st.valid, st.valid + len(f))
+            idx = (torch.tensor([local[out_rows[p_i]] for p_i in p_g], device=dev),
+                   torch.tensor([out_cols[p_i] for p_i in p_g], device=dev))
+            tokens, pos, valid = tokens.to(dev), pos.to(dev), valid.to(dev)
+            parts.append(torch.cat([d.forward(tokens, pos, slots[group], valid, idx)
+                                    for d in self.drafts], 1))  # [P_g, M, V]
+            order.extend(p_g)
+        lp = torch.cat(parts)  # [P, M, V], back in out_rows order below
+        if order != sorted(order):
+            lp = lp[torch.tensor(order).argsort().to(dev)]
         t0 = time.perf_counter()
         var, fields, log_mix = summarize(lp, self.top_n)
         eu_seconds = time.perf_counter() - t0

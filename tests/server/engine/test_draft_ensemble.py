@@ -13,7 +13,7 @@ import random
 import pytest
 import torch
 
-from server.engine.draft_ensemble import DraftEnsemble, RowInput, log_mix_from_record
+from server.engine.draft_ensemble import DraftEnsemble, RowInput, _DraftGroup, log_mix_from_record
 from server.engine.models import load_causal_lm
 from server.engine.uncertainty import mixture_logprobs, variance
 
@@ -89,3 +89,80 @@ def test_caches_grow_with_concurrency_and_keep_rows_in_use(tiny_models, drafts):
     out = ens.propose([RowInput("r0", torch.tensor(h), 2)])[0]
     for rec in out.records:
         assert abs(float(variance(_exact(drafts, h[: rec.position]))) - rec.variance) < 1e-4
+
+
+def test_feed_groups_keep_decode_rows_apart_from_long_feeds():
+    from server.engine.draft_ensemble import _feed_groups
+
+    assert _feed_groups([1, 200, 2, 4, 5, 190, 40, 1], short=4) == [[0, 2, 3, 7], [1, 5], [6], [4]]
+    assert _feed_groups([1, 2], short=4) == [[0, 1]]
+    assert _feed_groups([30], short=4) == [[0]]
+
+
+def _assert_records_exact(drafts, h, out, num_emitted):
+    """top_n = -1 records and greedy proposals against transformers on each whole prefix."""
+    assert [r.position for r in out.records] == list(range(len(h) - num_emitted, len(h)))
+    for rec in out.records:
+        lp = _exact(drafts, h[: rec.position])
+        assert abs(float(variance(lp)) - rec.variance) < 1e-4
+        q_mix = mixture_logprobs(lp).exp()
+        got = log_mix_from_record(rec.ids, rec.probs, q_mix.shape[-1]).exp()
+        assert (got - q_mix).abs().max() < 1e-5
+    hh = list(h)
+    for t in out.proposal:
+        assert int(mixture_logprobs(_exact(drafts, hh)).argmax()) == t
+        hh.append(t)
+
+
+def test_new_long_prompt_next_to_decoding_rows_matches_separate_runs(tiny_models, drafts, monkeypatch):
+    """A new 60-token prompt joins 4 decoding rows: step 1 splits into a decode forward and a
+    prompt forward; proposals and records equal those of the rows run apart and a full recompute."""
+    k = 3
+    mixed = DraftEnsemble(tiny_models["drafts"], k=k, slots=8, max_len=256, top_n=-1)
+    apart = DraftEnsemble(tiny_models["drafts"], k=k, slots=8, max_len=256, top_n=-1)
+    rng = random.Random(1)
+    hists = {f"d{i}": [1, 10 + i, 20 + i] for i in range(4)}
+    proposals = {r: [] for r in hists}
+    prompt = [1] + [rng.randint(3, 300) for _ in range(59)]
+    for step in range(3):
+        rows = []
+        for rid, h in hists.items():
+            p = proposals[rid]
+            new = p[: rng.randint(0, len(p))] + [rng.randint(3, 300)]
+            h.extend(new)
+            rows.append(RowInput(rid, torch.tensor(h), len(new)))
+        if step < 2:
+            outs = mixed.propose(rows)
+            apart.propose(rows)
+        else:  # the long prompt arrives (its first emitted token) while the others decode
+            long_row = RowInput("p", torch.tensor(prompt), 1)
+            shapes = []
+            forward = _DraftGroup.forward
+
+            def spy(self, tokens, *a, shapes=shapes, forward=forward):
+                shapes.append(tuple(tokens.shape))
+                return forward(self, tokens, *a)
+
+            monkeypatch.setattr(_DraftGroup, "forward", spy)
+            outs = mixed.propose([rows[0], rows[1], long_row, rows[2], rows[3]])
+            monkeypatch.undo()
+            n_groups = len(mixed.drafts)  # stacked draft groups: forwards per batched step
+            step1 = shapes[: 2 * n_groups]  # decode rows together, the prompt alone
+            assert step1[0][0] == 4 and step1[0][1] <= k + 1 and step1[-1] == (1, 60)
+            assert shapes[2 * n_groups:] == [(5, 1)] * ((k - 1) * n_groups)
+            ref = apart.propose(rows) + apart.propose([long_row])
+            ref = [ref[0], ref[1], ref[4], ref[2], ref[3]]
+            for out, r in zip(outs, ref, strict=True):
+                assert out.proposal == r.proposal and out.draft_passes == r.draft_passes == k
+                assert [x.position for x in out.records] == [x.position for x in r.records]
+                for x, y in zip(out.records, r.records, strict=True):
+                    assert abs(x.variance - y.variance) < 1e-5
+                    v = len(x.ids)  # top_n = -1: all of q̄
+                    assert (log_mix_from_record(x.ids, x.probs, v).exp()
+                            - log_mix_from_record(y.ids, y.probs, v).exp()).abs().max() < 1e-6
+            _assert_records_exact(drafts, prompt, outs[2], 1)
+            outs = [outs[0], outs[1], outs[3], outs[4]]
+        for row, out in zip(rows, outs, strict=True):
+            _assert_records_exact(drafts, hists[row.req_id], out, row.num_emitted)
+            assert out.draft_passes == k
+            proposals[row.req_id] = out.proposal
