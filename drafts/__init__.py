@@ -1,0 +1,1 @@
+"""epispec training side: corpora, tokenizers, targets, ensembles, OSD/DDD drafts, bundles, evaluation."""

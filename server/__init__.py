@@ -1,0 +1,1 @@
+"""epispec serving side: engines, HTTP API, metrics, the `epispec` command line."""

@@ -1,0 +1,1 @@
+"""Subcommands of the `epispec` CLI, one module each (add_arguments + run)."""

@@ -1,0 +1,1 @@
+"""Engines: the uncertainty math, speculative decoding, the reference and vLLM engines."""
