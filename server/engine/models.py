@@ -60,6 +60,20 @@ def check_compatible(target: str | Path, drafts: list[str | Path]) -> None:
                 )
 
 
+def eos_token_ids(path: str | Path, tokenizer) -> set[int]:
+    """The ids that end generation: generation_config.json's, else config.json's, else the
+    tokenizer's EOS (the order transformers uses). Both engines stop on exactly this set."""
+    folder = Path(path)
+    gen = folder / "generation_config.json"
+    eos = json.loads(gen.read_text()).get("eos_token_id") if gen.is_file() else None
+    if eos is None:
+        eos = model_config(folder).get("eos_token_id")
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    ids = eos if isinstance(eos, list) else [eos]
+    return {int(i) for i in ids if i is not None}
+
+
 def max_model_len(path: str | Path) -> int:
     cfg = model_config(path)
     return int(cfg.get("max_position_embeddings") or cfg.get("n_positions") or 2048)

@@ -97,7 +97,7 @@ class ReferenceEngine:
         self.model_name = model_name or Path(target).name
         self.max_model_len = min(max_model_len or 1 << 30, models.max_model_len(target))
         self.vocab_size = self.target.config.vocab_size
-        self.eos_token_ids = _eos_ids(self.target, self._tokenizer)
+        self.eos_token_ids = models.eos_token_ids(target, self._tokenizer)
         self._step_lock = (
             threading.Lock()
         )  # one forward pass at a time: requests interleave by round
@@ -266,10 +266,3 @@ class ReferenceEngine:
     async def shutdown(self) -> None:
         self._running.clear()
 
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    eos = model.generation_config.eos_token_id if model.generation_config else None
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    ids = eos if isinstance(eos, list) else [eos]
-    return {int(i) for i in ids if i is not None}

@@ -88,7 +88,7 @@ class VllmEngine:
         # vLLM skips the proposer for a whole step when any row's length + k exceeds its limit;
         # keep 2k+1 positions spare so every emitted token has its record
         self.max_model_len = vllm_len - (2 * self.k + 1 if drafts else 0)
-        self.eos_token_ids = _eos_ids(cfg, self._tokenizer)
+        self.eos_token_ids = models.eos_token_ids(target, self._tokenizer)
         args = dict(vllm_args or {})
         kv_space = args.pop("kv_cache_space", None)
         if kv_space is None and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
@@ -276,8 +276,3 @@ class VllmEngine:
                            proposed=proposed, accepted=accepted,
                            eu_seconds=eu_seconds + proposer_eu_seconds)
 
-
-def _eos_ids(cfg: dict, tokenizer) -> set[int]:
-    eos = cfg.get("eos_token_id", tokenizer.eos_token_id)
-    ids = eos if isinstance(eos, list) else [eos]
-    return {int(i) for i in ids if i is not None}
