@@ -35,6 +35,7 @@ import time
 
 import torch
 
+from server.engine import vllm_fixes
 from server.engine.draft_ensemble import DraftEnsemble, RowInput
 from server.engine.eu_channel import Publisher
 from server.engine.uncertainty import kl
@@ -44,6 +45,7 @@ _VERSION_HINT = "vLLM's model runner changed; epispec's worker bias source needs
 
 class EnsembleProposer:
     def __init__(self, vllm_config) -> None:
+        vllm_fixes.apply()  # the plugin's fix, also where VLLM_PLUGINS left the plugin out
         cfg = vllm_config.additional_config["epispec"]
         spec = vllm_config.speculative_config
         self.k = spec.num_speculative_tokens
