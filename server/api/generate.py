@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 
 from server.api.context import ready_context
 from server.api.errors import APIError
@@ -25,6 +25,7 @@ from server.api.generation import (
     new_request_id,
     number,
     sampling_params,
+    until_disconnected,
     usage,
 )
 from server.api.prompts import text_prompt_ids
@@ -53,7 +54,8 @@ def final_fields(fin: Finished, summary: Summary) -> dict:
 
 
 @router.post("/generate")
-async def generate(req: GenerateRequest, ctx: ServerContext = Depends(ready_context)):
+async def generate(req: GenerateRequest, request: Request,
+                   ctx: ServerContext = Depends(ready_context)):
     if (req.prompt is None) == (req.prompt_token_ids is None):
         raise APIError("Give exactly one of 'prompt' and 'prompt_token_ids'.", param="prompt",
                        code="missing_field" if req.prompt is None else "invalid_value")
@@ -69,17 +71,20 @@ async def generate(req: GenerateRequest, ctx: ServerContext = Depends(ready_cont
     if req.stream:
         return EventStreamResponse(_events(items, top > 0))
 
-    tokens, summary = [], Summary()
-    async with aclosing(items):
-        async for item in items:
-            if isinstance(item, Finished):
-                if item.finish_reason == "error":
-                    raise engine_failure(item)
-                text = "".join(t["text"] for t in tokens)
-                return {"id": request_id, "model": ctx.engine.model_name, "text": text,
-                        "tokens": tokens, **final_fields(item, summary)}
-            summary.add(item)
-            tokens.append(token_fields(item, top > 0))
+    async def collect() -> dict:
+        tokens, summary = [], Summary()
+        async with aclosing(items):
+            async for item in items:
+                if isinstance(item, Finished):
+                    if item.finish_reason == "error":
+                        raise engine_failure(item)
+                    text = "".join(t["text"] for t in tokens)
+                    return {"id": request_id, "model": ctx.engine.model_name, "text": text,
+                            "tokens": tokens, **final_fields(item, summary)}
+                summary.add(item)
+                tokens.append(token_fields(item, top > 0))
+
+    return await until_disconnected(request, collect())
 
 
 async def _events(items: AsyncIterator[GenerationItem], with_top: bool) -> AsyncIterator[bytes]:

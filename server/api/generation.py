@@ -15,8 +15,11 @@ from __future__ import annotations
 import asyncio
 import math
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
+from typing import TypeVar
+
+from fastapi import Request, Response
 
 from server.api.errors import APIError
 from server.api.schemas import SamplingFields
@@ -27,10 +30,13 @@ from server.engine.types import (
     Finished,
     FlagThresholds,
     GenerationItem,
+    InvalidRequest,
     SamplingParams,
     TokenEvent,
 )
 from server.metrics import Metrics
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -57,7 +63,20 @@ class Generations:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def run(
+    def run(
+        self, endpoint: str, request_id: str, prompt_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[GenerationItem]:
+        """The request's items. The engine validates it first, so a request it cannot run is a
+        400 naming the field (APIError, raised here) before any response or engine state."""
+        try:
+            self.engine.validate(prompt_ids, params)
+        except InvalidRequest as exc:
+            text = str(exc).rstrip(".")
+            raise APIError(f"{text[:1].upper()}{text[1:]}.", param=exc.param,
+                           code="invalid_value") from exc
+        return self._run(endpoint, request_id, prompt_ids, params)
+
+    async def _run(
         self, endpoint: str, request_id: str, prompt_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[GenerationItem]:
         """The metrics hook: sees every TokenEvent and the Finished of every request, and
@@ -103,6 +122,29 @@ class Generations:
             task.cancel()
 
 
+async def until_disconnected(request: Request, collect: Awaitable[T]) -> T | Response:
+    """Await a non-streamed response's `collect` unless the client disconnects first; then
+    cancel it, which closes the request's items and so aborts it in the engine (status
+    "abort"). Streams need no watch: their response task is cancelled on disconnect."""
+    work = asyncio.ensure_future(collect)
+    watch = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work.done():
+            work.cancel()
+    if not work.cancelled():
+        return work.result()
+    return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns once the client has gone (the body was already read, so `receive` waits)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def new_request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
@@ -111,9 +153,11 @@ def new_request_id(prefix: str) -> str:
 
 
 def effective_max_tokens(
-    ctx: ServerContext, prompt_ids: list[int], max_tokens: int | None, prompt_param: str
+    ctx: ServerContext, prompt_ids: list[int], max_tokens: int | None, prompt_param: str,
+    default: int | None = None,
 ) -> int:
-    """max_tokens to use, or a 400 naming the prompt or max_tokens."""
+    """max_tokens to use (when the request gives none: `default`, else the server's
+    `default_max_tokens`), or a 400 naming the prompt or max_tokens."""
     engine = ctx.engine
     limit = engine.max_model_len
     if not prompt_ids:
@@ -129,7 +173,7 @@ def effective_max_tokens(
             param=prompt_param, code="context_length_exceeded",
         )
     if max_tokens is None:
-        return min(ctx.settings.default_max_tokens, room)
+        return min(default or ctx.settings.default_max_tokens, room)
     if max_tokens > room:
         raise APIError(
             f"max_tokens is {max_tokens}, but with a prompt of {len(prompt_ids)} tokens this model "
@@ -173,6 +217,7 @@ def sampling_params(
         logprobs=logprobs,
         thresholds=thresholds_for(ctx, req),
         stop_on_uncertainty=req.stop_on_uncertainty,
+        ignore_eos=req.ignore_eos,
     )
 
 

@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 
 from server.api.context import check_model, ready_context
 from server.api.errors import APIError
@@ -28,14 +28,16 @@ from server.api.generation import (
     new_request_id,
     number,
     sampling_params,
+    until_disconnected,
     usage,
 )
 from server.api.prompts import chat_prompt_ids, text_prompt_ids
-from server.api.schemas import ChatCompletionRequest, CompletionRequest, OpenAIFields
+from server.api.schemas import PROMPT_FORMS, ChatCompletionRequest, CompletionRequest, OpenAIFields
 from server.api.sse import DONE, EventStreamResponse, event
 from server.engine.types import Finished, GenerationItem, TokenEvent
 
 router = APIRouter()
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the OpenAI API's and vLLM's default for /v1/completions
 
 
 def uncertainty(ev: TokenEvent) -> dict:
@@ -65,7 +67,9 @@ def completion_logprobs(events: list[TokenEvent], offset: int = 0) -> dict:
     return {
         "tokens": [ev.text for ev in events],
         "token_logprobs": [number(ev.logprob) for ev in events],
-        "top_logprobs": [{t.text: number(t.logprob) for t in ev.top_logprobs} for ev in events],
+        # null, not a list of empty maps, when no top log-probs were asked (logprobs: 0)
+        "top_logprobs": ([{t.text: number(t.logprob) for t in ev.top_logprobs} for ev in events]
+                         if any(ev.top_logprobs for ev in events) else None),
         "text_offset": offsets,
     }
 
@@ -92,12 +96,14 @@ class _Format:
                 "uncertainty": {"tokens": [uncertainty_token(ev) for ev in events]}}
 
 
-async def _respond(ctx: ServerContext, req: OpenAIFields, fmt: _Format, endpoint: str,
-                   ids: list[int], max_tokens: int | None, top: int, prefix: str):
+async def _respond(ctx: ServerContext, request: Request, req: OpenAIFields, fmt: _Format,
+                   endpoint: str, ids: list[int], max_tokens: int | None, top: int, prefix: str,
+                   default_max_tokens: int | None = None):
     problem = req.unsupported()
     if problem:
         raise APIError(f"Unsupported option: {problem[1]}.", param=problem[0], code="unsupported")
-    max_tokens = effective_max_tokens(ctx, ids, max_tokens, "messages" if fmt.chat else "prompt")
+    max_tokens = effective_max_tokens(ctx, ids, max_tokens, "messages" if fmt.chat else "prompt",
+                                      default_max_tokens)
     params = sampling_params(ctx, req, max_tokens, top)
     request_id = new_request_id(prefix)
     items = ctx.generations.run(endpoint, request_id, ids, params)
@@ -106,22 +112,26 @@ async def _respond(ctx: ServerContext, req: OpenAIFields, fmt: _Format, endpoint
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return EventStreamResponse(_stream(items, fmt, head, include_usage))
 
-    events: list[TokenEvent] = []
-    summary = Summary()
-    async with aclosing(items):
-        async for item in items:
-            if isinstance(item, Finished):
-                if item.finish_reason == "error":
-                    raise engine_failure(item)
-                choice = fmt.choice(events)
-                if fmt.chat:
-                    del choice["delta"]
-                    choice["message"] = {"role": "assistant", "content": "".join(e.text for e in events)}
-                choice["finish_reason"] = item.finish_reason
-                choice["uncertainty"]["summary"] = summary.as_dict()
-                return {**head, "object": fmt.object, "choices": [choice], "usage": usage(item)}
-            summary.add(item)
-            events.append(item)
+    async def collect() -> dict:
+        events: list[TokenEvent] = []
+        summary = Summary()
+        async with aclosing(items):
+            async for item in items:
+                if isinstance(item, Finished):
+                    if item.finish_reason == "error":
+                        raise engine_failure(item)
+                    choice = fmt.choice(events)
+                    if fmt.chat:
+                        del choice["delta"]
+                        choice["message"] = {"role": "assistant",
+                                             "content": "".join(e.text for e in events)}
+                    choice["finish_reason"] = item.finish_reason
+                    choice["uncertainty"]["summary"] = summary.as_dict()
+                    return {**head, "object": fmt.object, "choices": [choice], "usage": usage(item)}
+                summary.add(item)
+                events.append(item)
+
+    return await until_disconnected(request, collect())
 
 
 async def _stream(items: AsyncIterator[GenerationItem], fmt: _Format, head: dict,
@@ -155,25 +165,29 @@ async def _stream(items: AsyncIterator[GenerationItem], fmt: _Format, head: dict
 
 
 @router.post("/v1/completions")
-async def completions(req: CompletionRequest, ctx: ServerContext = Depends(ready_context)):
+async def completions(req: CompletionRequest, request: Request,
+                      ctx: ServerContext = Depends(ready_context)):
     check_model(ctx, req.model)
     prompt = req.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
         if len(prompt) != 1:
-            raise APIError("Give one prompt per request (a string or a list of token ids).",
+            raise APIError(f"Give one prompt per request: {PROMPT_FORMS}.",
                            param="prompt", code="unsupported")
         prompt = prompt[0]
     ids = text_prompt_ids(ctx.engine.tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
     top = check_top_logprobs(ctx, req.logprobs or 0, "logprobs")
     fmt = _Format(chat=False, logprobs=req.logprobs is not None)
-    return await _respond(ctx, req, fmt, "/v1/completions", ids, req.max_tokens, top, "cmpl")
+    return await _respond(ctx, request, req, fmt, "/v1/completions", ids, req.max_tokens, top,
+                          "cmpl", COMPLETIONS_DEFAULT_MAX_TOKENS)
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(req: ChatCompletionRequest, ctx: ServerContext = Depends(ready_context)):
+async def chat_completions(req: ChatCompletionRequest, request: Request,
+                           ctx: ServerContext = Depends(ready_context)):
     check_model(ctx, req.model)
     ids = chat_prompt_ids(ctx.engine.tokenizer, req.messages)
     top = check_top_logprobs(ctx, req.top_logprobs or 0, "top_logprobs") if req.logprobs else 0
     fmt = _Format(chat=True, logprobs=req.logprobs)
     max_tokens = req.max_completion_tokens or req.max_tokens
-    return await _respond(ctx, req, fmt, "/v1/chat/completions", ids, max_tokens, top, "chatcmpl")
+    return await _respond(ctx, request, req, fmt, "/v1/chat/completions", ids, max_tokens, top,
+                          "chatcmpl")

@@ -8,7 +8,19 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, StrictBool, StrictInt, StrictStr
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    FiniteFloat,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationInfo,
+    field_validator,
+)
+
+from server.engine.types import MAX_TEMPERATURE
 
 PositiveInt = Annotated[StrictInt, Field(gt=0)]
 NonNegativeInt = Annotated[StrictInt, Field(ge=0)]
@@ -28,13 +40,14 @@ class SamplingFields(BaseModel):
     """Fields shared by every generation endpoint."""
 
     max_tokens: PositiveInt | None = None
-    temperature: Annotated[FiniteFloat, Field(ge=0)] | None = None
+    temperature: Annotated[FiniteFloat, Field(ge=0, le=MAX_TEMPERATURE)] | None = None
     top_p: Annotated[FiniteFloat, Field(gt=0, le=1)] | None = None
     seed: Seed | None = None
     stop: StrictStr | Annotated[list[StrictStr], Field(max_length=16)] | None = None
     stream: StrictBool = False
     thresholds: ThresholdOverrides | None = None
     stop_on_uncertainty: StrictBool = False
+    ignore_eos: StrictBool = False  # vLLM's extra parameter: generate past EOS up to max_tokens
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -68,6 +81,13 @@ class OpenAIFields(SamplingFields):
     logit_bias: dict[str, float] | None = None
     user: StrictStr | None = None
 
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(cls, value, info: ValidationInfo):
+        if value is not None and not info.data.get("stream", False):
+            raise ValueError("stream_options is only allowed when stream is true")  # as OpenAI
+        return value
+
     def unsupported(self) -> tuple[str, str] | None:
         """(param, message) of the first option this server cannot honour, else None."""
         if self.n > 1:
@@ -80,12 +100,25 @@ class OpenAIFields(SamplingFields):
         return None
 
 
+PROMPT_FORMS = ("a string, a list of one string, a list of token ids, "
+                "or a list of one list of token ids")
+
+
 class CompletionRequest(OpenAIFields):
-    prompt: StrictStr | list[StrictStr] | list[StrictInt]
+    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
     logprobs: Annotated[StrictInt, Field(ge=0)] | None = None
     echo: StrictBool = False
     best_of: PositiveInt | None = None
     suffix: StrictStr | None = None
+
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _one_prompt_form(cls, value, handler):
+        """One sentence that says what is accepted, instead of one error per union member."""
+        try:
+            return handler(value)
+        except ValueError:
+            raise ValueError(f"prompt must be {PROMPT_FORMS}") from None
 
     def unsupported(self) -> tuple[str, str] | None:
         if self.echo:

@@ -3,6 +3,8 @@
 The prefix/read-offset scheme of vLLM and TGI: decode a short window that ends at the new
 token and emit only the part beyond the window's previous text, holding back text that
 ends in an incomplete UTF-8 sequence ("\ufffd") until the next token completes it.
+A generation that ends mid-sequence gets the held text from `flush()`, U+FFFD included, so
+the output equals `tokenizer.decode(token_ids)` as OpenAI-compatible servers return it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,20 @@ class IncrementalDetokenizer:
             self._prefix, self._read = self._read, len(self._ids)
             return new_text[len(prefix_text) :]
         return ""
+
+    @property
+    def pending(self) -> bool:
+        """Whether tokens were added whose text is held back (an incomplete UTF-8 sequence)."""
+        return self._read < len(self._ids)
+
+    def flush(self) -> str:
+        """At the end of generation: the text held back, as it decodes now ("" if none)."""
+        if not self.pending:
+            return ""
+        prefix_text = self._decode(self._ids[self._prefix : self._read])
+        new_text = self._decode(self._ids[self._prefix :])
+        self._prefix, self._read = self._read, len(self._ids)
+        return new_text[len(prefix_text) :]
 
     def _decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)

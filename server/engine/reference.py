@@ -34,6 +34,7 @@ from server.engine.types import (
     EngineStats,
     Finished,
     GenerationItem,
+    InvalidRequest,
     SamplingParams,
     TokenEvent,
     TopLogprob,
@@ -115,9 +116,7 @@ class ReferenceEngine:
         self, prompt_token_ids: list[int], params: SamplingParams
     ) -> Iterator[GenerationItem]:
         """Generate synchronously: TokenEvents, then one Finished."""
-        params.validate()
-        if not prompt_token_ids:
-            raise ValueError("prompt_token_ids must not be empty")
+        self.validate(prompt_token_ids, params)
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         seq = _Sequence(
             tokens=list(prompt_token_ids),
@@ -151,12 +150,12 @@ class ReferenceEngine:
                     flagged=params.thresholds.flags(bias, var, eu),
                     top_logprobs=top,
                 )
-                yield from gate.push(event)
+                yield from gate.push(event, detok.pending)
                 if gate.reason is not None:
                     break
             if reason == "stop":
                 break
-        yield from gate.flush()
+        yield from gate.flush(detok.flush())
         reason = gate.reason or reason
         yield Finished(reason, n_prompt, len(seq.tokens) - n_prompt, seq.stats)
 
@@ -223,9 +222,15 @@ class ReferenceEngine:
 
     # --- the async Engine interface
 
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        params.validate()
+        if not prompt_token_ids:
+            raise InvalidRequest("prompt_token_ids must not be empty", "prompt")
+
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[GenerationItem]:
+        self.validate(prompt_token_ids, params)
         if request_id in self._running:
             raise ValueError(f"request id '{request_id}' is already running")
         self._running.add(request_id)

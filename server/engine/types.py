@@ -42,10 +42,22 @@ class FlagThresholds:
         return self.variance is not None and variance is not None and variance > self.variance
 
 
+MAX_TEMPERATURE = 2.0  # the OpenAI API's range, and vLLM's: [0, 2]
+
+
+class InvalidRequest(ValueError):
+    """A request an engine cannot run, found before it holds any state for it; `param` names
+    the request field at fault (the API answers 400 naming it)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """What one request asks of the engine. Validation of client input happens in the API layer;
-    `validate()` guards the engine against programming errors with plain-sentence messages."""
+    `validate()` applies the same ranges in every engine (raises InvalidRequest)."""
 
     max_tokens: int = 64
     temperature: float = 1.0  # 0 = greedy
@@ -59,13 +71,14 @@ class SamplingParams:
 
     def validate(self) -> None:
         if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise InvalidRequest(f"max_tokens must be at least 1, got {self.max_tokens}", "max_tokens")
+        if not 0 <= self.temperature <= MAX_TEMPERATURE:
+            raise InvalidRequest(f"temperature must be in [0, {MAX_TEMPERATURE:g}], got "
+                                 f"{self.temperature}", "temperature")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
         if self.logprobs < 0:
-            raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
+            raise InvalidRequest(f"logprobs must be >= 0, got {self.logprobs}", "logprobs")
 
 
 @dataclass(frozen=True)
@@ -77,9 +90,9 @@ class TopLogprob:
 
 @dataclass(frozen=True)
 class TokenEvent:
-    """One emitted token with its uncertainty. `logprob` is the target's log-probability of
-    the token under the request's sampling distribution (temperature/top-p applied, as
-    OpenAI-style logprobs are); `bias`/`variance`/`eu` are on raw distributions."""
+    """One emitted token with its uncertainty. `logprob` is the target's raw log-probability
+    of the token (temperature 1, no top-p), as are `top_logprobs`; `bias`/`variance`/`eu`
+    (nats) are on the raw distributions too."""
 
     token_id: int
     text: str  # incremental detokenized text this token adds (may be "" mid UTF-8 sequence)
@@ -157,6 +170,11 @@ class Engine(Protocol):
 
     @property
     def tokenizer(self):  # a transformers PreTrainedTokenizerBase
+        ...
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise InvalidRequest for a request this engine cannot run (ranges, an empty prompt,
+        the engine's own checks); holds no state. `generate` runs it first too."""
         ...
 
     def generate(

@@ -36,6 +36,7 @@ os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 
 from vllm import SamplingParams as VllmSamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.exceptions import VLLMClientError
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -49,6 +50,7 @@ from server.engine.types import (
     EngineStats,
     Finished,
     GenerationItem,
+    InvalidRequest,
     SamplingParams,
     TokenEvent,
     TopLogprob,
@@ -61,7 +63,8 @@ DEFAULT_CPU_KV_CACHE_GIB = 4  # GiB; ignored by GPU builds of vLLM
 PROPOSER_CLASS = "server.engine.vllm_proposer.EnsembleProposer"
 DEFAULT_DRAFT_TOP_N = 64  # q̄ entries shipped per position when K > 0
 BIAS_SOURCES = ("worker", "logprobs")
-RECORD_TIMEOUT_S = 30.0  # a record that never comes leaves that token's uncertainty null
+RECORD_TIMEOUT_S = 30.0
+_PARAMS = {"max_tokens", "temperature", "top_p", "seed", "logprobs", "stop"}  # named in errors  # a record that never comes leaves that token's uncertainty null
 
 
 class VllmEngine:
@@ -135,26 +138,23 @@ class VllmEngine:
 
     # --- the Engine interface
 
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self._vllm_params(prompt_token_ids, params)
+
     async def generate(self, request_id: str, prompt_token_ids: list[int],
                        params: SamplingParams) -> AsyncIterator[GenerationItem]:
-        params.validate()
-        if not prompt_token_ids:
-            raise ValueError("prompt_token_ids must not be empty")
+        vllm_params = self._vllm_params(prompt_token_ids, params)  # before any state is held
         if request_id in self._running:
             raise ValueError(f"request id '{request_id}' is already running")
         n_prompt = len(prompt_token_ids)
-        room = min(params.max_tokens, self.max_model_len - n_prompt)
-        if room < 1:
-            raise ValueError(f"the prompt has {n_prompt} tokens; the limit is {self.max_model_len} "
-                             "(prompt + generated)")
         self._running.add(request_id)
         if self.joiner:
             self.joiner.register(request_id)
         detok = IncrementalDetokenizer(self._tokenizer, prompt_token_ids)
         gate = EmissionGate(params)
         steps, completion, reason, eu_seconds = 0, 0, "length", 0.0
-        stream = self.llm.generate({"prompt_token_ids": list(prompt_token_ids)},
-                                   self._vllm_params(params, room), request_id)
+        stream = self.llm.generate({"prompt_token_ids": list(prompt_token_ids)}, vllm_params,
+                                   request_id)
         try:
             async for out in stream:
                 steps += 1
@@ -166,7 +166,7 @@ class VllmEngine:
                     event, dt = await self._event(request_id, n_prompt + completion - 1, tok,
                                                   c.logprobs[i], detok, params)
                     eu_seconds += dt
-                    for ev in gate.push(event):
+                    for ev in gate.push(event, detok.pending):
                         yield ev
                     if gate.reason:
                         break
@@ -182,7 +182,7 @@ class VllmEngine:
                 reason = gate.reason
                 await self.llm.abort(request_id)
             elif reason != "abort":
-                for ev in gate.flush():
+                for ev in gate.flush(detok.flush()):
                     yield ev
             yield Finished(reason, n_prompt, completion, self._stats(request_id, steps, eu_seconds))
         except Exception:
@@ -223,15 +223,29 @@ class VllmEngine:
 
     # --- helpers
 
-    def _vllm_params(self, params: SamplingParams, room: int) -> VllmSamplingParams:
+    def _vllm_params(self, prompt_token_ids: list[int], params: SamplingParams) -> VllmSamplingParams:
+        """vLLM's parameters for the request. Raises InvalidRequest, naming the field, for what
+        our checks or vLLM's own validation refuse."""
+        params.validate()
+        if not prompt_token_ids:
+            raise InvalidRequest("prompt_token_ids must not be empty", "prompt")
+        room = min(params.max_tokens, self.max_model_len - len(prompt_token_ids))
+        if room < 1:
+            raise InvalidRequest(f"the prompt has {len(prompt_token_ids)} tokens; the limit is "
+                                 f"{self.max_model_len} (prompt + generated)", "prompt")
         n_lp = params.logprobs  # 0 still returns the sampled token's own log-prob
         if self._bias_logprobs is not None:
             n_lp = -1 if self._bias_logprobs < 0 else max(self._bias_logprobs, n_lp)
-        return VllmSamplingParams(
-            n=1, max_tokens=room, temperature=params.temperature, top_p=params.top_p,
-            seed=params.seed, ignore_eos=params.ignore_eos, logprobs=n_lp,
-            output_kind=RequestOutputKind.DELTA, detokenize=False,
-        )
+        try:
+            return VllmSamplingParams(
+                n=1, max_tokens=room, temperature=params.temperature, top_p=params.top_p,
+                seed=params.seed, ignore_eos=params.ignore_eos, logprobs=n_lp,
+                output_kind=RequestOutputKind.DELTA, detokenize=False,
+            )
+        except (ValueError, VLLMClientError) as exc:  # vLLM's own checks of the request
+            message = str(exc)
+            param = getattr(exc, "parameter", None) or message.split(" ", 1)[0]
+            raise InvalidRequest(message, param if param in _PARAMS else None) from exc
 
     async def _event(self, request_id: str, position: int, tok: int, lps: dict,
                      detok: IncrementalDetokenizer, params: SamplingParams) -> tuple[TokenEvent, float]:

@@ -32,3 +32,55 @@ def test_disconnect_mid_stream_aborts_in_the_engine(server, engine, path, body):
     # and the server goes on serving
     r = httpx.post(f"{server.url}/generate", json={"prompt": "hi", "max_tokens": 2}, timeout=60)
     assert r.status_code == 200
+
+
+class Paced:
+    """The real engine, with a pause before each item, so a client can leave mid-generation."""
+
+    def __init__(self, engine, delay: float) -> None:
+        self._engine, self._delay = engine, delay
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    async def generate(self, request_id, prompt_ids, params):
+        import asyncio
+        from contextlib import aclosing
+
+        async with aclosing(self._engine.generate(request_id, prompt_ids, params)) as items:
+            async for item in items:
+                await asyncio.sleep(self._delay)
+                yield item
+
+
+WHOLE = [
+    ("/generate", {"prompt": "Question: Tom has 3 apples"}),
+    ("/v1/completions", {"prompt": "Question: Tom has 3 apples"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Count"}]}),
+]
+
+
+@pytest.fixture(scope="module")
+def paced_server(engine):
+    from server.app import create_app
+    from server.config import Settings
+    from tests.server.api.live import LiveServer
+
+    paced = Paced(engine, delay=0.1)
+    with LiveServer(create_app(Settings(), paced)) as live:
+        yield live, paced
+
+
+@pytest.mark.parametrize("path,body", WHOLE, ids=[p for p, _ in WHOLE])
+def test_disconnect_during_a_whole_response_aborts_in_the_engine(paced_server, path, body):
+    """Not streamed: 60 tokens at 0.1 s each would take 6 s; the client leaves after 0.5 s and
+    the request is aborted at once (counted as "abort"), not run to the end."""
+    live, paced = paced_server
+    aborted = request_count(httpx.get(f"{live.url}/metrics").text, path, "abort")
+    body = {**body, "max_tokens": 60, "ignore_eos": True, "temperature": 1.0, "seed": 3}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{live.url}{path}", json=body, timeout=httpx.Timeout(60, read=0.5))
+    assert wait_until(lambda: paced.num_running() == 0, timeout=3)
+    assert request_count(httpx.get(f"{live.url}/metrics").text, path, "abort") == aborted + 1
+    r = httpx.post(f"{live.url}{path}", json={**body, "max_tokens": 2}, timeout=60)
+    assert r.status_code == 200

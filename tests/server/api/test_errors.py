@@ -54,6 +54,17 @@ CASES = [
     ("unknown model", CHAT, {"model": "gpt-9", "messages": MSG}, 404, "model"),
     ("unknown model completions", "/v1/completions", {"model": "x", "prompt": "hi"}, 404, "model"),
     ("body too large", "/generate", {"prompt": "x" * 5000}, 413, None),
+    ("temperature above two", "/generate", {"prompt": "hi", "temperature": 2.01}, 400, "temperature"),
+    ("temperature above two streamed", "/generate",
+     {"prompt": "hi", "temperature": 2.5, "stream": True}, 400, "temperature"),
+    ("temperature above two chat", CHAT, {"messages": MSG, "temperature": 3}, 400, "temperature"),
+    ("stream_options without stream", "/v1/completions",
+     {"prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ("stream_options with stream false", CHAT,
+     {"messages": MSG, "stream": False, "stream_options": {"include_usage": True}}, 400,
+     "stream_options"),
+    ("prompt of nested token lists", "/v1/completions", {"prompt": [[1, 2], [3]]}, 400, "prompt"),
+    ("prompt of mixed list", "/v1/completions", {"prompt": [1, "a"]}, 400, "prompt"),
 ]
 
 
@@ -68,6 +79,35 @@ def test_client_mistakes_are_openai_shaped_4xx(client, name, path, body, status,
     assert set(err) == {"message", "type", "param", "code"}
     assert err["message"] and err["type"] == "invalid_request_error"
     assert err["param"] == param
+
+
+def test_prompt_error_says_what_is_accepted(client):
+    err = client.post("/v1/completions", json={"prompt": {"text": "hi"}}).json()["error"]
+    assert "a list of token ids" in err["message"] and "a list of one list" in err["message"]
+
+
+def test_rejected_requests_hold_no_engine_state(client, engine):
+    """Every kind of refusal, including the engine's own validation, leaves nothing running."""
+    for _, path, body, _, _ in CASES:
+        if isinstance(body, dict):
+            client.post(path, json=body)
+    assert engine.num_running() == 0
+    assert client.get("/ready").json()["running"] == 0
+
+
+def test_engine_validation_is_a_400_naming_the_field(engine):
+    """The engines' own range check (the same in both): a request that reached an engine
+    past the API schema is refused before it holds state."""
+    import asyncio
+
+    from server.engine.types import InvalidRequest, SamplingParams
+
+    async def first():
+        return await engine.generate("t", [1, 2], SamplingParams(temperature=2.5)).__anext__()
+
+    with pytest.raises(InvalidRequest) as info:
+        asyncio.run(first())
+    assert info.value.param == "temperature" and engine.num_running() == 0
 
 
 def test_chunked_body_over_the_limit_is_413(client):

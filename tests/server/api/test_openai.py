@@ -114,3 +114,41 @@ def test_default_chat_template_where_the_tokenizer_has_none(engine):
     msgs = [ChatMessage(role="user", content="hi")]
     ids = chat_prompt_ids(NoTemplate(engine.tokenizer), msgs)
     assert engine.tokenizer.decode(ids, skip_special_tokens=True).endswith("User: hi\nAssistant:")
+
+
+def test_completions_default_to_16_tokens(oai):
+    """As the OpenAI API and vLLM: /v1/completions without max_tokens generates 16 tokens
+    (this server's default_max_tokens, 8 here, applies to chat and /generate)."""
+    r = oai.completions.create(model="tiny", prompt="Question: Tom has", temperature=1.0, seed=1,
+                               extra_body={"ignore_eos": True})
+    assert (r.choices[0].finish_reason, r.usage.completion_tokens) == ("length", 16)
+    c = oai.chat.completions.create(model="tiny", messages=MESSAGES, temperature=1.0, seed=1,
+                                    extra_body={"ignore_eos": True})
+    assert (c.choices[0].finish_reason, c.usage.completion_tokens) == ("length", 8)
+
+
+def test_completions_accept_one_list_of_token_ids(oai, engine):
+    ids = engine.tokenizer("Question: Tom has", add_special_tokens=False)["input_ids"]
+    nested = oai.completions.create(model="tiny", prompt=[ids], max_tokens=5, temperature=0)
+    flat = oai.completions.create(model="tiny", prompt=ids, max_tokens=5, temperature=0)
+    assert nested.choices[0].text == flat.choices[0].text
+    assert nested.usage.prompt_tokens == len(ids)
+
+
+def test_completions_logprobs_zero_has_null_top_logprobs(oai):
+    r = oai.completions.create(model="tiny", prompt="Question: Tom has", max_tokens=4,
+                               temperature=0, logprobs=0)
+    lp = r.choices[0].logprobs
+    assert lp.top_logprobs is None
+    assert len(lp.token_logprobs) == len(lp.tokens) >= 1
+    r2 = oai.completions.create(model="tiny", prompt="Question: Tom has", max_tokens=4,
+                                temperature=0, logprobs=2)
+    assert [len(t) for t in r2.choices[0].logprobs.top_logprobs] == [2] * len(lp.tokens)
+
+
+def test_same_seed_same_text_streamed_or_not(oai):
+    kw = dict(model="tiny", prompt="Question: Ann has", max_tokens=8, temperature=1.0, seed=42)
+    whole = oai.completions.create(**kw).choices[0].text
+    streamed = "".join(c.choices[0].text for c in oai.completions.create(stream=True, **kw)
+                       if c.choices)
+    assert whole == streamed == oai.completions.create(**kw).choices[0].text

@@ -5,6 +5,7 @@ Skipped where vLLM or the vllm engine module is missing. One engine start for th
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import httpx
 import openai
@@ -76,3 +77,40 @@ def test_disconnect_aborts_in_the_vllm_engine(vllm_server):
             assert next(r.iter_lines()).startswith("data: ")
     assert wait_until(lambda: vllm_engine.num_running() == 0, timeout=60)
 
+
+
+def test_vllm_side_refusals_are_400_and_leak_nothing(vllm_server):
+    """temperature > 2 (vLLM's own range too) is a 400 naming the field, streamed or not,
+    before any state is registered in the engine or the joiner."""
+    live, vllm_engine = vllm_server
+    for body in ({"prompt": "hi", "max_tokens": 2, "temperature": 2.01},
+                 {"prompt": "hi", "max_tokens": 2, "temperature": 2.01, "stream": True}):
+        r = httpx.post(f"{live.url}/generate", json=body, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+    assert vllm_engine.num_running() == 0 and vllm_engine.num_joiner_states() == 0
+    assert httpx.get(f"{live.url}/ready").json()["running"] == 0
+
+
+def test_whole_response_disconnect_aborts_in_the_vllm_engine(vllm_server):
+    from tests.server.api.test_errors import request_count
+
+    live, vllm_engine = vllm_server
+    aborted = request_count(httpx.get(f"{live.url}/metrics").text, "/v1/completions", "abort")
+    body = {"prompt": PROMPT, "max_tokens": 200, "temperature": 1.5, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{live.url}/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.3))
+    assert wait_until(lambda: vllm_engine.num_running() == 0, timeout=60)
+    metrics = httpx.get(f"{live.url}/metrics").text
+    assert request_count(metrics, "/v1/completions", "abort") == aborted + 1
+
+
+def test_same_seed_same_tokens_streamed_or_not_with_drafts(vllm_server):
+    live, _ = vllm_server
+    body = {"prompt": PROMPT, "max_tokens": 12, "temperature": 1.0, "seed": 42}
+    runs = [httpx.post(f"{live.url}/generate", json=body, timeout=120).json()["text"]
+            for _ in range(2)]
+    with httpx.Client(base_url=live.url, timeout=120) as c:
+        with c.stream("POST", "/generate", json={**body, "stream": True}) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    streamed = "".join(e["text"] for e in events if "token_id" in e)
+    assert runs[0] == runs[1] == streamed
