@@ -11,6 +11,7 @@
                                               chart: $("chart"), tooltip: $("tooltip") });
   let controller = null;
   let history = [];  // chat messages so far
+  let serverThresholds = {};  // the server's default flag thresholds, from /ready
 
   const mode = () => document.querySelector("input[name=mode]:checked").value;
   const value = (id) => $(id).value.trim();
@@ -50,7 +51,11 @@
       if (r.status === 401) { $("model").textContent = "this server needs an API key"; return; }
       if (!r.ok) { $("model").textContent = "model not ready yet"; return; }
       const info = await r.json();
-      $("model").textContent = `${info.model} · ${info.engine} engine · ${info.num_drafts} drafts · context ${info.max_model_len}`;
+      serverThresholds = info.thresholds || {};
+      const eu = serverThresholds.eu;
+      $("model").textContent = `${info.model} · ${info.engine} engine · ${info.num_drafts} drafts · context ${info.max_model_len}`
+        + (eu === undefined ? "" : ` · flags eu > ${EpiView.fmt(eu)} nats`);
+      if (eu !== undefined) $("th_eu").placeholder = `server's: ${EpiView.fmt(eu)}`;
     } catch (_) { $("model").textContent = "server unreachable"; }
   }
 
@@ -165,7 +170,9 @@
     }
     const container = document.createElement("span");
     out.appendChild(container);
-    view.begin(container, { scaleMax: numberOrNull("scale_max", Number), threshold: numberOrNull("th_eu", Number) });
+    const threshold = numberOrNull("th_eu", Number);
+    view.begin(container, { scaleMax: numberOrNull("scale_max", Number),
+                            threshold: threshold === null ? (serverThresholds.eu ?? null) : threshold });
     controller = new AbortController();
     busy(true);
     setStatus("Waiting for the first token…");

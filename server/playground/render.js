@@ -211,7 +211,7 @@ const EpiView = (() => {
     chart() {
       const box = this.els.chart;
       if (!box) return;
-      const W = 320, H = 140, L = 34, B = 18, T = 8, R = 6;
+      const W = 320, H = 140, L = 40, B = 18, T = 8, R = 6;
       const toks = this.tokens;
       let top = this.threshold || 0;
       for (const t of toks) top = Math.max(top, num(t.eu) || 0);
@@ -222,11 +222,11 @@ const EpiView = (() => {
       for (const v of [0, top / 2, top]) {
         s.appendChild(svg("line", { x1: L, x2: W - R, y1: y(v), y2: y(v), class: "grid" }));
         const label = svg("text", { x: L - 4, y: y(v) + 3, class: "axis", "text-anchor": "end" });
-        label.textContent = +v.toPrecision(3);
+        label.textContent = `${+v.toPrecision(3)}${v === top ? " nats" : ""}`;
         s.appendChild(label);
       }
       const xlabel = svg("text", { x: (L + W - R) / 2, y: H - 4, class: "axis", "text-anchor": "middle" });
-      xlabel.textContent = `token (1–${toks.length}), nats`;
+      xlabel.textContent = toks.length ? `tokens 1–${toks.length}` : "no tokens yet";
       s.appendChild(xlabel);
       const step = (W - L - R) / Math.max(toks.length, 1);
       toks.forEach((t, i) => {

@@ -221,6 +221,9 @@ def test_chat_mode_keeps_the_conversation(guarded, browser):
                 for c in choice["logprobs"]["content"]]
     assert_tokens_match(dom_tokens(browser), expected)
     assert summary_fields(browser)["num_tokens"] == str(choice["uncertainty"]["summary"]["num_tokens"])
+    # no threshold typed: the server's default (from /ready) is named and marked on the scale
+    assert "flags eu > 0.500 nats" in browser.find_element("id", "model").text
+    assert "threshold 0.500 nats" in browser.find_element("id", "legend").text
 
     fill(browser, prompt="And pears?")
     browser.find_element("id", "send").click()
