@@ -2,7 +2,8 @@
 
 Sources in this package: `page.css` (styles), `render.js` (the one token renderer: colour scale,
 legend, tooltips, summary, eu chart), `client.js` (the live page's form and streaming),
-`static.js` (renders an embedded generation), and the `live.html` / `static.html` templates.
+`static.js` (renders an embedded generation), the `live.html` / `static.html` templates and
+`aside.html` (the side panel and tooltip both templates hold).
 
 - `live_page()`: the page served at `GET /` and `GET /playground`.
 - `static_page(record)`: one generation as a standalone file (`epispec generate --html`).
@@ -18,6 +19,7 @@ import base64
 import hashlib
 import html
 import json
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -52,9 +54,9 @@ def _csp(style: str, script: str, connect: str) -> str:
 
 
 def _fill(template: str, **parts: str) -> str:
-    for key, value in parts.items():
-        template = template.replace("{{" + key + "}}", value)
-    return template
+    """Replaces every `{{name}}` in one pass: text put in is never scanned again."""
+    parts = {"aside": _source("aside.html"), **parts}
+    return re.sub(r"\{\{(\w+)\}\}", lambda m: parts[m.group(1)], template)
 
 
 def _script(*names: str) -> str:
@@ -95,6 +97,6 @@ def static_page(record: dict) -> str:
         "footer": html.escape(f"Written by epispec generate --html{', ' + record['created'] if record.get('created') else ''}."),
         "style": style,
         "script": script,
+        "data": json_for_html(record),
     }
-    page = _fill(_source("static.html"), **parts)
-    return page.replace("{{data}}", json_for_html(record))  # last: the data may hold "{{"
+    return _fill(_source("static.html"), **parts)

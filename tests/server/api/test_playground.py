@@ -119,13 +119,13 @@ def test_page_is_served_without_the_key_and_needs_nothing_from_outside(guarded, 
 
 
 def test_static_page_keeps_model_text_out_of_the_markup():
-    evil = "</script><img src=x onerror=alert(1)>{{data}}"
+    evil = "</script><img src=x onerror=alert(1)>{{data}}{{style}}"
     tok = {"token_id": 1, "text": evil, "logprob": -1.0, "bias": 0.1, "variance": 0.2,
            "eu": 0.3, "flagged": False}
     final = {"summary": {"mean_eu": 0.3, "max_eu": 0.3, "num_tokens": 1, "num_flagged": 0,
                          "flagged": False}, "finish_reason": "length"}
     page = static_page({"model": "m<b>", "prompt": evil, "events": [tok, final]})
-    assert "<img" not in page and "m<b>" not in page
+    assert "<img" not in page and "m<b>" not in page and page.count(":root {") == 1
     data = re.search(r'<script type="application/json" id="epispec-data">(.*?)</script>', page, re.S)
     assert json.loads(data.group(1))["events"][0]["text"] == evil
 
