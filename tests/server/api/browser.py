@@ -105,7 +105,10 @@ def assert_tokens_match(dom: list[dict], api: list[dict]) -> None:
 
 
 def assert_darker_with_more_eu(dom: list[dict]) -> None:
-    """The colour scale is monotonic: more eu, darker background."""
+    """The colour scale is monotonic: more eu, darker background (up to rounding to 8-bit
+    channels, worth < 0.001 in luminance where the blue channel rises as green falls)."""
     pairs = sorted((float(d["eu"]), luminance(d["background"])) for d in dom)
     for (eu1, l1), (eu2, l2) in zip(pairs, pairs[1:], strict=False):
-        assert eu1 == eu2 or l1 >= l2 - 1e-9, (eu1, l1, eu2, l2)
+        assert eu1 == eu2 or l1 >= l2 - 0.002, (eu1, l1, eu2, l2)
+    if pairs[-1][0] - pairs[0][0] > 1.0:  # nats apart: visibly different on a scale up to 10
+        assert pairs[0][1] > pairs[-1][1] + 0.03
