@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from server.api import generate, openai_api, system
+from server.api import generate, openai_api, playground, system
 
 
 def api_router() -> APIRouter:
     router = APIRouter()
-    for part in (system, generate, openai_api):
+    for part in (system, generate, openai_api, playground):
         router.include_router(part.router)
     return router

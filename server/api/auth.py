@@ -1,6 +1,7 @@
-"""Optional bearer API key: every path but `/health` requires `Authorization: Bearer KEY`
-when the server has one. Checked in front of everything else (before the body is read or
-parsed), compared in constant time."""
+"""Optional bearer API key: every path but `/health` and the playground page (`/`,
+`/playground`: static, no data) requires `Authorization: Bearer KEY` when the server has one.
+Checked in front of everything else (before the body is read or parsed), compared in
+constant time."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.api.errors import APIError
 
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/", "/playground"})
 
 
 def key_matches(authorization: str, key: str) -> bool:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
@@ -25,13 +26,15 @@ async def health(request: Request) -> JSONResponse:
 
 @router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
-    """200 once the engine is built and healthy: the server can generate."""
+    """200 once the engine is built and healthy: the server can generate (with its default
+    flag thresholds, which the playground marks on its colour scale)."""
     engine = request.app.state.ctx.engine
     if engine is None or not engine.is_healthy():
         return JSONResponse({"status": "not ready"}, status_code=503)
     return JSONResponse({"status": "ready", "model": engine.model_name, "engine": engine.name,
                          "num_drafts": engine.num_drafts, "max_model_len": engine.max_model_len,
-                         "running": engine.num_running()})
+                         "running": engine.num_running(),
+                         "thresholds": asdict(request.app.state.ctx.thresholds)})
 
 
 @router.get("/metrics")

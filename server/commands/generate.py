@@ -3,6 +3,7 @@
 With --jsonl: one JSON object per token (token_id, text, logprob, bias, variance, eu, flagged)
 and a final {"summary": {...}} line. Otherwise the text, with flagged tokens marked
 (reverse video on a terminal, [[like this]] in a pipe), and a summary line on stderr.
+With --html FILE: also the playground's coloured view of the generation, as a standalone page.
 """
 
 from __future__ import annotations
@@ -12,12 +13,19 @@ import asyncio
 import json
 import sys
 import uuid
+from pathlib import Path
 
 from server.bundle import BundleError
 from server.commands.model_args import add_model_arguments, engine_args
 from server.engine.factory import EngineUnavailable, build_engine
 from server.engine.models import ModelFolderError
-from server.engine.types import DEFAULT_EU_THRESHOLD, Finished, FlagThresholds, SamplingParams
+from server.engine.types import (
+    DEFAULT_EU_THRESHOLD,
+    Finished,
+    FlagThresholds,
+    SamplingParams,
+    TokenEvent,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eu-threshold", type=float, default=None,
                         help=f"flag tokens with eu above this (nats; default: bundle's or {DEFAULT_EU_THRESHOLD})")
     parser.add_argument("--jsonl", action="store_true", help="one JSON object per token")
+    parser.add_argument("--html", metavar="FILE", type=Path, default=None,
+                        help="also write the generation as a standalone coloured HTML page")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
             thresholds=_thresholds(args, bundle),
         )
         params.validate()
+        if args.html is not None and not args.html.parent.is_dir():
+            raise ValueError(f"--html: the folder {args.html.parent} does not exist")
         engine = build_engine(eargs)
     except (BundleError, ModelFolderError, EngineUnavailable, ValueError) as exc:
         print(f"epispec generate: {exc}", file=sys.stderr)
@@ -73,9 +85,12 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
 async def _generate(engine, args: argparse.Namespace, params: SamplingParams) -> int:
     mark = ("\x1b[7m", "\x1b[0m") if sys.stdout.isatty() else ("[[", "]]")
     prompt_ids = encode_prompt(engine.tokenizer, args.prompt)
+    tokens: list[TokenEvent] = []
     try:
         async for item in engine.generate(uuid.uuid4().hex, prompt_ids, params):
             if isinstance(item, Finished):
+                if args.html is not None:
+                    _write_html(args, engine.model_name, params, tokens, item)
                 summary = {"tokens": item.completion_tokens, **item.stats.as_dict(),
                            "finish_reason": item.finish_reason}
                 if args.jsonl:
@@ -83,7 +98,9 @@ async def _generate(engine, args: argparse.Namespace, params: SamplingParams) ->
                 else:
                     print(flush=True)
                     print(f"[{json.dumps(summary)}]", file=sys.stderr)
-            elif args.jsonl:
+                continue
+            tokens.append(item)
+            if args.jsonl:
                 print(json.dumps(item.as_dict()), flush=True)
             else:
                 text = f"{mark[0]}{item.text}{mark[1]}" if item.flagged else item.text
@@ -91,3 +108,16 @@ async def _generate(engine, args: argparse.Namespace, params: SamplingParams) ->
     finally:
         await engine.shutdown()
     return 0
+
+
+def _write_html(args: argparse.Namespace, model: str, params: SamplingParams,
+                tokens: list[TokenEvent], finished: Finished) -> None:
+    from server.api.playground import generation_record
+    from server.playground import static_page
+
+    settings = {"max_tokens": params.max_tokens, "temperature": params.temperature,
+                "top_p": params.top_p, "seed": params.seed}
+    record = generation_record(model=model, prompt=args.prompt, tokens=tokens, finished=finished,
+                               thresholds=params.thresholds, settings=settings)
+    args.html.write_text(static_page(record), encoding="utf-8")
+    print(f"[wrote {args.html}]", file=sys.stderr)
