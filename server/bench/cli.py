@@ -63,6 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     w.add_argument("--num-speculative-tokens", type=int, default=3, metavar="K")
     w.add_argument(
+        "--temperatures", type=float, nargs="+", default=[0.0, 0.7, 1.0], metavar="T",
+        help="sampling temperatures, each run at every concurrency (0 = greedy; the goals are "
+        "judged at 0; T > 0 shows acceptance and throughput when sampling; default: 0 0.7 1)",
+    )
+    w.add_argument(
         "--target-logprobs",
         type=int,
         default=20,
@@ -115,6 +120,7 @@ def _workload(args: argparse.Namespace) -> Workload:
         eu_prompts=eu_prompts if args.eu_prompts is None else args.eu_prompts,
         num_speculative_tokens=args.num_speculative_tokens,
         target_logprobs=args.target_logprobs,
+        temperatures=tuple(args.temperatures),
     )
 
 

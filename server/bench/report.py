@@ -44,11 +44,12 @@ def _fmt(v, spec: str) -> str:
 
 def runs_table(runs: list[dict]) -> str:
     head = (
-        "| config | C | out tok/s | TTFT p50 (ms) | ITL p50 (ms) | ITL p99 (ms) | acceptance "
-        "| draft passes/token | peak RSS (MiB) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| config | T | C | out tok/s | TTFT p50 (ms) | ITL p50 (ms) | ITL p99 (ms) | acceptance "
+        "| draft passes/token | peak RSS (MiB) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     rows = [
-        f"| {r['config']} | {r['concurrency']} | {_fmt(r['output_tokens_per_s'], '.1f')} "
+        f"| {r['config']} | {r.get('temperature', 0.0):g} | {r['concurrency']} "
+        f"| {_fmt(r['output_tokens_per_s'], '.1f')} "
         f"| {_fmt(_ms(r['ttft_p50_s']), '.1f')} | {_fmt(_ms(r['itl_p50_s']), '.2f')} "
         f"| {_fmt(_ms(r['itl_p99_s']), '.1f')} | {_fmt(r['acceptance_rate'], '.2f')} "
         f"| {_fmt(r['draft_passes_per_token'], '.2f')} | {r['peak_rss_bytes'] / MiB:.0f} |"
@@ -61,8 +62,10 @@ def _ms(s):
     return None if s is None else 1000 * s
 
 
-def _find(runs: list[dict], config: str, c: int) -> dict | None:
-    return next((r for r in runs if r["config"] == config and r["concurrency"] == c), None)
+def _find(runs: list[dict], config: str, c: int, temperature: float = 0.0) -> dict | None:
+    """The run of `config` at concurrency c and this temperature (goals are judged greedy)."""
+    return next((r for r in runs if r["config"] == config and r["concurrency"] == c
+                 and r.get("temperature", 0.0) == temperature), None)
 
 
 def goals(runs: list[dict], eu_error: dict | None) -> list[dict]:
@@ -157,18 +160,20 @@ def plot(doc: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    configs = list(dict.fromkeys(r["config"] for r in doc["runs"]))
+    series = list(dict.fromkeys((r["config"], r.get("temperature", 0.0)) for r in doc["runs"]))
+    styles = {t: ls for t, ls in zip(sorted({t for _, t in series}), ("-", "--", ":", "-."), strict=False)}
     panels = (
         ("output_tokens_per_s", "output tokens/s", 1, "log"),
         ("ttft_p50_s", "TTFT p50 (ms)", 1000, "log"),
         ("peak_rss_bytes", "peak RSS (MiB)", 1 / MiB, "linear"),
     )
     for ax, (key, label, scale, yscale) in zip(axes, panels, strict=True):
-        for cfg in configs:
-            rs = [r for r in doc["runs"] if r["config"] == cfg and r[key] is not None]
-            ax.plot(
-                [r["concurrency"] for r in rs], [r[key] * scale for r in rs], marker="o", label=cfg
-            )
+        for cfg, t in series:
+            rs = [r for r in doc["runs"] if (r["config"], r.get("temperature", 0.0)) == (cfg, t)
+                  and r[key] is not None]
+            ax.plot([r["concurrency"] for r in rs], [r[key] * scale for r in rs], marker="o",
+                    linestyle=styles.get(t, "-"), color=f"C{[c for c, _ in series].index(cfg)}",
+                    label=f"{cfg} T={t:g}" if len(styles) > 1 else cfg)
         ax.set_xscale("log", base=2)
         ax.set_yscale(yscale)
         ax.set_xlabel("concurrency")

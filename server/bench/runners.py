@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import time
+import zlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -30,19 +31,21 @@ CONFIGS = ("vllm-target-alone", "vllm-draft-model", "epispec", "reference")
 WARMUP_TOKENS = 4
 
 # submit(request_id, prompt_ids, max_tokens) -> (timing, counters)
-Submit = Callable[[str, list[int], int], Awaitable[tuple[RequestTiming, dict]]]
+Submit = Callable[..., Awaitable[tuple[RequestTiming, dict]]]  # (rid, ids, max_tokens, T)
 
 
 async def run_level(
-    submit: Submit, prompts: list[list[int]], concurrency: int, max_tokens: int, tag: str
+    submit: Submit, prompts: list[list[int]], concurrency: int, max_tokens: int, tag: str,
+    temperature: float = 0.0,
 ) -> tuple[list[RequestTiming], dict, float]:
-    """All prompts with at most `concurrency` in flight. Returns timings, summed counters, wall s."""
+    """All prompts with at most `concurrency` in flight, sampled at `temperature` (seeded per
+    request). Returns timings, summed counters, wall s."""
     sem = asyncio.Semaphore(concurrency)
     totals: dict[str, int] = {}
 
     async def one(i: int, ids: list[int]) -> RequestTiming:
         async with sem:
-            timing, counters = await submit(f"{tag}-{i}", ids, max_tokens)
+            timing, counters = await submit(f"{tag}-{i}", ids, max_tokens, temperature)
         for key, v in counters.items():
             totals[key] = totals.get(key, 0) + v
         return timing
@@ -52,11 +55,18 @@ async def run_level(
     return list(timings), totals, now() - t0
 
 
+def request_seed(rid: str) -> int:
+    """A fixed seed per request id, so a sampled (T > 0) run is reproducible."""
+    return zlib.crc32(rid.encode())
+
+
 def level_row(
-    config: str, concurrency: int, timings, counters: dict, wall_s: float, peak_rss: int, k: int
+    config: str, concurrency: int, timings, counters: dict, wall_s: float, peak_rss: int, k: int,
+    temperature: float = 0.0,
 ) -> dict:
     """One `runs` entry. Counters: proposed, accepted, draft_passes, rounds (verification steps)."""
-    row = {"config": config, "concurrency": concurrency, **latency_summary(timings, wall_s)}
+    row = {"config": config, "temperature": temperature, "concurrency": concurrency,
+           **latency_summary(timings, wall_s)}
     tokens = row["output_tokens"] or 1
     proposed = counters.get("proposed", 0)
     row["acceptance_rate"] = counters["accepted"] / proposed if proposed else None
@@ -126,10 +136,11 @@ def vllm_submit(llm, totals: dict, k: int) -> Submit:
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    async def submit(rid: str, ids: list[int], max_tokens: int):
+    async def submit(rid: str, ids: list[int], max_tokens: int, temperature: float = 0.0):
         params = SamplingParams(
             max_tokens=max_tokens,
-            temperature=0.0,
+            temperature=temperature,
+            seed=request_seed(rid),
             ignore_eos=True,
             output_kind=RequestOutputKind.DELTA,
         )
@@ -175,12 +186,14 @@ def start_engine(spec: dict):
 
 
 async def engine_request(
-    engine, rid: str, ids: list[int], max_tokens: int, events: list | None = None
+    engine, rid: str, ids: list[int], max_tokens: int, temperature: float = 0.0,
+    events: list | None = None,
 ):
     """One request through `Engine.generate`: timing, counters, and (optionally) its events."""
     from server.engine.types import Finished, SamplingParams
 
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature,
+                            seed=request_seed(rid), ignore_eos=True)
     t = RequestTiming(now())
     counters: dict = {}
     async for item in engine.generate(rid, ids, params):
@@ -204,7 +217,8 @@ async def engine_request(
 
 
 def engine_submit(engine) -> Submit:
-    return lambda rid, ids, max_tokens: engine_request(engine, rid, ids, max_tokens)
+    return lambda rid, ids, max_tokens, temperature=0.0: engine_request(
+        engine, rid, ids, max_tokens, temperature)
 
 
 async def collect_eu(engine, prompts: list[list[int]], max_tokens: int) -> list[dict]:
@@ -214,7 +228,7 @@ async def collect_eu(engine, prompts: list[list[int]], max_tokens: int) -> list[
     async def one(i: int, ids: list[int]) -> dict:
         events: list = []
         async with sem:
-            await engine_request(engine, f"eu-{i}", ids, max_tokens, events)
+            await engine_request(engine, f"eu-{i}", ids, max_tokens, events=events)
         return {
             "prompt_ids": ids,
             "tokens": [e.token_id for e in events],
@@ -256,23 +270,24 @@ async def run_config(spec: dict) -> dict:
         await run_level(submit, warm, max(w.concurrencies), WARMUP_TOKENS, "warmup")
         runs = []
         prof = cProfile.Profile() if spec.get("profile") else None
-        for c in w.concurrencies:
+        for temperature, c in [(t, c) for t in w.temperatures for c in w.concurrencies]:
             prompts = [encode(p) for p in w.level_prompts(c)]
             before = dict(totals)
             rss.reset()
             if prof:
                 prof.enable()
-            timings, counters, wall = await run_level(submit, prompts, c, w.max_tokens, f"c{c}")
+            timings, counters, wall = await run_level(submit, prompts, c, w.max_tokens,
+                                                      f"t{temperature}-c{c}", temperature)
             if prof:
                 prof.disable()
             if config.startswith("vllm-"):
                 await asyncio.sleep(0.3)  # the last step's stats trail its outputs
                 counters = {key: totals[key] - before[key] for key in totals}
                 counters["draft_passes"] = w.num_speculative_tokens * counters["spec_rounds"]
-            runs.append(
-                level_row(config, c, timings, counters, wall, rss.peak, w.num_speculative_tokens)
-            )
-            print(f"[{config}] c={c}: {runs[-1]['output_tokens_per_s']:.1f} tok/s", file=sys.stderr)
+            runs.append(level_row(config, c, timings, counters, wall, rss.peak,
+                                  w.num_speculative_tokens, temperature))
+            print(f"[{config}] T={temperature} c={c}: {runs[-1]['output_tokens_per_s']:.1f} tok/s",
+                  file=sys.stderr)
         if prof:
             from server.bench import profile
 

@@ -55,8 +55,8 @@ def fit_prompt(ids: list[int], budget: int) -> list[int]:
 
 @dataclass(frozen=True)
 class Workload:
-    """What every config runs: the same prompts, greedy, a fixed number of output tokens each
-    (`ignore_eos`, so every request emits exactly `max_tokens`)."""
+    """What every config runs: the same prompts, at each temperature (0 = greedy), a fixed
+    number of output tokens each (`ignore_eos`, so every request emits exactly `max_tokens`)."""
 
     prompts: list[str]
     max_tokens: int
@@ -65,6 +65,7 @@ class Workload:
     eu_prompts: int  # prompts whose per-token EU is checked against exact values (epispec)
     num_speculative_tokens: int = 3
     target_logprobs: int = 20
+    temperatures: tuple[float, ...] = (0.0,)  # each level runs at each; > 0 samples, seeded
 
     def level_prompts(self, concurrency: int) -> list[str]:
         n = max(self.requests_per_level, concurrency)
@@ -79,6 +80,7 @@ class Workload:
             "eu_prompts": self.eu_prompts,
             "num_speculative_tokens": self.num_speculative_tokens,
             "target_logprobs": self.target_logprobs,
+            "temperatures": list(self.temperatures),
         }
 
     @classmethod
@@ -91,4 +93,5 @@ class Workload:
             d["eu_prompts"],
             d["num_speculative_tokens"],
             d["target_logprobs"],
+            tuple(d.get("temperatures", (0.0,))),
         )

@@ -145,7 +145,7 @@ def test_goals_are_ratios_of_the_same_concurrency():
     assert g["EU median relative error"]["met"] and not g["EU p95 relative error"]["met"]
     table = report.runs_table(runs)
     assert len(table.splitlines()) == 2 + len(runs)
-    assert "| epispec | 32 | 80.0 |" in table
+    assert "| epispec | 0 | 32 | 80.0 |" in table  # T 0 (greedy: runs without a temperature)
 
 
 def test_error_summary_pairs_tokens_and_floors_the_relative_error():
@@ -208,6 +208,9 @@ def test_bench_reference_config_writes_table_json_and_plot(tiny_models, tmp_path
         "--concurrency",
         "1",
         "2",
+        "--temperatures",
+        "0",
+        "1",
         "--json",
         str(out),
         "--plot",
@@ -216,9 +219,11 @@ def test_bench_reference_config_writes_table_json_and_plot(tiny_models, tmp_path
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     doc = json.loads(out.read_text())
-    assert [(x["config"], x["concurrency"]) for x in doc["runs"]] == [
-        ("reference", 1),
-        ("reference", 2),
+    assert [(x["config"], x["temperature"], x["concurrency"]) for x in doc["runs"]] == [
+        ("reference", 0.0, 1),
+        ("reference", 0.0, 2),
+        ("reference", 1.0, 1),
+        ("reference", 1.0, 2),
     ]
     keys = {
         "config",
@@ -234,7 +239,7 @@ def test_bench_reference_config_writes_table_json_and_plot(tiny_models, tmp_path
     assert all(keys <= set(x) for x in doc["runs"])
     assert all(x["output_tokens"] == max(2, x["concurrency"]) * 6 for x in doc["runs"])
     assert doc["eu_error"] is None and doc["skipped"] == []
-    assert "| reference | 2 |" in r.stdout
+    assert "| reference | 0 | 2 |" in r.stdout and "| reference | 1 | 2 |" in r.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -249,7 +254,7 @@ def test_engine_request_counts_stats_from_finished():
             yield Finished("length", len(ids), 3, EngineStats(2, 6, 6, 1, eu_seconds=0.5))
 
     events: list = []
-    timing, counters = asyncio.run(engine_request(Scripted(), "r", [1, 2], 3, events))
+    timing, counters = asyncio.run(engine_request(Scripted(), "r", [1, 2], 3, events=events))
     assert len(timing.token_times) == 3 and [e.token_id for e in events] == [5, 6, 7]
     assert counters == {
         "rounds": 2,
