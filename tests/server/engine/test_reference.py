@@ -11,9 +11,9 @@ import torch
 
 from server.engine import models
 from server.engine.reference import ReferenceEngine
-from server.engine.speculative import sampling_probs
 from server.engine.types import Finished, FlagThresholds, SamplingParams, TokenEvent
 from server.engine.uncertainty import decompose
+from tests.sampling_check import assert_pairs_follow_target
 
 PROMPTS = [
     "Question: Ann has 3 apples and buys 4 more. How many apples does Ann have?\nAnswer:",
@@ -91,8 +91,7 @@ def test_each_token_eu_equals_teacher_forced_recomputation(engine):
 
 def test_sampled_output_follows_the_target_distribution(engine):
     """Pairs of the first two tokens over 1500 seeds against the exact target probabilities
-    p̃(t1)·p̃(t2|t1) (temperature 0.9, top-p 0.95). Categories with expected count ≥ 10 are
-    tested, the rest lumped: a chi-square this large (> dof + 6·sqrt(2·dof)) has p < 1e-4."""
+    p̃(t1)·p̃(t2|t1) (temperature 0.9, top-p 0.95); see `assert_pairs_follow_target`."""
     ids = _ids(engine, "Question: Fay has")
     T, top_p, n = 0.9, 0.95, 1500
     counts = collections.Counter()
@@ -101,24 +100,7 @@ def test_sampled_output_follows_the_target_distribution(engine):
             engine, ids, max_tokens=3, temperature=T, top_p=top_p, seed=seed, ignore_eos=True
         )
         counts[(events[0].token_id, events[1].token_id)] += 1
-    with torch.inference_mode():
-        p1 = sampling_probs(engine.target(input_ids=torch.tensor([ids])).logits[0, -1], T, top_p)
-        firsts = (p1 > 0).nonzero().flatten().tolist()
-        batch = torch.tensor([ids + [t] for t in firsts])
-        p2 = sampling_probs(engine.target(input_ids=batch).logits[:, -1], T, top_p)  # [F, V]
-    expected = {
-        (t1, t2): (p1[t1] * p2[i, t2]).item() * n
-        for i, t1 in enumerate(firsts)
-        for t2 in (p2[i] > 0).nonzero().flatten().tolist()
-    }
-    big = [c for c, e in expected.items() if e >= 10]
-    assert len(big) >= 3, "the test needs several likely pairs to mean anything"
-    obs = [counts[c] for c in big] + [n - sum(counts[c] for c in big)]
-    exp = [expected[c] for c in big] + [n - sum(expected[c] for c in big)]
-    chi2 = sum((o - e) ** 2 / e for o, e in zip(obs, exp, strict=True) if e > 0)
-    dof = len(obs) - 1
-    assert chi2 < dof + 6 * (2 * dof) ** 0.5, (chi2, dof)
-    assert set(counts) <= set(expected), "a pair of probability zero was sampled"
+    assert_pairs_follow_target(counts, engine.target, ids, T, top_p)
 
 
 def test_seed_reproducibility_and_independence(engine):

@@ -24,6 +24,7 @@ from server.engine.models import ModelFolderError, load_causal_lm  # noqa: E402
 from server.engine.reference import ReferenceEngine  # noqa: E402
 from server.engine.types import Finished, FlagThresholds, SamplingParams, TokenEvent  # noqa: E402
 from server.engine.uncertainty import bias_topk, decompose, mixture_logprobs  # noqa: E402
+from tests.sampling_check import assert_pairs_follow_target  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -370,10 +371,7 @@ def test_near_zero_temperature_samples_the_target_argmax(engine, loop):
 def test_sampled_pairs_follow_the_target_distribution(engine, hf_models, loop, temperature, top_p):
     """The first two tokens of 1200 seeded requests against the exact p̃(t1)·p̃(t2|t1) of the
     target (temperature, then top-p). The second token goes through the drafts' proposal and
-    the rejection sampler. Pairs with expected count ≥ 10 are tested, the rest lumped; a
-    chi-square above dof + 6·sqrt(2·dof) has p < 1e-4."""
-    from server.engine.speculative import sampling_probs
-
+    the rejection sampler (see `assert_pairs_follow_target`)."""
     ids = _encode(engine.tokenizer, "Question: Fay has")
     n, params = 1200, dict(max_tokens=2, temperature=temperature, top_p=top_p, ignore_eos=True)
 
@@ -388,23 +386,7 @@ def test_sampled_pairs_follow_the_target_distribution(engine, hf_models, loop, t
 
     counts = collections.Counter(tuple(e.token_id for e in events[:2])
                                  for events, _ in loop.run_until_complete(run_all()))
-    target = hf_models[0]
-    with torch.inference_mode():
-        p1 = sampling_probs(target(input_ids=torch.tensor([ids])).logits[0, -1], temperature, top_p)
-        firsts = (p1 > 0).nonzero().flatten().tolist()
-        p2 = sampling_probs(target(input_ids=torch.tensor([ids + [t] for t in firsts])).logits[:, -1],
-                            temperature, top_p)  # [F, V]
-    expected = {(t1, t2): (p1[t1] * p2[i, t2]).item() * n
-                for i, t1 in enumerate(firsts) for t2 in (p2[i] > 0).nonzero().flatten().tolist()}
-    big = [c for c, e in expected.items() if e >= 10]
-    assert len(big) >= 3, "the test needs several likely pairs to mean anything"
-    obs = [counts[c] for c in big] + [n - sum(counts[c] for c in big)]
-    exp = [expected[c] for c in big] + [n - sum(expected[c] for c in big)]
-    chi2 = sum((o - e) ** 2 / e for o, e in zip(obs, exp, strict=True) if e > 0)
-    dof = len(obs) - 1
-    print(f"\nT={temperature} top_p={top_p}: chi2 {chi2:.1f} over {dof} dof, {len(counts)} pairs seen")
-    assert chi2 < dof + 6 * (2 * dof) ** 0.5, (chi2, dof)
-    assert set(counts) <= set(expected), "a pair of probability zero was sampled"
+    assert_pairs_follow_target(counts, hf_models[0], ids, temperature, top_p)
 
 
 def _mean_raw_logprob(engine, loop, tag: str, n: int = 32) -> tuple[float, float, float]:
