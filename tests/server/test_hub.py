@@ -16,7 +16,14 @@ import torch
 
 from server.hub.fetch import sha256_file
 from server.hub.source import Source, SourceError, model_dir
-from tests.tiny_gguf import CHAT_TEMPLATE, TEXTS, tiny_llama, tiny_tokenizer, write_gguf, write_wheel
+from tests.tiny_gguf import (
+    CHAT_TEMPLATE,
+    TEXTS,
+    tiny_llama,
+    tiny_tokenizer,
+    write_gguf,
+    write_wheel,
+)
 
 pytest.importorskip("gguf")
 
