@@ -9,6 +9,7 @@ runs without a network.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -171,8 +172,6 @@ def test_bundle_by_source_is_prepared_on_load(tiny, offline_pip, tmp_path):
     assert not (tmp_path / "b" / "target").exists()  # named, not copied
     assert (tmp_path / "b" / "tokenizer" / "tokenizer.json").is_file()
 
-    import shutil
-
     shutil.rmtree(offline_pip / "models" / "tiny-llama")  # as on a machine that never prepared it
     lazy = load_bundle(tmp_path / "b", prepare=False)
     assert lazy.target == model_dir(tiny["source"]) and not lazy.target.exists()
@@ -214,3 +213,8 @@ def test_cli_prepare_from_a_corrupt_file_exits_2(tmp_path, capsys):
     assert main(["models", "prepare", "--home", str(tmp_path / "home"), "--from", str(tmp_path / "nope.whl")]) == 2
     assert "No file at" in capsys.readouterr().err
     assert main(["models", "path", "--home", str(tmp_path / "home")]) == 1
+    capsys.readouterr()
+    assert main(["models", "list", "--json", "--home", str(tmp_path / "home")]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["name"] == "smollm2-135m-instruct" and row["prepared"] is False
+    assert row["sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
