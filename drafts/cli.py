@@ -94,7 +94,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _train_args(p, lr=3e-3)
 
     p = sub.add_parser("bundle", help="write a bundle folder")
-    p.add_argument("--target", required=True)
+    t = p.add_mutually_exclusive_group(required=True)
+    t.add_argument("--target", help="target model folder (copied into the bundle)")
+    t.add_argument("--target-source", metavar="NAME",
+                   help="a known pretrained target (`epispec models list`), named by source in "
+                        "bundle.json instead of copied; prepared in the model cache if missing")
     p.add_argument("--draft", action="append", default=[], metavar="DIR", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--thresholds", default=None, help="JSON file of calibrated flag thresholds")
@@ -204,8 +208,15 @@ def _bundle(args) -> dict:
         if not path.is_file():
             raise FileNotFoundError(f"Thresholds file '{path}' does not exist.")
         thresholds = json.loads(path.read_text())
+    source = None
+    if args.target_source:
+        from server.hub.source import SOURCES
+
+        if args.target_source not in SOURCES:
+            raise ValueError(f"Unknown target source '{args.target_source}': known are {sorted(SOURCES)}.")
+        source = SOURCES[args.target_source]
     manifest = write_bundle(args.target, args.draft, args.out, thresholds=thresholds,
-                            dtype=args.dtype, force=args.force)
+                            dtype=args.dtype, force=args.force, target_source=source)
     return {"bundle": args.out, "bytes": manifest["bytes"]}
 
 

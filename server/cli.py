@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("server.commands.generate", "generate text with per-token uncertainty"),
     "serve": ("server.commands.serve", "start the HTTP server"),
     "info": ("server.commands.info", "show the active bundle's manifest"),
+    "models": ("server.commands.models", "fetch and convert pretrained targets into the local cache"),
     "bench": ("server.bench.cli", "benchmark EU serving against plain vLLM"),
     # training and evaluation live in the `drafts` package, loaded on demand
     "drafts": ("drafts.cli", "train tokenizers, targets, ensembles, OSD/DDD drafts, bundles"),

@@ -2,7 +2,8 @@
 
 Plain output is a short summary; `--json` prints the manifest with absolute paths and the bundle's
 size on disk: at least {"target": {"path", "parameters"}, "drafts": [{"path", "parameters", ...}],
-"bytes", "training": {"osd", "ddd"}}.
+"bytes", "training": {"osd", "ddd"}}. A target named by source (see `server.hub`) is not prepared
+here: its path is where the cache keeps it, with "prepared": true or false.
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ def describe(bundle: Bundle) -> dict:
     m = json.loads(json.dumps(bundle.manifest))  # a deep copy
     m["root"] = str(bundle.root)
     m["target"]["path"] = str(bundle.target)
+    if bundle.source is not None:
+        from server.hub.prepare import is_prepared
+        from server.hub.source import Source
+
+        m["target"]["prepared"] = is_prepared(Source.from_dict(bundle.source), dtype=None)
     for entry, path in zip(m.get("drafts", []), bundle.drafts, strict=True):
         entry["path"] = str(path)
         if entry.get("partition"):
@@ -37,7 +43,7 @@ def describe(bundle: Bundle) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        info = describe(load_bundle(args.bundle))
+        info = describe(load_bundle(args.bundle, prepare=False))
     except BundleError as exc:
         print(f"epispec info: {exc}", file=sys.stderr)
         return 2
@@ -48,12 +54,20 @@ def run(args: argparse.Namespace) -> int:
     train = info.get("training", {})
     lines = [
         f"bundle     {info['root']}  ({info['bytes'] / 1e6:.1f} MB on disk)",
-        f"target     {t['path']}  ({t.get('parameters', '?'):,} parameters)",
+        f"target     {t['path']}  ({_count(t.get('parameters'))} parameters)",
     ]
-    lines += [f"draft {i:<4} {d['path']}  ({d.get('parameters', '?'):,} parameters)" for i, d in enumerate(drafts)]
+    if t.get("source"):
+        src = t["source"]
+        lines.append(f"           from {src['package']}=={src['version']} {src['file']} "
+                     f"({'prepared' if t.get('prepared') else 'not prepared: epispec models prepare'})")
+    lines += [f"draft {i:<4} {d['path']}  ({_count(d.get('parameters'))} parameters)" for i, d in enumerate(drafts)]
     osd, ddd = train.get("osd", {}), train.get("ddd", {})
     if osd.get("mode") or ddd.get("enabled") is not None:
         lines.append(f"OSD        {osd.get('mode') or 'not recorded'}   DDD {'on' if ddd.get('enabled') else 'off'}")
     lines.append(f"thresholds {info.get('thresholds') or 'none (server default)'}")
     print("\n".join(lines))
     return 0
+
+
+def _count(n) -> str:
+    return f"{n:,}" if isinstance(n, int) else "?"
