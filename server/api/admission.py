@@ -5,8 +5,10 @@ one place from the moment it arrives until its response has ended (streamed to t
 refused with a 4xx, or cut by a client that left): running in the engine or queued for it.
 With `max_pending_requests` places taken, a new one is refused at once with 429 and a
 `Retry-After` header instead of waiting behind an ever longer queue, and counted as
-`epispec_requests_total{status="overloaded"}`. Other routes (probes, metrics) are never
-refused. An ASGI middleware: places are freed in a `finally`, whatever ends the request.
+`epispec_requests_total{status="overloaded"}`. While the server drains for a graceful
+shutdown (`app.state.draining`), new generation requests get 503 with `Retry-After` (another
+replica can take them). Other routes (probes, metrics) are never refused. An ASGI
+middleware: places are freed in a `finally`, whatever ends the request.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ class AdmissionLimit:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in GENERATION_PATHS:
             await self.app(scope, receive, send)
             return
+        app = scope.get("app")
+        if app is not None and getattr(app.state, "draining", False):
+            await self._refuse(scope, receive, send, draining=True)
+            return
         if self.pending >= self.max_pending:
             await self._refuse(scope, receive, send)
             return
@@ -42,12 +48,18 @@ class AdmissionLimit:
         finally:
             self.pending -= 1
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, draining: bool = False) -> None:
+        if draining:
+            status = "shutting_down"
+            err = APIError("The server is shutting down; retry on another replica or later.",
+                           status_code=503, type="server_error", code="shutting_down")
+        else:
+            status = "overloaded"
+            err = APIError(f"The server is at capacity ({self.max_pending} requests in progress); "
+                           f"retry after {self.retry_after_s} s.", status_code=429,
+                           type="server_error", code="overloaded")
         if self.metrics is not None:
-            self.metrics.observe_request(scope["path"], "overloaded")
-        err = APIError(f"The server is at capacity ({self.max_pending} requests in progress); "
-                       f"retry after {self.retry_after_s} s.", status_code=429,
-                       type="server_error", code="overloaded")
-        response = JSONResponse(err.body(), status_code=429,
+            self.metrics.observe_request(scope["path"], status)
+        response = JSONResponse(err.body(), status_code=err.status_code,
                                 headers={"Retry-After": str(self.retry_after_s)})
         await response(scope, receive, send)

@@ -1,10 +1,17 @@
 """A scripted engine for tests of the API layer around an engine: emits a few token events,
-then fails or finishes as told; with a `gate` it holds every stream after its first token
-until the gate opens (to keep requests in flight on purpose)."""
+then fails or finishes as told; with a `gate` it holds every stream after each token until
+the gate opens, with a `delay` it sleeps that long after each token (to keep requests in
+flight on purpose). Once `healthy` is False, streams in flight fail like a dead engine's.
+
+`python -m tests.server.scripted_engine --port P [--tokens N] [--delay S] [--die-after S]
+[--shutdown-timeout S]` serves it through `epispec serve`'s own `serve_app` (signal and
+exit-status handling included), for tests that need a real process."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import sys
 import threading
 
 from server.engine.types import EngineStats, Finished, TokenEvent
@@ -16,8 +23,9 @@ class ScriptedEngine:
     name, model_name, max_model_len, num_drafts = "scripted", "scripted", 64, 3
 
     def __init__(self, tokenizer, n_tokens: int = 3, fail: str | None = None,
-                 gate: threading.Event | None = None) -> None:
+                 gate: threading.Event | None = None, delay: float = 0.0) -> None:
         self._tokenizer, self.n_tokens, self.fail, self.gate = tokenizer, n_tokens, fail, gate
+        self.delay = delay
         self.healthy = True
         self.running = 0
         self.aborted: set[str] = set()
@@ -34,6 +42,12 @@ class ScriptedEngine:
                                  variance=0.2, eu=0.1 * i + 0.2, flagged=i == 2)
                 while self.gate is not None and not self.gate.is_set() and request_id not in self.aborted:
                     await asyncio.sleep(0.01)
+                await asyncio.sleep(self.delay)
+                if not self.healthy:
+                    raise RuntimeError("EngineDeadError: the engine process died")
+                if request_id in self.aborted:
+                    yield Finished("abort", len(prompt_token_ids), i + 1, EngineStats())
+                    return
             if self.fail == "raise":
                 raise RuntimeError("device lost")
             if self.fail == "finish":
@@ -55,3 +69,30 @@ class ScriptedEngine:
 
     async def shutdown(self):
         pass
+
+
+def main(argv: list[str]) -> int:
+    from transformers import AutoTokenizer
+
+    from server.app import create_app
+    from server.commands.serve import serve_app
+    from server.config import Settings
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--tokens", type=int, default=3)
+    p.add_argument("--delay", type=float, default=0.0)
+    p.add_argument("--die-after", type=float, default=None)
+    p.add_argument("--shutdown-timeout", type=float, default=30.0)
+    a = p.parse_args(argv)
+    engine = ScriptedEngine(AutoTokenizer.from_pretrained(a.tokenizer), n_tokens=a.tokens, delay=a.delay)
+    engine.max_model_len = 4096
+    if a.die_after is not None:
+        threading.Timer(a.die_after, lambda: setattr(engine, "healthy", False)).start()
+    settings = Settings(port=a.port, shutdown_timeout_s=a.shutdown_timeout, log_level="info")
+    return serve_app(create_app(settings, engine), settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
