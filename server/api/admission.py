@@ -13,7 +13,6 @@ middleware: places are freed in a `finally`, whatever ends the request.
 
 from __future__ import annotations
 
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.api.errors import APIError
@@ -60,6 +59,4 @@ class AdmissionLimit:
                            type="server_error", code="overloaded")
         if self.metrics is not None:
             self.metrics.observe_request(scope["path"], status)
-        response = JSONResponse(err.body(), status_code=err.status_code,
-                                headers={"Retry-After": str(self.retry_after_s)})
-        await response(scope, receive, send)
+        await err.response({"Retry-After": str(self.retry_after_s)})(scope, receive, send)

@@ -7,10 +7,19 @@ body travels inside the stream as one `data:` event (see `sse.py`).
 
 from __future__ import annotations
 
+import json
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+
+class ErrorResponse(JSONResponse):
+    """JSON with non-ASCII escaped: an error message may quote client text, lone surrogates included."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
 
 
 class APIError(Exception):
@@ -36,6 +45,10 @@ class APIError(Exception):
         return {
             "error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
         }
+
+    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
+        """The error as a response, for middleware that answers before the routes."""
+        return ErrorResponse(self.body(), status_code=self.status_code, headers=headers)
 
 
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
@@ -77,7 +90,7 @@ def _count_rejected(request: Request, status_code: int) -> None:
 
 def error_response(request: Request, err: APIError) -> JSONResponse:
     _count_rejected(request, err.status_code)
-    return JSONResponse(err.body(), status_code=err.status_code)
+    return err.response()
 
 
 def install_error_handlers(app: FastAPI) -> None:
