@@ -1,18 +1,22 @@
 """OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}` for every failure.
 
 Client mistakes are 4xx that name the offending field in `param` (dotted, with list indices:
-`messages[0].role`); a 500 is only ever a server fault. Once a stream has started, the same
+`messages[0].role`); a 500 is only ever a server fault, and says no more than the exception's
+type (the traceback goes to the server's log, never into a response). Once a stream has started, the same
 body travels inside the stream as one `data:` event (see `sse.py`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
 
 
 class ErrorResponse(JSONResponse):
@@ -109,5 +113,6 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _server(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
         err = APIError(f"Internal server error: {type(exc).__name__}.", status_code=500, type="server_error")
         return error_response(request, err)
