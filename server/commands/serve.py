@@ -35,7 +35,7 @@ _SERVE_FLAGS = ("host", "port", "api_key", "config", "max_request_bytes", "eu_th
                 "bias_threshold", "variance_threshold", "model_name", "log_level",
                 "max_pending_requests", "retry_after_s", "shutdown_timeout_s", "cors_origins")
 EXIT_ENGINE_DEAD = 3
-ENGINE_DEAD_GRACE_S = 2.0  # a dead engine's server answers 503s this long before it exits
+ENGINE_DEAD_GRACE_S = 3.0  # a dead engine's server answers 503s this long before it exits
 
 log = logging.getLogger("epispec.server")
 
