@@ -9,15 +9,14 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import httpx
 import psutil
 import pytest
 
 from server.commands.serve import EXIT_ENGINE_DEAD
+from server.load.probe import free_port, wait_ready
 from tests.server.test_serve import ROOT, _env
-from tests.server.test_shutdown import free_port
 
 pytest.importorskip("vllm")
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -44,16 +43,7 @@ def test_killing_the_engine_core_fails_streams_then_the_process(tiny_models):
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-            try:
-                if httpx.get(f"{url}/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "vLLM did not start"
-            time.sleep(0.5)
+        wait_ready(proc, url, timeout=600)
         ok = httpx.post(f"{url}/generate", json={"prompt": MARKER, "max_tokens": 4}, timeout=120)
         assert ok.status_code == 200
         core = engine_core(proc.pid)

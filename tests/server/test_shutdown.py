@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,16 +18,11 @@ import pytest
 from server.app import create_app
 from server.commands.serve import EXIT_ENGINE_DEAD
 from server.config import Settings
+from server.load.probe import free_port, wait_ready
 from tests.server.api.live import LiveServer
 from tests.server.scripted_engine import ScriptedEngine
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_scripted(tiny_models, *args: str) -> tuple[subprocess.Popen, str]:
@@ -37,16 +31,8 @@ def start_scripted(tiny_models, *args: str) -> tuple[subprocess.Popen, str]:
                              "--tokenizer", tiny_models["tokenizer"], *args], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        assert proc.poll() is None, proc.stdout.read().decode()
-        try:
-            if httpx.get(f"{url}/ready").status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "the scripted server did not start"
-        time.sleep(0.1)
+    wait_ready(proc, url, timeout=60)
+    return proc, url
 
 
 def refused(url: str, timeout: float = 5.0) -> bool:
