@@ -99,7 +99,7 @@ def test_a_dead_engine_gets_503s_then_exits_non_zero(tiny_models):
                 "POST", f"{url}/generate", json={"prompt": "hi", "stream": True}) as r:
             got = events(r.iter_lines())
         assert got[-1]["error"]["code"] == "engine_error"
-        assert "EngineDeadError" in got[-1]["error"]["message"]
+        assert got[-1]["error"]["message"] == "Generation failed: RuntimeError."
         assert httpx.get(f"{url}/health").status_code == 503
         r = httpx.post(f"{url}/generate", json={"prompt": "hi"})
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
