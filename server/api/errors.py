@@ -2,8 +2,8 @@
 
 Client mistakes are 4xx that name the offending field in `param` (dotted, with list indices:
 `messages[0].role`); a 500 is only ever a server fault, and says no more than the exception's
-type (the traceback goes to the server's log, never into a response). Once a stream has started, the same
-body travels inside the stream as one `data:` event (see `sse.py`).
+type (the traceback goes to the server's log, never into a response). Once a stream has
+started, the same body travels inside the stream as one `data:` event (see `sse.py`).
 """
 
 from __future__ import annotations

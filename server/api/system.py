@@ -25,7 +25,7 @@ async def health(request: Request) -> JSONResponse:
 
 @router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
-    """200 once the engine is built and healthy: the server can generate (not while draining)."""
+    """200 once the engine is built and healthy: the server can generate."""
     engine = request.app.state.ctx.engine
     if engine is None or not engine.is_healthy() or getattr(request.app.state, "draining", False):
         return JSONResponse({"status": "not ready"}, status_code=503)
