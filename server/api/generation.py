@@ -33,8 +33,6 @@ from server.engine.types import (
 )
 from server.metrics import Metrics
 
-log = logging.getLogger(__name__)
-
 
 @dataclass
 class ServerContext:
@@ -76,7 +74,7 @@ class Generations:
                         break
                     queue.put_nowait(item)
             except Exception as exc:  # the engine failed: end the stream with an error
-                log.exception("request %s: the engine failed", request_id)
+                logging.getLogger(__name__).exception("request %s: the engine failed", request_id)
                 message = type(exc).__name__  # the details stay in the server's log
                 queue.put_nowait(Finished("error", len(prompt_ids), 0, EngineStats(), error=message))
             finally:
