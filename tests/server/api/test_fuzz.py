@@ -3,7 +3,8 @@ server (uvicorn on loopback, the reference engine on the tiny models): valid and
 bodies, odd Unicode (lone surrogates, control and private-use characters), huge numbers,
 deep nesting, wrong types, raw bytes. Never a 5xx, never a server error inside a 200 stream,
 never a hang (every answer within the client timeout), and the server is healthy and idle
-afterwards. `EPISPEC_FUZZ_EXAMPLES` sets the examples per test (default 60)."""
+afterwards. `EPISPEC_FUZZ_EXAMPLES` sets the examples per test (default 60);
+`EPISPEC_FUZZ_ENGINE=vllm` fuzzes a server over the vllm engine instead (minutes)."""
 
 from __future__ import annotations
 
@@ -89,10 +90,20 @@ raw_bodies = st.binary(max_size=300) | st.sampled_from([
 # --- the server
 
 
+VLLM_FLAGS = {"dtype": "float32", "enforce_eager": True, "max_num_seqs": 8, "kv_cache_space": 1}
+
+
 @pytest.fixture(scope="module")
-def fuzz_server(engine):
-    app = create_app(Settings(default_max_tokens=2, max_request_bytes=256 << 10), engine)
+def fuzz_server(request, tiny_models):
+    limits = {"default_max_tokens": 2, "max_request_bytes": 256 << 10}
+    if os.environ.get("EPISPEC_FUZZ_ENGINE") == "vllm":
+        pytest.importorskip("vllm")
+        app = create_app(Settings(target=tiny_models["target"], drafts=tiny_models["drafts"],
+                                  engine="vllm", model_name="tiny", model_flags=VLLM_FLAGS, **limits))
+    else:
+        app = create_app(Settings(**limits), request.getfixturevalue("engine"))
     with LiveServer(app) as live, httpx.Client(base_url=live.url, timeout=TIMEOUT) as client:
+        engine = app.state.ctx.engine
         yield live, client, engine
         assert httpx.get(f"{live.url}/health").status_code == 200
         assert wait_until(lambda: engine.num_running() == 0, timeout=30)
@@ -119,7 +130,7 @@ def post(client: httpx.Client, path: str, content: bytes) -> httpx.Response:
 
 @pytest.mark.parametrize("path", list(BODIES))
 def test_json_bodies_never_5xx(fuzz_server, path):
-    _, client, _ = fuzz_server
+    _, client, engine = fuzz_server
     seen = Counter()
 
     @FUZZ
@@ -129,7 +140,7 @@ def test_json_bodies_never_5xx(fuzz_server, path):
         check(post(client, path, json.dumps(data, ensure_ascii=True).encode()), data, seen)
 
     run()
-    print(path, dict(seen))
+    print(path, engine.name, dict(seen))
     assert seen[200] > 0 and seen[400] > 0  # both sides of validation were reached
 
 
