@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("server.commands.info", "show the active bundle's manifest"),
     "models": ("server.commands.models", "fetch and convert pretrained targets into the local cache"),
     "bench": ("server.bench.cli", "benchmark EU serving against plain vLLM"),
+    "load": ("server.load.cli", "load-test a server on loopback (errors, latency, leaks, memory)"),
     # training and evaluation live in the `drafts` package, loaded on demand
     "drafts": ("drafts.cli", "train tokenizers, targets, ensembles, OSD/DDD drafts, bundles"),
     "eval": ("drafts.evaluation.cli", "evaluate EU estimation and hallucination detection"),

@@ -42,6 +42,13 @@ Metrics (PromQL examples use a 5m window):
 - `epispec_eu_seconds_total` counter: engine time spent computing bias/variance/eu
   (`EngineStats.eu_seconds`). Per generated token, to compare with inter-token latency:
   `rate(epispec_eu_seconds_total[5m]) / rate(epispec_generation_tokens_total[5m])`.
+- Read from the engine at each scrape (`watch_engine`): `epispec_engine_requests` gauge
+  (requests holding engine state), and for the vllm engine `epispec_eu_joiner_states` and
+  `epispec_eu_proposer_states` gauges (requests holding side-channel or draft-slot state; all
+  three are 0 when idle) and `epispec_eu_channel_dropped_messages_total` (malformed side-channel
+  messages dropped; anything but 0 deserves a look).
+- Requests refused for overload (429, `server/api/admission.py`) count in
+  `epispec_requests_total{status="overloaded"}`.
 
 Where the vLLM engine runs in process (AsyncLLM with log_stats), vLLM registers its own `vllm:*`
 metrics in prometheus_client's default REGISTRY; `render` appends that registry after ours,
@@ -65,7 +72,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from server.engine.types import Finished, GenerationItem, TokenEvent
 
@@ -127,6 +134,11 @@ class Metrics:
         self.target_passes = counter("epispec_target_forward_passes", "Target forward passes.")
         self.eu_seconds = counter("epispec_eu_seconds", "Engine time spent computing bias, variance, eu.")
         # fmt: on
+        self._engine = None
+
+    def watch_engine(self, engine) -> None:
+        """Read the engine's state counts (and side-channel drops) at every scrape."""
+        self._engine = engine
 
     # --- recording
 
@@ -140,10 +152,28 @@ class Metrics:
 
     # --- exposition
 
+    def _engine_families(self) -> Iterator[Metric]:
+        e = self._engine
+        if e is None:
+            return
+        yield GaugeMetricFamily("epispec_engine_requests", "Requests holding engine state.",
+                                value=e.num_running())
+        if hasattr(e, "num_joiner_states"):
+            yield GaugeMetricFamily("epispec_eu_joiner_states",
+                                    "Requests holding side-channel records in the API process.",
+                                    value=e.num_joiner_states())
+            yield GaugeMetricFamily("epispec_eu_proposer_states",
+                                    "Requests holding a draft KV slot in the proposer.",
+                                    value=e.num_proposer_states())
+        joiner = getattr(e, "joiner", None)
+        if joiner is not None:
+            yield CounterMetricFamily("epispec_eu_channel_dropped_messages",
+                                      "Malformed side-channel messages dropped.", value=joiner.dropped)
+
     def collect(self) -> Iterator[Metric]:
         """Our families with the `model` label, then the default registry's non-clashing ones."""
         ours = set()
-        for family in self.registry.collect():
+        for family in (*self.registry.collect(), *self._engine_families()):
             ours.add(family.name)
             family.samples = [
                 s._replace(labels={**s.labels, "model": self.model_name}) for s in family.samples

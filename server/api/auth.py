@@ -8,7 +8,6 @@ from __future__ import annotations
 import hmac
 
 from starlette.datastructures import Headers
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.api.errors import APIError
@@ -33,5 +32,4 @@ class ApiKeyGuard:
             return
         err = APIError("Missing or invalid API key: send 'Authorization: Bearer <key>'.",
                        status_code=401, type="authentication_error", code="invalid_api_key")
-        response = JSONResponse(err.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
-        await response(scope, receive, send)
+        await err.response({"WWW-Authenticate": "Bearer"})(scope, receive, send)

@@ -1,16 +1,29 @@
 """OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}` for every failure.
 
 Client mistakes are 4xx that name the offending field in `param` (dotted, with list indices:
-`messages[0].role`); a 500 is only ever a server fault. Once a stream has started, the same
-body travels inside the stream as one `data:` event (see `sse.py`).
+`messages[0].role`); a 500 is only ever a server fault, and says no more than the exception's
+type (the traceback goes to the server's log, never into a response). Once a stream has
+started, the same body travels inside the stream as one `data:` event (see `sse.py`).
 """
 
 from __future__ import annotations
+
+import json
+import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+
+class ErrorResponse(JSONResponse):
+    """JSON with non-ASCII escaped: an error message may quote client text, lone surrogates included."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
 
 
 class APIError(Exception):
@@ -36,6 +49,10 @@ class APIError(Exception):
         return {
             "error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
         }
+
+    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
+        """The error as a response, for middleware that answers before the routes."""
+        return ErrorResponse(self.body(), status_code=self.status_code, headers=headers)
 
 
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
@@ -77,7 +94,7 @@ def _count_rejected(request: Request, status_code: int) -> None:
 
 def error_response(request: Request, err: APIError) -> JSONResponse:
     _count_rejected(request, err.status_code)
-    return JSONResponse(err.body(), status_code=err.status_code)
+    return err.response()
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -96,5 +113,6 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _server(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
         err = APIError(f"Internal server error: {type(exc).__name__}.", status_code=500, type="server_error")
         return error_response(request, err)

@@ -13,6 +13,7 @@ context, `max_tokens`, top log-probs, threshold bounds) and the response-level s
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import uuid
 from collections.abc import AsyncIterator, Awaitable
@@ -92,7 +93,8 @@ class Generations:
                         break
                     queue.put_nowait(item)
             except Exception as exc:  # the engine failed: end the stream with an error
-                message = f"{type(exc).__name__}: {exc}"
+                logging.getLogger(__name__).exception("request %s: the engine failed", request_id)
+                message = type(exc).__name__  # the details stay in the server's log
                 queue.put_nowait(Finished("error", len(prompt_ids), 0, EngineStats(), error=message))
             finally:
                 await items.aclose()

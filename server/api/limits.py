@@ -7,7 +7,6 @@ so disconnects are still seen.
 
 from __future__ import annotations
 
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.errors import APIError
@@ -52,4 +51,4 @@ class BodySizeLimit:
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
         err = APIError(f"The request body is larger than this server accepts ({self.max_bytes} bytes).",
                        status_code=413, code="request_too_large")
-        await JSONResponse(err.body(), status_code=413)(scope, receive, send)
+        await err.response()(scope, receive, send)

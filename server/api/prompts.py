@@ -14,13 +14,28 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
+def check_unicode(text: str, param: str) -> None:
+    """A 400 for text that is not valid Unicode (a lone surrogate, which JSON's \\ud800 escapes
+    can carry): tokenizers cannot encode it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise APIError(f"'{param}' is not valid Unicode: it holds a lone surrogate "
+                       f"(U+{ord(text[exc.start]):04X}) at position {exc.start}.",
+                       param=param, code="invalid_unicode") from None
+
+
 def text_prompt_ids(tokenizer, text: str, param: str = "prompt") -> list[int]:
     if not text:
         raise APIError(f"'{param}' must not be empty.", param=param, code="empty_prompt")
+    check_unicode(text, param)
     return encode_prompt(tokenizer, text)
 
 
 def chat_prompt_ids(tokenizer, messages: list[ChatMessage]) -> list[int]:
+    for i, m in enumerate(messages):
+        check_unicode(m.text(), f"messages[{i}].content")
+        check_unicode(m.name or "", f"messages[{i}].name")
     turns = [{"role": m.role, "content": m.text()} for m in messages]
     if not any(t["content"] for t in turns):
         raise APIError("'messages' must hold some text.", param="messages", code="empty_prompt")

@@ -29,7 +29,7 @@ async def ready(request: Request) -> JSONResponse:
     """200 once the engine is built and healthy: the server can generate (with its default
     flag thresholds, which the playground marks on its colour scale)."""
     engine = request.app.state.ctx.engine
-    if engine is None or not engine.is_healthy():
+    if engine is None or not engine.is_healthy() or getattr(request.app.state, "draining", False):
         return JSONResponse({"status": "not ready"}, status_code=503)
     return JSONResponse({"status": "ready", "model": engine.model_name, "engine": engine.name,
                          "num_drafts": engine.num_drafts, "max_model_len": engine.max_model_len,

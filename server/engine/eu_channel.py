@@ -11,25 +11,48 @@ Memory stays bounded: a message carries records of emitted positions only (never
 drafts); the joiner keeps records only for requests registered as live and drops a request's
 records when it finishes or is aborted, and drops records for requests it does not know.
 
-Message (pickled dict): {"live": int, "reqs": [(req_id, passes, proposed, accepted, eu_seconds,
-[record, ...]), ...]} with record = (position, variance, bias) when the proposer computed the
-exact bias itself (bias source "worker"; bias None where it could not), else (position,
-variance, ids int32 [N], probs float32 [N]) of q̄'s top-N.
+Safety: messages are schema'd MessagePack (`eu_wire.py`), never pickle, and validated on
+receipt; a malformed message is dropped and counted (`Joiner.dropped`), never fatal to the
+joiner's thread. The IPC socket lives in a private directory (mode 0700, unique per joiner,
+removed on close), so only the server's own user can connect to it.
+
+Message (the proposer's `Publisher.send` argument, encoded by `eu_wire.encode`):
+{"live": int, "reqs": [(req_id, passes, proposed, accepted, eu_seconds, [record, ...]), ...]}
+with record = (position, variance, bias) when the proposer computed the exact bias itself
+(bias source "worker"; bias None where it could not), else (position, variance, ids int32 [N],
+probs float32 [N]) of q̄'s top-N. A non-finite variance arrives as NaN (shown as null).
 vLLM appends "-<8 chars>" to the caller's request id; `external_id` strips it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import pickle
+import logging
+import math
+import os
+import shutil
+import stat
+import tempfile
 import threading
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from server.engine import eu_wire
+
+log = logging.getLogger(__name__)
+
+SOCKET_NAME = "eu.sock"
+
 
 def external_id(internal: str) -> str:
     return internal.rsplit("-", 1)[0]
+
+
+def private_address() -> tuple[str, str]:
+    """(ipc address, its directory): a fresh directory of mode 0700 under the temp folder."""
+    folder = tempfile.mkdtemp(prefix="epispec-eu-")  # mkdtemp creates it 0700, owned by us
+    return f"ipc://{folder}/{SOCKET_NAME}", folder
 
 
 class Publisher:
@@ -46,7 +69,7 @@ class Publisher:
             self._sock = zmq.Context.instance().socket(zmq.PUSH)
             self._sock.setsockopt(zmq.LINGER, 0)
             self._sock.connect(self.address)
-        self._sock.send(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+        self._sock.send(eu_wire.encode(message["live"], message["reqs"]))
 
 
 @dataclass
@@ -69,16 +92,27 @@ class _Request:
 
 
 class Joiner:
-    """The API side's end. `register` before submitting a request, `release` when it ends."""
+    """The API side's end. `register` before submitting a request, `release` when it ends.
 
-    def __init__(self, address: str) -> None:
+    Without an `address` it binds in a private directory of its own (`private_address`),
+    removed by `close`. `vocab_size`, where known, bounds the token ids a record may hold."""
+
+    def __init__(self, address: str | None = None, *, vocab_size: int | None = None) -> None:
         import zmq
 
+        self._folder = None
+        if address is None:
+            address, self._folder = private_address()
         self.address = address
+        self.vocab_size = vocab_size
+        self.dropped = 0  # malformed messages received and dropped
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.PULL)
         self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, eu_wire.MAX_MESSAGE_BYTES)
         self._sock.bind(address)
+        if self._folder is not None:
+            os.chmod(address.removeprefix("ipc://"), stat.S_IRUSR | stat.S_IWUSR)
         self._lock = threading.Lock()
         self._reqs: dict[str, _Request] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -129,6 +163,9 @@ class Joiner:
         self._stop = True
         self._thread.join(timeout=2)
         self._sock.close()
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None
 
     def _run(self) -> None:
         import zmq
@@ -138,26 +175,51 @@ class Joiner:
         while not self._stop:
             if not poller.poll(100):
                 continue
-            msg = pickle.loads(self._sock.recv())
-            self._file(msg)
+            try:
+                self.receive(self._sock.recv(copy=True))
+            except Exception:  # never let one message end the joiner
+                log.exception("eu side channel: failed to file a message")
 
-    def _file(self, msg: dict) -> None:
+    def receive(self, data: bytes) -> bool:
+        """Decode, check and file one message; a malformed one is dropped and counted (False)."""
+        try:
+            msg = eu_wire.decode(data, self.vocab_size)
+        except eu_wire.WireError as exc:
+            self._drop(exc)
+            return False
+        self._file(msg)
+        return True
+
+    def _drop(self, exc: Exception) -> None:
+        self.dropped += 1
+        if math.log10(self.dropped).is_integer():  # the 1st, 10th, 100th, ... drop
+            log.warning("eu side channel: dropped a malformed message (%d so far): %s",
+                        self.dropped, exc)
+
+    def _file(self, msg: eu_wire.Message) -> None:
         woken = []
         with self._lock:
-            self.proposer_states = msg["live"]
-            for rid, passes, proposed, accepted, eu_seconds, recs in msg["reqs"]:
-                r = self._reqs.get(external_id(rid))
+            self.proposer_states = msg.live
+            for req in msg.reqs:
+                r = self._reqs.get(external_id(req.req_id))
                 if r is None:
                     continue  # finished or aborted: drop
-                r.passes += passes
-                r.proposed += proposed
-                r.accepted += accepted
-                r.eu_seconds += eu_seconds
+                r.passes += req.passes
+                r.proposed += req.proposed
+                r.accepted += req.accepted
+                r.eu_seconds += req.eu_seconds
                 r.steps += 1
-                for pos, var, *rest in recs:
-                    r.records[pos] = (JoinedRecord(var, *rest) if len(rest) == 2
-                                      else JoinedRecord(var, bias=rest[0]))
+                for rec in req.records:
+                    r.records[rec.position] = _joined(rec)
                 woken.append(r.event)
         if woken and self._loop is not None:
             for ev in woken:
                 self._loop.call_soon_threadsafe(ev.set)
+
+
+def _joined(rec: eu_wire.Record) -> JoinedRecord:
+    var = math.nan if rec.variance is None else rec.variance
+    top = rec.top_n()
+    if top is None:
+        return JoinedRecord(var, bias=rec.bias)
+    return JoinedRecord(var, *top)

@@ -17,20 +17,26 @@ from __future__ import annotations
 
 import torch
 
+GREEDY_BELOW = 1e-5  # temperatures below this decode greedily (vLLM's _SAMPLING_EPS)
+
 
 def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """The distribution a request samples from. [..., V] -> [..., V] (rows sum to 1).
 
-    temperature 0 gives the one-hot argmax; top-p keeps the smallest set of most likely
+    temperature 0 (or below `GREEDY_BELOW`, where logits / temperature would overflow float32)
+    gives the one-hot argmax; top-p keeps the smallest set of most likely
     tokens whose mass reaches top_p (the most likely token is always kept)."""
     logits = logits.float()
-    if temperature == 0:
+    if temperature < GREEDY_BELOW:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    temperature = min(temperature, torch.finfo(torch.float32).max)  # inf would make -inf/inf NaN
     probs = torch.softmax(logits / temperature, dim=-1)  # [..., V]
     if top_p < 1.0:
         sorted_p, order = probs.sort(-1, descending=True)  # [..., V]
         mass_before = sorted_p.cumsum(-1) - sorted_p  # mass of strictly more likely tokens
-        sorted_p = torch.where(mass_before < top_p, sorted_p, torch.zeros_like(sorted_p))
+        keep = mass_before < top_p
+        keep[..., 0] = True  # even when top_p underflows float32
+        sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
         probs = probs / probs.sum(-1, keepdim=True)
     return probs

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -108,8 +106,8 @@ class VllmEngine:
             **args,
         )
         if drafts:
-            address = f"ipc://{tempfile.gettempdir()}/epispec-eu-{uuid.uuid4().hex[:12]}"
-            self.joiner = Joiner(address)
+            self.joiner = Joiner(vocab_size=self.vocab_size)  # a private 0700 directory
+            address = self.joiner.address
             top_n = -1 if target_logprobs < 0 else (draft_top_n or DEFAULT_DRAFT_TOP_N)  # logprobs
             engine_kw["speculative_config"] = {
                 "method": "custom_class", "model": PROPOSER_CLASS,

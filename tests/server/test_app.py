@@ -10,58 +10,8 @@ import pytest
 
 from server.app import create_app
 from server.config import Settings
-from server.engine.types import EngineStats, Finished, TokenEvent
 from tests.server.api.live import LiveServer
-
-
-class ScriptedEngine:
-    """Emits `n_tokens` token events, then fails (raises) or finishes as scripted."""
-
-    name, model_name, max_model_len, num_drafts = "scripted", "scripted", 64, 3
-
-    def __init__(self, tokenizer, n_tokens: int = 3, fail: str | None = None) -> None:
-        self._tokenizer, self.n_tokens, self.fail = tokenizer, n_tokens, fail
-        self.healthy = True
-        self.running = 0
-
-    @property
-    def tokenizer(self):
-        return self._tokenizer
-
-    async def generate(self, request_id, prompt_token_ids, params):
-        self.running += 1
-        try:
-            for i in range(self.n_tokens):
-                yield TokenEvent(token_id=5 + i, text=f"t{i} ", logprob=-0.5, bias=0.1 * i,
-                                 variance=0.2, eu=0.1 * i + 0.2, flagged=i == 2)
-            if self.fail == "raise":
-                raise RuntimeError("device lost")
-            if self.fail == "finish":
-                yield Finished("error", len(prompt_token_ids), self.n_tokens, EngineStats(),
-                               error="out of memory")
-                return
-            yield Finished("length", len(prompt_token_ids), self.n_tokens, EngineStats())
-        finally:
-            self.running -= 1
-
-    async def abort(self, request_id):
-        pass
-
-    def num_running(self):
-        return self.running
-
-    def is_healthy(self):
-        return self.healthy
-
-    async def shutdown(self):
-        pass
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_models):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_models["tokenizer"])
+from tests.server.scripted_engine import ScriptedEngine
 
 
 @pytest.mark.parametrize("fail", ["raise", "finish"])

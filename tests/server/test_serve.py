@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from server.cli import build_parser
 
@@ -46,7 +47,8 @@ def test_serve_without_models_says_how_to_pass_them(tmp_path):
     assert "--target" in r.stderr and "--bundle" in r.stderr
 
 
-def test_serve_starts_and_answers(tiny_models):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_serve_starts_answers_and_exits_0_on_a_signal(tiny_models, sig):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -69,5 +71,5 @@ def test_serve_starts_and_answers(tiny_models):
         body = httpx.post(f"{url}/generate", json={"prompt": "hi", "max_tokens": 2}, timeout=60).json()
         assert body["usage"]["completion_tokens"] >= 1 and body["tokens"][0]["eu"] is not None
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         assert proc.wait(timeout=30) == 0

@@ -25,6 +25,17 @@ def _onehot(i, v=5):
     return torch.nn.functional.one_hot(torch.tensor(i), v).float()
 
 
+def test_sampling_probs_survive_extreme_temperature_and_top_p():
+    """A request's tiny temperature or top_p (found by the API fuzz tests) must not produce NaN."""
+    logits = torch.tensor([[2.0, 1.0, -3.0, float("-inf")]])
+    for t, p in [(1e-300, 1.0), (5e-324, 0.9), (1.0, 1e-300), (1e-30, 5e-324), (1e308, 1.0)]:
+        probs = sampling_probs(logits, t, p)
+        assert torch.isfinite(probs).all() and probs.sum().item() == pytest.approx(1.0)
+        if t < 1 or p < 1e-10:
+            assert probs[0, 0].item() == 1.0  # the argmax
+        sample(probs, None)  # multinomial accepts it
+
+
 def test_greedy_perfect_match_accepts_all_and_adds_bonus():
     drafts = torch.tensor([1, 2, 3])
     q = torch.stack([_onehot(1), _onehot(2), _onehot(3)])

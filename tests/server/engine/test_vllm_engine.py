@@ -243,6 +243,7 @@ def test_abort_leaves_no_state_in_proposer_or_joiner(engine, loop):
     assert engine.num_running() == 0
     assert engine.num_joiner_states() == 0
     assert engine.num_proposer_states() == 0
+    assert engine.joiner.dropped == 0  # every side-channel message passed validation
 
 
 def test_stop_on_uncertainty_ends_after_first_flagged_token(engine, loop):
