@@ -34,6 +34,9 @@ class ScriptedEngine:
     def tokenizer(self):
         return self._tokenizer
 
+    def validate(self, prompt_token_ids, params) -> None:
+        params.validate()
+
     async def generate(self, request_id, prompt_token_ids, params):
         self.running += 1
         try:

@@ -7,6 +7,7 @@ import httpx
 import pytest
 
 from tests.server.api.live import wait_until
+from tests.server.api.paced import Paced
 from tests.server.api.test_errors import request_count
 
 STREAMS = [
@@ -32,25 +33,6 @@ def test_disconnect_mid_stream_aborts_in_the_engine(server, engine, path, body):
     # and the server goes on serving
     r = httpx.post(f"{server.url}/generate", json={"prompt": "hi", "max_tokens": 2}, timeout=60)
     assert r.status_code == 200
-
-
-class Paced:
-    """The real engine, with a pause before each item, so a client can leave mid-generation."""
-
-    def __init__(self, engine, delay: float) -> None:
-        self._engine, self._delay = engine, delay
-
-    def __getattr__(self, name):
-        return getattr(self._engine, name)
-
-    async def generate(self, request_id, prompt_ids, params):
-        import asyncio
-        from contextlib import aclosing
-
-        async with aclosing(self._engine.generate(request_id, prompt_ids, params)) as items:
-            async for item in items:
-                await asyncio.sleep(self._delay)
-                yield item
 
 
 WHOLE = [

@@ -9,7 +9,6 @@ The screenshot goes to $EPISPEC_PLAYGROUND_SCREENSHOT when set (else the test's 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
@@ -22,7 +21,6 @@ import pytest
 
 from server.app import create_app
 from server.config import Settings
-from server.engine.types import Finished
 from server.playground import static_page
 from tests.server.api.browser import (
     assert_darker_with_more_eu,
@@ -34,34 +32,12 @@ from tests.server.api.browser import (
     wait_for,
 )
 from tests.server.api.live import LiveServer, wait_until
+from tests.server.api.paced import Paced
 from tests.server.api.test_errors import request_count
 
 KEY = "playground-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 PROMPT = "Question: Tom has 3 apples"
-
-
-class Paced:
-    """The session's reference engine, pausing `delay` seconds before each token it streams
-    (a human-paced stream, so the test can press Stop mid-generation). Everything else,
-    abort and the running count included, is the engine's own."""
-
-    def __init__(self, engine) -> None:
-        self.engine = engine
-        self.delay = 0.0
-
-    def __getattr__(self, name: str):
-        return getattr(self.engine, name)
-
-    async def generate(self, request_id, prompt_token_ids, params):
-        items = self.engine.generate(request_id, prompt_token_ids, params)
-        try:
-            async for item in items:
-                if self.delay and not isinstance(item, Finished):
-                    await asyncio.sleep(self.delay)
-                yield item
-        finally:
-            await items.aclose()
 
 
 @pytest.fixture(scope="module")
