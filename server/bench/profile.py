@@ -21,9 +21,10 @@ import io
 import json
 import os
 import pstats
-import sys
 import time
 from pathlib import Path
+
+from server.engine import vllm_internals
 
 PROFILE_DIR_ENV = "EPISPEC_BENCH_PROFILE_DIR"
 PROPOSER = "server.bench.profile.ProfiledProposer"
@@ -65,7 +66,7 @@ class ProfiledProposer(_proposer_base()):
         self._last_dump = time.perf_counter()
 
     def propose(self, *args, **kwargs):
-        runner = sys._getframe(1).f_locals.get("self")
+        runner = vllm_internals.caller_runner()
         t0 = time.perf_counter()
         self._prof.enable()
         try:

@@ -39,14 +39,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from server.engine import eu_wire
+from server.engine.vllm_internals import external_id
 
 log = logging.getLogger(__name__)
 
 SOCKET_NAME = "eu.sock"
-
-
-def external_id(internal: str) -> str:
-    return internal.rsplit("-", 1)[0]
 
 
 def private_address() -> tuple[str, str]:

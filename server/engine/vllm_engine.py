@@ -38,7 +38,7 @@ from vllm.exceptions import VLLMClientError
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from server.engine import models
+from server.engine import models, vllm_internals
 from server.engine.detokenize import IncrementalDetokenizer
 from server.engine.draft_ensemble import log_mix_from_record
 from server.engine.emission import EmissionGate
@@ -72,6 +72,7 @@ class VllmEngine:
                  target_logprobs: int = 20, model_name: str | None = None,
                  max_model_len: int | None = None, draft_top_n: int | None = None,
                  bias_source: str = "worker", vllm_args: dict | None = None) -> None:
+        vllm_internals.check_version()  # before vLLM starts: one sentence, not a dead worker
         if bias_source not in BIAS_SOURCES:
             raise ValueError(f"bias_source must be one of {', '.join(BIAS_SOURCES)}, got '{bias_source}'")
         models.check_compatible(target, list(drafts))
@@ -98,6 +99,12 @@ class VllmEngine:
             kv_space = DEFAULT_CPU_KV_CACHE_GIB
         if kv_space is not None:  # vLLM-CPU reads its KV cache size from the environment only
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_space))
+        tp = int(args.get("tensor_parallel_size") or 1)
+        binding = vllm_internals.cpu_thread_binding(tp) if not torch.cuda.is_available() else None
+        if binding and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binding  # one core group per rank
+            log.info("tensor parallel size %d on %s: binding ranks to cores %s", tp,
+                     "one NUMA node", binding)
         self.joiner: Joiner | None = None
         engine_kw = dict(
             model=str(target), tokenizer=str(target), max_model_len=vllm_len,

@@ -30,22 +30,19 @@ Bias source "logprobs": records ship q̄'s top-N and the API side computes `bias
 
 from __future__ import annotations
 
-import sys
 import time
 
 import torch
 
-from server.engine import vllm_fixes
+from server.engine import vllm_internals
 from server.engine.draft_ensemble import DraftEnsemble, RowInput
 from server.engine.eu_channel import Publisher
 from server.engine.uncertainty import kl
 
-_VERSION_HINT = "vLLM's model runner changed; epispec's worker bias source needs vLLM 0.32"
-
 
 class EnsembleProposer:
     def __init__(self, vllm_config) -> None:
-        vllm_fixes.apply()  # the plugin's fix, also where VLLM_PLUGINS left the plugin out
+        vllm_internals.apply()  # the plugin's fix, also where VLLM_PLUGINS left the plugin out
         cfg = vllm_config.additional_config["epispec"]
         spec = vllm_config.speculative_config
         self.k = spec.num_speculative_tokens
@@ -58,6 +55,7 @@ class EnsembleProposer:
         self.publisher = Publisher(cfg["channel"]) if _is_publishing_rank() else None
 
     def load_model(self, *args, **kwargs) -> None:
+        vllm_internals.self_test()  # an incompatible vLLM fails here, at start-up
         self.ensemble = DraftEnsemble(
             self.cfg["drafts"], k=self.k, slots=self.slots, max_len=self.max_len,
             top_n=0 if self.worker_bias else self.cfg["top_n"], device=self.device,
@@ -65,11 +63,8 @@ class EnsembleProposer:
 
     def propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None,
                 **kwargs) -> list[list[int]]:
-        runner = sys._getframe(1).f_locals.get("self")
-        batch = getattr(runner, "input_batch", None)
-        if batch is None:
-            raise RuntimeError("epispec's proposer could not find vLLM's input batch: the custom "
-                               "proposer interface changed; use vLLM 0.32.")
+        runner = vllm_internals.caller_runner()
+        batch = runner.input_batch
         req_ids = list(batch.req_ids)[: len(sampled_token_ids)]
         rows = []
         for i, rid in enumerate(req_ids):
@@ -96,14 +91,14 @@ class EnsembleProposer:
         """Exact KL(q̄ ‖ p) of every record, p from the target's raw logits of this step (one
         batched log-softmax over the rows needed). Adds the time to each row's eu_seconds."""
         start = time.perf_counter()
-        step = _sample_tokens_locals()
+        step = vllm_internals.sample_tokens_locals()
         meta, logits = step["spec_decode_metadata"], step["logits"]
         if meta is None:  # the plain sampler ran, and it modifies `logits` in place
-            raise RuntimeError(f"epispec's proposer got a step without speculative metadata: {_VERSION_HINT}.")
+            raise RuntimeError(f"epispec's proposer got a step without speculative metadata: {vllm_internals.VERSION_HINT}.")
         ends, drafted = meta.cu_num_sampled_tokens.tolist(), meta.num_draft_tokens
         if logits.shape[0] != ends[-1] or len(ends) < len(rows):
             raise RuntimeError(f"epispec's proposer found {logits.shape[0]} logits rows for "
-                               f"{ends[-1]} sampled positions: {_VERSION_HINT}.")
+                               f"{ends[-1]} sampled positions: {vllm_internals.VERSION_HINT}.")
         first = [ends[i] - drafted[i] - 1 for i in range(len(rows))]  # request i's first row
         grammar = step.get("grammar_output")
         masked = set(grammar.structured_output_request_ids) if grammar is not None else set()
@@ -112,7 +107,7 @@ class EnsembleProposer:
             n0 = len(r.history) - r.num_emitted  # position of the first emitted token
             if r.num_emitted > drafted[i] + 1:
                 raise RuntimeError(f"epispec's proposer: {r.num_emitted} tokens emitted from "
-                                   f"{drafted[i] + 1} logits rows: {_VERSION_HINT}.")
+                                   f"{drafted[i] + 1} logits rows: {vllm_internals.VERSION_HINT}.")
             for j, rec in enumerate(o.records):
                 if r.req_id not in masked:
                     index.append(first[i] + rec.position - n0)
@@ -129,18 +124,6 @@ class EnsembleProposer:
         for o in live:
             o.eu_seconds += (time.perf_counter() - start) / len(live)
         return out
-
-
-def _sample_tokens_locals() -> dict:
-    """The locals of vLLM's `GPUModelRunner.sample_tokens`, which called `propose` (through
-    `propose_draft_token_ids`, nested and method)."""
-    frame = sys._getframe(2)
-    while frame is not None and frame.f_code.co_name != "sample_tokens":
-        frame = frame.f_back
-    found = frame.f_locals if frame is not None else {}
-    if "logits" not in found or "spec_decode_metadata" not in found:
-        raise RuntimeError(f"epispec's proposer could not find the target's logits: {_VERSION_HINT}.")
-    return found
 
 
 def _is_final(state, emitted: list[int], n: int) -> bool:

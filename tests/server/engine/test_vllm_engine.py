@@ -331,12 +331,12 @@ def test_cpu_expand_kernel_writes_per_token_values():
     from vllm.platforms import current_platform
     from vllm.v1.sample.rejection_sampler import expand_batch_to_tokens
 
-    from server.engine import vllm_fixes
+    from server.engine import vllm_internals
 
     if not current_platform.is_cpu():
         pytest.skip("the fault and its fix are specific to vLLM's CPU platform")
     current_platform.register_triton_kernel_overrides()  # as vLLM's worker does at start
-    assert vllm_fixes.apply()
+    assert vllm_internals.apply()
     cu = torch.tensor([2, 5, 6], dtype=torch.int32)
     for values, want in [([0.7, 0.0, 1.5], [0.7, 0.7, 1.0, 1.0, 1.0, 1.5]),
                          ([5, 7, 0], [5, 5, 7, 7, 7, 1])]:
@@ -437,3 +437,47 @@ def test_same_seed_same_output_alone_or_batched(engine, loop):
     want = [e.token_id for e in alone[0]]
     assert [e.token_id for e in alone[1]] == want
     assert [e.token_id for e in together] == want
+
+
+def test_vllm_internals_are_checked_at_start_up():
+    """The installed vLLM passes the structural self-test the proposer runs at load; another
+    version line is refused in one sentence naming the one epispec needs."""
+    from server.engine import vllm_internals
+
+    vllm_internals.self_test()
+    with pytest.raises(vllm_internals.IncompatibleVllm, match=r"needs vLLM 0\.32\.x .* 0\.33\.1"):
+        vllm_internals.check_version("0.33.1")
+    vllm_internals.check_version("0.32.4")
+    assert vllm_internals.external_id("cmpl-abc-1f2e3d4c") == "cmpl-abc"
+
+
+def test_tensor_parallel_2_on_one_numa_node_equals_tp_1(tiny_models, engine, loop):
+    """TP = 2 on this CPU: the engine binds one core group per rank by itself (vLLM-CPU alone
+    refuses to start on one NUMA node), only rank 0 publishes records, and every token has the
+    same id and the same EU as with TP = 1 (none lost, none from a duplicate)."""
+    import os
+
+    from server.engine import vllm_internals
+    from server.engine.vllm_engine import VllmEngine
+
+    if (os.cpu_count() or 1) < 2 or vllm_internals.cpu_thread_binding(2) is None:
+        pytest.skip("needs at least 2 cores on fewer NUMA nodes than ranks")
+    os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+    tp2 = loop.run_until_complete(_async(lambda: VllmEngine(
+        tiny_models["target"], tiny_models["drafts"], num_speculative_tokens=3,
+        vllm_args={**VLLM_ARGS, "tensor_parallel_size": 2})))
+    try:
+        assert os.environ.get("VLLM_CPU_OMP_THREADS_BIND") == vllm_internals.cpu_thread_binding(2)
+        params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+        for i, text in enumerate(PROMPTS[:2]):
+            ids = _encode(engine.tokenizer, text)
+            one, _ = loop.run_until_complete(_collect(engine, f"tp1-{i}", ids, params))
+            two, _ = loop.run_until_complete(_collect(tp2, f"tp2-{i}", ids, params))
+            assert [e.token_id for e in two] == [e.token_id for e in one]
+            got = torch.tensor([[e.bias, e.variance] for e in two], dtype=torch.float64)
+            want = torch.tensor([[e.bias, e.variance] for e in one], dtype=torch.float64)
+            assert (got - want).abs().max() < 2e-3
+        assert tp2.num_joiner_states() == 0
+    finally:
+        loop.run_until_complete(tp2.shutdown())
+        os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
