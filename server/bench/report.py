@@ -162,6 +162,7 @@ def plot(doc: dict, path: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     series = list(dict.fromkeys((r["config"], r.get("temperature", 0.0)) for r in doc["runs"]))
     styles = {t: ls for t, ls in zip(sorted({t for _, t in series}), ("-", "--", ":", "-."), strict=False)}
+    colors = {cfg: f"C{i}" for i, cfg in enumerate(dict.fromkeys(c for c, _ in series))}
     panels = (
         ("output_tokens_per_s", "output tokens/s", 1, "log"),
         ("ttft_p50_s", "TTFT p50 (ms)", 1000, "log"),
@@ -172,7 +173,7 @@ def plot(doc: dict, path: str) -> None:
             rs = [r for r in doc["runs"] if (r["config"], r.get("temperature", 0.0)) == (cfg, t)
                   and r[key] is not None]
             ax.plot([r["concurrency"] for r in rs], [r[key] * scale for r in rs], marker="o",
-                    linestyle=styles.get(t, "-"), color=f"C{[c for c, _ in series].index(cfg)}",
+                    linestyle=styles.get(t, "-"), color=colors[cfg],
                     label=f"{cfg} T={t:g}" if len(styles) > 1 else cfg)
         ax.set_xscale("log", base=2)
         ax.set_yscale(yscale)

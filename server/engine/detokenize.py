@@ -21,12 +21,7 @@ class IncrementalDetokenizer:
 
     def add(self, token_id: int) -> str:
         self._ids.append(token_id)
-        prefix_text = self._decode(self._ids[self._prefix : self._read])
-        new_text = self._decode(self._ids[self._prefix :])
-        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-            self._prefix, self._read = self._read, len(self._ids)
-            return new_text[len(prefix_text) :]
-        return ""
+        return self._take(complete_only=True)
 
     @property
     def pending(self) -> bool:
@@ -35,10 +30,15 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """At the end of generation: the text held back, as it decodes now ("" if none)."""
-        if not self.pending:
-            return ""
+        return self._take(complete_only=False) if self.pending else ""
+
+    def _take(self, complete_only: bool) -> str:
+        """The text beyond the window's previous text, advancing the window; with
+        `complete_only`, "" (and no advance) while it ends in an incomplete UTF-8 sequence."""
         prefix_text = self._decode(self._ids[self._prefix : self._read])
         new_text = self._decode(self._ids[self._prefix :])
+        if complete_only and (len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd")):
+            return ""
         self._prefix, self._read = self._read, len(self._ids)
         return new_text[len(prefix_text) :]
 

@@ -61,8 +61,8 @@ DEFAULT_CPU_KV_CACHE_GIB = 4  # GiB; ignored by GPU builds of vLLM
 PROPOSER_CLASS = "server.engine.vllm_proposer.EnsembleProposer"
 DEFAULT_DRAFT_TOP_N = 64  # q̄ entries shipped per position when K > 0
 BIAS_SOURCES = ("worker", "logprobs")
-RECORD_TIMEOUT_S = 30.0
-_PARAMS = {"max_tokens", "temperature", "top_p", "seed", "logprobs", "stop"}  # named in errors  # a record that never comes leaves that token's uncertainty null
+RECORD_TIMEOUT_S = 30.0  # a record that never comes leaves that token's uncertainty null
+_PARAMS = {"max_tokens", "temperature", "top_p", "seed", "logprobs", "stop"}  # named in errors
 
 
 class VllmEngine:
@@ -103,8 +103,8 @@ class VllmEngine:
         binding = vllm_internals.cpu_thread_binding(tp) if not torch.cuda.is_available() else None
         if binding and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binding  # one core group per rank
-            log.info("tensor parallel size %d on %s: binding ranks to cores %s", tp,
-                     "one NUMA node", binding)
+            log.info("tensor parallel size %d with fewer NUMA nodes than ranks: binding the "
+                     "ranks' threads to cores %s", tp, binding)
         self.joiner: Joiner | None = None
         engine_kw = dict(
             model=str(target), tokenizer=str(target), max_model_len=vllm_len,
