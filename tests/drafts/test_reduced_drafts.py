@@ -80,3 +80,22 @@ def test_check_compatible_refuses_bad_maps(tiny_models, reduced_drafts, tmp_path
             check_compatible(tiny_models["target"], [bad])
     with pytest.raises(ValueError, match="all the same"):
         DraftEnsemble([reduced_drafts[0], tiny_models["drafts"][1]], k=2, slots=1, max_len=32)
+
+
+def test_full_vocabulary_copy_keeps_logits_on_s(tiny_models, reduced_drafts, tmp_path):
+    """The expanded copy (vLLM's draft_model baseline) has the reduced draft's logits on S, logit 0
+    elsewhere, and reads tokens outside S as the reduced draft does."""
+    from drafts.reduced import full_vocabulary_copy
+
+    out = full_vocabulary_copy(reduced_drafts[0], tiny_models["target"], tmp_path / "full")
+    check_compatible(tiny_models["target"], [out])  # a plain full-vocabulary draft now
+    vocab = read_draft_vocab(reduced_drafts[0])
+    small, big = load_causal_lm(reduced_drafts[0]), load_causal_lm(out)
+    x = torch.tensor([[1, 5, 7, 300, 9, 11]])  # some ids outside S
+    with torch.no_grad():
+        want = small(input_ids=vocab.to_draft(x)).logits  # [1, 6, V_d]
+        got = big(input_ids=x).logits  # [1, 6, V]
+    assert (got[..., vocab.target_ids] - want).abs().max() < 1e-5
+    outside = torch.ones(vocab.target_vocab_size, dtype=torch.bool)
+    outside[vocab.target_ids] = False
+    assert got[..., outside].abs().max() == 0
