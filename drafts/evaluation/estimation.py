@@ -26,9 +26,7 @@ ESTIMATES = {"ours": "ours.eu", "ours_offset": "ours_offset.eu", "ours_fit": "ou
              "constant_zero": "constant_zero", "constant_val_mean": "constant_val_mean"}
 OURS_VARIANTS = ("ours", "ours_offset", "ours_fit")
 BASELINES = tuple(m for m in ESTIMATES if m not in OURS_VARIANTS)
-# metric name -> fn(estimate, truth); each gets a bootstrap 95% CI
-WITH_CI = {"rmse": metrics.rmse, "rmse_top_decile": metrics.top_decile_rmse,
-           "spearman": metrics.spearman, "pearson": metrics.pearson}
+CI_METRICS = ("rmse", "rmse_top_decile", "spearman", "pearson")  # each gets a bootstrap 95% CI
 
 
 def add_derived(tokens: dict[str, np.ndarray], corrections: dict[str, Correction], val_mean: float) -> None:
@@ -41,28 +39,48 @@ def add_derived(tokens: dict[str, np.ndarray], corrections: dict[str, Correction
         tokens[f"{name}.eu"] = c.apply(tokens["ours.bias"], tokens["ours.variance"])
 
 
-def _spearman_gap(ours, other, truth) -> float:
-    return metrics.spearman(ours, truth) - metrics.spearman(other, truth)
+def _point(est: dict[str, np.ndarray], truth: np.ndarray) -> dict[str, dict[str, float]]:
+    """{metric: {method: value}} for CI_METRICS and the Spearman gap to ours. Truth's ranks and
+    top-decile mask are computed once and shared (the bootstrap calls this on every resample);
+    the values are those of metrics.rmse, top_decile_rmse, spearman and pearson."""
+    t_ranks = metrics.average_ranks(truth)
+    top = truth >= np.quantile(truth, 0.9)
+    out: dict[str, dict[str, float]] = {k: {} for k in (*CI_METRICS, "spearman_gap_vs_ours")}
+    for m, e in est.items():
+        out["rmse"][m] = metrics.rmse(e, truth)
+        out["rmse_top_decile"][m] = metrics.rmse(e[top], truth[top])
+        out["spearman"][m] = metrics.pearson(metrics.average_ranks(e), t_ranks)
+        out["pearson"][m] = metrics.pearson(e, truth)
+    for m in est:
+        if m != "ours":
+            out["spearman_gap_vs_ours"][m] = out["spearman"]["ours"] - out["spearman"][m]
+    return out
 
 
-def estimation(tokens: dict[str, np.ndarray], n_boot: int) -> dict:
-    """{metric: {method: value}} and {metric_ci95: {method: [lo, hi]}} for the metrics in WITH_CI;
+def estimation(tokens: dict[str, np.ndarray], n_boot: int, seed: int = 0) -> dict:
+    """{metric: {method: value}} and {metric_ci95: {method: [lo, hi]}} for CI_METRICS;
     scale_slope / scale_intercept (least squares EU* ≈ slope · estimate + intercept); and
-    spearman_gap_vs_ours: Spearman(ours) − Spearman(method) with a paired bootstrap CI (the
-    same resampled tokens for both), so "ours ranks better" can be read off one interval."""
+    spearman_gap_vs_ours: Spearman(ours) − Spearman(method), {value, ci95}, from the same
+    resampled tokens for both (a paired bootstrap), so "ours ranks better" is one interval.
+    All CIs use the same n_boot resamples of the tokens (those of metrics.bootstrap_ci)."""
     truth = tokens["ensemble"]
+    est = {m: tokens[k] for m, k in ESTIMATES.items()}
+    point = _point(est, truth)
+    boot = [_point({m: e[idx] for m, e in est.items()}, truth[idx])
+            for idx in metrics.resamples(len(truth), n_boot, seed)]
+
+    def ci(metric: str, m: str) -> list[float]:
+        return list(metrics.percentile_interval([b[metric][m] for b in boot]))
+
     out: dict = {}
-    for name, fn in WITH_CI.items():
-        out[name], out[f"{name}_ci95"] = {}, {}
-        for m, key in ESTIMATES.items():
-            r = metrics.with_ci(fn, tokens[key], truth, n=n_boot)
-            out[name][m], out[f"{name}_ci95"][m] = r["value"], r["ci95"]
+    for metric in CI_METRICS:
+        out[metric] = point[metric]
+        out[f"{metric}_ci95"] = {m: ci(metric, m) for m in est}
     out["scale_slope"], out["scale_intercept"] = {}, {}
-    for m, key in ESTIMATES.items():
-        out["scale_slope"][m], out["scale_intercept"][m] = metrics.scale_fit(tokens[key], truth)
-    out["spearman_gap_vs_ours"] = {m: metrics.with_ci(_spearman_gap, tokens["ours.eu"], tokens[ESTIMATES[m]],
-                                                      truth, n=n_boot)
-                                   for m in ESTIMATES if m != "ours"}
+    for m, e in est.items():
+        out["scale_slope"][m], out["scale_intercept"][m] = metrics.scale_fit(e, truth)
+    out["spearman_gap_vs_ours"] = {m: {"value": v, "ci95": ci("spearman_gap_vs_ours", m)}
+                                   for m, v in point["spearman_gap_vs_ours"].items()}
     return out
 
 

@@ -150,16 +150,24 @@ def bootstrap_ci(metric: Callable[..., float], *arrays, n: int = 1000, level: fl
     """Percentile interval of `metric(*resampled arrays)` over n resamples of the items.
     Resamples where the metric is undefined (NaN) are skipped."""
     arrs = [np.asarray(a) for a in arrays]
+    vals = [metric(*(a[idx] for a in arrs)) for idx in resamples(len(arrs[0]), n, seed)]
+    return percentile_interval(vals, level)
+
+
+def resamples(size: int, n: int, seed: int = 0):
+    """n bootstrap index arrays [size]; the same seed gives the same resamples to every metric."""
     rng = np.random.default_rng(seed)
-    vals = []
     for _ in range(n):
-        idx = rng.integers(0, len(arrs[0]), len(arrs[0]))
-        v = metric(*(a[idx] for a in arrs))
-        if not np.isnan(v):
-            vals.append(v)
-    if not vals:
+        yield rng.integers(0, size, size)
+
+
+def percentile_interval(values, level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of bootstrap values, the undefined (NaN) ones skipped."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[~np.isnan(v)]
+    if not len(v):
         return float("nan"), float("nan")
-    lo, hi = np.quantile(vals, [(1 - level) / 2, (1 + level) / 2])
+    lo, hi = np.quantile(v, [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)
 
 
