@@ -28,7 +28,7 @@ from drafts.evaluation.calibrate import calibrate
 from drafts.evaluation.correction import fit_corrections
 from drafts.evaluation.scores import ScoringModels, decode_seconds, score_sequence
 from drafts.evaluation.tokur import PerturbedTarget
-from server.engine.models import count_parameters, load_causal_lm, load_tokenizer
+from server.engine.models import count_parameters, load_causal_lm, load_draft, load_tokenizer
 
 # hallucination detection: score -> per-token key
 DETECTION_SCORES = {"eu": "ours.eu", "bias": "ours.bias", "variance": "ours.variance",
@@ -147,7 +147,7 @@ def run(opts: Options) -> dict:
     tok = load_tokenizer(paths.target)
     ensemble = [load_causal_lm(p) for p in paths.ensemble]
     target = ensemble[0]
-    draft_sets = {k: [load_causal_lm(p) for p in v] for k, v in paths.draft_sets.items()}
+    draft_sets = {k: [load_draft(p) for p in v] for k, v in paths.draft_sets.items()}
     # 3) sequences
     t_gen = time.perf_counter()
     test_seqs = sequences.build(test, target, tok, recipe.max_new_tokens, "generate test")
@@ -229,14 +229,16 @@ def calibrate_bundle(bundle_dir: str | Path, data: str | None, recipe: recipes.R
     bundle = load_bundle(bundle_dir)
     tok = load_tokenizer(bundle.target)
     target = load_causal_lm(bundle.target)
-    models = ScoringModels(target, [target], {"ours": [load_causal_lm(d) for d in bundle.drafts]})
+    models = ScoringModels(target, [target], {"ours": [load_draft(d) for d in bundle.drafts]})
     n_test = recipe.test_questions
     _, _, both, source = sequences.split_records(
         data, recipes.with_overrides(recipe, test_questions=n_test + recipe.val_questions))
     val, test = both[n_test:], both[:n_test]
     split = {}
     for name, recs in (("validation", val), ("test", test)):
-        seqs = sequences.build(recs, target, tok, recipe.max_new_tokens, f"generate {name}")
+        # a pretrained target (named by source) is a chat model: prompts as the chat endpoint builds them
+        seqs = sequences.build(recs, target, tok, recipe.max_new_tokens, f"generate {name}",
+                               chat=bundle.source is not None)
         scored = _score_all(models, seqs, f"score {name}")
         split[name] = {k: _concat(seqs, scored, k) for k in ("reference", "generated")}
     val_tokens, val_labels = _labelled(split["validation"]["generated"])

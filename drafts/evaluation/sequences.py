@@ -3,7 +3,9 @@ the served target's own greedy generation, with token and answer labels for the 
 
 Prompts are `format_prompt(question)` without its trailing space, and solutions start with a
 space, so prompt + solution tokenize as the training documents did (byte-level BPE splits before
-spaces). The scored tokens are the solution's, end-of-sequence excluded.
+spaces). With `chat` (a pretrained chat target) the question is one user turn instead
+(`drafts.responses.chat_prompt_ids`, as `/v1/chat/completions` builds it), generation ending at
+its end of turn. The scored tokens are the solution's, end-of-sequence excluded.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from tqdm import tqdm
 
 from drafts.corpus import format_prompt, load_records, synthetic_records
 from drafts.evaluation.labels import answer_wrong, token_labels
+from drafts.responses import chat_prompt_ids
 
 
 @dataclass
@@ -53,12 +56,16 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 
 @torch.no_grad()
-def build(records: list[dict], target, tokenizer, max_new_tokens: int, desc: str) -> list[Sequence]:
+def build(records: list[dict], target, tokenizer, max_new_tokens: int, desc: str,
+          chat: bool = False) -> list[Sequence]:
+    """The reference and generated sequences of `records`; `chat`: prompts through the chat template."""
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     out = []
     for i, r in enumerate(tqdm(records, desc=desc, unit="q", dynamic_ncols=True)):
-        prompt = [bos, *_encode(tokenizer, format_prompt(r["question"]).rstrip())]
-        answer = " " + r["answer"].strip()
+        if chat:
+            prompt, answer = chat_prompt_ids(tokenizer, r["question"]), r["answer"].strip()
+        else:
+            prompt, answer = [bos, *_encode(tokenizer, format_prompt(r["question"]).rstrip())], " " + r["answer"].strip()
         out.append(Sequence(i, "reference", prompt + _encode(tokenizer, answer), len(prompt), answer))
         gen = target.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                               do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos,

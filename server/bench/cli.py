@@ -21,7 +21,7 @@ from pathlib import Path
 
 from server.bench import report
 from server.bench.runners import CONFIGS
-from server.bench.workload import DEFAULT_PROMPTS, Workload, load_questions
+from server.bench.workload import DEFAULT_PROMPTS, Workload, is_chat_target, load_questions
 from server.bundle import BundleError
 from server.commands.model_args import resolve_models
 
@@ -62,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--eu-prompts", type=int, help="prompts whose EU is checked against exact values"
     )
     w.add_argument("--num-speculative-tokens", type=int, default=3, metavar="K")
+    w.add_argument("--prompt-format", choices=["auto", "plain", "chat"], default="auto",
+                   help="questions as 'Question: …\\nAnswer: ' text, or one user turn through the chat "
+                        "template (auto: chat for a pretrained target from `epispec models prepare`)")
     w.add_argument(
         "--temperatures", type=float, nargs="+", default=[0.0, 0.7, 1.0], metavar="T",
         help="sampling temperatures, each run at every concurrency (0 = greedy; the goals are "
@@ -109,11 +112,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--plot", metavar="FILE", help="write a PNG plot")
 
 
-def _workload(args: argparse.Namespace) -> Workload:
+def _workload(args: argparse.Namespace, target: str) -> Workload:
     n_prompts, max_tokens, requests, eu_prompts = QUICK if args.quick else FULL
     n_prompts = max(n_prompts, args.requests or 0, max(args.concurrency))
+    chat = is_chat_target(target) if args.prompt_format == "auto" else args.prompt_format == "chat"
     return Workload(
-        prompts=load_questions(args.prompts, n_prompts),
+        chat=chat,
+        prompts=load_questions(args.prompts, n_prompts, chat=chat),
         max_tokens=args.max_tokens or max_tokens,
         concurrencies=tuple(args.concurrency),
         requests_per_level=args.requests or requests,
@@ -169,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.time()
     try:
         target, drafts, _ = resolve_models(args)
-        workload = _workload(args)
+        workload = _workload(args, target)
     except (BundleError, FileNotFoundError, ValueError) as exc:
         print(f"epispec bench: {exc}", file=sys.stderr)
         return 2

@@ -32,7 +32,8 @@ REL_FLOOR = 1e-3  # nats
 def exact_eu(target: str, drafts: list[str], sequences: list[dict], k: int = 20) -> list[dict]:
     """Per sequence ({"prompt_ids", "tokens"}): {"eu", "eu_topk", "topk_mass"} of every
     generated token (exact eu, the top-k bound in float32, the target's top-k probability mass)."""
-    lms = [models.load_causal_lm(p, "cpu", torch.float32) for p in [target, *drafts]]
+    lms = [models.load_causal_lm(target, "cpu", torch.float32)] + [
+        models.load_draft(p, "cpu", torch.float32) for p in drafts]
     out = []
     with torch.inference_mode():
         for s in sequences:

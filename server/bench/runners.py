@@ -251,6 +251,10 @@ async def run_config(spec: dict) -> dict:
     budget = prompt_budget(max_model_len(spec["target"]), w.max_tokens, w.num_speculative_tokens)
 
     def encode(text: str) -> list[int]:
+        if w.chat:
+            text = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                           tokenize=False)
+            return fit_prompt(tok(text, add_special_tokens=False)["input_ids"], budget)
         return fit_prompt(tok(text, add_special_tokens=True)["input_ids"], budget)
 
     totals = {"spec_rounds": 0, "proposed": 0, "accepted": 0}

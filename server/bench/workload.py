@@ -18,8 +18,9 @@ def format_prompt(question: str) -> str:
     return f"Question: {question.strip()}\nAnswer: "
 
 
-def load_questions(path: str | Path = DEFAULT_PROMPTS, n: int | None = None) -> list[str]:
-    """The first `n` questions of a JSONL file, in file order (the same for every config)."""
+def load_questions(path: str | Path = DEFAULT_PROMPTS, n: int | None = None, chat: bool = False) -> list[str]:
+    """The first `n` questions of a JSONL file, in file order (the same for every config):
+    formatted as `format_prompt`, or bare with `chat` (the runner applies the chat template)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -32,7 +33,7 @@ def load_questions(path: str | Path = DEFAULT_PROMPTS, n: int | None = None) -> 
                 record = json.loads(line)
                 if "question" not in record:
                     raise ValueError(f"Prompt file '{path}' has a line without a 'question' field.")
-                out.append(format_prompt(record["question"]))
+                out.append(record["question"].strip() if chat else format_prompt(record["question"]))
             if n is not None and len(out) >= n:
                 break
     if not out:
@@ -66,6 +67,7 @@ class Workload:
     num_speculative_tokens: int = 3
     target_logprobs: int = 20
     temperatures: tuple[float, ...] = (0.0,)  # each level runs at each; > 0 samples, seeded
+    chat: bool = False  # prompts are questions sent as one user turn through the chat template
 
     def level_prompts(self, concurrency: int) -> list[str]:
         n = max(self.requests_per_level, concurrency)
@@ -81,6 +83,7 @@ class Workload:
             "num_speculative_tokens": self.num_speculative_tokens,
             "target_logprobs": self.target_logprobs,
             "temperatures": list(self.temperatures),
+            "chat": self.chat,
         }
 
     @classmethod
@@ -94,4 +97,11 @@ class Workload:
             d["num_speculative_tokens"],
             d["target_logprobs"],
             tuple(d.get("temperatures", (0.0,))),
+            bool(d.get("chat", False)),
         )
+
+
+def is_chat_target(target: str | Path) -> bool:
+    """A pretrained target prepared by `epispec models prepare` (it carries epispec_source.json)
+    is a chat model: the benchmark then sends its questions through the chat template."""
+    return (Path(target) / "epispec_source.json").is_file()
