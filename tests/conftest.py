@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny trained models (built once per session)."""
+"""Shared fixtures: tiny trained models (built once per session), one torch thread."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.tiny_models import build_tiny_models
 
@@ -16,3 +17,13 @@ def tiny_models(tmp_path_factory) -> dict:
     folder = Path(root) if root else tmp_path_factory.mktemp("tiny_models")
     folder.mkdir(parents=True, exist_ok=True)
     return build_tiny_models(folder)
+
+
+@pytest.fixture(scope="module")
+def few_threads():
+    """One thread (the machine is shared; tiny models gain nothing from more), restored after
+    the module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

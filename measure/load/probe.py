@@ -23,7 +23,7 @@ import httpx
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.bench.measure import tree_rss
+from measure.bench.measure import tree_rss
 
 STATE_GAUGES = ("epispec_engine_requests", "epispec_eu_joiner_states", "epispec_eu_proposer_states",
                 "epispec_requests_running", "epispec_requests_waiting")

@@ -2,7 +2,7 @@
 
     epispec bench [--quick] [--json FILE] [--plot FILE] [--bundle DIR | --target DIR --draft DIR ...]
 
-Each config runs in its own subprocess (`python -m server.bench.runners`) for a clean memory
+Each config runs in its own subprocess (`python -m measure.bench.runners`) for a clean memory
 figure; a config that cannot run here (e.g. the vllm engine missing) is reported as skipped
 with the reason. Then the EU error of `epispec` against exact values, the table, the goals of
 issue #8 as ratios, the JSON and the plot.
@@ -19,9 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from server.bench import report
-from server.bench.runners import CONFIGS
-from server.bench.workload import DEFAULT_PROMPTS, Workload, load_questions
+from measure.bench import report
+from measure.bench.runners import CONFIGS
+from measure.bench.workload import DEFAULT_PROMPTS, Workload, load_questions
 from server.bundle import BundleError
 from server.commands.model_args import resolve_models
 
@@ -146,7 +146,7 @@ def run_config(spec: dict, folder: Path, timeout: float) -> tuple[dict | None, s
         folder / f"{name}.{x}" for x in ("spec.json", "out.json", "log")
     )
     spec_path.write_text(json.dumps(spec))
-    cmd = [sys.executable, "-m", "server.bench.runners", str(spec_path), str(out_path)]
+    cmd = [sys.executable, "-m", "measure.bench.runners", str(spec_path), str(out_path)]
     print(f"epispec bench: running {name} ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     with log_path.open("w") as log:
@@ -214,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
             }
             eu_tokens += result["eu_tokens"]
     if eu_tokens:
-        from server.bench.eu_error import eu_error
+        from measure.bench.eu_error import eu_error
 
         doc["eu_error"] = eu_error(target, drafts, eu_tokens, workload.target_logprobs)
     doc["goals"] = report.goals(doc["runs"], doc["eu_error"])

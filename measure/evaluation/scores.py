@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from drafts.evaluation.tokur import PerturbedTarget
+from measure.evaluation.tokur import PerturbedTarget
 from server.engine.uncertainty import (
     decompose,
     entropy,

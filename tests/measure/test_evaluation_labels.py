@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fractions import Fraction
 
-from drafts.evaluation.labels import (
+from measure.evaluation.labels import (
     annotations,
     answer_wrong,
     final_answer,

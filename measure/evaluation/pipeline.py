@@ -20,11 +20,11 @@ import torch
 from tqdm import tqdm
 
 from drafts.corpus import describe_corpus, record_text
-from drafts.evaluation import metrics, sequences
-from drafts.evaluation import recipe as recipes
-from drafts.evaluation.calibrate import calibrate
-from drafts.evaluation.scores import ScoringModels, decode_seconds, score_sequence
-from drafts.evaluation.tokur import PerturbedTarget
+from measure.evaluation import metrics, sequences
+from measure.evaluation import recipe as recipes
+from measure.evaluation.calibrate import calibrate
+from measure.evaluation.scores import ScoringModels, decode_seconds, score_sequence
+from measure.evaluation.tokur import PerturbedTarget
 from server.engine.models import count_parameters, load_causal_lm, load_tokenizer
 
 # RMSE against EU*: method -> per-token key. "ours" first; the rest are its competitors.
@@ -223,7 +223,7 @@ def calibrate_bundle(bundle_dir: str | Path, data: str | None, recipe: recipes.R
     With fewer than `min_correct` correct calculator-result tokens (a weak target writes few
     annotations), the threshold is the (1 − fpr) quantile of eu over the reference solutions'
     tokens instead, i.e. a flag rate of fpr on text known to be right."""
-    from drafts.evaluation.calibrate import write_threshold
+    from measure.evaluation.calibrate import write_threshold
     from server.bundle import load_bundle
 
     bundle = load_bundle(bundle_dir)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from drafts.evaluation.metrics import precision_recall_at
-from drafts.evaluation.report import clean
+from measure.evaluation.metrics import precision_recall_at
+from measure.evaluation.report import clean
 
 
 def threshold_for_fpr(scores, labels, fpr: float) -> float:

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from drafts.corpus import format_prompt as drafts_format_prompt
-from server.bench import report
-from server.bench.eu_error import REL_FLOOR, error_summary, exact_eu
-from server.bench.measure import RequestTiming, latency_summary, percentile, tree_rss
-from server.bench.runners import level_row
-from server.bench.workload import (
+from measure.bench import report
+from measure.bench.eu_error import REL_FLOOR, error_summary, exact_eu
+from measure.bench.measure import RequestTiming, latency_summary, percentile, tree_rss
+from measure.bench.runners import level_row
+from measure.bench.workload import (
     Workload,
     fit_prompt,
     format_prompt,
@@ -244,7 +244,7 @@ def test_bench_reference_config_writes_table_json_and_plot(tiny_models, tmp_path
 
 
 def test_engine_request_counts_stats_from_finished():
-    from server.bench.runners import engine_request
+    from measure.bench.runners import engine_request
     from server.engine.types import EngineStats
 
     class Scripted:

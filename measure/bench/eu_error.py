@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from server.bench.measure import percentile
+from measure.bench.measure import percentile
 from server.engine import models
 from server.engine.uncertainty import decompose, decompose_topk
 

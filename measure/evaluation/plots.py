@@ -26,7 +26,7 @@ def roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def write_plots(results: dict, out: Path) -> list[str]:
-    from drafts.evaluation.pipeline import DETECTION_SCORES, RMSE_METHODS
+    from measure.evaluation.pipeline import DETECTION_SCORES, RMSE_METHODS
 
     plt = _plt()
     arrays = results["_arrays"]

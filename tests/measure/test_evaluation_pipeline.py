@@ -13,11 +13,13 @@ import pytest
 import torch
 
 from drafts.corpus import format_prompt
-from drafts.evaluation import cli, pipeline, recipe
-from drafts.evaluation.scores import ScoringModels, score_sequence
+from measure.evaluation import cli, pipeline, recipe
+from measure.evaluation.scores import ScoringModels, score_sequence
 from server.engine.models import load_causal_lm, load_tokenizer
 from server.engine.reference import ReferenceEngine
 from server.engine.types import SamplingParams, TokenEvent
+
+pytestmark = pytest.mark.usefixtures("few_threads")  # they train
 
 
 def test_teacher_forced_eu_equals_the_engines_streamed_eu(tiny_models):

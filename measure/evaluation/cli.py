@@ -57,8 +57,8 @@ def _data(arg: str | None, quick: bool) -> str | None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from drafts.evaluation import pipeline, plots, recipe, report
-    from drafts.evaluation.calibrate import write_threshold
+    from measure.evaluation import pipeline, plots, recipe, report
+    from measure.evaluation.calibrate import write_threshold
     from server.engine.models import ModelFolderError
 
     torch.set_num_threads(args.threads)

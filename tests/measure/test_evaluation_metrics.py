@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from drafts.evaluation.metrics import auprc, auroc, bootstrap_ci, precision_recall_at, prr, rmse
+from measure.evaluation.metrics import auprc, auroc, bootstrap_ci, precision_recall_at, prr, rmse
 
 # sorted by score: 0.8 (wrong), 0.4 (ok), 0.35 (wrong), 0.1 (ok)
 SCORES = [0.1, 0.4, 0.35, 0.8]

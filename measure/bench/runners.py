@@ -1,4 +1,4 @@
-"""One benchmark config in its own process: `python -m server.bench.runners SPEC.json OUT.json`.
+"""One benchmark config in its own process: `python -m measure.bench.runners SPEC.json OUT.json`.
 
 SPEC holds {"config", "target", "drafts", "draft_model", "workload", "kv_cache_space", "dtype",
 "bias_source", "profile"} (profile: a folder for `profile.py`'s output, or null).
@@ -23,8 +23,8 @@ import zlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from server.bench.measure import PeakRss, RequestTiming, latency_summary, now
-from server.bench.workload import Workload, fit_prompt, prompt_budget
+from measure.bench.measure import PeakRss, RequestTiming, latency_summary, now
+from measure.bench.workload import Workload, fit_prompt, prompt_budget
 from server.engine.models import max_model_len
 
 CONFIGS = ("vllm-target-alone", "vllm-draft-model", "epispec", "reference")
@@ -162,7 +162,7 @@ def start_engine(spec: dict):
 
     w: Workload = spec["workload"]
     if spec.get("profile") and spec["config"] == "epispec":
-        from server.bench import profile
+        from measure.bench import profile
         from server.engine import vllm_engine
 
         os.environ[profile.PROFILE_DIR_ENV] = spec["profile"]  # read by the worker's proposer
@@ -289,7 +289,7 @@ async def run_config(spec: dict) -> dict:
             print(f"[{config}] T={temperature} c={c}: {runs[-1]['output_tokens_per_s']:.1f} tok/s",
                   file=sys.stderr)
         if prof:
-            from server.bench import profile
+            from measure.bench import profile
 
             await asyncio.sleep(2 * profile.DUMP_EVERY_S)
             await submit("profile-flush", warm[0], WARMUP_TOKENS)  # triggers the proposer's dump

@@ -27,7 +27,7 @@ from pathlib import Path
 from server.engine import vllm_internals
 
 PROFILE_DIR_ENV = "EPISPEC_BENCH_PROFILE_DIR"
-PROPOSER = "server.bench.profile.ProfiledProposer"
+PROPOSER = "measure.bench.profile.ProfiledProposer"
 DUMP_EVERY_S = 0.5
 
 

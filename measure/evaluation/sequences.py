@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from drafts.corpus import format_prompt, load_records, synthetic_records
-from drafts.evaluation.labels import answer_wrong, token_labels
+from measure.evaluation.labels import answer_wrong, token_labels
 
 
 @dataclass

@@ -24,9 +24,9 @@ from collections import Counter
 
 import httpx
 
-from server.bench.measure import percentile
-from server.load.client import Mix, Outcome, one_request
-from server.load.probe import (
+from measure.bench.measure import percentile
+from measure.load.client import Mix, Outcome, one_request
+from measure.load.probe import (
     LoadError,
     MemorySampler,
     check_loopback,
