@@ -1,11 +1,10 @@
 """How far `epispec`'s served EU is from the exact value, token by token.
 
-The exact value is recomputed by teacher forcing: the target and every draft (transformers,
-float32) score the served token sequence once, and `uncertainty.decompose` gives the
-full-vocabulary eu at every generated position. The served-vs-exact error is the figure the
-goals judge; it holds whatever the engine does for the bias (exact KL from the target's full
-logits in vLLM's worker, or the top-k tail bound from its returned log-probs) plus vLLM's
-bf16 target and any bug.
+The exact value is recomputed by teacher forcing (`server.engine.teacher_forced`: the target and
+every draft, transformers, float32, score the served token sequence once) at every generated
+position. The served-vs-exact error is the figure the goals judge; it holds whatever the engine
+does for the bias (exact KL from the target's full logits in vLLM's worker, or the top-k tail
+bound from its returned log-probs) plus vLLM's bf16 target and any bug.
 
 For context the same pass also gives the top-k tail-bucket bound (`decompose_topk`, k =
 `target_logprobs`) against the exact value: what a bias from the target's top-k log-probs
@@ -24,7 +23,8 @@ import torch
 
 from measure.bench.measure import percentile
 from server.engine import models
-from server.engine.uncertainty import decompose, decompose_topk
+from server.engine.teacher_forced import teacher_forced
+from server.engine.uncertainty import decompose_topk
 
 REL_FLOOR = 1e-3  # nats
 
@@ -36,20 +36,13 @@ def exact_eu(target: str, drafts: list[str], sequences: list[dict], k: int = 20)
     out = []
     with torch.inference_mode():
         for s in sequences:
-            ids = torch.tensor([s["prompt_ids"] + s["tokens"]])  # [1, L]
-            n_prompt, n = len(s["prompt_ids"]), len(s["tokens"])
-            # logits at position i predict token i+1: the generated tokens are predicted by
-            # positions n_prompt-1 .. n_prompt+n-2
-            lp = [
-                torch.log_softmax(lm(input_ids=ids).logits[0, n_prompt - 1 : n_prompt + n - 1], -1)
-                for lm in lms
-            ]  # each [n, V]
-            draft_lp = torch.stack(lp[1:], dim=1)  # [n, M, V]
-            exact = decompose(draft_lp, lp[0]).eu  # [n]
-            if k < 0 or k >= lp[0].shape[-1]:
+            tf = teacher_forced(lms[0], lms[1:], s["prompt_ids"], s["tokens"])
+            lp, draft_lp, exact = tf.target, tf.drafts, tf.uncertainty.eu  # [n, V], [n, M, V], [n]
+            n = len(s["tokens"])
+            if k < 0 or k >= lp.shape[-1]:
                 top_eu, mass = exact, torch.ones(n)
             else:
-                top_lp, top_ids = lp[0].topk(k, -1)  # [n, k]
+                top_lp, top_ids = lp.topk(k, -1)  # [n, k]
                 top_eu = decompose_topk(draft_lp, top_ids, top_lp).eu
                 mass = top_lp.exp().sum(-1)
             out.append(

@@ -1,10 +1,9 @@
 """Per-token scores of a sequence, teacher-forced: every estimate of epistemic uncertainty and
 every single-model baseline, plus the ground truth EU*.
 
-Teacher forcing gives, at each position, exactly the distributions that decoding would see for
-the same tokens (the engine's drafts and target are causal LMs over the same prefix), so one
-pass per model scores a whole sequence. For a sequence `ids` and the first scored index `start`,
-position t ∈ [start, L) is scored with the distributions of the prefix ids[:t].
+Teacher-forced as in `server.engine.teacher_forced` (one pass per model scores a whole sequence;
+for the first scored index `start`, position t ∈ [start, L) is scored with the distributions of
+the prefix ids[:t]).
 
 Keys of `score_sequence` (each an array [T]):
     ensemble            EU* = mutual information of the deep ensemble (ground truth)
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from measure.evaluation.tokur import PerturbedTarget
+from server.engine.teacher_forced import forced_logprobs, forced_member_logprobs
 from server.engine.uncertainty import (
     decompose,
     entropy,
@@ -46,12 +46,6 @@ class ScoringModels:
         return next(iter(self.draft_sets))
 
 
-@torch.no_grad()
-def forced_logprobs(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """Next-token log-probs at every position. [1, L] -> [L, V]"""
-    return torch.log_softmax(model(input_ids=input_ids).logits[0].float(), dim=-1)
-
-
 def _timed(models: ScoringModels, key: str, fn):
     t0 = time.perf_counter()
     out = fn()
@@ -61,23 +55,19 @@ def _timed(models: ScoringModels, key: str, fn):
 
 @torch.no_grad()
 def score_sequence(models: ScoringModels, ids: list[int], start: int) -> dict[str, np.ndarray]:
-    if not 1 <= start <= len(ids):
-        raise ValueError(f"start must be in [1, {len(ids)}], got {start}")
     x = torch.tensor([ids])  # [1, L]
     pos = slice(start - 1, len(ids) - 1)  # logits at t−1 predict ids[t]
     tok = torch.tensor(ids[start:])  # [T]
     out: dict[str, torch.Tensor] = {}
 
-    p = _timed(models, "target", lambda: forced_logprobs(models.target, x)[pos])  # [T, V]
+    p = _timed(models, "target", lambda: forced_logprobs(models.target, ids, start))  # [T, V]
     out["entropy"], out["max_prob"], out["nll"] = entropy(p), one_minus_max_prob(p), token_nll(p, tok)
 
-    ens = _timed(models, "ensemble", lambda: torch.stack(
-        [forced_logprobs(m, x)[pos] for m in models.ensemble], dim=1))  # [T, N, V]
+    ens = _timed(models, "ensemble", lambda: forced_member_logprobs(models.ensemble, ids, start))  # [T, N, V]
     out["ensemble"] = mutual_information(ens)
 
     for name, drafts in models.draft_sets.items():
-        q = _timed(models, f"drafts.{name}", lambda d=drafts: torch.stack(
-            [forced_logprobs(m, x)[pos] for m in d], dim=1))  # [T, M, V]
+        q = _timed(models, f"drafts.{name}", lambda d=drafts: forced_member_logprobs(d, ids, start))  # [T, M, V]
         u = decompose(q, p)
         out[f"{name}.eu"], out[f"{name}.bias"], out[f"{name}.variance"] = u.eu, u.bias, u.variance
         if name == models.ours:
