@@ -8,13 +8,13 @@ quantile of eu over the validation tokens whose calculator result was correct, s
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from measure.evaluation.metrics import precision_recall_at
 from measure.evaluation.report import clean
+from server.bundle import Thresholds, read_manifest, write_manifest
 
 
 def threshold_for_fpr(scores, labels, fpr: float) -> float:
@@ -39,17 +39,12 @@ def calibrate(val_scores, val_labels, test_scores, test_labels, fpr: float) -> d
 
 def write_threshold(bundle_dir: str | Path, calibration: dict) -> Path:
     """Set thresholds.eu (and thresholds_calibration) in bundle_dir/bundle.json, other keys kept."""
-    path = Path(bundle_dir) / "bundle.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"No bundle manifest at '{path}'.")
-    manifest = json.loads(path.read_text())
-    manifest["thresholds"] = {**(manifest.get("thresholds") or {}), "eu": round(calibration["threshold"], 6)}
-    if "calibrated" in manifest:  # the bundle writer's flag
-        manifest["calibrated"] = True
-    manifest["thresholds_calibration"] = clean({  # NaN (undefined precision/recall) -> null
+    manifest = read_manifest(bundle_dir)
+    manifest.thresholds = Thresholds(**{**manifest.thresholds.as_dict(), "eu": round(calibration["threshold"], 6)})
+    manifest.calibrated = True
+    manifest.thresholds_calibration = clean({  # NaN (undefined precision/recall) -> null
         "method": calibration["method"],
         "validation": calibration["validation"],
         "test": calibration["test"],
     })
-    path.write_text(json.dumps(manifest, indent=2) + "\n")
-    return path
+    return write_manifest(bundle_dir, manifest)
