@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -42,6 +44,21 @@ def offenders(folder: str, forbidden: tuple[str, ...]) -> dict[str, list[str]]:
     return found
 
 
+@pytest.mark.parametrize(("folder", "forbidden"), [
+    ("server/engine", ("server.api", "server.app", "server.commands", "server.cli", "server.config",
+                       "drafts", "measure", "fastapi")),
+    ("server/api", ("server.app", "server.commands", "server.cli", "drafts", "measure")),
+    ("server", ("server.commands", "server.cli", "drafts", "measure")),
+])
+def test_imports_point_one_way(folder, forbidden):
+    if folder == "server":  # the app and everything below it; commands and cli sit on top
+        found = {p: b for p, b in offenders(folder, forbidden).items()
+                 if not p.startswith(("server/commands/", "server/cli.py"))}
+    else:
+        found = offenders(folder, forbidden)
+    assert not found, f"imports against the direction commands → app → api → engine: {found}"
+
+
 def test_drafts_never_import_measurement():
     assert not offenders("drafts", ("measure",))
 
@@ -55,3 +72,38 @@ def test_the_server_runs_without_the_measure_extra():
                          cwd=ROOT).stdout.split()
     loaded = {m.split(".")[0] for m in out}
     assert not loaded & {"matplotlib", "measure", "drafts", "psutil"}, loaded & {"matplotlib", "measure", "drafts", "psutil"}
+
+
+def _module_graph(folder: str) -> dict[str, set[str]]:
+    """Module -> the modules of `folder` it imports (at the top or inside a function)."""
+    def name(path: Path) -> str:
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    known = {name(p) for p in modules(folder)}
+    graph = {}
+    for path in modules(folder):
+        named = imports(path)
+        # `from a.b import c`: the module a.b.c where it is one, else a.b
+        graph[name(path)] = {n for n in named if n in known and not any(
+            m.startswith(n + ".") and m in named for m in known)}
+    return graph
+
+
+def test_no_import_cycles_in_the_server():
+    graph = _module_graph("server")
+    cycles = []
+
+    def visit(node: str, path: list[str]) -> None:
+        for nxt in sorted(graph[node]):
+            if nxt in path:
+                cycles.append(path[path.index(nxt):] + [nxt])
+            elif nxt not in done:
+                visit(nxt, [*path, nxt])
+        done.add(node)
+
+    done: set[str] = set()
+    for start in sorted(graph):
+        if start not in done:
+            visit(start, [start])
+    assert not cycles, f"import cycles: {cycles}"

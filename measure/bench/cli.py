@@ -23,7 +23,12 @@ from measure.bench import report
 from measure.bench.runners import CONFIGS
 from measure.bench.workload import DEFAULT_PROMPTS, Workload, load_questions
 from server.bundle import BundleError
-from server.commands.model_args import resolve_models
+from server.engine.types import (
+    BIAS_SOURCES,
+    DEFAULT_NUM_SPECULATIVE_TOKENS,
+    DEFAULT_TARGET_LOGPROBS,
+)
+from server.resolve import resolve_models
 
 # (prompts, max_tokens, requests per level, EU prompts)
 FULL = (128, 128, 64, 32)
@@ -61,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     w.add_argument(
         "--eu-prompts", type=int, help="prompts whose EU is checked against exact values"
     )
-    w.add_argument("--num-speculative-tokens", type=int, default=3, metavar="K")
+    w.add_argument("--num-speculative-tokens", type=int, default=DEFAULT_NUM_SPECULATIVE_TOKENS, metavar="K")
     w.add_argument(
         "--temperatures", type=float, nargs="+", default=[0.0, 0.7, 1.0], metavar="T",
         help="sampling temperatures, each run at every concurrency (0 = greedy; the goals are "
@@ -70,14 +75,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     w.add_argument(
         "--target-logprobs",
         type=int,
-        default=20,
+        default=DEFAULT_TARGET_LOGPROBS,
         metavar="K",
         help="epispec with --bias-source logprobs: the target's top-k log-probs for the bias; "
         "also the k of the top-k bound reported beside the EU error",
     )
     w.add_argument(
         "--bias-source",
-        choices=["worker", "logprobs"],
+        choices=BIAS_SOURCES,
         help="epispec's bias: exact in vLLM's worker, or from top-k log-probs (default: the engine's)",
     )
     r = parser.add_argument_group("run")
@@ -168,7 +173,7 @@ def run_config(spec: dict, folder: Path, timeout: float) -> tuple[dict | None, s
 def run(args: argparse.Namespace) -> int:
     started = time.time()
     try:
-        target, drafts, _ = resolve_models(args)
+        target, drafts, _ = resolve_models(args.target, args.draft, args.bundle)
         workload = _workload(args)
     except (BundleError, FileNotFoundError, ValueError) as exc:
         print(f"epispec bench: {exc}", file=sys.stderr)

@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from server.engine.types import DEFAULT_NUM_SPECULATIVE_TOKENS, DEFAULT_TARGET_LOGPROBS
+
 # ../shared/data/gsm8k/test.jsonl beside the repository (DESIGN.md §6)
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[3] / "shared" / "data" / "gsm8k" / "test.jsonl"
 
@@ -63,8 +65,8 @@ class Workload:
     concurrencies: tuple[int, ...]
     requests_per_level: int  # requests per concurrency level, at least the concurrency
     eu_prompts: int  # prompts whose per-token EU is checked against exact values (epispec)
-    num_speculative_tokens: int = 3
-    target_logprobs: int = 20
+    num_speculative_tokens: int = DEFAULT_NUM_SPECULATIVE_TOKENS
+    target_logprobs: int = DEFAULT_TARGET_LOGPROBS
     temperatures: tuple[float, ...] = (0.0,)  # each level runs at each; > 0 samples, seeded
 
     def level_prompts(self, concurrency: int) -> list[str]:

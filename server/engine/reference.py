@@ -31,6 +31,7 @@ from server.engine.detokenize import IncrementalDetokenizer
 from server.engine.emission import EmissionGate
 from server.engine.speculative import sample, sampling_probs, verify
 from server.engine.types import (
+    DEFAULT_NUM_SPECULATIVE_TOKENS,
     EngineStats,
     Finished,
     GenerationItem,
@@ -82,7 +83,7 @@ class ReferenceEngine:
         target: str | Path,
         drafts: list[str | Path] = (),
         *,
-        num_speculative_tokens: int = 3,
+        num_speculative_tokens: int = DEFAULT_NUM_SPECULATIVE_TOKENS,
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
         model_name: str | None = None,
