@@ -22,9 +22,10 @@ from fastapi.middleware.cors import CORSMiddleware
 from server.api import api_router
 from server.api.admission import AdmissionLimit
 from server.api.auth import ApiKeyGuard
+from server.api.context import ServerContext
 from server.api.errors import install_error_handlers
-from server.api.generation import Generations, ServerContext
 from server.api.limits import BodySizeLimit
+from server.api.pump import Generations
 from server.bundle import Bundle
 from server.config import Settings
 from server.engine.factory import EngineArgs, build_engine
