@@ -4,6 +4,7 @@ uncertainty, and package them as a bundle.
     tokenizer      train a byte-level BPE tokenizer on a corpus
     target         train a small causal LM (Llama, head_dim >= 32)
     ensemble       train N independently seeded targets (deep-ensemble ground truth)
+    respond        the target's own chat responses to the corpus's questions, with vLLM
     distill        train M drafts from a target with OSD and DDD (or their ablations)
     bundle         write a bundle folder: target, drafts, tokenizer, bundle.json
     calc-accuracy  test loss and calculator-annotation accuracy on GSM8K-format data
@@ -19,7 +20,7 @@ import argparse
 import json
 import sys
 
-SUBCOMMANDS = ["tokenizer", "target", "ensemble", "distill", "bundle", "calc-accuracy"]
+SUBCOMMANDS = ["tokenizer", "target", "ensemble", "respond", "distill", "bundle", "calc-accuracy"]
 
 
 def _data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -73,6 +74,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         _shape_args(p, 256, 4, 4, 704)
         _train_args(p, lr=3e-3)
 
+    p = sub.add_parser("respond", help="the target's chat responses to the corpus's questions (vLLM)")
+    _data_args(p)
+    p.add_argument("--target", required=True, help="target folder")
+    p.add_argument("--out", required=True, help="JSONL file (appended to; a rerun resumes)")
+    p.add_argument("--max-tokens", type=int, default=320)
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="for odd-numbered questions; even-numbered ones are answered greedily")
+    p.add_argument("--seed", type=int, default=0, help="also shuffles the questions before --limit")
+    p.add_argument("--no-progress", action="store_true")
+
     p = sub.add_parser("distill", help="train M drafts from a target (OSD + DDD)")
     _data_args(p)
     p.add_argument("--target", required=True, help="target folder (the teacher)")
@@ -86,8 +97,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="lowrank: relative noise scale; dropout: drop probability (default 0.1)")
     p.add_argument("--rank", type=int, default=4, help="lowrank: rank of the weight noise")
     p.add_argument("--no-ddd", action="store_true", help="all drafts see all data (the no-DDD ablation)")
-    p.add_argument("--source", default="corpus", choices=["corpus", "synthetic"],
-                   help="distil on the corpus, or on continuations sampled from the target for its prompts")
+    p.add_argument("--source", default="corpus", choices=["corpus", "synthetic", "responses"],
+                   help="distil on the corpus, on continuations sampled from the target for its prompts, "
+                        "or on the target's chat responses in --data (a file from `epispec drafts respond`)")
+    p.add_argument("--draft-vocab", type=int, default=0, metavar="N",
+                   help="reduced output vocabulary: the special tokens + the N most frequent ids of the "
+                        "data (0: the target's whole vocabulary)")
+    p.add_argument("--embed-init", default="random", choices=["random", "target"],
+                   help="reduced drafts: random embedding, or the target's rows of S projected")
+    p.add_argument("--teacher-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="dtype of the teacher's forward passes (bfloat16 is ~2.5x faster on CPU)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="synthetic: continuation length")
     p.add_argument("--init", default=None, help="start every draft from this small model (same tokenizer)")
     _shape_args(p, 64, 1, 1, 176)
@@ -124,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
     from server.engine.models import ModelFolderError
 
     handler = {
-        "tokenizer": _tokenizer, "target": _target, "ensemble": _target, "distill": _distill,
+        "tokenizer": _tokenizer, "target": _target, "ensemble": _target, "respond": _respond,
+        "distill": _distill,
         "bundle": _bundle, "calc-accuracy": _calc,
     }[args.drafts_command]
     try:
@@ -183,17 +203,42 @@ def _target(args) -> dict:
     return {"target": args.out, "parameters": record["parameters"], "loss": record["loss"]}
 
 
+def _respond(args) -> dict:
+    import random
+
+    from drafts.corpus import load_records
+    from drafts.responses import generate_responses
+
+    questions = [r["question"] for r in load_records(args.data, args.split) if "question" in r]
+    if not questions:
+        raise ValueError(f"Corpus '{args.data}' has no `question` fields to answer.")
+    random.Random(args.seed).shuffle(questions)
+    return generate_responses(args.target, questions[: args.limit or None], args.out,
+                              max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
+                              progress=not args.no_progress)
+
+
 def _distill(args) -> dict:
     from drafts.distill import DistillSettings, distill_drafts
 
-    texts, corpus = _corpus(args)
+    docs = None
+    if args.source == "responses":
+        from drafts.corpus import describe_corpus
+        from drafts.responses import read_responses, response_docs
+
+        records = read_responses(args.data)[: args.limit or None]
+        texts, docs = [r["question"] for r in records], response_docs(records)
+        corpus = describe_corpus(args.data, "responses", texts)
+    else:
+        texts, corpus = _corpus(args)
     settings = DistillSettings(
         drafts=args.drafts, osd=args.osd, noise=args.noise, rank=args.rank,
         ensemble=tuple(args.ensemble), ddd=not args.no_ddd, source=args.source,
-        max_new_tokens=args.max_new_tokens, init=args.init,
+        max_new_tokens=args.max_new_tokens, init=args.init, draft_vocab=args.draft_vocab,
+        embed_init=args.embed_init, teacher_dtype=args.teacher_dtype,
     )
     out = distill_drafts(texts, corpus, args.target, args.out, settings, _shape(args), _options(args),
-                         seed=args.seed)
+                         seed=args.seed, docs=docs)
     return {"drafts": [str(d) for d in out]}
 
 

@@ -31,12 +31,13 @@ class LMShape:
             )
 
 
-def build_lm(shape: LMShape, tokenizer, seed: int):
+def build_lm(shape: LMShape, tokenizer, seed: int, vocab_size: int | None = None):
+    """A randomly initialized Llama of `shape` (vocabulary: the tokenizer's, or `vocab_size`)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size or len(tokenizer),
         hidden_size=shape.hidden,
         intermediate_size=shape.intermediate,
         num_hidden_layers=shape.layers,

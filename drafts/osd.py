@@ -33,6 +33,7 @@ class TeacherSampler:
             raise ValueError(f"OSD mode '{mode}' needs --noise > 0 (got {noise}).")
         self.target, self.mode, self.noise, self.rank = target.eval(), mode, noise, rank
         self.members = [m.eval() for m in members or []]
+        self._columns: torch.Tensor | None = None
         self.draws: Counter = Counter()  # instance id -> times drawn
         self._linears = [(name, mod) for name, mod in target.named_modules()
                          if isinstance(mod, torch.nn.Linear) and ".layers." in f".{name}"]
@@ -55,8 +56,12 @@ class TeacherSampler:
         return out
 
     @torch.no_grad()
-    def logprobs(self, step_seed: int, input_ids: torch.Tensor) -> torch.Tensor:
-        """Log-probs of the instance drawn for `step_seed`. [B, S] -> [B, S, V]"""
+    def logprobs(self, step_seed: int, input_ids: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-probs of the instance drawn for `step_seed`. [B, S] -> [B, S, V]
+
+        With `columns` (target ids [V_d]): the instance's distribution renormalized over those
+        ids, [B, S, V_d] (a reduced draft vocabulary, `drafts.reduced`)."""
+        self._columns = columns
         if self.mode == "none":
             self.draws[0] += 1
             return self._forward(self.target, input_ids)
@@ -80,9 +85,11 @@ class TeacherSampler:
                 for h in hooks:
                     h.remove()
 
-    @staticmethod
-    def _forward(model, input_ids):
-        return torch.log_softmax(model(input_ids=input_ids).logits.float(), dim=-1)  # [B, S, V]
+    def _forward(self, model, input_ids):
+        logits = model(input_ids=input_ids).logits  # [B, S, V]
+        if self._columns is not None:
+            logits = logits[..., self._columns.to(logits.device)]  # [B, S, V_d]
+        return torch.log_softmax(logits.float(), dim=-1)
 
     def _perturb(self, seed: int) -> None:
         g = torch.Generator().manual_seed(seed)

@@ -19,6 +19,16 @@ def tiny_models(tmp_path_factory) -> dict:
     return build_tiny_models(folder)
 
 
+@pytest.fixture(scope="session")
+def reduced_drafts(tiny_models, tmp_path_factory) -> list[str]:
+    """The tiny drafts with a reduced vocabulary (half the target's; `tests/reduced_drafts.py`)."""
+    from tests.reduced_drafts import reduced_drafts as build
+
+    root = os.environ.get("EPISPEC_TEST_MODELS")
+    folder = Path(root) if root else tmp_path_factory.mktemp("reduced_drafts")
+    return build(tiny_models, folder)
+
+
 @pytest.fixture(scope="module")
 def few_threads():
     """One thread (the machine is shared; tiny models gain nothing from more), restored after

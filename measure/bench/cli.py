@@ -200,7 +200,8 @@ def run(args: argparse.Namespace) -> int:
                     "config": config,
                     "target": target,
                     "drafts": drafts,
-                    "draft_model": args.draft_model or (drafts[0] if drafts else None),
+                    "draft_model": _draft_model(args.draft_model or (drafts[0] if drafts else None),
+                                                target, Path(tmp)),
                     "workload": workload.as_dict(),
                     "kv_cache_space": args.kv_cache_space,
                     "dtype": args.dtype,
@@ -257,3 +258,16 @@ def _revision() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return f"{head}+dirty" if head and dirty else head or None
+
+
+def _draft_model(draft: str | None, target: str, tmp: Path) -> str | None:
+    """The draft for vLLM's own draft_model speculation: a reduced-vocabulary draft is expanded
+    to the target's vocabulary first (vLLM needs it; `drafts.reduced.full_vocabulary_copy`)."""
+    if draft is None or not (Path(draft) / "draft_vocab.json").is_file():
+        return draft
+    out = tmp / "draft_model_full_vocabulary"
+    if not out.exists():
+        from drafts.reduced import full_vocabulary_copy
+
+        full_vocabulary_copy(draft, target, out)
+    return str(out)

@@ -4,6 +4,9 @@ hallucinated calculator results? Writes DIR/results.json, DIR/report.md and PNG 
 Models are trained on the fly under DIR/models (reused when rerun) unless folders are given:
 `--ensemble` (member 0 is the served target), `--drafts`, `--drafts-no-ddd`, `--drafts-no-osd`.
 `--calibrate-bundle B` writes the validation-chosen eu threshold into B/bundle.json.
+`--report DIR` runs nothing: it regenerates DIR/report.md and the README's tables from
+DIR/results.json, prints the tables, and with `--readme README.md` splices them in between the
+`<!-- eval-table:start -->` / `<!-- eval-table:end -->` markers.
 """
 
 from __future__ import annotations
@@ -19,7 +22,11 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny models, ~30 questions, < 5 minutes on CPU")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", default=None, help="output folder (required unless --report)")
+    parser.add_argument("--report", default=None, metavar="DIR",
+                        help="regenerate DIR/report.md and the README tables from DIR/results.json; run nothing")
+    parser.add_argument("--readme", default=None, metavar="PATH",
+                        help="with --report: splice the tables into PATH between the eval-table markers")
     parser.add_argument("--data", default=None,
                         help="GSM8K-format folder/JSONL, a datasets name, or 'synthetic' (default: ../shared/data/gsm8k "
                              "when present, else synthetic; with --quick: synthetic)")
@@ -54,7 +61,34 @@ def _data(arg: str | None, quick: bool) -> str | None:
     return arg
 
 
+def regenerate(results_dir: str, readme: str | None) -> int:
+    from measure.evaluation import report
+
+    path = Path(results_dir) / "results.json"
+    try:
+        results = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError) as exc:
+        print(f"epispec eval: --report needs a readable {path}: {exc}", file=sys.stderr)
+        return 2
+    plots = sorted(p.name for p in Path(results_dir).glob("*.png"))
+    (Path(results_dir) / "report.md").write_text(report.markdown(results, results["command"], plots))
+    block = report.readme_block(results, str(path))
+    if readme:
+        try:
+            Path(readme).write_text(report.splice(Path(readme).read_text(), block))
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"epispec eval: --readme {readme}: {exc}", file=sys.stderr)
+            return 2
+    print(block, end="")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.report:
+        return regenerate(args.report, args.readme)
+    if not args.out:
+        print("epispec eval: --out DIR is required (or --report DIR to regenerate tables).", file=sys.stderr)
+        return 2
     import torch
 
     from measure.evaluation import pipeline, plots, recipe, report

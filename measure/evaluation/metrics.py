@@ -10,6 +10,15 @@ pair as 1/2, PRR averages over the random order of tied items, AUPRC steps at di
            (AR_random − AR_score) / (AR_random − AR_oracle), AR = area under the curve of the
            remaining error mass; 1 = oracle order, 0 = random order
     RMSE   sqrt(mean((estimate − truth)²))
+
+Estimates of EU against the ground truth EU* (`truth`): RMSE alone cannot rank them when EU* is
+small (a constant 0 scores about as well as anything), so also
+
+    top-decile RMSE  RMSE on the items whose truth is at least its 0.9 quantile (where it matters)
+    Pearson          linear correlation; NaN for a constant estimate (it ranks nothing)
+    Spearman         Pearson of the average ranks (ties share their mean rank)
+    scale fit        least squares truth ≈ slope · estimate + intercept: slope 1, intercept 0 is a
+                     calibrated scale; NaN for a constant estimate
 """
 
 from __future__ import annotations
@@ -32,13 +41,14 @@ def _defined(y: np.ndarray) -> bool:
 
 def average_ranks(x: np.ndarray) -> np.ndarray:
     """1-based ranks, tied values sharing their mean rank."""
+    if len(x) == 0:
+        return np.empty(0)
     order = np.argsort(x, kind="mergesort")
-    xs = x[order]
-    ranks = np.empty(len(x))
-    starts = np.r_[0, np.flatnonzero(np.diff(xs)) + 1]
+    new = np.r_[True, np.diff(x[order]) != 0]  # first item of each run of equal values
+    starts = np.flatnonzero(new)
     ends = np.r_[starts[1:], len(x)]
-    for a, b in zip(starts, ends, strict=True):
-        ranks[order[a:b]] = (a + 1 + b) / 2
+    ranks = np.empty(len(x))
+    ranks[order] = ((starts + 1 + ends) / 2)[np.cumsum(new) - 1]
     return ranks
 
 
@@ -91,6 +101,36 @@ def rmse(estimate, truth) -> float:
     return float(np.sqrt(np.mean((e - t) ** 2)))
 
 
+def top_decile_rmse(estimate, truth, q: float = 0.9) -> float:
+    """RMSE on the items with truth ≥ its q quantile (ties at the cut are all kept)."""
+    e, t = _check(estimate, truth)
+    top = t >= np.quantile(t, q)
+    return rmse(e[top], t[top])
+
+
+def pearson(estimate, truth) -> float:
+    e, t = _check(estimate, truth)
+    if len(e) < 2 or e.min() == e.max() or t.min() == t.max():  # a mean's rounding is not variation
+        return float("nan")
+    de, dt = e - e.mean(), t - t.mean()
+    return float((de * dt).sum() / np.sqrt((de * de).sum() * (dt * dt).sum()))
+
+
+def spearman(estimate, truth) -> float:
+    e, t = _check(estimate, truth)
+    return pearson(average_ranks(e), average_ranks(t))
+
+
+def scale_fit(estimate, truth) -> tuple[float, float]:
+    """(slope, intercept) of the least-squares line truth ≈ slope · estimate + intercept."""
+    e, t = _check(estimate, truth)
+    if len(e) < 2 or e.min() == e.max():
+        return float("nan"), float("nan")
+    de = e - e.mean()
+    slope = (de * (t - t.mean())).sum() / (de * de).sum()
+    return float(slope), float(t.mean() - slope * e.mean())
+
+
 def precision_recall_at(scores, labels, threshold: float) -> dict:
     """Flag = score > threshold (as the server flags eu > threshold)."""
     s, y = _check(scores, labels)
@@ -110,16 +150,24 @@ def bootstrap_ci(metric: Callable[..., float], *arrays, n: int = 1000, level: fl
     """Percentile interval of `metric(*resampled arrays)` over n resamples of the items.
     Resamples where the metric is undefined (NaN) are skipped."""
     arrs = [np.asarray(a) for a in arrays]
+    vals = [metric(*(a[idx] for a in arrs)) for idx in resamples(len(arrs[0]), n, seed)]
+    return percentile_interval(vals, level)
+
+
+def resamples(size: int, n: int, seed: int = 0):
+    """n bootstrap index arrays [size]; the same seed gives the same resamples to every metric."""
     rng = np.random.default_rng(seed)
-    vals = []
     for _ in range(n):
-        idx = rng.integers(0, len(arrs[0]), len(arrs[0]))
-        v = metric(*(a[idx] for a in arrs))
-        if not np.isnan(v):
-            vals.append(v)
-    if not vals:
+        yield rng.integers(0, size, size)
+
+
+def percentile_interval(values, level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of bootstrap values, the undefined (NaN) ones skipped."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[~np.isnan(v)]
+    if not len(v):
         return float("nan"), float("nan")
-    lo, hi = np.quantile(vals, [(1 - level) / 2, (1 + level) / 2])
+    lo, hi = np.quantile(v, [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)
 
 

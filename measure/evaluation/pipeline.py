@@ -4,8 +4,10 @@
     2) models     tokenizer, deep ensemble (member 0 = served target), drafts: ours, no-DDD, no-OSD
     3) sequences  reference solutions and the target's greedy generations, with labels
     4) scores     every estimate and baseline per token, teacher-forced (`scores.py`)
-    5) choices    on validation only: the TokUR noise scale σ (best AUROC) and the eu threshold
-    6) metrics    RMSE against EU*, token/answer-level AUROC/AUPRC/PRR with bootstrap CIs,
+    5) choices    on validation only: the TokUR noise scale σ (best AUROC), the eu threshold, the
+                  corrections of eu (`correction.py`) and the constant baseline's mean EU*
+    6) metrics    every estimate against EU* (`estimation.py`: RMSE, top-decile RMSE, Spearman,
+                  Pearson, scale fit), token/answer-level AUROC/AUPRC/PRR with bootstrap CIs,
                   compute per score, calibration precision/recall on test
 """
 
@@ -20,17 +22,14 @@ import torch
 from tqdm import tqdm
 
 from drafts.corpus import describe_corpus, record_text
-from measure.evaluation import metrics, sequences
+from measure.evaluation import estimation, metrics, sequences
 from measure.evaluation import recipe as recipes
 from measure.evaluation.calibrate import calibrate
+from measure.evaluation.correction import fit_corrections
 from measure.evaluation.scores import ScoringModels, decode_seconds, score_sequence
 from measure.evaluation.tokur import PerturbedTarget
 from server.engine.models import count_parameters, load_causal_lm, load_tokenizer
 
-# RMSE against EU*: method -> per-token key. "ours" first; the rest are its competitors.
-RMSE_METHODS = {"ours": "ours.eu", "no_ddd": "no_ddd.eu", "no_osd": "no_osd.eu",
-                "single_draft": "single.bias", "variance_only": "ours.variance",
-                "tokur": "tokur", "mc_dropout": "mc_dropout"}
 # hallucination detection: score -> per-token key
 DETECTION_SCORES = {"eu": "ours.eu", "bias": "ours.bias", "variance": "ours.variance",
                     "entropy": "entropy", "max_prob": "max_prob", "nll": "nll", "tokur": "tokur",
@@ -99,13 +98,6 @@ def _detection(tokens: dict, labels: np.ndarray, n_boot: int) -> dict:
             "wrong": int(labels.sum()), "base_rate": float(labels.mean()) if len(labels) else None}
 
 
-def _rmse(tokens: dict, n_boot: int) -> tuple[dict, dict]:
-    truth = tokens["ensemble"]
-    val = {m: metrics.rmse(tokens[k], truth) for m, k in RMSE_METHODS.items()}
-    ci = {m: metrics.bootstrap_ci(metrics.rmse, tokens[k], truth, n=n_boot) for m, k in RMSE_METHODS.items()}
-    return val, ci
-
-
 def _compute(models: ScoringModels, paths: recipes.ModelPaths, seqs, recipe) -> dict:
     """Added compute per token relative to plain decoding (one target pass per token)."""
     sample = [s for s in seqs if s.kind == "generated"][:3] or seqs[:3]
@@ -169,21 +161,24 @@ def run(opts: Options) -> dict:
     # 4) scores
     test_scored = _score_all(models, test_seqs, "score test")
     val_models = ScoringModels(target, ensemble, {"ours": draft_sets["ours"]})
-    val_scored = _score_all(val_models, [s for s in val_seqs if s.kind == "generated"], "score validation")
+    val_scored = _score_all(val_models, val_seqs, "score validation")
+    val_by_kind = {k: _concat(val_seqs, val_scored, k) for k in ("reference", "generated")}
+    val_both = {k: np.concatenate([val_by_kind[c][k] for c in val_by_kind if val_by_kind[c]]) for k in val_scored[0]}
+    # 5b) fitted on validation, applied to test
+    corrections = fit_corrections(val_both["ours.bias"], val_both["ours.variance"], val_both["ensemble"])
+    val_mean = float(val_both["ensemble"].mean())
     by_kind = {k: _concat(test_seqs, test_scored, k) for k in ("reference", "generated")}
     both = {k: np.concatenate([by_kind[c][k] for c in by_kind if by_kind[c]]) for k in test_scored[0]}
+    for tokens in (both, *(v for v in by_kind.values() if v)):
+        estimation.add_derived(tokens, corrections, val_mean)
     # 6) metrics
-    rmse, rmse_ci = _rmse(both, opts.bootstrap)
-    competitors = {m: v for m, v in rmse.items() if m != "ours"}
-    best = min(competitors, key=competitors.get)
-    external = {m: rmse[m] for m in ("tokur", "mc_dropout")}
-    best_ext = min(external, key=external.get)
+    est = estimation.estimation(both, opts.bootstrap)
     gen_tokens, gen_labels = _labelled(by_kind["generated"])
     token_det = _detection(gen_tokens, gen_labels, opts.bootstrap)
     gen_seqs = [(s, d) for s, d in zip(test_seqs, test_scored, strict=True) if s.kind == "generated"]
     answer_scores = {k: np.array([d[k].mean() for _, d in gen_seqs]) for k in test_scored[0]}
     answer_det = _detection(answer_scores, np.array([s.answer_wrong for s, _ in gen_seqs]), opts.bootstrap)
-    val_tokens, val_labels = _labelled(_concat([s for s in val_seqs if s.kind == "generated"], val_scored, "generated"))
+    val_tokens, val_labels = _labelled(val_by_kind["generated"])
     try:
         calib = calibrate(val_tokens["ours.eu"], val_labels, gen_tokens["ours.eu"], gen_labels, opts.fpr)
     except ValueError as exc:
@@ -193,14 +188,19 @@ def run(opts: Options) -> dict:
         "recipe": recipe.as_dict(),
         "data": {"source": source, "train_documents": len(train), "validation_questions": len(val),
                  "test_questions": len(test), "test_tokens": {k: int(len(v.get("ensemble", []))) for k, v in by_kind.items()},
+                 "validation_tokens": {k: int(len(v.get("ensemble", []))) for k, v in val_by_kind.items()},
                  "corpus": corpus},
         "models": {**paths.as_dict(), "parameters": compute["parameters"]},
-        "rmse": rmse, "rmse_ci95": {k: list(v) for k, v in rmse_ci.items()},
-        "rmse_by_condition": {c: _rmse(by_kind[c], 0)[0] for c in by_kind if by_kind[c]},
-        "rmse_reduction_vs_best_baseline": 1 - rmse["ours"] / rmse[best], "best_baseline": best,
-        "rmse_reduction_vs_best_external_baseline": 1 - rmse["ours"] / rmse[best_ext],
-        "best_external_baseline": best_ext,
-        "eu_star": {"mean": float(both["ensemble"].mean()), "std": float(both["ensemble"].std())},
+        **est,
+        "rmse_by_condition": {c: estimation.rmse_by_condition(by_kind[c]) for c in by_kind if by_kind[c]},
+        **estimation.reductions(est["rmse"]),
+        "corrections": {name: c.describe() for name, c in corrections.items()},
+        "constant_baselines": {"constant_zero": {"value": 0.0},
+                               "constant_val_mean": {"value": val_mean, "fitted_on": "validation",
+                                                     "validation_tokens": len(val_both["ensemble"])}},
+        "eu_star": {"mean": float(both["ensemble"].mean()), "std": float(both["ensemble"].std()),
+                    "top_decile_threshold": float(np.quantile(both["ensemble"], 0.9)),
+                    "validation_mean": val_mean},
         "auroc": token_det["auroc"], "auprc": token_det["auprc"], "prr": token_det["prr"],
         "auroc_ci95": token_det["auroc_ci95"], "auprc_ci95": token_det["auprc_ci95"], "prr_ci95": token_det["prr_ci95"],
         "token_labels": {k: token_det[k] for k in ("tokens", "wrong", "base_rate")},

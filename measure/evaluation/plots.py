@@ -1,5 +1,7 @@
-"""PNG plots of an evaluation: RMSE per method, estimate vs EU*, ROC curves, eu of correct vs
-wrong tokens. Matplotlib's Agg backend (no display)."""
+"""PNG plots of an evaluation: every estimate of EU* against it (metrics per method, mean estimate
+per EU* decile, scatter on shared axes), ROC curves, eu of correct vs wrong tokens. Ours and its
+corrections are drawn in green, the baselines in other colours, all on the same axes.
+Matplotlib's Agg backend (no display)."""
 
 from __future__ import annotations
 
@@ -25,35 +27,75 @@ def roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.nd
     return np.r_[0, fp / max(1, fp[-1])], np.r_[0, tp / max(1, tp[-1])]
 
 
+def _colours(names: list[str]) -> dict[str, str]:
+    from measure.evaluation.estimation import OURS_VARIANTS
+
+    greens = iter(["tab:green", "yellowgreen", "darkgreen"])
+    others = iter(["tab:blue", "tab:orange", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:cyan",
+                   "tab:gray", "tab:olive", "black"] * 2)
+    return {n: next(greens) if n in OURS_VARIANTS else next(others) for n in names}
+
+
+def decile_means(estimate: np.ndarray, truth: np.ndarray, bins: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """(mean EU*, mean estimate) over the tokens of each EU* quantile bin, lowest first."""
+    order = np.argsort(truth, kind="mergesort")
+    parts = np.array_split(order, bins)
+    parts = [p for p in parts if len(p)]
+    return np.array([truth[p].mean() for p in parts]), np.array([estimate[p].mean() for p in parts])
+
+
 def write_plots(results: dict, out: Path) -> list[str]:
-    from measure.evaluation.pipeline import DETECTION_SCORES, RMSE_METHODS
+    from measure.evaluation.estimation import ESTIMATES
+    from measure.evaluation.pipeline import DETECTION_SCORES
 
     plt = _plt()
     arrays = results["_arrays"]
     files = []
+    names = list(ESTIMATES)
+    colour = _colours(names)
 
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    names = list(results["rmse"])
-    vals = [results["rmse"][n] for n in names]
-    lo = [v - results["rmse_ci95"][n][0] for n, v in zip(names, vals, strict=True)]
-    hi = [results["rmse_ci95"][n][1] - v for n, v in zip(names, vals, strict=True)]
-    ax.bar(names, vals, yerr=[lo, hi], color=["tab:green"] + ["tab:gray"] * (len(names) - 1))
-    ax.set_ylabel("RMSE vs EU* (nats)")
-    ax.set_title("Token EU estimate against the deep ensemble's mutual information")
-    ax.tick_params(axis="x", rotation=30)
-    files.append(_save(fig, out / "rmse.png"))
+    panels = [("rmse", "RMSE vs EU* (nats)"), ("rmse_top_decile", "RMSE, top decile of EU* (nats)"),
+              ("spearman", "Spearman with EU*")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    for ax, (metric, label) in zip(axes, panels, strict=True):
+        vals = np.array([np.nan if results[metric][n] is None else results[metric][n] for n in names], dtype=float)
+        ci = np.array([[np.nan if c is None else c for c in results[f"{metric}_ci95"][n]] for n in names], dtype=float)
+        err = np.nan_to_num(np.abs(np.stack([vals - ci[:, 0], ci[:, 1] - vals])))
+        ax.barh(names, np.nan_to_num(vals), xerr=err, color=[colour[n] for n in names])
+        ax.invert_yaxis()
+        ax.set_xlabel(label)
+    axes[0].set_title("Token EU estimates against the deep ensemble's MI (EU*), 95% CIs", loc="left")
+    files.append(_save(fig, out / "estimation.png"))
 
     both = arrays["both"]
-    shown = ["ours", "no_ddd", "no_osd", "tokur"]
-    fig, axes = plt.subplots(1, len(shown), figsize=(4 * len(shown), 4), sharey=True)
-    for ax, name in zip(axes, shown, strict=True):
-        x, y = both[RMSE_METHODS[name]], both["ensemble"]
-        ax.scatter(y, x, s=3, alpha=0.3)
-        top = float(max(x.max(), y.max(), 1e-6))
-        ax.plot([0, top], [0, top], "k--", lw=1)
+    truth = both["ensemble"]
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for n in names:
+        x, y = decile_means(both[ESTIMATES[n]], truth)
+        ax.plot(x, y, marker="o", ms=3, color=colour[n], label=n, lw=2 if n == "ours" else 1)
+    top = float(x.max()) or 1.0
+    ax.plot([0, top], [0, top], "k--", lw=1, label="estimate = EU*")
+    ax.set_xscale("symlog", linthresh=1e-3)  # one scale on both axes: the diagonal stays straight
+    ax.set_yscale("symlog", linthresh=1e-3)
+    ax.set_xlabel("EU* (mean over a decile of test tokens, nats, symlog)")
+    ax.set_ylabel("mean estimate (nats, symlog)")
+    ax.set_title("Estimate vs EU* per EU* decile")
+    ax.legend(fontsize=7, ncol=2)
+    files.append(_save(fig, out / "deciles.png"))
+
+    cols = 4
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), sharex=True, sharey=True)
+    for ax, n in zip(axes.flat, names, strict=False):
+        ax.scatter(truth, both[ESTIMATES[n]], s=3, alpha=0.3, color=colour[n])
+        ax.plot([0, top], [0, top], "k--", lw=1)  # top = max EU*, from the decile plot
+        ax.set_title(f"{n}: RMSE {results['rmse'][n]:.3f}", fontsize=9)
+    for ax in axes.flat[len(names):]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
         ax.set_xlabel("EU* (ensemble MI)")
-        ax.set_title(f"{name}: RMSE {results['rmse'][name]:.3f}")
-    axes[0].set_ylabel("estimate")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("estimate")
     files.append(_save(fig, out / "scatter.png"))
 
     labels = arrays["labels"]

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from server.engine.draft_vocab import DraftVocab, read_draft_vocab
 from server.engine.uncertainty import mixture_logprobs, variance
 
 
@@ -82,8 +83,11 @@ class _DraftGroup:
     """Same-shape Llama-family drafts evaluated together: their weights are stacked on a
     leading M axis, so one batched step of the group is one set of batched matmuls."""
 
-    def __init__(self, lms: list, slots: int, max_len: int, device: torch.device) -> None:
+    def __init__(self, lms: list, slots: int, max_len: int, device: torch.device,
+                 vocab: DraftVocab | None = None) -> None:
         cfg = lms[0].config
+        # [V] long: the draft id each target id is read as (reduced vocabulary), else None
+        self.to_draft_ids = None if vocab is None else vocab.to_draft_ids.to(device)
         attn0 = lms[0].model.layers[0].self_attn
         self.m, self.eps = len(lms), cfg.rms_norm_eps
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -96,8 +100,8 @@ class _DraftGroup:
                 return None
             return torch.stack([w.detach().t() if t else w.detach() for w in ws]).to(device)
 
-        self.embed = stack(lambda lm: lm.model.embed_tokens.weight)  # [M, V, E]
-        self.head = stack(lambda lm: lm.lm_head.weight, t=True)  # [M, E, V]
+        self.embed = stack(lambda lm: lm.model.embed_tokens.weight)  # [M, V_d, E]
+        self.head = stack(lambda lm: lm.lm_head.weight, t=True)  # [M, E, V_d]
         self.norm = stack(lambda lm: lm.model.norm.weight)  # [M, E]
         self.layers = []
         for i in range(cfg.num_hidden_layers):
@@ -141,9 +145,12 @@ class _DraftGroup:
         return y.view(m, bsz, t, -1)
 
     def forward(self, tokens, pos, slots, valid, out_index) -> torch.Tensor:
-        """tokens/pos/valid [B, T], slots [B], out_index (rows [P], cols [P]) -> log-probs [P, M, V]."""
+        """tokens (target ids)/pos/valid [B, T], slots [B], out_index (rows [P], cols [P])
+        -> log-probs over the drafts' vocabulary [P, M, V_d] (V_d = V without a reduced one)."""
         M, (B, T) = self.m, tokens.shape
         H, Hkv, D = self.heads, self.kv_heads, self.head_dim
+        if self.to_draft_ids is not None:
+            tokens = self.to_draft_ids[tokens]  # [B, T] draft ids
         h = self.embed[:, tokens]  # [M, B, T, E]
         cos, sin = self.rotary(h[0], pos)  # [B, T, D]
         cos, sin = cos[None, :, :, None], sin[None, :, :, None]  # [1, B, T, 1, D]
@@ -171,7 +178,7 @@ class _DraftGroup:
             g = torch.nn.functional.silu(self._linear(x, ly["mlp.gate_proj.weight"]))
             h = h + self._linear(g * self._linear(x, ly["mlp.up_proj.weight"]), ly["mlp.down_proj.weight"])
         h = self._rms(h[:, out_index[0], out_index[1]], self.norm)  # [M, P, E]
-        return torch.log_softmax(torch.bmm(h, self.head).float(), -1).transpose(0, 1)  # [P, M, V]
+        return torch.log_softmax(torch.bmm(h, self.head).float(), -1).transpose(0, 1)  # [P, M, V_d]
 
 
 def _feed_groups(lengths: list[int], short: int) -> list[list[int]]:
@@ -204,18 +211,25 @@ def _signature(lm) -> tuple:
             lm.model.layers[0].self_attn.q_proj.bias is not None)
 
 
-def summarize(draft_lp: torch.Tensor, top_n: int):
-    """Per position: exact variance, the record's fields of q̄, log q̄. [P, M, V] -> [P], fields, [P, V]
+def summarize(draft_lp: torch.Tensor, top_n: int, vocab: DraftVocab | None = None):
+    """Per position: exact variance, the record's fields of q̄, q̄'s greedy token.
+    [P, M, V_d] -> [P], fields, [P] long (target ids)
 
-    fields: (ids [P, N] int32, probs [P, N]) of q̄'s top-N (top_n < 0: N = V), or
-    (log q̄ [P, V],) for top_n = 0."""
-    log_mix = mixture_logprobs(draft_lp)  # [P, V]
+    fields: (ids [P, N] int32 target ids, probs [P, N]) of q̄'s top-N (top_n < 0: N = V_d), or
+    (log q̄ [P, V],) over the target's vocabulary for top_n = 0. With a reduced vocabulary
+    (V_d < V) everything is computed over S and mapped: q̄ is 0 outside S."""
+    log_mix = mixture_logprobs(draft_lp)  # [P, V_d]
     var = variance(draft_lp, log_mix)  # [P]
+    greedy = log_mix.argmax(-1)  # [P] draft ids
+    if vocab is not None:
+        greedy = vocab.to_target(greedy)
     if top_n == 0:
-        return var, (log_mix,), log_mix
+        return var, (log_mix if vocab is None else vocab.expand(log_mix),), greedy
     n = min(top_n, log_mix.shape[-1]) if top_n > 0 else log_mix.shape[-1]
     probs, ids = log_mix.exp().topk(n, dim=-1)  # [P, N]
-    return var, (ids.to(torch.int32), probs), log_mix
+    if vocab is not None:
+        ids = vocab.to_target(ids)
+    return var, (ids.to(torch.int32), probs), greedy
 
 
 def _record(position: int, var: float, fields: tuple) -> Record:
@@ -242,6 +256,12 @@ class DraftEnsemble:
         self.device = torch.device(device)
         self.k, self.top_n, self.max_len = k, top_n, max_len
         groups: dict[tuple, list] = {}
+        vocabs = [read_draft_vocab(p) for p in paths]
+        if any(v is None for v in vocabs) and not all(v is None for v in vocabs) or any(
+                not v.same_as(vocabs[0]) for v in vocabs if v is not None):
+            raise ValueError("The drafts must all use the target's vocabulary, or all the same "
+                             "reduced vocabulary (draft_vocab.json).")
+        self.vocab: DraftVocab | None = vocabs[0] if vocabs else None
         for p in paths:
             lm = load_causal_lm(p, str(self.device), torch.float32)
             if not hasattr(lm, "model") or not hasattr(lm.model, "rotary_emb") or (
@@ -251,7 +271,8 @@ class DraftEnsemble:
             groups.setdefault(_signature(lm), []).append(lm)
         # drafts of one shape run as one stacked group; the order of M does not matter
         self.capacity, self.max_slots = min(slots, self.INITIAL_SLOTS), slots
-        self.drafts = [_DraftGroup(lms, self.capacity, max_len, self.device) for lms in groups.values()]
+        self.drafts = [_DraftGroup(lms, self.capacity, max_len, self.device, self.vocab)
+                       for lms in groups.values()]
         self._free = list(range(self.capacity - 1, -1, -1))
         self._slots: dict[str, _Slot] = {}
 
@@ -336,7 +357,7 @@ class DraftEnsemble:
         if order != sorted(order):
             lp = lp[torch.tensor(order).argsort().to(dev)]
         t0 = time.perf_counter()
-        var, fields, log_mix = summarize(lp, self.top_n)
+        var, fields, greedy = summarize(lp, self.top_n, self.vocab)
         eu_seconds = time.perf_counter() - t0
         fresh = {}
         for p_i, (b, position) in enumerate(zip(out_rows, out_pos, strict=True)):
@@ -347,7 +368,7 @@ class DraftEnsemble:
         ks = [min(self.k, self.max_len - int(n) - 1) for n in n_hist]  # room in the drafts' caches
         step_var = [var[last_idx]]  # each [B]
         step_fields = [tuple(t[last_idx] for t in fields)]  # each: fields of [B, ...]
-        cur = log_mix[last_idx].argmax(-1)  # [B]
+        cur = greedy[last_idx].to(dev)  # [B] target ids
         proposal = [cur]
         ones = torch.ones(B, 1, dtype=torch.bool, device=dev)
         arange_b = (torch.arange(B, device=dev), torch.zeros(B, dtype=torch.long, device=dev))
@@ -356,11 +377,11 @@ class DraftEnsemble:
             lp = torch.cat([d.forward(cur[:, None].to(dev), p_s, slots, ones, arange_b)
                             for d in self.drafts], 1)  # [B, M, V]
             t0 = time.perf_counter()
-            v_s, fields_s, lm_s = summarize(lp, self.top_n)
+            v_s, fields_s, greedy_s = summarize(lp, self.top_n, self.vocab)
             eu_seconds += time.perf_counter() - t0
             step_var.append(v_s)
             step_fields.append(fields_s)
-            cur = lm_s.argmax(-1)
+            cur = greedy_s
             proposal.append(cur)
         n_steps = 1 + max(0, max(ks) - 1)
         prop = torch.stack(proposal, 1).tolist()  # [B, S]

@@ -1,7 +1,7 @@
 """Loading Hugging Face model folders and checking that drafts can serve a target.
 
-Drafts must share the target's tokenizer and vocabulary: their distributions are compared
-with the target's token by token. Both engines call `check_compatible` before loading
+Drafts must share the target's tokenizer and vocabulary (or a subset of it, `draft_vocab.py`):
+their distributions are compared with the target's token by token. Both engines call `check_compatible` before loading
 weights so that a mismatch is a clear start-up error, never a wrong number later.
 """
 
@@ -11,6 +11,15 @@ import json
 from pathlib import Path
 
 import torch
+
+from server.engine.draft_vocab import (
+    FILE,
+    DraftVocab,
+    DraftVocabError,
+    FullVocabularyDraft,
+    read_draft_vocab,
+    tokenizer_digest,
+)
 
 
 class ModelFolderError(ValueError):
@@ -45,6 +54,13 @@ def check_compatible(target: str | Path, drafts: list[str | Path]) -> None:
     t_vocab = load_tokenizer(target).get_vocab()
     for d in drafts:
         d_cfg = model_config(d)
+        try:
+            reduced = read_draft_vocab(d)
+        except DraftVocabError as exc:
+            raise ModelFolderError(f"Draft '{d}': {exc}") from exc
+        if reduced is not None:
+            _check_reduced(target, t_cfg, d, d_cfg, reduced, t_vocab)
+            continue
         if d_cfg.get("vocab_size") != t_cfg.get("vocab_size"):
             raise ModelFolderError(
                 f"Draft '{d}' has vocab_size {d_cfg.get('vocab_size')} but the target '{target}' has "
@@ -58,6 +74,37 @@ def check_compatible(target: str | Path, drafts: list[str | Path]) -> None:
                     f"Draft '{d}' has a different tokenizer from the target '{target}' "
                     f"({diff} vocabulary entries differ): drafts must share the target's tokenizer."
                 )
+
+
+def _check_reduced(target, t_cfg: dict, d, d_cfg: dict, reduced: DraftVocab, t_vocab: dict) -> None:
+    if reduced.target_vocab_size != t_cfg.get("vocab_size"):
+        raise ModelFolderError(
+            f"Draft '{d}' maps its vocabulary into {reduced.target_vocab_size} target tokens but the "
+            f"target '{target}' has vocab_size {t_cfg.get('vocab_size')}.")
+    if d_cfg.get("vocab_size") != reduced.size:
+        raise ModelFolderError(
+            f"Draft '{d}' has vocab_size {d_cfg.get('vocab_size')} but its {FILE} lists {reduced.size} tokens.")
+    digest = reduced.tokenizer_digest
+    if digest is not None and digest != tokenizer_digest(_Vocab(t_vocab)):
+        raise ModelFolderError(
+            f"Draft '{d}' was made for another tokenizer than the target '{target}''s "
+            f"(tokenizer digest {digest}): drafts must share the target's tokenizer.")
+
+
+class _Vocab:  # a tokenizer-like view of a vocabulary dict, for tokenizer_digest
+    def __init__(self, vocab: dict) -> None:
+        self._vocab = vocab
+
+    def get_vocab(self) -> dict:
+        return self._vocab
+
+
+def load_draft(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """A draft as a model over the target's vocabulary: the plain causal LM, or, for a draft with
+    a reduced vocabulary (`draft_vocab.json`), a `FullVocabularyDraft` around it."""
+    lm = load_causal_lm(path, device, dtype)
+    reduced = read_draft_vocab(path)
+    return lm if reduced is None else FullVocabularyDraft(lm, reduced).eval()
 
 
 def eos_token_ids(path: str | Path, tokenizer) -> set[int]:

@@ -93,7 +93,7 @@ class ReferenceEngine:
         self._tokenizer = models.load_tokenizer(target)
         self.device = device
         self.target = models.load_causal_lm(target, device, dtype)
-        self.drafts = [models.load_causal_lm(d, device, dtype) for d in drafts]
+        self.drafts = [models.load_draft(d, device, dtype) for d in drafts]
         self.k = num_speculative_tokens if self.drafts else 0
         self.num_drafts = len(self.drafts)
         self.model_name = model_name or Path(target).name

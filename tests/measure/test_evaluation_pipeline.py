@@ -6,6 +6,7 @@ No file from /work/shared is needed: data is the synthetic GSM8K-style corpus.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,8 @@ import pytest
 import torch
 
 from drafts.corpus import format_prompt
-from measure.evaluation import cli, pipeline, recipe
+from measure.evaluation import cli, estimation, pipeline, recipe
+from measure.evaluation.correction import fit_corrections
 from measure.evaluation.scores import ScoringModels, score_sequence
 from server.engine.models import load_causal_lm, load_tokenizer
 from server.engine.reference import ReferenceEngine
@@ -41,9 +43,17 @@ def test_teacher_forced_eu_equals_the_engines_streamed_eu(tiny_models):
     assert np.all(s["ensemble"] == 0)  # one member: no disagreement
 
 
-def test_eval_cli_on_given_model_folders(tiny_models, tmp_path):
-    """`epispec eval` with model folders given: results.json, report.md, plots, bundle threshold."""
+def test_eval_cli_on_given_model_folders(tiny_models, tmp_path, monkeypatch):
+    """`epispec eval` with model folders given: results.json, report.md, plots, bundle threshold;
+    the corrections are fitted on the validation tokens (a spy records what the fit receives)."""
     t, d = tiny_models["target"], tiny_models["drafts"]
+    seen = []
+
+    def spy(bias, variance, truth):
+        seen.append(np.array(truth))
+        return fit_corrections(bias, variance, truth)
+
+    monkeypatch.setattr(pipeline, "fit_corrections", spy)
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     (bundle / "bundle.json").write_text(json.dumps({"target": {"path": "t"}, "thresholds": {"eu": 0.5}}))
@@ -59,15 +69,28 @@ def test_eval_cli_on_given_model_folders(tiny_models, tmp_path):
         "--bootstrap", "20", "--calibrate-bundle", str(bundle), "--no-progress"])
     assert cli.run(args) == 0
     r = json.loads((out / "results.json").read_text())
-    assert set(r["rmse"]) == set(pipeline.RMSE_METHODS)
+    assert set(r["rmse"]) == set(estimation.ESTIMATES) >= {"constant_zero", "constant_val_mean", "ours_fit"}
+    for metric in ("rmse_top_decile", "spearman", "pearson", "scale_slope", "scale_intercept"):
+        assert set(r[metric]) == set(estimation.ESTIMATES)
+    assert r["spearman"]["constant_zero"] is None  # a constant ranks nothing: NaN, written as null
     assert set(r["auroc"]) == {"eu", "bias", "variance", "entropy", "max_prob", "nll", "tokur", "ensemble"}
     assert r["rmse_reduction_vs_best_baseline"] == pytest.approx(
-        1 - r["rmse"]["ours"] / min(v for k, v in r["rmse"].items() if k != "ours"))
+        1 - r["rmse"]["ours"] / min(v for k, v in r["rmse"].items() if k not in estimation.OURS_VARIANTS))
+    # RMSE of a constant k is sqrt(std² + (mean − k)²) of EU* on test
+    m, sd, k = r["eu_star"]["mean"], r["eu_star"]["std"], r["constant_baselines"]["constant_val_mean"]["value"]
+    assert r["rmse"]["constant_zero"] == pytest.approx(math.sqrt(sd**2 + m**2))
+    assert r["rmse"]["constant_val_mean"] == pytest.approx(math.sqrt(sd**2 + (m - k) ** 2))
+    # the fit saw exactly the validation tokens, the constant is their mean EU*, nothing came from test
+    assert len(seen) == 1 and len(seen[0]) == sum(r["data"]["validation_tokens"].values())
+    assert r["constant_baselines"]["constant_val_mean"]["value"] == pytest.approx(float(seen[0].mean()))
+    for name in ("ours_offset", "ours_fit"):
+        c = r["corrections"][name]
+        assert c["fitted_on"] == "validation" and c["validation_tokens"] == len(seen[0])
     assert r["compute"]["per_score"]["tokur"]["target_passes"] == 2
     assert r["compute"]["per_score"]["eu"]["target_passes"] == 0
     assert r["data"]["test_tokens"]["reference"] > 0
     assert (out / "report.md").read_text().startswith("# epispec evaluation")
-    assert (out / "rmse.png").is_file() and (out / "scatter.png").is_file()
+    assert all((out / f).is_file() for f in ("estimation.png", "deciles.png", "scatter.png"))
     manifest = json.loads((bundle / "bundle.json").read_text())
     if "threshold" in r["calibration"]:
         assert manifest["thresholds"]["eu"] == pytest.approx(r["calibration"]["threshold"], abs=1e-6)

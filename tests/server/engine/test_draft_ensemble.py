@@ -14,13 +14,21 @@ import pytest
 import torch
 
 from server.engine.draft_ensemble import DraftEnsemble, RowInput, _DraftGroup, log_mix_from_record
-from server.engine.models import load_causal_lm
+from server.engine.models import load_causal_lm, load_draft
 from server.engine.uncertainty import mixture_logprobs, variance
 
 
 @pytest.fixture(scope="module")
 def drafts(tiny_models):
     return [load_causal_lm(d) for d in tiny_models["drafts"]]
+
+
+@pytest.fixture(scope="module", params=["full", "reduced"])
+def draft_set(request, tiny_models):
+    """(folders, models over the target's vocabulary): the tiny drafts, or their reduced-vocabulary
+    copies (draft_vocab.json) seen through load_draft."""
+    paths = tiny_models["drafts"] if request.param == "full" else request.getfixturevalue("reduced_drafts")
+    return paths, [load_draft(d) for d in paths]
 
 
 @torch.no_grad()
@@ -31,8 +39,10 @@ def _exact(drafts, history: list[int]) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("top_n", [-1, 16, 0])
-def test_records_and_proposals_match_full_recompute(tiny_models, drafts, top_n):
-    ens = DraftEnsemble(tiny_models["drafts"], k=3, slots=4, max_len=256, top_n=top_n)
+def test_records_and_proposals_match_full_recompute(draft_set, top_n):
+    paths, drafts = draft_set
+    ens = DraftEnsemble(paths, k=3, slots=4, max_len=256, top_n=top_n)
+    support = int(torch.isfinite(_exact(drafts, [1])[0]).sum())  # |S|: V, or V_d when reduced
     rng = random.Random(0)
     hists = {"a": [1, 5, 7, 9, 11], "b": [1, 20, 30], "c": [1, 44, 45, 46, 47, 48, 49]}
     proposals = {r: [] for r in hists}
@@ -57,7 +67,7 @@ def test_records_and_proposals_match_full_recompute(tiny_models, drafts, top_n):
                     continue
                 got = log_mix_from_record(rec.ids, rec.probs, q_mix.shape[-1]).exp()
                 known = got > 0
-                assert known.sum() == (q_mix.shape[-1] if top_n < 0 else top_n)
+                assert known.sum() == (support if top_n < 0 else top_n)
                 assert (got[known] - q_mix[known]).abs().max() < 1e-5
             hh = list(h)
             for t in out.proposal:

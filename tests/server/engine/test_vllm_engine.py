@@ -20,7 +20,7 @@ import torch
 
 pytest.importorskip("vllm")
 
-from server.engine.models import ModelFolderError, load_causal_lm  # noqa: E402
+from server.engine.models import ModelFolderError, load_causal_lm, load_draft  # noqa: E402
 from server.engine.reference import ReferenceEngine  # noqa: E402
 from server.engine.teacher_forced import teacher_forced  # noqa: E402
 from server.engine.types import Finished, FlagThresholds, SamplingParams, TokenEvent  # noqa: E402
@@ -182,6 +182,28 @@ def test_logprobs_source_with_whole_vocabulary_is_exact(tiny_models, hf_models, 
         assert len(events) > 10 and all(e.eu is not None for e in events)
         u, token_lp, _, _ = _teacher_forced(hf_models, ids, [e.token_id for e in events])
         _assert_matches(events, u, token_lp)
+    finally:
+        loop.run_until_complete(engine.shutdown())
+
+
+def test_reduced_vocabulary_drafts_give_exact_eu(tiny_models, reduced_drafts, loop):
+    """Drafts over a subset S of the vocabulary (draft_vocab.json): the worker maps ids both
+    ways, q̄ is 0 outside S, and the streamed EU equals the teacher-forced values over the
+    target's vocabulary (bias over S only), at temperature 0 and when sampling."""
+    from server.engine.vllm_engine import VllmEngine
+
+    engine = loop.run_until_complete(_async(lambda: VllmEngine(
+        tiny_models["target"], reduced_drafts, num_speculative_tokens=3, vllm_args=dict(VLLM_ARGS))))
+    models = load_causal_lm(tiny_models["target"]), [load_draft(d) for d in reduced_drafts]
+    try:
+        for i, params in enumerate([SamplingParams(max_tokens=40, temperature=0.0),
+                                    SamplingParams(max_tokens=40, temperature=0.8, seed=5)]):
+            ids = _encode(engine.tokenizer, PROMPTS[i])
+            events, fin = loop.run_until_complete(_collect(engine, f"reduced{i}", ids, params))
+            assert len(events) > 10 and fin.stats.accepted > 0
+            u, token_lp, _, _ = _teacher_forced(models, ids, [e.token_id for e in events])
+            assert torch.isfinite(u.eu).all()
+            _assert_matches(events, u, token_lp)
     finally:
         loop.run_until_complete(engine.shutdown())
 
