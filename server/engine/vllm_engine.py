@@ -258,17 +258,17 @@ class VllmEngine:
             rec = await self.joiner.record(request_id, position, RECORD_TIMEOUT_S)
             if rec is None:
                 log.warning("no draft record for request %s position %d", request_id, position)
-            elif rec.ids is None:  # bias source "worker": exact, computed by the proposer
-                bias, var = rec.bias, float(rec.variance)
+            elif (top := rec.top_n()) is None:  # bias source "worker": exact, from the proposer
+                bias, var = rec.bias, rec.variance_or_nan()
                 eu = None if bias is None else bias + var
             else:
                 start = time.perf_counter()
                 ids = torch.tensor(list(lps.keys()))  # [K]
                 lp = torch.tensor([v.logprob for v in lps.values()], dtype=torch.float64)  # [K]
-                log_mix = log_mix_from_record(torch.from_numpy(rec.ids), torch.from_numpy(rec.probs),
+                log_mix = log_mix_from_record(torch.from_numpy(top[0]), torch.from_numpy(top[1]),
                                               self.vocab_size).double()  # [V]
                 bias = float(bias_topk(log_mix, ids, lp))
-                var = float(rec.variance)
+                var = rec.variance_or_nan()
                 eu = bias + var
                 spent = time.perf_counter() - start
         return TokenEvent(
@@ -291,4 +291,3 @@ class VllmEngine:
         return EngineStats(target_forward_passes=n_steps, draft_forward_passes=passes,
                            proposed=proposed, accepted=accepted,
                            eu_seconds=eu_seconds + proposer_eu_seconds)
-
