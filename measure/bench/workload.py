@@ -12,7 +12,7 @@ from pathlib import Path
 
 from server.engine.types import DEFAULT_NUM_SPECULATIVE_TOKENS, DEFAULT_TARGET_LOGPROBS
 
-# ../shared/data/gsm8k/test.jsonl beside the repository (DESIGN.md §6)
+# ../shared/data/gsm8k/test.jsonl beside the repository (docs/design.md §6)
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[3] / "shared" / "data" / "gsm8k" / "test.jsonl"
 
 

@@ -3,7 +3,7 @@
 The ground truth for tests and evaluation, and the fallback where vLLM is not installed.
 One sequence per round (gpt-fast sized); concurrent requests interleave round by round.
 Every model keeps a KV cache that is cropped back after a rejection: no prefix is ever
-recomputed. One round (DESIGN.md §2):
+recomputed. One round (docs/design.md §2):
 
     1) the M drafts propose k tokens autoregressively from their mixture q̄
        (greedy at temperature 0, else a draw from q̄ under the request's temperature/top-p);
