@@ -86,10 +86,12 @@ class TeacherSampler:
                     h.remove()
 
     def _forward(self, model, input_ids):
-        logits = model(input_ids=input_ids).logits  # [B, S, V]
-        if self._columns is not None:
-            logits = logits[..., self._columns.to(logits.device)]  # [B, S, V_d]
-        return torch.log_softmax(logits.float(), dim=-1)
+        if self._columns is None:
+            return torch.log_softmax(model(input_ids=input_ids).logits.float(), dim=-1)  # [B, S, V]
+        # only the output rows of S: the head costs V_d/V of the full one
+        h = model.model(input_ids=input_ids).last_hidden_state  # [B, S, E]
+        head = model.get_output_embeddings().weight[self._columns.to(h.device)]  # [V_d, E]
+        return torch.log_softmax((h @ head.T).float(), dim=-1)  # [B, S, V_d]
 
     def _perturb(self, seed: int) -> None:
         g = torch.Generator().manual_seed(seed)

@@ -28,6 +28,17 @@ def chat_prompt_ids(tokenizer, question: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def reference_records(records: list[dict], tokenizer) -> list[dict]:
+    """GSM8K records as responses-file lines whose response is the human reference answer
+    (`"origin": "reference"`), closed by the chat template's end of turn: contexts the target did
+    not write, for when generating enough of its own responses is too slow."""
+    end = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+                                        tokenize=False).rsplit("y", 1)[1]
+    return [{"question": r["question"], "prompt_ids": chat_prompt_ids(tokenizer, r["question"]),
+             "output_ids": tokenizer(r["answer"].strip() + end, add_special_tokens=False)["input_ids"],
+             "origin": "reference"} for r in records]
+
+
 def read_responses(path: str | Path) -> list[dict]:
     p = Path(path)
     if not p.is_file():
