@@ -1,1 +1,2 @@
-"""epispec training side: corpora, tokenizers, targets, ensembles, OSD/DDD drafts, bundles, evaluation."""
+"""epispec training side: corpora, tokenizers, targets, ensembles, OSD/DDD drafts, bundles
+(evaluation is `measure.evaluation`)."""

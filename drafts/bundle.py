@@ -1,19 +1,10 @@
 """Writing bundles: the folder that `epispec serve --bundle DIR` and `epispec generate --bundle DIR`
-load through `server.bundle` (the reader; keep the two in agreement).
-
-    DIR/bundle.json         the manifest (paths relative to DIR)
-    DIR/target/             HF model folder with its tokenizer and training.json
-    DIR/drafts/draft{m}/    the same for each draft, plus partition.json (DDD hashes)
-    DIR/tokenizer/          the shared tokenizer on its own
+load. Its layout and the schema of its `bundle.json` are `server.bundle`'s (one module reads and
+writes the manifest); this module copies the models and fills the manifest in.
 
 With `target_source` (a `server.hub.Source`) the target is not copied: the manifest names it by
 source ({"source": {package, version, file, sha256}} instead of "path") and the server prepares
 it in its model cache on load.
-
-Manifest keys: format, target {path, parameters, dtype, training}, drafts [{path, parameters,
-dtype, training, partition}], tokenizer {path, vocab_size}, training {osd, ddd} (aggregated over
-the drafts), thresholds ({} until calibrated; keys eu, bias, variance), calibrated, versions,
-bytes (all files but the manifest), created.
 """
 
 from __future__ import annotations
@@ -27,7 +18,7 @@ import torch
 
 from drafts.distill import PARTITION
 from drafts.training import RECORD, read_record
-from server.bundle import MANIFEST
+from server.bundle import Manifest, Thresholds, write_manifest
 from server.engine.draft_vocab import FILE as DRAFT_VOCAB
 from server.engine.models import (
     ModelFolderError,
@@ -42,8 +33,6 @@ MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "to
                "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", RECORD, PARTITION,
                DRAFT_VOCAB)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-THRESHOLD_KEYS = ("eu", "bias", "variance")
-FORMAT = 1
 
 
 def write_bundle(target: str | Path | None, drafts: list[str | Path], out: str | Path, *,
@@ -57,7 +46,7 @@ def write_bundle(target: str | Path | None, drafts: list[str | Path], out: str |
     """
     if len(drafts) < 1:
         raise ValueError("A bundle needs at least one draft (M >= 1).")
-    thresholds = _check_thresholds(thresholds or {})
+    thresholds = Thresholds.model_validate(thresholds or {})  # ValueError naming a bad key
     if target_source is not None and target is None:
         from server.hub.prepare import prepare
 
@@ -85,20 +74,19 @@ def write_bundle(target: str | Path | None, drafts: list[str | Path], out: str |
     for e in d_entries:
         if (root / e["path"] / PARTITION).exists():
             e["partition"] = f"{e['path']}/{PARTITION}"
-    manifest = {
-        "format": FORMAT,
-        "target": _entry(root, "target") if target_source is None else _source_entry(target_source, target),
-        "drafts": d_entries,
-        "tokenizer": {"path": "tokenizer", "vocab_size": len(load_tokenizer(root / "tokenizer"))},
-        "training": aggregate_training([e["training"] for e in d_entries]),
-        "thresholds": thresholds,
-        "calibrated": bool(thresholds),
-        "versions": _versions(),
-        "bytes": sum(f.stat().st_size for f in root.rglob("*") if f.is_file()),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest
+    manifest = Manifest(
+        target=_entry(root, "target") if target_source is None else _source_entry(target_source, target),
+        drafts=d_entries,
+        tokenizer={"path": "tokenizer", "vocab_size": len(load_tokenizer(root / "tokenizer"))},
+        training=aggregate_training([e["training"] for e in d_entries]),
+        thresholds=thresholds,
+        calibrated=bool(thresholds.as_dict()),
+        versions=_versions(),
+        bytes=sum(f.stat().st_size for f in root.rglob("*") if f.is_file()),
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
+    write_manifest(root, manifest)
+    return manifest.as_json()
 
 
 def aggregate_training(records: list[dict]) -> dict:
@@ -164,16 +152,6 @@ def _convert(folder: Path, dt: torch.dtype, name: str) -> None:
     cfg["dtype"] = name
     cfg.pop("torch_dtype", None)
     (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-
-
-def _check_thresholds(thresholds: dict) -> dict:
-    bad = [k for k in thresholds if k not in THRESHOLD_KEYS]
-    if bad:
-        raise ValueError(f"Unknown threshold(s) {bad}: allowed keys are {list(THRESHOLD_KEYS)}.")
-    for k, v in thresholds.items():
-        if v is not None and not isinstance(v, int | float):
-            raise ValueError(f"Threshold '{k}' must be a number, not {v!r}.")
-    return dict(thresholds)
 
 
 def _versions() -> dict:

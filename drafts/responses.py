@@ -84,7 +84,7 @@ def generate_responses(target: str | Path, questions: list[str], out: str | Path
                   for i, _ in part]
         results = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         with out.open("a") as f:
-            for (i, q), p, sp, res in zip(part, prompts, params, results, strict=True):
+            for (_, q), p, sp, res in zip(part, prompts, params, results, strict=True):
                 o = res.outputs[0]
                 tokens += len(o.token_ids)
                 f.write(json.dumps({"question": q, "prompt_ids": p, "output_ids": list(o.token_ids),

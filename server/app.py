@@ -12,7 +12,6 @@ requests finish (new generation requests get 503, `/ready` fails).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 from contextlib import asynccontextmanager
@@ -23,15 +22,16 @@ from fastapi.middleware.cors import CORSMiddleware
 from server.api import api_router
 from server.api.admission import AdmissionLimit
 from server.api.auth import ApiKeyGuard
+from server.api.context import ServerContext
 from server.api.errors import install_error_handlers
-from server.api.generation import Generations, ServerContext
 from server.api.limits import BodySizeLimit
+from server.api.pump import Generations
 from server.bundle import Bundle
-from server.commands.model_args import add_model_arguments, engine_args
 from server.config import Settings
 from server.engine.factory import EngineArgs, build_engine
 from server.engine.types import Engine
 from server.metrics import Metrics
+from server.resolve import engine_args
 
 log = logging.getLogger("epispec.server")
 
@@ -39,20 +39,9 @@ HEALTH_POLL_S = 0.5  # how often the lifespan checks that the engine is alive
 
 
 def resolve_engine_args(settings: Settings) -> tuple[EngineArgs, Bundle | None]:
-    """EngineArgs from the settings, through the same code as the command-line model flags
+    """EngineArgs from the settings, through the same code as `epispec generate`'s flags
     (bundle resolution, vLLM passthrough). Raises BundleError when no model is found."""
-    parser = argparse.ArgumentParser(add_help=False)
-    add_model_arguments(parser)
-    ns = parser.parse_args([])
-    ns.target, ns.draft, ns.bundle = settings.target, list(settings.drafts), settings.bundle
-    ns.engine, ns.device, ns.max_model_len = settings.engine, settings.device, settings.max_model_len
-    ns.num_speculative_tokens = settings.num_speculative_tokens
-    ns.target_logprobs = settings.target_logprobs
-    for key, value in settings.model_flags.items():
-        setattr(ns, key, value)
-    eargs, bundle = engine_args(ns)
-    eargs.model_name = settings.model_name or eargs.model_name
-    return eargs, bundle
+    return engine_args(settings, settings.model_flags)
 
 
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:

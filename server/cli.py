@@ -16,11 +16,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("server.commands.serve", "start the HTTP server"),
     "info": ("server.commands.info", "show the active bundle's manifest"),
     "models": ("server.commands.models", "fetch and convert pretrained targets into the local cache"),
-    "bench": ("server.bench.cli", "benchmark EU serving against plain vLLM"),
-    "load": ("server.load.cli", "load-test a server on loopback (errors, latency, leaks, memory)"),
+    "bench": ("measure.bench.cli", "benchmark EU serving against plain vLLM"),
+    "load": ("measure.load.cli", "load-test a server on loopback (errors, latency, leaks, memory)"),
     # training and evaluation live in the `drafts` package, loaded on demand
     "drafts": ("drafts.cli", "train tokenizers, targets, ensembles, OSD/DDD drafts, bundles"),
-    "eval": ("drafts.evaluation.cli", "evaluate EU estimation and hallucination detection"),
+    "eval": ("measure.evaluation.cli", "evaluate EU estimation and hallucination detection"),
 }
 
 

@@ -19,7 +19,14 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from server.engine.types import DEFAULT_EU_THRESHOLD, FlagThresholds
+from server.engine.types import (
+    DEFAULT_BIAS_SOURCE,
+    DEFAULT_NUM_SPECULATIVE_TOKENS,
+    DEFAULT_TARGET_LOGPROBS,
+    BiasSource,
+    FlagThresholds,
+)
+from server.resolve import resolve_thresholds
 
 CONFIG_FILE_ENV = "EPISPEC_CONFIG_FILE"
 
@@ -34,12 +41,13 @@ class Settings(BaseSettings):
     drafts: list[str] = Field(default_factory=list)
     bundle: str | None = Field(None, description="bundle folder; default: the demo bundle")
     engine: Literal["auto", "vllm", "reference"] = "auto"
-    num_speculative_tokens: int = Field(3, ge=1)
-    target_logprobs: int = Field(20, ge=-1)
+    num_speculative_tokens: int = Field(DEFAULT_NUM_SPECULATIVE_TOKENS, ge=1)
+    bias_source: BiasSource = DEFAULT_BIAS_SOURCE
+    target_logprobs: int = Field(DEFAULT_TARGET_LOGPROBS, ge=-1)
     device: str = "auto"
     max_model_len: int | None = Field(None, ge=2)
     model_name: str | None = Field(None, description="id served as `model`; default: target folder name")
-    # further model flags given on the command line (e.g. vLLM passthrough), by argparse dest
+    # further model flags given on the command line (vLLM passthrough), by argparse dest
     model_flags: dict[str, Any] = Field(default_factory=dict)
 
     # --- HTTP
@@ -81,19 +89,9 @@ class Settings(BaseSettings):
         return self
 
     def thresholds(self, bundle_thresholds: dict | None = None) -> FlagThresholds:
-        """Server-wide flag thresholds: settings, else the bundle's calibration, else the default."""
-        cal = bundle_thresholds or {}
-
-        def pick(own: float | None, key: str, default: float | None) -> float | None:
-            if own is not None:
-                return own
-            return float(cal[key]) if cal.get(key) is not None else default
-
-        return FlagThresholds(
-            eu=pick(self.eu_threshold, "eu", DEFAULT_EU_THRESHOLD),
-            bias=pick(self.bias_threshold, "bias", None),
-            variance=pick(self.variance_threshold, "variance", None),
-        )
+        """Server-wide flag thresholds, each on its own: settings, else the bundle's calibration,
+        else the default (`server.resolve.resolve_thresholds`, shared with `epispec generate`)."""
+        return resolve_thresholds(self, bundle_thresholds)
 
     @classmethod
     def settings_customise_sources(

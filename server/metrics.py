@@ -1,6 +1,6 @@
 """Prometheus metrics of one server process, held in their own registry (`app.state.metrics`).
 
-Recorded at a single place, `server.api.generation.Generations.run`, which every endpoint's
+Recorded at a single place, `server.api.pump.Generations.run`, which every endpoint's
 token stream passes through; served as Prometheus text by `GET /metrics` (`Metrics.render`).
 All names carry the `epispec_` prefix and base units (seconds, tokens, nats). Every series gets
 one constant `model` label at exposition (the served model id), so a dashboard can filter by

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny trained models (built once per session)."""
+"""Shared fixtures: tiny trained models (built once per session), one torch thread."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.tiny_models import build_tiny_models
 
@@ -26,3 +27,13 @@ def reduced_drafts(tiny_models, tmp_path_factory) -> list[str]:
     root = os.environ.get("EPISPEC_TEST_MODELS")
     folder = Path(root) if root else tmp_path_factory.mktemp("reduced_drafts")
     return build(tiny_models, folder)
+
+
+@pytest.fixture(scope="module")
+def few_threads():
+    """One thread (the machine is shared; tiny models gain nothing from more), restored after
+    the module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,11 +1,28 @@
-"""Route dependencies: the server context once the engine is up, and the model check."""
+"""The server context (what the routes need, on `app.state.ctx`), the route dependency that
+returns it once the engine is up, and the model check."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 from fastapi import Request
 
 from server.api.errors import APIError
-from server.api.generation import ServerContext
+from server.api.pump import Generations
+from server.config import Settings
+from server.engine.types import Engine, FlagThresholds
+from server.metrics import Metrics
+
+
+@dataclass
+class ServerContext:
+    """What the routes need, held on `app.state.ctx`; `engine` is None until the lifespan built it."""
+
+    settings: Settings
+    metrics: Metrics
+    thresholds: FlagThresholds = field(default_factory=FlagThresholds)
+    engine: Engine | None = None
+    generations: Generations | None = None
 
 
 def ready_context(request: Request) -> ServerContext:

@@ -16,6 +16,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.engine.types import Finished
+
 log = logging.getLogger(__name__)
 
 
@@ -116,3 +118,8 @@ def install_error_handlers(app: FastAPI) -> None:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         err = APIError(f"Internal server error: {type(exc).__name__}.", status_code=500, type="server_error")
         return error_response(request, err)
+
+
+def engine_failure(fin: Finished) -> APIError:
+    return APIError(f"Generation failed: {fin.error or 'engine error'}.", status_code=500,
+                    type="server_error", code="engine_error")

@@ -17,23 +17,14 @@ from contextlib import aclosing
 
 from fastapi import APIRouter, Depends, Request
 
-from server.api.context import check_model, ready_context
-from server.api.errors import APIError
-from server.api.generation import (
-    ServerContext,
-    Summary,
-    check_top_logprobs,
-    effective_max_tokens,
-    engine_failure,
-    new_request_id,
-    number,
-    sampling_params,
-    until_disconnected,
-    usage,
-)
+from server.api.context import ServerContext, check_model, ready_context
+from server.api.errors import APIError, engine_failure
 from server.api.prompts import chat_prompt_ids, text_prompt_ids
+from server.api.pump import new_request_id, until_disconnected
 from server.api.schemas import PROMPT_FORMS, ChatCompletionRequest, CompletionRequest, OpenAIFields
 from server.api.sse import DONE, EventStreamResponse, event
+from server.api.usage import Summary, number, usage
+from server.api.validation import check_top_logprobs, effective_max_tokens, sampling_params
 from server.engine.types import Finished, GenerationItem, TokenEvent
 
 router = APIRouter()

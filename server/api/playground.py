@@ -13,8 +13,8 @@ from datetime import UTC, datetime
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
 
-from server.api.generate import final_fields, token_fields
-from server.api.generation import Summary
+from server.api.generate_api import final_fields, token_fields
+from server.api.usage import Summary
 from server.engine.types import Finished, FlagThresholds, TokenEvent
 from server.playground import live_page
 

@@ -5,13 +5,22 @@ from __future__ import annotations
 
 from server.api.errors import APIError
 from server.api.schemas import ChatMessage
-from server.commands.generate import encode_prompt
 
 # "User: hi\nAssistant:" — plain role-prefixed turns, what small base models were trained on.
 DEFAULT_CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Prompt ids with the tokenizer's own special-token convention (BOS where it uses one).
+    `epispec generate` encodes its prompt with this too."""
+    ids = tokenizer(text)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if bos is not None and (not ids or ids[0] != bos) and getattr(tokenizer, "add_bos_token", True):
+        ids = [bos, *ids]
+    return ids
 
 
 def check_unicode(text: str, param: str) -> None:

@@ -1,7 +1,7 @@
 """Request bodies, validated by pydantic; a violation becomes a 400 that names the field.
 
 Limits that depend on the server (context length, `max_logprobs`, threshold bounds) are
-checked later, in `generation.py`, where the settings and the tokenized prompt are known.
+checked later, in `validation.py`, where the settings and the tokenized prompt are known.
 """
 
 from __future__ import annotations

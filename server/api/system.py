@@ -9,8 +9,7 @@ from dataclasses import asdict
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from server.api.context import ready_context
-from server.api.generation import ServerContext
+from server.api.context import ServerContext, ready_context
 
 router = APIRouter()
 

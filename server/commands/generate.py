@@ -15,29 +15,24 @@ import sys
 import uuid
 from pathlib import Path
 
+from server.api.prompts import encode_prompt
 from server.bundle import BundleError
-from server.commands.model_args import add_model_arguments, engine_args
+from server.commands.model_args import add_model_arguments, add_threshold_arguments
 from server.engine.factory import EngineUnavailable, build_engine
 from server.engine.models import ModelFolderError
-from server.engine.types import (
-    DEFAULT_EU_THRESHOLD,
-    Finished,
-    FlagThresholds,
-    SamplingParams,
-    TokenEvent,
-)
+from server.engine.types import Finished, SamplingParams, TokenEvent
+from server.resolve import engine_args, resolve_thresholds
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
+    add_threshold_arguments(parser)
     parser.add_argument("--prompt", required=True, help="prompt text")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    parser.add_argument("--eu-threshold", type=float, default=None,
-                        help=f"flag tokens with eu above this (nats; default: bundle's or {DEFAULT_EU_THRESHOLD})")
     parser.add_argument("--jsonl", action="store_true", help="one JSON object per token")
     parser.add_argument("--html", metavar="FILE", type=Path, default=None,
                         help="also write the generation as a standalone coloured HTML page")
@@ -45,14 +40,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        eargs, bundle = engine_args(args)
+        eargs, bundle = engine_args(args, vars(args))
         params = SamplingParams(
             max_tokens=args.max_tokens,
             temperature=args.temperature,
             top_p=args.top_p,
             seed=args.seed,
             stop=tuple(args.stop),
-            thresholds=_thresholds(args, bundle),
+            thresholds=resolve_thresholds(args, bundle.thresholds if bundle else None),
         )
         params.validate()
         if args.html is not None and not args.html.parent.is_dir():
@@ -62,24 +57,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"epispec generate: {exc}", file=sys.stderr)
         return 2
     return asyncio.run(_generate(engine, args, params))
-
-
-def _thresholds(args: argparse.Namespace, bundle) -> FlagThresholds:
-    if args.eu_threshold is not None:
-        return FlagThresholds(eu=args.eu_threshold)
-    if bundle and bundle.thresholds.get("eu") is not None:
-        t = bundle.thresholds
-        return FlagThresholds(eu=float(t["eu"]), bias=t.get("bias"), variance=t.get("variance"))
-    return FlagThresholds()
-
-
-def encode_prompt(tokenizer, text: str) -> list[int]:
-    """Prompt ids with the tokenizer's own special-token convention (BOS where it uses one)."""
-    ids = tokenizer(text)["input_ids"]
-    bos = tokenizer.bos_token_id
-    if bos is not None and (not ids or ids[0] != bos) and getattr(tokenizer, "add_bos_token", True):
-        ids = [bos, *ids]
-    return ids
 
 
 async def _generate(engine, args: argparse.Namespace, params: SamplingParams) -> int:

@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def describe(bundle: Bundle) -> dict:
     """The manifest with absolute paths and the bytes the folder takes on disk."""
-    m = json.loads(json.dumps(bundle.manifest))  # a deep copy
+    m = bundle.manifest  # a fresh copy
     m["root"] = str(bundle.root)
     m["target"]["path"] = str(bundle.target)
     if bundle.source is not None:

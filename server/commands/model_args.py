@@ -1,30 +1,37 @@
-"""Command-line arguments that choose the models and the engine (shared by generate and serve)."""
+"""Command-line arguments shared by generate and serve: the models, the engine, the flag
+thresholds. Their dests are the names of `server.config.Settings` and `server.resolve`."""
 
 from __future__ import annotations
 
 import argparse
 
-from server.bundle import Bundle, load_bundle
-from server.engine.factory import ENGINES, EngineArgs
+from server.engine.factory import ENGINES
+from server.engine.types import (
+    BIAS_SOURCES,
+    DEFAULT_BIAS_SOURCE,
+    DEFAULT_EU_THRESHOLD,
+    DEFAULT_NUM_SPECULATIVE_TOKENS,
+    DEFAULT_TARGET_LOGPROBS,
+)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("models and engine")
     g.add_argument("--target", help="target model folder (Hugging Face format)")
-    g.add_argument("--draft", action="append", default=[], metavar="DIR",
+    g.add_argument("--draft", action="append", default=[], metavar="DIR", dest="drafts",
                    help="draft model folder; repeat for an ensemble (M drafts)")
     g.add_argument("--bundle", help="bundle folder with bundle.json (default: the demo bundle)")
     g.add_argument("--engine", default="auto", choices=["auto", *ENGINES],
                    help="vllm (default where vLLM is installed) or reference (exact PyTorch)")
-    g.add_argument("--num-speculative-tokens", type=int, default=3, metavar="K",
-                   help="tokens the drafts propose per round (default 3)")
-    g.add_argument("--bias-source", default="worker", choices=["worker", "logprobs"],
+    g.add_argument("--num-speculative-tokens", type=int, default=DEFAULT_NUM_SPECULATIVE_TOKENS,
+                   metavar="K", help=f"tokens the drafts propose per round (default {DEFAULT_NUM_SPECULATIVE_TOKENS})")
+    g.add_argument("--bias-source", default=DEFAULT_BIAS_SOURCE, choices=BIAS_SOURCES,
                    help="vllm engine: where the bias KL(q̄ ‖ p) comes from: worker (default; exact, "
                         "from the target's full logits inside vLLM's worker) or logprobs (the "
                         "target's top-K log-probs, --target-logprobs)")
-    g.add_argument("--target-logprobs", type=int, default=20, metavar="K",
+    g.add_argument("--target-logprobs", type=int, default=DEFAULT_TARGET_LOGPROBS, metavar="K",
                    help="vllm engine, --bias-source logprobs: target top-k log-probs for the bias; "
-                        "-1 = whole vocabulary (exact)")
+                        f"-1 = whole vocabulary (exact; default {DEFAULT_TARGET_LOGPROBS})")
     g.add_argument("--device", default="auto", help="reference engine: cpu, cuda or auto")
     g.add_argument("--max-model-len", type=int, default=None, help="prompt + output token limit")
     v = parser.add_argument_group("vLLM engine arguments (passed through to vLLM)")
@@ -43,43 +50,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                    help="CPU KV cache size in GiB (vLLM-CPU's VLLM_CPU_KVCACHE_SPACE; default 4)")
 
 
-# EngineArgs.vllm_args keys, in vLLM's own names, for the pass-through flags above
-VLLM_PASSTHROUGH = (
-    "tensor_parallel_size", "pipeline_parallel_size", "distributed_executor_backend",
-    "gpu_memory_utilization", "dtype", "max_num_seqs", "enforce_eager", "kv_cache_space",
-)
-
-
-def vllm_args(args: argparse.Namespace) -> dict:
-    """The pass-through flags the user set (unset ones keep vLLM's defaults)."""
-    return {k: getattr(args, k) for k in VLLM_PASSTHROUGH if getattr(args, k, None) is not None}
-
-
-def resolve_models(args: argparse.Namespace) -> tuple[str, list[str], Bundle | None]:
-    """(target, drafts, bundle or None) from --target/--draft or --bundle (default: demo bundle)."""
-    if args.target:
-        if args.bundle:
-            raise SystemExit("epispec: pass either --target/--draft or --bundle, not both.")
-        return args.target, list(args.draft), None
-    if args.draft:
-        raise SystemExit("epispec: --draft needs --target.")
-    bundle = load_bundle(args.bundle)
-    return str(bundle.target), [str(d) for d in bundle.drafts], bundle
-
-
-def engine_args(args: argparse.Namespace) -> tuple[EngineArgs, Bundle | None]:
-    target, drafts, bundle = resolve_models(args)
-    return (
-        EngineArgs(
-            target=target,
-            drafts=drafts,
-            engine=args.engine,
-            num_speculative_tokens=args.num_speculative_tokens,
-            bias_source=args.bias_source,
-            target_logprobs=args.target_logprobs,
-            device=args.device,
-            max_model_len=args.max_model_len,
-            vllm_args=vllm_args(args),
-        ),
-        bundle,
-    )
+def add_threshold_arguments(parser: argparse.ArgumentParser) -> None:
+    """--eu/bias/variance-threshold; each unset one falls back on its own to the bundle's
+    calibrated value, else the default (`server.resolve.resolve_thresholds`)."""
+    g = parser.add_argument_group("hallucination flags (nats)")
+    g.add_argument("--eu-threshold", type=float, default=None,
+                   help=f"flag tokens with eu above this (default: the bundle's, else {DEFAULT_EU_THRESHOLD})")
+    g.add_argument("--bias-threshold", type=float, default=None,
+                   help="also flag tokens with bias above this (default: the bundle's, else none)")
+    g.add_argument("--variance-threshold", type=float, default=None,
+                   help="also flag tokens with variance above this (default: the bundle's, else none)")

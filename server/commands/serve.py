@@ -25,15 +25,12 @@ from fastapi import FastAPI
 from pydantic import ValidationError
 
 from server.bundle import BundleError
-from server.commands.model_args import add_model_arguments
+from server.commands.model_args import add_model_arguments, add_threshold_arguments
 from server.config import Settings
 from server.engine.factory import EngineUnavailable
 
 # command-line dest -> Settings field, where the names differ
-_RENAMED = {"draft": "drafts", "config": "config_file"}
-_SERVE_FLAGS = ("host", "port", "api_key", "config", "max_request_bytes", "eu_threshold",
-                "bias_threshold", "variance_threshold", "model_name", "log_level",
-                "max_pending_requests", "retry_after_s", "shutdown_timeout_s", "cors_origins")
+_RENAMED = {"config": "config_file"}
 EXIT_ENGINE_DEAD = 3
 ENGINE_DEAD_GRACE_S = 3.0  # a dead engine's server answers 503s this long before it exits
 
@@ -42,15 +39,13 @@ log = logging.getLogger("epispec.server")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
+    add_threshold_arguments(parser)
     g = parser.add_argument_group("server")
     g.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     g.add_argument("--port", type=int, help="port (default 8000)")
     g.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (all routes but /health)")
     g.add_argument("--config", metavar="FILE", help="TOML or JSON settings file")
     g.add_argument("--max-request-bytes", type=int, help="larger request bodies get 413 (default 1 MiB)")
-    g.add_argument("--eu-threshold", type=float, help="flag tokens with eu above this (nats)")
-    g.add_argument("--bias-threshold", type=float, help="also flag tokens with bias above this")
-    g.add_argument("--variance-threshold", type=float, help="also flag tokens with variance above this")
     g.add_argument("--model-name", help="model id served in the API (default: target folder name)")
     g.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
     g.add_argument("--max-pending-requests", type=int, metavar="N",

@@ -39,7 +39,8 @@ from server.engine.uncertainty import mixture_logprobs, variance
 
 @dataclass
 class Record:
-    """What the EU of one emitted position needs from the drafts.
+    """What the EU of one emitted position needs from the drafts, as tensors in the proposer's
+    process (the proposer turns it into the side channel's `eu_wire.Record`).
 
     `ids`/`probs` are q̄'s top-N token ids and probabilities (N = V: all of q̄, exact bias);
     with top_n = 0 they are None and `log_mix` is q̄ itself, for a bias computed in process."""
@@ -72,11 +73,77 @@ class RowOutput:
 
 @dataclass
 class _Slot:
+    """A request's row of every draft's KV cache, and what the last round left in it.
+
+    `valid` counts the history tokens whose keys/values stand in the cache; anything past it is
+    stale and is overwritten by the next feed (the causal mask never reads past it). The methods
+    are the rollback rules, applied in this order each round: `roll_back`, `rewind_for`, `drafted`."""
+
     index: int
     valid: int = 0  # tokens of the history whose keys/values stand in the cache
     drafted_from: int = 0  # history length when the last proposal was made
     proposal: list[int] = field(default_factory=list)
     pending: dict[int, Record] = field(default_factory=dict)  # position -> record
+
+    def roll_back(self, n: int, emitted: int) -> None:
+        """After the target verified the last proposal (history now n tokens, the last `emitted`
+        of them new): of the drafted tokens only the accepted ones that were fed stand (the last
+        drafted token is never fed); and at least the newest token must be fed."""
+        if self.proposal:
+            fed_drafts = len(self.proposal) - 1
+            self.valid = min(self.valid, self.drafted_from + min(emitted - 1, fed_drafts))
+        self.valid = min(self.valid, n - 1)
+
+    def rewind_for(self, n: int, emitted: int) -> list[int]:
+        """The positions j − 1 whose logits give an emitted token j with no pending record (the
+        bonus token, a recovered one, a new request's first). Where one of them lies before
+        `valid` its logits are gone: the cache rewinds there and the suffix is recomputed."""
+        missing = [j - 1 for j in range(n - emitted, n) if j not in self.pending and j >= 1]
+        if any(j < self.valid for j in missing):
+            self.valid = min(missing)
+        return missing
+
+    def drafted(self, n: int, proposal: list[int], pending: dict[int, Record]) -> None:
+        """A new proposal drafted from a history of n tokens: every drafted token but the last
+        was fed, so n + k − 1 tokens stand; `pending` holds the records of its k positions."""
+        self.proposal, self.pending = proposal, pending
+        self.drafted_from = n
+        self.valid = n + max(0, len(proposal) - 1)
+
+
+@dataclass
+class _Live:
+    """A decoding row of this round: its request, output and slot, and what step 1) feeds
+    (the uncached suffix of its history) and reads (positions that lack a record)."""
+
+    row: RowInput
+    out: RowOutput
+    slot: _Slot
+    feed: torch.Tensor  # [T_b] long
+    missing: list[int]  # positions j − 1 (see `_Slot.rewind_for`)
+
+
+@dataclass
+class _Scored:
+    """Step 1)'s summaries (see `summarize`) of every position it read."""
+
+    var: torch.Tensor  # [P]
+    fields: tuple  # each [P, ...]
+    greedy: torch.Tensor  # [P] long, target ids
+    index: dict[tuple[int, int], int]  # (live row b, position of the token) -> p
+    seconds: float  # time spent summarizing
+
+
+@dataclass
+class _Drafted:
+    """Step 2)'s proposal and the summaries of its positions, per live row b and step s."""
+
+    proposal: list[list[int]]  # [B][S]
+    var: list[list[float]]  # [B][S]
+    fields: list[torch.Tensor]  # each [B, S, ...]
+    ks: list[int]  # tokens each row may propose (room in the drafts' caches)
+    steps: int  # batched ensemble steps taken (1 + S − 1)
+    seconds: float
 
 
 class _DraftGroup:
@@ -299,54 +366,56 @@ class DraftEnsemble:
     @torch.inference_mode()
     def propose(self, rows: list[RowInput]) -> list[RowOutput]:
         outs = [RowOutput([], [], 0, 0, 0) for _ in rows]
-        live = [i for i, r in enumerate(rows) if r.num_emitted > 0]
+        live = self._bookkeeping(rows, outs)
         if not live:
             return outs
-        # --- bookkeeping: which tokens stand, which emitted positions lack a record
-        feeds, need = [], []  # per live row: tokens to feed, positions (j-1) whose logits we need
-        states = []
-        for i in live:
-            r, out = rows[i], outs[i]
+        slots = torch.tensor([lv.slot.index for lv in live], device=self.device)  # [B]
+        first = self._first_step(live, slots)
+        drafted = self._greedy_steps(live, slots, first)
+        self._assemble(live, first, drafted)
+        return outs
+
+    def _bookkeeping(self, rows: list[RowInput], outs: list[RowOutput]) -> list[_Live]:
+        """The decoding rows: a slot for each (new requests take one), the previous round's
+        counts, the cache rolled back to the tokens that stand, and what step 1) must feed."""
+        live = []
+        for r, out in zip(rows, outs, strict=True):
+            if r.num_emitted <= 0:
+                continue
             st = self._slots.get(r.req_id)
             if st is None:
                 st = self._slots[r.req_id] = _Slot(self._take_slot())
             n, e = len(r.history), r.num_emitted
             if st.proposal:
-                out.proposed = len(st.proposal)
-                out.accepted = e - 1
-                fed_drafts = len(st.proposal) - 1  # the last drafted token is never fed
-                st.valid = min(st.valid, st.drafted_from + min(e - 1, fed_drafts))
-            st.valid = min(st.valid, n - 1)  # at least the newest token is fed
-            wanted = range(n - e, n)
-            missing = [j - 1 for j in wanted if j not in st.pending and j >= 1]
-            if any(j < st.valid for j in missing):  # a record predates the cache: recompute
-                st.valid = min(missing)
-            feeds.append(r.history[st.valid:])
-            need.append((missing, n - 1))
-            states.append(st)
-        # --- 1) batched forwards over the uncached suffixes, one per feed-length group
-        B = len(live)
-        out_rows, out_cols, out_pos = [], [], []  # per needed position: row b, column in its feed
-        for b, (st, (missing, last)) in enumerate(zip(states, need, strict=True)):
-            for p in [*missing, last]:
-                out_rows.append(b)
-                out_cols.append(p - st.valid)
-                out_pos.append(p + 1)  # the record is for the token at p + 1
-        slots = torch.tensor([st.index for st in states], device=self.device)
+                out.proposed, out.accepted = len(st.proposal), e - 1
+            st.roll_back(n, e)
+            missing = st.rewind_for(n, e)
+            live.append(_Live(r, out, st, r.history[st.valid:], missing))
+        return live
+
+    def _first_step(self, live: list[_Live], slots: torch.Tensor) -> _Scored:
+        """1) Batched forwards over the uncached suffixes, one per feed-length group; the
+        summaries of the positions that lack a record and of each row's newest token."""
         dev = self.device
+        out_rows, out_cols, out_pos = [], [], []  # per needed position: row b, column in its feed
+        for b, lv in enumerate(live):
+            for p in [*lv.missing, len(lv.row.history) - 1]:
+                out_rows.append(b)
+                out_cols.append(p - lv.slot.valid)
+                out_pos.append(p + 1)  # the record is for the token at p + 1
         parts, order = [], []  # per group: log-probs [P_g, M, V]; the global indices of its P_g
-        for group in _feed_groups([len(f) for f in feeds], self.k + 1):
+        for group in _feed_groups([len(lv.feed) for lv in live], self.k + 1):
             local = {b: g for g, b in enumerate(group)}
             p_g = [p_i for p_i, b in enumerate(out_rows) if b in local]
-            T = max(len(feeds[b]) for b in group)
+            T = max(len(live[b].feed) for b in group)
             tokens = torch.zeros(len(group), T, dtype=torch.long)
             valid = torch.zeros(len(group), T, dtype=torch.bool)
             pos = torch.zeros(len(group), T, dtype=torch.long)
             for g, b in enumerate(group):
-                f, st = feeds[b], states[b]
+                f, start = live[b].feed, live[b].slot.valid
                 tokens[g, : len(f)] = f
                 valid[g, : len(f)] = True
-                pos[g, : len(f)] = torch.arange(st.valid, st.valid + len(f))
+                pos[g, : len(f)] = torch.arange(start, start + len(f))
             idx = (torch.tensor([local[out_rows[p_i]] for p_i in p_g], device=dev),
                    torch.tensor([out_cols[p_i] for p_i in p_g], device=dev))
             tokens, pos, valid = tokens.to(dev), pos.to(dev), valid.to(dev)
@@ -358,62 +427,71 @@ class DraftEnsemble:
             lp = lp[torch.tensor(order).argsort().to(dev)]
         t0 = time.perf_counter()
         var, fields, greedy = summarize(lp, self.top_n, self.vocab)
-        eu_seconds = time.perf_counter() - t0
-        fresh = {}
-        for p_i, (b, position) in enumerate(zip(out_rows, out_pos, strict=True)):
-            fresh[(b, position)] = p_i
-        # --- 2) k−1 single-token steps from the mixture, greedy
-        last_idx = torch.tensor([fresh[(b, len(rows[i].history))] for b, i in enumerate(live)])
-        n_hist = torch.tensor([len(rows[i].history) for i in live])
+        index = {(b, position): p_i for p_i, (b, position) in enumerate(zip(out_rows, out_pos, strict=True))}
+        return _Scored(var, fields, greedy, index, time.perf_counter() - t0)
+
+    def _greedy_steps(self, live: list[_Live], slots: torch.Tensor, first: _Scored) -> _Drafted:
+        """2) The proposal: greedy on q̄ from step 1)'s newest position, then k−1 batched
+        single-token steps."""
+        dev, B = self.device, len(live)
+        last_idx = torch.tensor([first.index[(b, len(lv.row.history))] for b, lv in enumerate(live)])
+        n_hist = torch.tensor([len(lv.row.history) for lv in live])
         ks = [min(self.k, self.max_len - int(n) - 1) for n in n_hist]  # room in the drafts' caches
-        step_var = [var[last_idx]]  # each [B]
-        step_fields = [tuple(t[last_idx] for t in fields)]  # each: fields of [B, ...]
-        cur = greedy[last_idx].to(dev)  # [B] target ids
+        step_var = [first.var[last_idx]]  # each [B]
+        step_fields = [tuple(t[last_idx] for t in first.fields)]  # each: fields of [B, ...]
+        cur = first.greedy[last_idx].to(dev)  # [B] target ids
         proposal = [cur]
         ones = torch.ones(B, 1, dtype=torch.bool, device=dev)
         arange_b = (torch.arange(B, device=dev), torch.zeros(B, dtype=torch.long, device=dev))
+        seconds = 0.0
         for s in range(1, max(ks)):
             p_s = (n_hist + s - 1).clamp(max=self.max_len - 1).to(dev)[:, None]  # [B, 1]
             lp = torch.cat([d.forward(cur[:, None].to(dev), p_s, slots, ones, arange_b)
                             for d in self.drafts], 1)  # [B, M, V]
             t0 = time.perf_counter()
             v_s, fields_s, greedy_s = summarize(lp, self.top_n, self.vocab)
-            eu_seconds += time.perf_counter() - t0
+            seconds += time.perf_counter() - t0
             step_var.append(v_s)
             step_fields.append(fields_s)
             cur = greedy_s
             proposal.append(cur)
-        n_steps = 1 + max(0, max(ks) - 1)
-        prop = torch.stack(proposal, 1).tolist()  # [B, S]
-        var_s = torch.stack(step_var, 1).tolist()  # [B, S]
-        # top-N fields go to the host (they are shipped); log q̄ stays where it is used
-        host = (lambda t: t.cpu()) if self.top_n else (lambda t: t)
-        fields_s = [host(torch.stack(ts, 1)) for ts in zip(*step_fields, strict=True)]  # [B, S, ...]
-        # --- 3) records of the emitted positions; pending records of the new proposal
-        var_l = var.tolist()
-        fields_c = [host(t) for t in fields]
-        for b, i in enumerate(live):
-            r, st, out = rows[i], states[b], outs[i]
+        return _Drafted(
+            proposal=torch.stack(proposal, 1).tolist(),  # [B, S]
+            var=torch.stack(step_var, 1).tolist(),  # [B, S]
+            fields=[self._host(torch.stack(ts, 1)) for ts in zip(*step_fields, strict=True)],  # [B, S, ...]
+            ks=ks, steps=1 + max(0, max(ks) - 1), seconds=seconds,
+        )
+
+    def _assemble(self, live: list[_Live], first: _Scored, drafted: _Drafted) -> None:
+        """3) Each row's output: the records of its emitted positions (pending from the last
+        round, else from step 1)), its new proposal and the pending records of that, counts."""
+        var_l = first.var.tolist()
+        fields_c = [self._host(t) for t in first.fields]
+        share = (first.seconds + drafted.seconds) / len(live)
+        for b, lv in enumerate(live):
+            r, st, out = lv.row, lv.slot, lv.out
             n, e = len(r.history), r.num_emitted
             for j in range(n - e, n):
                 rec = st.pending.get(j)
-                if rec is None and (b, j) in fresh:
-                    p_i = fresh[(b, j)]
+                if rec is None and (b, j) in first.index:
+                    p_i = first.index[(b, j)]
                     rec = _record(j, var_l[p_i], tuple(t[p_i] for t in fields_c))
                 if rec is not None:
                     out.records.append(rec)
-            k_b = max(0, ks[b])
-            st.proposal = prop[b][:k_b]
-            st.drafted_from = n
-            st.valid = n + max(0, k_b - 1)
-            st.pending = {n + s: _record(n + s, var_s[b][s], tuple(t[b, s] for t in fields_s))
-                          for s in range(k_b)}
-            out.proposal = list(st.proposal)
-            out.draft_passes = n_steps
-            out.eu_seconds = eu_seconds / B
+            k_b = max(0, drafted.ks[b])
+            proposal = drafted.proposal[b][:k_b]
+            st.drafted(n, proposal, {n + s: _record(n + s, drafted.var[b][s],
+                                                    tuple(t[b, s] for t in drafted.fields))
+                                     for s in range(k_b)})
+            out.proposal = list(proposal)
+            out.draft_passes = drafted.steps
+            out.eu_seconds = share
             if r.final:
                 self._free.append(self._slots.pop(r.req_id).index)
-        return outs
+
+    def _host(self, t: torch.Tensor) -> torch.Tensor:
+        """Top-N fields go to the host (they are shipped); log q̄ stays where it is used."""
+        return t.cpu() if self.top_n else t
 
 
 def log_mix_from_record(rec_ids: torch.Tensor, rec_probs: torch.Tensor, vocab: int) -> torch.Tensor:

@@ -16,12 +16,10 @@ receipt; a malformed message is dropped and counted (`Joiner.dropped`), never fa
 joiner's thread. The IPC socket lives in a private directory (mode 0700, unique per joiner,
 removed on close), so only the server's own user can connect to it.
 
-Message (the proposer's `Publisher.send` argument, encoded by `eu_wire.encode`):
-{"live": int, "reqs": [(req_id, passes, proposed, accepted, eu_seconds, [record, ...]), ...]}
-with record = (position, variance, bias) when the proposer computed the exact bias itself
-(bias source "worker"; bias None where it could not), else (position, variance, ids int32 [N],
-probs float32 [N]) of q̄'s top-N. A non-finite variance arrives as NaN (shown as null).
-vLLM appends "-<8 chars>" to the caller's request id; `external_id` strips it.
+A message (`Publisher.send(live, reqs)`, encoded by `eu_wire.encode`) holds the proposer's
+live slot count and one `eu_wire.RequestRecords` per emitting request; the joiner files each
+`eu_wire.Record` as it arrives, and `VllmEngine` reads it. vLLM appends "-<8 chars>" to the
+caller's request id; `external_id` strips it.
 """
 
 from __future__ import annotations
@@ -35,8 +33,6 @@ import stat
 import tempfile
 import threading
 from dataclasses import dataclass, field
-
-import numpy as np
 
 from server.engine import eu_wire
 from server.engine.vllm_internals import external_id
@@ -59,27 +55,19 @@ class Publisher:
         self.address = address
         self._sock = None
 
-    def send(self, message: dict) -> None:
+    def send(self, live: int, reqs: list[eu_wire.RequestRecords]) -> None:
         if self._sock is None:
             import zmq
 
             self._sock = zmq.Context.instance().socket(zmq.PUSH)
             self._sock.setsockopt(zmq.LINGER, 0)
             self._sock.connect(self.address)
-        self._sock.send(eu_wire.encode(message["live"], message["reqs"]))
-
-
-@dataclass
-class JoinedRecord:
-    variance: float
-    ids: np.ndarray | None = None  # [N] int32: q̄'s top-N ids (bias source "logprobs")
-    probs: np.ndarray | None = None  # [N] float32
-    bias: float | None = None  # exact KL(q̄ ‖ p), computed by the proposer (bias source "worker")
+        self._sock.send(eu_wire.encode(live, reqs))
 
 
 @dataclass
 class _Request:
-    records: dict[int, JoinedRecord] = field(default_factory=dict)  # position -> record
+    records: dict[int, eu_wire.Record] = field(default_factory=dict)  # position -> record
     passes: int = 0
     proposed: int = 0
     accepted: int = 0
@@ -137,7 +125,7 @@ class Joiner:
         r = self._reqs[req_id]
         return r.steps, r.passes, r.proposed, r.accepted, r.eu_seconds
 
-    async def record(self, req_id: str, position: int, timeout: float) -> JoinedRecord | None:
+    async def record(self, req_id: str, position: int, timeout: float) -> eu_wire.Record | None:
         """The record of the token at `position`; None if it does not come within `timeout`."""
         r = self._reqs[req_id]
         deadline = asyncio.get_running_loop().time() + timeout
@@ -207,16 +195,8 @@ class Joiner:
                 r.eu_seconds += req.eu_seconds
                 r.steps += 1
                 for rec in req.records:
-                    r.records[rec.position] = _joined(rec)
+                    r.records[rec.position] = rec
                 woken.append(r.event)
         if woken and self._loop is not None:
             for ev in woken:
                 self._loop.call_soon_threadsafe(ev.set)
-
-
-def _joined(rec: eu_wire.Record) -> JoinedRecord:
-    var = math.nan if rec.variance is None else rec.variance
-    top = rec.top_n()
-    if top is None:
-        return JoinedRecord(var, bias=rec.bias)
-    return JoinedRecord(var, *top)

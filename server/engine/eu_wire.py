@@ -1,7 +1,10 @@
-"""The side channel's wire format: a schema'd MessagePack encoding (msgspec), never pickle.
+"""The side channel's record and wire format: a schema'd MessagePack encoding (msgspec), never pickle.
 
-One message per engine step, from the proposer (vLLM's engine-core process) to the API
-process's joiner (see eu_channel.py). On the wire it is a MessagePack array
+`Record` is the one record of an emitted position's EU on its way from the proposer to the
+token event: the proposer builds it (`Record.exact`, `Record.of_top_n`), the wire carries it,
+the joiner files it and `VllmEngine` reads it. One message per engine step, from the proposer
+(vLLM's engine-core process) to the API process's joiner (see eu_channel.py). On the wire it is
+a MessagePack array
 
     [VERSION, live, [[req_id, passes, proposed, accepted, eu_seconds,
                       [[position, variance, bias, ids, probs], ...]], ...]]
@@ -41,13 +44,33 @@ class WireError(ValueError):
 
 
 class Record(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fields=True):
-    """One emitted position: its variance and either the exact bias or q̄'s top-N."""
+    """One emitted position: its variance and either the exact bias or q̄'s top-N.
+
+    `variance` and `bias` are None where they came out non-finite (or, for the bias, could not
+    be computed); a record with `ids`/`probs` holds no bias (the API side computes it)."""
 
     position: _Count
     variance: float | None
     bias: float | None = None
     ids: bytearray | None = None  # int32 little-endian [N]
     probs: bytearray | None = None  # float32 little-endian [N]
+
+    @classmethod
+    def exact(cls, position: int, variance: float, bias: float | None) -> Record:
+        """A record with the bias computed at the source (bias source "worker")."""
+        return cls(int(position), _finite_or_none(variance), _finite_or_none(bias))
+
+    @classmethod
+    def of_top_n(cls, position: int, variance: float, ids, probs) -> Record:
+        """A record with q̄'s top-N (ids [N], probs [N]; arrays or tensors on the host)."""
+        ids = np.ascontiguousarray(ids, dtype="<i4")
+        probs = np.ascontiguousarray(probs, dtype="<f4")
+        return cls(int(position), _finite_or_none(variance), None, bytearray(ids.tobytes()),
+                   bytearray(probs.tobytes()))
+
+    def variance_or_nan(self) -> float:
+        """The variance, NaN where it came out non-finite (null in the API's JSON)."""
+        return math.nan if self.variance is None else self.variance
 
     def top_n(self) -> tuple[np.ndarray, np.ndarray] | None:
         """q̄'s top-N as (ids int32 [N], probs float32 [N]) arrays over the message's buffers."""
@@ -86,26 +109,9 @@ def _finite_or_none(x) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _record(rec: tuple) -> Record:
-    """A proposer record tuple: (position, variance, bias) or (position, variance, ids, probs)."""
-    if len(rec) == 3:
-        pos, var, bias = rec
-        return Record(int(pos), _finite_or_none(var), _finite_or_none(bias))
-    pos, var, ids, probs = rec
-    ids = np.ascontiguousarray(ids, dtype="<i4")
-    probs = np.ascontiguousarray(probs, dtype="<f4")
-    return Record(int(pos), _finite_or_none(var), None, bytearray(ids.tobytes()),
-                  bytearray(probs.tobytes()))
-
-
-def encode(live: int, reqs: list[tuple]) -> bytes:
-    """A step's message. `reqs`: (req_id, passes, proposed, accepted, eu_seconds, records) with
-    records as in `_record`. Non-finite variance or bias values travel as None."""
-    return _encoder.encode(Message(VERSION, int(live), [
-        RequestRecords(str(rid), int(passes), int(proposed), int(accepted), float(eu_seconds),
-                       [_record(r) for r in recs])
-        for rid, passes, proposed, accepted, eu_seconds, recs in reqs
-    ]))
+def encode(live: int, reqs: list[RequestRecords]) -> bytes:
+    """A step's message: the proposer's live slot count and each emitting request's records."""
+    return _encoder.encode(Message(VERSION, int(live), list(reqs)))
 
 
 def decode(data: bytes, vocab_size: int | None = None) -> Message:

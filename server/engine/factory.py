@@ -5,7 +5,13 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass, field
 
-from server.engine.types import Engine
+from server.engine.types import (
+    DEFAULT_BIAS_SOURCE,
+    DEFAULT_NUM_SPECULATIVE_TOKENS,
+    DEFAULT_TARGET_LOGPROBS,
+    BiasSource,
+    Engine,
+)
 
 ENGINES = ("vllm", "reference")
 
@@ -19,9 +25,9 @@ class EngineArgs:
     target: str
     drafts: list[str] = field(default_factory=list)
     engine: str = "auto"  # "auto" = vllm where it imports, else reference
-    num_speculative_tokens: int = 3
-    bias_source: str = "worker"  # vllm: "worker" (exact, from the target's logits) | "logprobs"
-    target_logprobs: int = 20  # bias source "logprobs": top-k target log-probs; -1 = whole vocabulary
+    num_speculative_tokens: int = DEFAULT_NUM_SPECULATIVE_TOKENS
+    bias_source: BiasSource = DEFAULT_BIAS_SOURCE  # vllm engine only
+    target_logprobs: int = DEFAULT_TARGET_LOGPROBS  # bias source "logprobs"
     device: str = "auto"  # reference engine: cpu | cuda | auto
     model_name: str | None = None
     max_model_len: int | None = None
@@ -58,7 +64,10 @@ def build_engine(args: EngineArgs) -> Engine:
             )
         from server.engine.vllm_engine import VllmEngine
 
-        return VllmEngine.from_args(args)
+        return VllmEngine(args.target, list(args.drafts), num_speculative_tokens=args.num_speculative_tokens,
+                          target_logprobs=args.target_logprobs, model_name=args.model_name,
+                          max_model_len=args.max_model_len, bias_source=args.bias_source,
+                          vllm_args=dict(args.vllm_args))
     import torch
 
     from server.engine.reference import ReferenceEngine

@@ -3,7 +3,7 @@
 The ground truth for tests and evaluation, and the fallback where vLLM is not installed.
 One sequence per round (gpt-fast sized); concurrent requests interleave round by round.
 Every model keeps a KV cache that is cropped back after a rejection: no prefix is ever
-recomputed. One round (DESIGN.md §2):
+recomputed. One round (docs/design.md §2):
 
     1) the M drafts propose k tokens autoregressively from their mixture q̄
        (greedy at temperature 0, else a draw from q̄ under the request's temperature/top-p);
@@ -31,6 +31,7 @@ from server.engine.detokenize import IncrementalDetokenizer
 from server.engine.emission import EmissionGate
 from server.engine.speculative import sample, sampling_probs, verify
 from server.engine.types import (
+    DEFAULT_NUM_SPECULATIVE_TOKENS,
     EngineStats,
     Finished,
     GenerationItem,
@@ -82,7 +83,7 @@ class ReferenceEngine:
         target: str | Path,
         drafts: list[str | Path] = (),
         *,
-        num_speculative_tokens: int = 3,
+        num_speculative_tokens: int = DEFAULT_NUM_SPECULATIVE_TOKENS,
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
         model_name: str | None = None,

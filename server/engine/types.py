@@ -16,12 +16,20 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, get_args, runtime_checkable
 
 FinishReason = Literal["stop", "length", "uncertainty", "abort", "error"]
 
-# Used until a bundle carries a calibrated threshold (evaluation issue). In nats.
-DEFAULT_EU_THRESHOLD = 0.5
+# Where the vllm engine's bias KL(q̄ ‖ p) comes from: "worker", exact, from the target's raw
+# logits inside vLLM's worker; "logprobs", the tail-bucket bound from the target's top-K log-probs
+BiasSource = Literal["worker", "logprobs"]
+BIAS_SOURCES: tuple[str, ...] = get_args(BiasSource)
+
+# --- defaults, defined here once (flags, settings and engines take them from here)
+DEFAULT_EU_THRESHOLD = 0.5  # nats; used where neither settings nor the bundle give one
+DEFAULT_NUM_SPECULATIVE_TOKENS = 3  # k: tokens the drafts propose per round
+DEFAULT_TARGET_LOGPROBS = 20  # bias source "logprobs": the target's top-K; −1 = whole vocabulary
+DEFAULT_BIAS_SOURCE: BiasSource = "worker"
 
 
 @dataclass(frozen=True)

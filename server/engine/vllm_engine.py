@@ -43,8 +43,12 @@ from server.engine.detokenize import IncrementalDetokenizer
 from server.engine.draft_ensemble import log_mix_from_record
 from server.engine.emission import EmissionGate
 from server.engine.eu_channel import Joiner
-from server.engine.factory import EngineArgs
 from server.engine.types import (
+    BIAS_SOURCES,
+    DEFAULT_BIAS_SOURCE,
+    DEFAULT_NUM_SPECULATIVE_TOKENS,
+    DEFAULT_TARGET_LOGPROBS,
+    BiasSource,
     EngineStats,
     Finished,
     GenerationItem,
@@ -60,7 +64,6 @@ log = logging.getLogger(__name__)
 DEFAULT_CPU_KV_CACHE_GIB = 4  # GiB; ignored by GPU builds of vLLM
 PROPOSER_CLASS = "server.engine.vllm_proposer.EnsembleProposer"
 DEFAULT_DRAFT_TOP_N = 64  # q̄ entries shipped per position when K > 0
-BIAS_SOURCES = ("worker", "logprobs")
 RECORD_TIMEOUT_S = 30.0  # a record that never comes leaves that token's uncertainty null
 _PARAMS = {"max_tokens", "temperature", "top_p", "seed", "logprobs", "stop"}  # named in errors
 
@@ -68,10 +71,11 @@ _PARAMS = {"max_tokens", "temperature", "top_p", "seed", "logprobs", "stop"}  # 
 class VllmEngine:
     name = "vllm"
 
-    def __init__(self, target: str, drafts: list[str], *, num_speculative_tokens: int = 3,
-                 target_logprobs: int = 20, model_name: str | None = None,
+    def __init__(self, target: str, drafts: list[str], *,
+                 num_speculative_tokens: int = DEFAULT_NUM_SPECULATIVE_TOKENS,
+                 target_logprobs: int = DEFAULT_TARGET_LOGPROBS, model_name: str | None = None,
                  max_model_len: int | None = None, draft_top_n: int | None = None,
-                 bias_source: str = "worker", vllm_args: dict | None = None) -> None:
+                 bias_source: BiasSource = DEFAULT_BIAS_SOURCE, vllm_args: dict | None = None) -> None:
         vllm_internals.check_version()  # before vLLM starts: one sentence, not a dead worker
         if bias_source not in BIAS_SOURCES:
             raise ValueError(f"bias_source must be one of {', '.join(BIAS_SOURCES)}, got '{bias_source}'")
@@ -129,13 +133,6 @@ class VllmEngine:
         self._running: set[str] = set()
         self._aborted: set[str] = set()
         self._healthy = True
-
-    @classmethod
-    def from_args(cls, args: EngineArgs) -> VllmEngine:
-        return cls(args.target, list(args.drafts), num_speculative_tokens=args.num_speculative_tokens,
-                   target_logprobs=args.target_logprobs, model_name=args.model_name,
-                   max_model_len=args.max_model_len, bias_source=args.bias_source,
-                   vllm_args=dict(args.vllm_args))
 
     @property
     def tokenizer(self):
@@ -261,17 +258,17 @@ class VllmEngine:
             rec = await self.joiner.record(request_id, position, RECORD_TIMEOUT_S)
             if rec is None:
                 log.warning("no draft record for request %s position %d", request_id, position)
-            elif rec.ids is None:  # bias source "worker": exact, computed by the proposer
-                bias, var = rec.bias, float(rec.variance)
+            elif (top := rec.top_n()) is None:  # bias source "worker": exact, from the proposer
+                bias, var = rec.bias, rec.variance_or_nan()
                 eu = None if bias is None else bias + var
             else:
                 start = time.perf_counter()
                 ids = torch.tensor(list(lps.keys()))  # [K]
                 lp = torch.tensor([v.logprob for v in lps.values()], dtype=torch.float64)  # [K]
-                log_mix = log_mix_from_record(torch.from_numpy(rec.ids), torch.from_numpy(rec.probs),
+                log_mix = log_mix_from_record(torch.from_numpy(top[0]), torch.from_numpy(top[1]),
                                               self.vocab_size).double()  # [V]
                 bias = float(bias_topk(log_mix, ids, lp))
-                var = float(rec.variance)
+                var = rec.variance_or_nan()
                 eu = bias + var
                 spent = time.perf_counter() - start
         return TokenEvent(
@@ -294,4 +291,3 @@ class VllmEngine:
         return EngineStats(target_forward_passes=n_steps, draft_forward_passes=passes,
                            proposed=proposed, accepted=accepted,
                            eu_seconds=eu_seconds + proposer_eu_seconds)
-

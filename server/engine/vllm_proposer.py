@@ -37,6 +37,7 @@ import torch
 from server.engine import vllm_internals
 from server.engine.draft_ensemble import DraftEnsemble, RowInput
 from server.engine.eu_channel import Publisher
+from server.engine.eu_wire import Record, RequestRecords
 from server.engine.uncertainty import kl
 
 
@@ -77,14 +78,14 @@ class EnsembleProposer:
         biases = self._biases(rows, outs) if self.worker_bias else None
         if self.publisher is not None:
             if self.worker_bias:
-                recs = [[(rec.position, rec.variance, b) for rec, b in zip(o.records, bs, strict=True)]
+                recs = [[Record.exact(rec.position, rec.variance, b) for rec, b in zip(o.records, bs, strict=True)]
                         for o, bs in zip(outs, biases, strict=True)]
             else:
-                recs = [[(rec.position, rec.variance, rec.ids.numpy(), rec.probs.numpy())
+                recs = [[Record.of_top_n(rec.position, rec.variance, rec.ids.numpy(), rec.probs.numpy())
                          for rec in o.records] for o in outs]
-            reqs = [(r.req_id, o.draft_passes, o.proposed, o.accepted, o.eu_seconds, rs)
+            reqs = [RequestRecords(r.req_id, o.draft_passes, o.proposed, o.accepted, o.eu_seconds, rs)
                     for r, o, rs in zip(rows, outs, recs, strict=True) if r.num_emitted]
-            self.publisher.send({"live": self.ensemble.num_states(), "reqs": reqs})
+            self.publisher.send(self.ensemble.num_states(), reqs)
         return [o.proposal for o in outs]
 
     def _biases(self, rows: list[RowInput], outs) -> list[list[float | None]]:

@@ -5,19 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from drafts.corpus import record_text, synthetic_records
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _few_threads():
-    """One thread (the machine is shared; tiny models gain nothing from more), set before the
-    module-scoped fixtures that train, and restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _few_threads(few_threads):
+    """One thread for every drafts test, set before the module-scoped fixtures that train."""
 
 
 @pytest.fixture(scope="session")

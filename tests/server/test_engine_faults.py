@@ -14,8 +14,8 @@ import httpx
 import psutil
 import pytest
 
+from measure.load.probe import free_port, wait_ready
 from server.commands.serve import EXIT_ENGINE_DEAD
-from server.load.probe import free_port, wait_ready
 from tests.server.test_serve import ROOT, _env
 
 pytest.importorskip("vllm")

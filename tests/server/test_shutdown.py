@@ -15,10 +15,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from measure.load.probe import free_port, wait_ready
 from server.app import create_app
 from server.commands.serve import EXIT_ENGINE_DEAD
 from server.config import Settings
-from server.load.probe import free_port, wait_ready
 from tests.server.api.live import LiveServer
 from tests.server.scripted_engine import ScriptedEngine
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 
-from server.commands.generate import encode_prompt
+from server.api.prompts import encode_prompt
 from server.engine.types import Finished, FlagThresholds, SamplingParams
 from tests.server.api.live import wait_until
 

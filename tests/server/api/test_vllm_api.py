@@ -15,8 +15,8 @@ pytest.importorskip("vllm")
 if importlib.util.find_spec("server.engine.vllm_engine") is None:
     pytest.skip("the vllm engine is not part of this version", allow_module_level=True)
 
+from server.api.prompts import encode_prompt  # noqa: E402
 from server.app import create_app  # noqa: E402
-from server.commands.generate import encode_prompt  # noqa: E402
 from server.config import Settings  # noqa: E402
 from server.engine.types import SamplingParams, TokenEvent  # noqa: E402
 from tests.server.api.live import LiveServer, wait_until  # noqa: E402

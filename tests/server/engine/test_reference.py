@@ -11,8 +11,8 @@ import torch
 
 from server.engine import models
 from server.engine.reference import ReferenceEngine
+from server.engine.teacher_forced import teacher_forced
 from server.engine.types import Finished, FlagThresholds, SamplingParams, TokenEvent
-from server.engine.uncertainty import decompose
 from tests.sampling_check import assert_pairs_follow_target
 
 PROMPTS = [
@@ -76,16 +76,14 @@ def test_temperature_zero_equals_target_greedy(engine, prompt):
 def test_each_token_eu_equals_teacher_forced_recomputation(engine):
     ids = _ids(engine, PROMPTS[0])
     events, _ = _run(engine, ids, max_tokens=30, temperature=1.0, seed=3)
-    seq = ids + [e.token_id for e in events]
-    pos = torch.arange(len(ids) - 1, len(seq) - 1)  # positions predicting each output token
-    target = _full_logprobs(engine.target, seq)[pos]  # [T, V]
-    drafts = torch.stack([_full_logprobs(d, seq)[pos] for d in engine.drafts], 1)  # [T, M, V]
-    u = decompose(drafts, target)
+    tokens = [e.token_id for e in events]
+    tf = teacher_forced(engine.target, engine.drafts, ids, tokens)
+    u = tf.uncertainty
     got = torch.tensor([[e.bias, e.variance, e.eu] for e in events])
     torch.testing.assert_close(
         got, torch.stack([u.bias, u.variance, u.eu], 1), atol=1e-4, rtol=1e-4
     )
-    lp = target[torch.arange(len(events)), torch.tensor([e.token_id for e in events])]
+    lp = tf.token_logprobs(tokens)
     torch.testing.assert_close(torch.tensor([e.logprob for e in events]), lp, atol=1e-4, rtol=1e-4)
 
 

@@ -4,7 +4,7 @@ Each engine starts once per module (startup is ~30-40 s on 2 CPU cores): `engine
 default (bias source "worker": the proposer's exact bias from the target's logits),
 `topk_engine` the "logprobs" source at the default K = 20. Ground truth is teacher-forced: the
 emitted sequence is re-scored with transformers (target and every draft over the full
-vocabulary) and `uncertainty.decompose` gives the exact bias/variance/eu of every position,
+vocabulary, `server.engine.teacher_forced`) gives the exact bias/variance/eu of every position,
 which the engine's streamed numbers must match (or, at K = 20, whose error is measured).
 """
 
@@ -22,8 +22,9 @@ pytest.importorskip("vllm")
 
 from server.engine.models import ModelFolderError, load_causal_lm, load_draft  # noqa: E402
 from server.engine.reference import ReferenceEngine  # noqa: E402
+from server.engine.teacher_forced import teacher_forced  # noqa: E402
 from server.engine.types import Finished, FlagThresholds, SamplingParams, TokenEvent  # noqa: E402
-from server.engine.uncertainty import bias_topk, decompose, mixture_logprobs  # noqa: E402
+from server.engine.uncertainty import bias_topk, mixture_logprobs  # noqa: E402
 from tests.sampling_check import assert_pairs_follow_target  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -104,21 +105,10 @@ async def _collect(engine, rid, ids, params):
     return events, fin
 
 
-@torch.no_grad()
 def _teacher_forced(hf_models, prompt: list[int], tokens: list[int]):
     """Exact (bias, variance, eu) and the target's raw log-prob at every emitted position."""
-    target, drafts = hf_models
-    seq = torch.tensor([prompt + tokens])  # [1, L]
-    n, t = len(prompt), len(tokens)
-
-    def lp(model):
-        return torch.log_softmax(model(input_ids=seq).logits[0, n - 1 : n - 1 + t].float(), -1)  # [T, V]
-
-    p = lp(target)
-    q = torch.stack([lp(d) for d in drafts], 1)  # [T, M, V]
-    u = decompose(q, p)
-    token_lp = p[torch.arange(t), torch.tensor(tokens)]
-    return u, token_lp, p, q
+    tf = teacher_forced(*hf_models, prompt, tokens)
+    return tf.uncertainty, tf.token_logprobs(tokens), tf.target, tf.drafts
 
 
 def _assert_matches(events: list[TokenEvent], u, token_lp, tol: float = 2e-3) -> None:

@@ -1,0 +1,138 @@
+"""`epispec eval [--quick] --out DIR`: is the drafts' EU the ensemble's EU, and does it catch
+hallucinated calculator results? Writes DIR/results.json, DIR/report.md and PNG plots.
+
+Models are trained on the fly under DIR/models (reused when rerun) unless folders are given:
+`--ensemble` (member 0 is the served target), `--drafts`, `--drafts-no-ddd`, `--drafts-no-osd`.
+`--calibrate-bundle B` writes the validation-chosen eu threshold into B/bundle.json.
+`--report DIR` runs nothing: it regenerates DIR/report.md and the README's tables from
+DIR/results.json, prints the tables, and with `--readme README.md` splices them in between the
+`<!-- eval-table:start -->` / `<!-- eval-table:end -->` markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "gsm8k"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="tiny models, ~30 questions, < 5 minutes on CPU")
+    parser.add_argument("--out", default=None, help="output folder (required unless --report)")
+    parser.add_argument("--report", default=None, metavar="DIR",
+                        help="regenerate DIR/report.md and the README tables from DIR/results.json; run nothing")
+    parser.add_argument("--readme", default=None, metavar="PATH",
+                        help="with --report: splice the tables into PATH between the eval-table markers")
+    parser.add_argument("--data", default=None,
+                        help="GSM8K-format folder/JSONL, a datasets name, or 'synthetic' (default: ../shared/data/gsm8k "
+                             "when present, else synthetic; with --quick: synthetic)")
+    parser.add_argument("--work", default=None, help="model folder cache (default OUT/models)")
+    parser.add_argument("--ensemble", nargs="+", default=None, metavar="DIR", help="trained ensemble members")
+    parser.add_argument("--drafts", nargs="+", default=None, metavar="DIR", help="OSD+DDD drafts (ours)")
+    parser.add_argument("--drafts-no-ddd", nargs="+", default=None, metavar="DIR")
+    parser.add_argument("--drafts-no-osd", nargs="+", default=None, metavar="DIR")
+    g = parser.add_argument_group("recipe overrides")
+    for name, typ in (("train-records", int), ("test-questions", int), ("val-questions", int),
+                      ("target-steps", int), ("draft-steps", int), ("max-new-tokens", int),
+                      ("tokur-samples", int), ("osd", str)):
+        g.add_argument(f"--{name}", type=typ, default=None)
+    parser.add_argument("--fpr", type=float, default=0.1, help="target false-positive rate of the flag")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
+    parser.add_argument("--calibrate-bundle", default=None, metavar="DIR",
+                        help="write the calibrated eu threshold into DIR/bundle.json")
+    parser.add_argument("--calibrate-only", action="store_true",
+                        help="with --calibrate-bundle: calibrate that bundle's own target and drafts, nothing else")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy machine)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def _data(arg: str | None, quick: bool) -> str | None:
+    """None means the synthetic corpus. --quick defaults to it: tiny models trained for a minute
+    on GSM8K write no checkable calculator annotation (measured: 0 of 30 generations), which
+    leaves detection undefined."""
+    if arg == "synthetic" or (arg is None and quick):
+        return None
+    if arg is None:
+        return str(DEFAULT_DATA.resolve()) if (DEFAULT_DATA / "test.jsonl").is_file() else None
+    return arg
+
+
+def regenerate(results_dir: str, readme: str | None) -> int:
+    from measure.evaluation import report
+
+    path = Path(results_dir) / "results.json"
+    try:
+        results = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError) as exc:
+        print(f"epispec eval: --report needs a readable {path}: {exc}", file=sys.stderr)
+        return 2
+    plots = sorted(p.name for p in Path(results_dir).glob("*.png"))
+    (Path(results_dir) / "report.md").write_text(report.markdown(results, results["command"], plots))
+    block = report.readme_block(results, str(path))
+    if readme:
+        try:
+            Path(readme).write_text(report.splice(Path(readme).read_text(), block))
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"epispec eval: --readme {readme}: {exc}", file=sys.stderr)
+            return 2
+    print(block, end="")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.report:
+        return regenerate(args.report, args.readme)
+    if not args.out:
+        print("epispec eval: --out DIR is required (or --report DIR to regenerate tables).", file=sys.stderr)
+        return 2
+    import torch
+
+    from measure.evaluation import pipeline, plots, recipe, report
+    from measure.evaluation.calibrate import write_threshold
+    from server.engine.models import ModelFolderError
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rec = recipe.with_overrides(
+        recipe.QUICK if args.quick else recipe.FULL, train_records=args.train_records,
+        test_questions=args.test_questions, val_questions=args.val_questions, target_steps=args.target_steps,
+        draft_steps=args.draft_steps, max_new_tokens=args.max_new_tokens, tokur_samples=args.tokur_samples,
+        osd=args.osd)
+    opts = pipeline.Options(
+        recipe=rec, out=out, data=_data(args.data, args.quick), work=Path(args.work) if args.work else out / "models",
+        ensemble=args.ensemble, fpr=args.fpr, bootstrap=args.bootstrap, progress=not args.no_progress,
+        draft_sets={"ours": args.drafts, "no_ddd": args.drafts_no_ddd, "no_osd": args.drafts_no_osd})
+    if args.calibrate_only:
+        if not args.calibrate_bundle:
+            print("epispec eval: --calibrate-only needs --calibrate-bundle DIR.", file=sys.stderr)
+            return 2
+        try:
+            calib = pipeline.calibrate_bundle(args.calibrate_bundle, opts.data, rec, args.fpr)
+        except (ValueError, FileNotFoundError, ModelFolderError) as exc:
+            print(f"epispec eval: {exc}", file=sys.stderr)
+            return 2
+        report.write_json(calib, out / "calibration.json")
+        print(json.dumps(report.clean(calib), indent=2))
+        return 0
+    try:
+        results = pipeline.run(opts)
+        if args.calibrate_bundle and "threshold" in results["calibration"]:
+            results["calibration"]["written_to"] = str(write_threshold(args.calibrate_bundle, results["calibration"]))
+    except (ValueError, FileNotFoundError, ModelFolderError) as exc:
+        print(f"epispec eval: {exc}", file=sys.stderr)
+        return 2
+    files = plots.write_plots(results, out)
+    command = "epispec eval " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["eval"] else sys.argv[1:])
+    results["command"] = command
+    report.write_json(results, out / "results.json")
+    (out / "report.md").write_text(report.markdown(results, command, files))
+    print(f"wrote {out / 'results.json'}, {out / 'report.md'} and {len(files)} plots "
+          f"(RMSE ours {results['rmse']['ours']:.4f}, reduction vs best baseline "
+          f"{100 * results['rmse_reduction_vs_best_baseline']:.1f}%, AUROC eu {results['auroc']['eu']:.3f} "
+          f"tokur {results['auroc']['tokur']:.3f})")
+    return 0

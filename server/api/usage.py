@@ -1,0 +1,50 @@
+"""What a response reports besides its tokens: token usage, the response-level uncertainty
+summary, and numbers made JSON-safe."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from server.engine.types import Finished, TokenEvent
+
+
+def number(x: float | None) -> float | None:
+    """JSON has no inf/nan: those become null."""
+    return x if x is None or math.isfinite(x) else None
+
+
+@dataclass
+class Summary:
+    """Response-level uncertainty: mean and max eu over tokens, flagged tokens."""
+
+    num_tokens: int = 0
+    eu_sum: float = 0.0
+    eu_count: int = 0
+    max_eu: float | None = None
+    num_flagged: int = 0
+
+    def add(self, ev: TokenEvent) -> None:
+        self.num_tokens += 1
+        self.num_flagged += ev.flagged
+        if ev.eu is not None and math.isfinite(ev.eu):
+            self.eu_sum += ev.eu
+            self.eu_count += 1
+            self.max_eu = ev.eu if self.max_eu is None else max(self.max_eu, ev.eu)
+
+    def as_dict(self) -> dict:
+        return {
+            "mean_eu": self.eu_sum / self.eu_count if self.eu_count else None,
+            "max_eu": self.max_eu,
+            "num_tokens": self.num_tokens,
+            "num_flagged": self.num_flagged,
+            "flagged": self.num_flagged > 0,
+        }
+
+
+def usage(fin: Finished) -> dict:
+    return {
+        "prompt_tokens": fin.prompt_tokens,
+        "completion_tokens": fin.completion_tokens,
+        "total_tokens": fin.prompt_tokens + fin.completion_tokens,
+    }

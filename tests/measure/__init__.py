@@ -1,0 +1,1 @@
+"""Tests of the measurement package (bench, evaluation, load)."""

@@ -1,0 +1,56 @@
+"""server/resolve.py: `epispec serve` and `epispec generate` resolve models and flag thresholds
+through the same code, each threshold on its own (flag, else the bundle's, else the default)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from server.cli import build_parser
+from server.commands.serve import settings_from_flags
+from server.engine.types import DEFAULT_EU_THRESHOLD
+from server.resolve import engine_args, resolve_models, resolve_thresholds
+
+CALIBRATED = {"eu": 0.3, "bias": 0.2, "variance": 0.1}
+
+
+def parse(argv: list[str]):
+    sys.argv = ["epispec", *argv]
+    return build_parser().parse_args(argv)
+
+
+def given(command: str, *flags: str):
+    """What each command hands the resolver: serve its Settings, generate its parsed flags."""
+    if command == "serve":
+        return settings_from_flags(parse(["serve", *flags]))
+    return parse(["generate", "--prompt", "hi", *flags])
+
+
+@pytest.mark.parametrize("command", ["serve", "generate"])
+@pytest.mark.parametrize(("flags", "calibrated", "want"), [
+    ((), None, (DEFAULT_EU_THRESHOLD, None, None)),
+    ((), CALIBRATED, (0.3, 0.2, 0.1)),
+    (("--eu-threshold", "0.7"), CALIBRATED, (0.7, 0.2, 0.1)),  # the bundle's bias and variance stay
+    (("--variance-threshold", "0.05"), {"bias": 0.2}, (DEFAULT_EU_THRESHOLD, 0.2, 0.05)),
+])
+def test_each_threshold_falls_back_on_its_own(command, flags, calibrated, want):
+    t = resolve_thresholds(given(command, *flags), calibrated)
+    assert (t.eu, t.bias, t.variance) == want
+
+
+@pytest.mark.parametrize("command", ["serve", "generate"])
+def test_both_commands_build_the_same_engine_args(command):
+    eargs, bundle = engine_args(given(command, "--target", "t", "--draft", "a", "--draft", "b",
+                                      "--bias-source", "logprobs", "--dtype", "float32"),
+                                {"dtype": "float32"})
+    assert bundle is None and (eargs.target, eargs.drafts) == ("t", ["a", "b"])
+    assert (eargs.engine, eargs.num_speculative_tokens, eargs.target_logprobs) == ("auto", 3, 20)
+    assert eargs.bias_source == "logprobs" and eargs.vllm_args == {"dtype": "float32"}
+
+
+def test_models_are_given_or_a_bundle_not_both():
+    with pytest.raises(ValueError, match="not both"):
+        resolve_models("t", [], "b")
+    with pytest.raises(ValueError, match="needs --target"):
+        resolve_models(None, ["d"], None)
