@@ -29,15 +29,36 @@ from server.engine.models import (
 )
 
 # what a model folder needs at serving time (no checkpoints, no optimizer state)
-MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-               "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", RECORD, PARTITION,
-               DRAFT_VOCAB)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    RECORD,
+    PARTITION,
+    DRAFT_VOCAB,
+)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
 
 
-def write_bundle(target: str | Path | None, drafts: list[str | Path], out: str | Path, *,
-                 thresholds: dict | None = None, dtype: str | None = None, force: bool = False,
-                 target_source=None) -> dict:
+def write_bundle(
+    target: str | Path | None,
+    drafts: list[str | Path],
+    out: str | Path,
+    *,
+    thresholds: dict | None = None,
+    dtype: str | None = None,
+    force: bool = False,
+    target_source=None,
+) -> dict:
     """Copy target and drafts into `out`, write bundle.json, return the manifest.
 
     `target_source` (a server.hub.Source): name the target by source instead of copying it;
@@ -96,7 +117,11 @@ def aggregate_training(records: list[dict]) -> dict:
     return {
         "osd": {
             "mode": _common([o.get("mode") for o in osd]),
-            **{k: _common([o.get(k) for o in osd]) for k in ("noise", "rank", "members") if any(k in o for o in osd)},
+            **{
+                k: _common([o.get(k) for o in osd])
+                for k in ("noise", "rank", "members")
+                if any(k in o for o in osd)
+            },
             "instances_per_draft": [o.get("instances") for o in osd],
         },
         "ddd": {
@@ -118,16 +143,23 @@ def _entry(root: Path, rel: str) -> dict:
     record = read_record(folder)
     record.pop("hashes", None)
     (record.get("ddd") or {}).pop("hashes", None)
-    return {"path": rel, "parameters": count_parameters(folder),
-            "dtype": model_config(folder).get("dtype") or model_config(folder).get("torch_dtype"),
-            "training": record}
+    return {
+        "path": rel,
+        "parameters": count_parameters(folder),
+        "dtype": model_config(folder).get("dtype") or model_config(folder).get("torch_dtype"),
+        "training": record,
+    }
 
 
 def _source_entry(source, folder: str | Path) -> dict:
     folder = Path(folder)
     cfg = model_config(folder)
-    return {"source": source.as_dict(), "parameters": count_parameters(folder),
-            "dtype": cfg.get("dtype") or cfg.get("torch_dtype"), "training": read_record(folder)}
+    return {
+        "source": source.as_dict(),
+        "parameters": count_parameters(folder),
+        "dtype": cfg.get("dtype") or cfg.get("torch_dtype"),
+        "training": read_record(folder),
+    }
 
 
 def _copy_model(src: str | Path, dst: Path, dtype: str | None) -> None:
@@ -164,5 +196,9 @@ def _versions() -> dict:
         epispec = version("epispec")
     except PackageNotFoundError:
         epispec = None
-    return {"epispec": epispec, "torch": torch.__version__, "transformers": transformers.__version__,
-            "tokenizers": tokenizers.__version__}
+    return {
+        "epispec": epispec,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+    }

@@ -1,11 +1,11 @@
 """GSM8K calculator annotations as a check of what a model learned: `<<48/2=24>>24`.
 
-    test_loss       mean next-token cross-entropy (nats/token) over the documents
-    calc_accuracy   teacher-forced: the gold text up to the '=' inside each `<<expr=`, then
-                    greedy decoding up to '>>'; correct when the number equals the gold result
-    format          free greedy answers for the first `format_samples` questions: the fraction
-                    with a '####' final answer, the fraction with at least one annotation, and
-                    among their annotations the fraction whose result equals eval(expr)
+test_loss       mean next-token cross-entropy (nats/token) over the documents
+calc_accuracy   teacher-forced: the gold text up to the '=' inside each `<<expr=`, then
+                greedy decoding up to '>>'; correct when the number equals the gold result
+format          free greedy answers for the first `format_samples` questions: the fraction
+                with a '####' final answer, the fraction with at least one annotation, and
+                among their annotations the fraction whose result equals eval(expr)
 """
 
 from __future__ import annotations
@@ -21,8 +21,15 @@ from drafts.lm import encode_corpus, generate_batch
 from server.engine.models import load_causal_lm, load_tokenizer
 
 ANNOTATION = re.compile(r"<<([^=<>]*)=([^<>]*)>>")
-_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-        ast.USub: operator.neg, ast.UAdd: operator.pos, ast.Pow: operator.pow}
+_OPS = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.USub: operator.neg,
+    ast.UAdd: operator.pos,
+    ast.Pow: operator.pow,
+}
 
 
 def to_number(text: str) -> float | None:
@@ -34,6 +41,7 @@ def to_number(text: str) -> float | None:
 
 def evaluate_expression(expr: str) -> float | None:
     """Value of an arithmetic expression (numbers, + - * / ** and parentheses), else None."""
+
     def ev(node):
         if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
             return node.value
@@ -67,12 +75,14 @@ def test_loss(model, tokenizer, texts: list[str], batch_size: int = 16) -> tuple
     docs = encode_corpus(texts, tokenizer)
     total, n = 0.0, 0
     for i in range(0, len(docs), batch_size):
-        chunk = docs[i:i + batch_size]
+        chunk = docs[i : i + batch_size]
         width = max(map(len, chunk))
         ids = torch.tensor([d + [tokenizer.pad_token_id] * (width - len(d)) for d in chunk])  # [B, L]
         labels = torch.tensor([d[1:] + [-100] * (width - len(d)) for d in chunk])  # [B, L-1]
         logits = model(input_ids=ids[:, :-1]).logits.float()  # [B, L-1, V]
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum", ignore_index=-100)
+        loss = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), labels.flatten(), reduction="sum", ignore_index=-100
+        )
         total, n = total + loss.item(), n + int((labels != -100).sum())
     return total / max(n, 1), n
 
@@ -82,8 +92,10 @@ def calc_accuracy(model, tokenizer, records: list[dict], batch_size: int = 32) -
     items = [p for r in records for p in annotation_prefixes(r["question"], r["answer"])]
     correct = 0
     for i in range(0, len(items), batch_size):
-        chunk = items[i:i + batch_size]
-        prompts = [[tokenizer.bos_token_id, *tokenizer(p, add_special_tokens=False)["input_ids"]] for p, _ in chunk]
+        chunk = items[i : i + batch_size]
+        prompts = [
+            [tokenizer.bos_token_id, *tokenizer(p, add_special_tokens=False)["input_ids"]] for p, _ in chunk
+        ]
         outs = generate_batch(model, tokenizer, prompts, max_new_tokens=10, do_sample=False)
         for (_, gold), out in zip(chunk, outs, strict=True):
             pred = tokenizer.decode(out, skip_special_tokens=True).split(">>")[0]
@@ -91,11 +103,18 @@ def calc_accuracy(model, tokenizer, records: list[dict], batch_size: int = 32) -
     return correct, len(items)
 
 
-def format_check(model, tokenizer, records: list[dict], max_new_tokens: int = 256, batch_size: int = 16) -> dict:
+def format_check(
+    model, tokenizer, records: list[dict], max_new_tokens: int = 256, batch_size: int = 16
+) -> dict:
     texts = []
     for i in range(0, len(records), batch_size):
-        prompts = [[tokenizer.bos_token_id, *tokenizer(format_prompt(r["question"]), add_special_tokens=False)["input_ids"]]
-                   for r in records[i:i + batch_size]]
+        prompts = [
+            [
+                tokenizer.bos_token_id,
+                *tokenizer(format_prompt(r["question"]), add_special_tokens=False)["input_ids"],
+            ]
+            for r in records[i : i + batch_size]
+        ]
         outs = generate_batch(model, tokenizer, prompts, max_new_tokens=max_new_tokens, do_sample=False)
         texts += [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
     notes = [m for t in texts for m in ANNOTATION.finditer(t)]

@@ -24,7 +24,9 @@ SUBCOMMANDS = ["tokenizer", "target", "ensemble", "respond", "distill", "bundle"
 
 
 def _data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--data", required=required, help="JSONL file, folder with {split}.jsonl, or datasets name")
+    p.add_argument(
+        "--data", required=required, help="JSONL file, folder with {split}.jsonl, or datasets name"
+    )
     p.add_argument("--split", default="train")
     p.add_argument("--limit", type=int, default=None, help="use only the first N records")
 
@@ -40,8 +42,12 @@ def _train_args(p: argparse.ArgumentParser, lr: float) -> None:
     g.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     g.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints (0: none)")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="dtype of the saved weights")
+    g.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype of the saved weights",
+    )
     g.add_argument("--no-progress", action="store_true")
 
 
@@ -49,7 +55,9 @@ def _shape_args(p: argparse.ArgumentParser, hidden: int, layers: int, heads: int
     g = p.add_argument_group("architecture (Llama)")
     g.add_argument("--hidden", type=int, default=hidden)
     g.add_argument("--layers", type=int, default=layers)
-    g.add_argument("--heads", type=int, default=heads, help="hidden/heads is head_dim; keep it >= 64 for vLLM CPU")
+    g.add_argument(
+        "--heads", type=int, default=heads, help="hidden/heads is head_dim; keep it >= 64 for vLLM CPU"
+    )
     g.add_argument("--intermediate", type=int, default=inter)
     g.add_argument("--max-positions", type=int, default=1024)
 
@@ -79,8 +87,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--target", required=True, help="target folder")
     p.add_argument("--out", required=True, help="JSONL file (appended to; a rerun resumes)")
     p.add_argument("--max-tokens", type=int, default=320)
-    p.add_argument("--temperature", type=float, default=1.0,
-                   help="for odd-numbered questions; even-numbered ones are answered greedily")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="for odd-numbered questions; even-numbered ones are answered greedily",
+    )
     p.add_argument("--seed", type=int, default=0, help="also shuffles the questions before --limit")
     p.add_argument("--no-progress", action="store_true")
 
@@ -89,24 +101,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--target", required=True, help="target folder (the teacher)")
     p.add_argument("--out", required=True, help="drafts go to OUT/draft{m}")
     p.add_argument("-m", "--drafts", type=int, default=4, help="number of drafts M")
-    p.add_argument("--osd", default="lowrank", choices=["lowrank", "dropout", "ensemble", "none"],
-                   help="teacher instance per step: low-rank weight noise, dropout, an ensemble member, "
-                        "or none (the fixed target: the no-OSD ablation)")
+    p.add_argument(
+        "--osd",
+        default="lowrank",
+        choices=["lowrank", "dropout", "ensemble", "none"],
+        help="teacher instance per step: low-rank weight noise, dropout, an ensemble member, "
+        "or none (the fixed target: the no-OSD ablation)",
+    )
     p.add_argument("--ensemble", nargs="+", default=[], metavar="DIR", help="members for --osd ensemble")
-    p.add_argument("--noise", type=float, default=0.1,
-                   help="lowrank: relative noise scale; dropout: drop probability (default 0.1)")
+    p.add_argument(
+        "--noise",
+        type=float,
+        default=0.1,
+        help="lowrank: relative noise scale; dropout: drop probability (default 0.1)",
+    )
     p.add_argument("--rank", type=int, default=4, help="lowrank: rank of the weight noise")
     p.add_argument("--no-ddd", action="store_true", help="all drafts see all data (the no-DDD ablation)")
-    p.add_argument("--source", default="corpus", choices=["corpus", "synthetic", "responses"],
-                   help="distil on the corpus, on continuations sampled from the target for its prompts, "
-                        "or on the target's chat responses in --data (a file from `epispec drafts respond`)")
-    p.add_argument("--draft-vocab", type=int, default=0, metavar="N",
-                   help="reduced output vocabulary: the special tokens + the N most frequent ids of the "
-                        "data (0: the target's whole vocabulary)")
-    p.add_argument("--embed-init", default="random", choices=["random", "target"],
-                   help="reduced drafts: random embedding, or the target's rows of S projected")
-    p.add_argument("--teacher-dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="dtype of the teacher's forward passes (bfloat16 is ~2.5x faster on CPU)")
+    p.add_argument(
+        "--source",
+        default="corpus",
+        choices=["corpus", "synthetic", "responses"],
+        help="distil on the corpus, on continuations sampled from the target for its prompts, "
+        "or on the target's chat responses in --data (a file from `epispec drafts respond`)",
+    )
+    p.add_argument(
+        "--draft-vocab",
+        type=int,
+        default=0,
+        metavar="N",
+        help="reduced output vocabulary: the special tokens + the N most frequent ids of the "
+        "data (0: the target's whole vocabulary)",
+    )
+    p.add_argument(
+        "--embed-init",
+        default="random",
+        choices=["random", "target"],
+        help="reduced drafts: random embedding, or the target's rows of S projected",
+    )
+    p.add_argument(
+        "--teacher-dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="dtype of the teacher's forward passes (bfloat16 is ~2.5x faster on CPU)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=128, help="synthetic: continuation length")
     p.add_argument("--init", default=None, help="start every draft from this small model (same tokenizer)")
     _shape_args(p, 64, 1, 1, 176)
@@ -115,14 +152,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("bundle", help="write a bundle folder")
     t = p.add_mutually_exclusive_group(required=True)
     t.add_argument("--target", help="target model folder (copied into the bundle)")
-    t.add_argument("--target-source", metavar="NAME",
-                   help="a known pretrained target (`epispec models list`), named by source in "
-                        "bundle.json instead of copied; prepared in the model cache if missing")
+    t.add_argument(
+        "--target-source",
+        metavar="NAME",
+        help="a known pretrained target (`epispec models list`), named by source in "
+        "bundle.json instead of copied; prepared in the model cache if missing",
+    )
     p.add_argument("--draft", action="append", default=[], metavar="DIR", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--thresholds", default=None, help="JSON file of calibrated flag thresholds")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="convert weights to this dtype (default: keep)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="convert weights to this dtype (default: keep)",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing bundle folder")
 
     p = sub.add_parser("calc-accuracy", help="test loss and calculator accuracy of a model")
@@ -143,9 +187,13 @@ def run(args: argparse.Namespace) -> int:
     from server.engine.models import ModelFolderError
 
     handler = {
-        "tokenizer": _tokenizer, "target": _target, "ensemble": _target, "respond": _respond,
+        "tokenizer": _tokenizer,
+        "target": _target,
+        "ensemble": _target,
+        "respond": _respond,
         "distill": _distill,
-        "bundle": _bundle, "calc-accuracy": _calc,
+        "bundle": _bundle,
+        "calc-accuracy": _calc,
     }[args.drafts_command]
     try:
         result = handler(args)
@@ -178,16 +226,29 @@ def _tokenizer(args) -> dict:
 def _shape(args):
     from drafts.lm import LMShape
 
-    return LMShape(hidden=args.hidden, layers=args.layers, heads=args.heads,
-                   intermediate=args.intermediate, max_positions=args.max_positions)
+    return LMShape(
+        hidden=args.hidden,
+        layers=args.layers,
+        heads=args.heads,
+        intermediate=args.intermediate,
+        max_positions=args.max_positions,
+    )
 
 
 def _options(args):
     from drafts.training import RunOptions
 
-    return RunOptions(epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                      lr=args.lr, device=args.device, checkpoint_every=args.checkpoint_every,
-                      dtype=args.dtype, progress=not args.no_progress)
+    return RunOptions(
+        epochs=args.epochs,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        lr=args.lr,
+        device=args.device,
+        checkpoint_every=args.checkpoint_every,
+        dtype=args.dtype,
+        progress=not args.no_progress,
+    )
 
 
 def _target(args) -> dict:
@@ -195,11 +256,20 @@ def _target(args) -> dict:
 
     texts, corpus = _corpus(args)
     if args.drafts_command == "ensemble":
-        members = train_ensemble(texts, corpus, args.tokenizer, args.out, args.members,
-                                 _shape(args), _options(args), base_seed=args.seed)
+        members = train_ensemble(
+            texts,
+            corpus,
+            args.tokenizer,
+            args.out,
+            args.members,
+            _shape(args),
+            _options(args),
+            base_seed=args.seed,
+        )
         return {"members": [str(m) for m in members]}
-    record = train_target(texts, corpus, args.tokenizer, args.out, _shape(args), _options(args), seed=args.seed,
-                          init=args.init)
+    record = train_target(
+        texts, corpus, args.tokenizer, args.out, _shape(args), _options(args), seed=args.seed, init=args.init
+    )
     return {"target": args.out, "parameters": record["parameters"], "loss": record["loss"]}
 
 
@@ -213,9 +283,15 @@ def _respond(args) -> dict:
     if not questions:
         raise ValueError(f"Corpus '{args.data}' has no `question` fields to answer.")
     random.Random(args.seed).shuffle(questions)
-    return generate_responses(args.target, questions[: args.limit or None], args.out,
-                              max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
-                              progress=not args.no_progress)
+    return generate_responses(
+        args.target,
+        questions[: args.limit or None],
+        args.out,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
 
 
 def _distill(args) -> dict:
@@ -232,13 +308,30 @@ def _distill(args) -> dict:
     else:
         texts, corpus = _corpus(args)
     settings = DistillSettings(
-        drafts=args.drafts, osd=args.osd, noise=args.noise, rank=args.rank,
-        ensemble=tuple(args.ensemble), ddd=not args.no_ddd, source=args.source,
-        max_new_tokens=args.max_new_tokens, init=args.init, draft_vocab=args.draft_vocab,
-        embed_init=args.embed_init, teacher_dtype=args.teacher_dtype,
+        drafts=args.drafts,
+        osd=args.osd,
+        noise=args.noise,
+        rank=args.rank,
+        ensemble=tuple(args.ensemble),
+        ddd=not args.no_ddd,
+        source=args.source,
+        max_new_tokens=args.max_new_tokens,
+        init=args.init,
+        draft_vocab=args.draft_vocab,
+        embed_init=args.embed_init,
+        teacher_dtype=args.teacher_dtype,
     )
-    out = distill_drafts(texts, corpus, args.target, args.out, settings, _shape(args), _options(args),
-                         seed=args.seed, docs=docs)
+    out = distill_drafts(
+        texts,
+        corpus,
+        args.target,
+        args.out,
+        settings,
+        _shape(args),
+        _options(args),
+        seed=args.seed,
+        docs=docs,
+    )
     return {"drafts": [str(d) for d in out]}
 
 
@@ -260,8 +353,15 @@ def _bundle(args) -> dict:
         if args.target_source not in SOURCES:
             raise ValueError(f"Unknown target source '{args.target_source}': known are {sorted(SOURCES)}.")
         source = SOURCES[args.target_source]
-    manifest = write_bundle(args.target, args.draft, args.out, thresholds=thresholds,
-                            dtype=args.dtype, force=args.force, target_source=source)
+    manifest = write_bundle(
+        args.target,
+        args.draft,
+        args.out,
+        thresholds=thresholds,
+        dtype=args.dtype,
+        force=args.force,
+        target_source=source,
+    )
     return {"bundle": args.out, "bytes": manifest["bytes"]}
 
 
@@ -272,5 +372,9 @@ def _calc(args) -> dict:
     model = args.model or str(load_bundle(args.bundle).target)
     from drafts.corpus import load_records
 
-    records = load_records(args.data, args.split)[: args.limit] if args.limit else load_records(args.data, args.split)
+    records = (
+        load_records(args.data, args.split)[: args.limit]
+        if args.limit
+        else load_records(args.data, args.split)
+    )
     return evaluate_model(model, records)

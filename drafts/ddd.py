@@ -27,7 +27,9 @@ def partition(texts: list[str], m: int, enabled: bool = True) -> list[list[int]]
     hashes = [text_hash(t) for t in texts]
     unique = sorted(set(hashes))
     if len(unique) < m:
-        raise ValueError(f"The corpus has {len(unique)} distinct documents, too few for {m} disjoint DDD partitions.")
+        raise ValueError(
+            f"The corpus has {len(unique)} distinct documents, too few for {m} disjoint DDD partitions."
+        )
     slot = {h: r % m for r, h in enumerate(unique)}
     parts: list[list[int]] = [[] for _ in range(m)]
     for i, h in enumerate(hashes):

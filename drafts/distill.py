@@ -98,8 +98,9 @@ def distill_drafts(
     target = load_causal_lm(target_dir, device=str(dev), dtype=getattr(torch, settings.teacher_dtype))
     vocab = None
     if settings.draft_vocab:
-        vocab = choose_vocab(all_docs or encode_corpus(texts, tok), settings.draft_vocab, tok,
-                             int(target.config.vocab_size))
+        vocab = choose_vocab(
+            all_docs or encode_corpus(texts, tok), settings.draft_vocab, tok, int(target.config.vocab_size)
+        )
     ens = [load_causal_lm(d, device=str(dev)) for d in members] if settings.osd == "ensemble" else []
     out = []
     for m, idx in enumerate(parts):
@@ -111,8 +112,13 @@ def distill_drafts(
         if all_docs is not None:
             docs = [all_docs[i] for i in idx]
         elif settings.source == "synthetic":
-            docs = sample_continuations(target, tok, [prompt_of(t) for t in part_texts],
-                                        max_new_tokens=settings.max_new_tokens, seed=seed + m)
+            docs = sample_continuations(
+                target,
+                tok,
+                [prompt_of(t) for t in part_texts],
+                max_new_tokens=settings.max_new_tokens,
+                seed=seed + m,
+            )
         elif settings.source == "corpus":
             docs = encode_corpus(part_texts, tok)
         else:
@@ -121,8 +127,9 @@ def distill_drafts(
         if settings.init:
             student = load_causal_lm(settings.init, device=str(dev))
         elif vocab is not None:
-            student = build_reduced_draft(shape, tok, vocab, seed + 100 + m, target,
-                                          settings.embed_init).to(dev)
+            student = build_reduced_draft(shape, tok, vocab, seed + 100 + m, target, settings.embed_init).to(
+                dev
+            )
         else:
             student = build_lm(shape, tok, seed=seed + 100 + m).to(dev)
         trained = ReducedStudent(student, vocab) if vocab is not None else student
@@ -131,9 +138,15 @@ def distill_drafts(
         it = batches(docs, opts.batch_size, opts.seq_len, random.Random(seed + m))
         part = ddd.describe(texts, idx, m, settings.drafts, settings.ddd)
         losses = train_loop(
-            trained, it,
-            lambda step, b, m=m, s=trained, t=teacher: distill_loss(s, t, step_seed(seed, m, step), b.to(dev)),
-            ts, run_dir=folder, progress=opts.progress, desc=f"draft{m}",
+            trained,
+            it,
+            lambda step, b, m=m, s=trained, t=teacher: distill_loss(
+                s, t, step_seed(seed, m, step), b.to(dev)
+            ),
+            ts,
+            run_dir=folder,
+            progress=opts.progress,
+            desc=f"draft{m}",
             fingerprint={"kind": "distill", "settings": asdict(settings), "partition": part["digest"]},
         )
         if vocab is None:
@@ -143,27 +156,42 @@ def distill_drafts(
             vocab.save(folder)
         hashes = part.pop("hashes")
         (folder / PARTITION).write_text(_json({**part, "hashes": hashes}))
-        write_record(folder, {
-            "kind": "draft",
-            "finished": True,
-            "parameters": count_parameters(folder),
-            "shape": None if settings.init else asdict(shape),
-            "init": settings.init,
-            "seed": seed + m,
-            "teacher": str(Path(target_dir).resolve()),
-            "settings": {**ts.as_dict(), "epochs": opts.epochs, "device": str(dev), "dtype": opts.dtype,
-                         "source": settings.source, "max_new_tokens": settings.max_new_tokens,
-                         "teacher_dtype": settings.teacher_dtype, "embed_init": settings.embed_init,
-                         "loss": "KL(teacher || draft), full vocabulary" if vocab is None else
-                         "KL(teacher renormalized over S || draft), S = the draft vocabulary"},
-            "draft_vocab": None if vocab is None else {
-                "size": vocab.size, "rule": "special tokens + most frequent ids of the training data",
-                "coverage": coverage(docs, vocab)},
-            "osd": {**teacher.describe(), "ensemble": members if settings.osd == "ensemble" else []},
-            "ddd": part,
-            "corpus": corpus,
-            "loss": loss_summary(losses),
-        })
+        write_record(
+            folder,
+            {
+                "kind": "draft",
+                "finished": True,
+                "parameters": count_parameters(folder),
+                "shape": None if settings.init else asdict(shape),
+                "init": settings.init,
+                "seed": seed + m,
+                "teacher": str(Path(target_dir).resolve()),
+                "settings": {
+                    **ts.as_dict(),
+                    "epochs": opts.epochs,
+                    "device": str(dev),
+                    "dtype": opts.dtype,
+                    "source": settings.source,
+                    "max_new_tokens": settings.max_new_tokens,
+                    "teacher_dtype": settings.teacher_dtype,
+                    "embed_init": settings.embed_init,
+                    "loss": "KL(teacher || draft), full vocabulary"
+                    if vocab is None
+                    else "KL(teacher renormalized over S || draft), S = the draft vocabulary",
+                },
+                "draft_vocab": None
+                if vocab is None
+                else {
+                    "size": vocab.size,
+                    "rule": "special tokens + most frequent ids of the training data",
+                    "coverage": coverage(docs, vocab),
+                },
+                "osd": {**teacher.describe(), "ensemble": members if settings.osd == "ensemble" else []},
+                "ddd": part,
+                "corpus": corpus,
+                "loss": loss_summary(losses),
+            },
+        )
         finish_run(folder)
     return out
 

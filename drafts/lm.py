@@ -93,12 +93,26 @@ def train_lm(
     device: str | torch.device = "cpu",
 ) -> list[float]:
     """Plain LM training (resumable from `run_dir`); returns the loss of every step."""
-    settings = TrainSettings(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed,
-                             checkpoint_every=checkpoint_every)
+    settings = TrainSettings(
+        steps=steps,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        lr=lr,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+    )
     model.to(device)
     it = batches(docs, batch_size, seq_len, random.Random(seed))
-    return train_loop(model, it, lambda _step, b: lm_loss(model, b.to(device)), settings,
-                      run_dir=run_dir, fingerprint={"kind": "lm"}, progress=progress, desc="target")
+    return train_loop(
+        model,
+        it,
+        lambda _step, b: lm_loss(model, b.to(device)),
+        settings,
+        run_dir=run_dir,
+        fingerprint={"kind": "lm"},
+        progress=progress,
+        desc="target",
+    )
 
 
 def save_lm(model, tokenizer, out_dir: str | Path) -> Path:
@@ -110,15 +124,23 @@ def save_lm(model, tokenizer, out_dir: str | Path) -> Path:
 
 
 @torch.no_grad()
-def generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, **kwargs) -> list[list[int]]:
+def generate_batch(
+    model, tokenizer, prompts: list[list[int]], max_new_tokens: int, **kwargs
+) -> list[list[int]]:
     """New token ids for each prompt (left-padded batch; cut after eos). kwargs go to generate."""
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     dev = next(model.parameters()).device
     width = max(map(len, prompts))
     input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in prompts], device=dev)  # [B, L]
     mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in prompts], device=dev)  # [B, L]
-    gen = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                         pad_token_id=pad, eos_token_id=eos, **kwargs)  # [B, L + T]
+    gen = model.generate(
+        input_ids=input_ids,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=pad,
+        eos_token_id=eos,
+        **kwargs,
+    )  # [B, L + T]
     out = []
     for row in gen[:, width:].tolist():
         row = row[: row.index(eos) + 1] if eos in row else row

@@ -23,8 +23,9 @@ MODES = ("lowrank", "dropout", "ensemble", "none")
 
 
 class TeacherSampler:
-    def __init__(self, target, mode: str = "lowrank", *, noise: float = 0.1, rank: int = 4,
-                 members: list | None = None):
+    def __init__(
+        self, target, mode: str = "lowrank", *, noise: float = 0.1, rank: int = 4, members: list | None = None
+    ):
         if mode not in MODES:
             raise ValueError(f"OSD mode must be one of {', '.join(MODES)}, not '{mode}'.")
         if mode == "ensemble" and not members:
@@ -35,9 +36,14 @@ class TeacherSampler:
         self.members = [m.eval() for m in members or []]
         self._columns: torch.Tensor | None = None
         self.draws: Counter = Counter()  # instance id -> times drawn
-        self._linears = [(name, mod) for name, mod in target.named_modules()
-                         if isinstance(mod, torch.nn.Linear) and ".layers." in f".{name}"]
-        self._base = {name: mod.weight.detach().clone() for name, mod in self._linears} if mode == "lowrank" else {}
+        self._linears = [
+            (name, mod)
+            for name, mod in target.named_modules()
+            if isinstance(mod, torch.nn.Linear) and ".layers." in f".{name}"
+        ]
+        self._base = (
+            {name: mod.weight.detach().clone() for name, mod in self._linears} if mode == "lowrank" else {}
+        )
 
     @property
     def instances(self) -> int:
@@ -56,7 +62,9 @@ class TeacherSampler:
         return out
 
     @torch.no_grad()
-    def logprobs(self, step_seed: int, input_ids: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:
+    def logprobs(
+        self, step_seed: int, input_ids: torch.Tensor, columns: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Log-probs of the instance drawn for `step_seed`. [B, S] -> [B, S, V]
 
         With `columns` (target ids [V_d]): the instance's distribution renormalized over those
@@ -99,7 +107,7 @@ class TeacherSampler:
             w = self._base[name]  # [out, in]
             a = torch.randn(w.shape[0], self.rank, generator=g)  # [out, r]
             b = torch.randn(w.shape[1], self.rank, generator=g)  # [in, r]
-            scale = self.noise * w.float().pow(2).mean().sqrt() / self.rank ** 0.5
+            scale = self.noise * w.float().pow(2).mean().sqrt() / self.rank**0.5
             mod.weight.copy_(w + (scale * a @ b.T).to(w.device, w.dtype))
 
     def _restore(self) -> None:

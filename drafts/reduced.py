@@ -40,8 +40,9 @@ def coverage(docs: list[list[int]], vocab: DraftVocab) -> float:
     return float(inside[ids].float().mean()) if ids.numel() else float("nan")
 
 
-def build_reduced_draft(shape: LMShape, tokenizer, vocab: DraftVocab, seed: int, target=None,
-                        embed_init: str = "random"):
+def build_reduced_draft(
+    shape: LMShape, tokenizer, vocab: DraftVocab, seed: int, target=None, embed_init: str = "random"
+):
     """A Llama draft over S (vocab_size = |S|), embedding initialized per `embed_init`."""
     if embed_init not in EMBED_INITS:
         raise ValueError(f"embed_init must be one of {', '.join(EMBED_INITS)}, not '{embed_init}'.")
@@ -99,7 +100,9 @@ def full_vocabulary_copy(draft: str | Path, target: str | Path, out: str | Path)
     cfg = lm.config
     cfg.vocab_size, cfg.tie_word_embeddings = vocab.target_vocab_size, False
     big = LlamaForCausalLM(cfg)
-    state = {k: v for k, v in lm.state_dict().items() if k not in ("model.embed_tokens.weight", "lm_head.weight")}
+    state = {
+        k: v for k, v in lm.state_dict().items() if k not in ("model.embed_tokens.weight", "lm_head.weight")
+    }
     full_emb = emb[vocab.to_draft_ids].clone()  # [V, E]: unknown's row outside S
     full_head = torch.zeros(vocab.target_vocab_size, emb.shape[1], dtype=head.dtype)
     full_head[vocab.target_ids] = head
@@ -107,8 +110,13 @@ def full_vocabulary_copy(draft: str | Path, target: str | Path, out: str | Path)
     big.load_state_dict(state)
     out = Path(out)
     big.to(lm.dtype).save_pretrained(str(out), safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                 "generation_config.json"):
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+        "generation_config.json",
+    ):
         if (Path(target) / name).exists():
             shutil.copy2(Path(target) / name, out / name)
     return out

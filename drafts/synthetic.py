@@ -18,15 +18,19 @@ def prompt_of(text: str) -> str:
     return text[: cut + len(ANSWER_PREFIX)] if cut >= 0 else text[: max(1, len(text) // 2)]
 
 
-def sample_continuations(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 128,
-                         batch_size: int = 32, seed: int = 0) -> list[list[int]]:
+def sample_continuations(
+    model, tokenizer, prompts: list[str], *, max_new_tokens: int = 128, batch_size: int = 32, seed: int = 0
+) -> list[list[int]]:
     """[bos] + prompt ids + sampled ids (+ eos when sampled), one list per prompt."""
     torch.manual_seed(seed)
     out: list[list[int]] = []
     for i in range(0, len(prompts), batch_size):
-        ids = [[tokenizer.bos_token_id, *tokenizer(p, add_special_tokens=False)["input_ids"]]
-               for p in prompts[i:i + batch_size]]
-        new = generate_batch(model, tokenizer, ids, max_new_tokens, do_sample=True, temperature=1.0,
-                             top_k=0, top_p=1.0)
+        ids = [
+            [tokenizer.bos_token_id, *tokenizer(p, add_special_tokens=False)["input_ids"]]
+            for p in prompts[i : i + batch_size]
+        ]
+        new = generate_batch(
+            model, tokenizer, ids, max_new_tokens, do_sample=True, temperature=1.0, top_k=0, top_p=1.0
+        )
         out.extend(x + y for x, y in zip(ids, new, strict=True))
     return out

@@ -60,9 +60,19 @@ def train_target(
         model = load_causal_lm(init)
     else:
         model = build_lm(shape, tok, seed=seed)
-    losses = train_lm(model, docs, steps, batch_size=opts.batch_size, seq_len=opts.seq_len, lr=opts.lr,
-                      seed=seed, progress=opts.progress, run_dir=out_dir,
-                      checkpoint_every=opts.checkpoint_every, device=dev)
+    losses = train_lm(
+        model,
+        docs,
+        steps,
+        batch_size=opts.batch_size,
+        seq_len=opts.seq_len,
+        lr=opts.lr,
+        seed=seed,
+        progress=opts.progress,
+        run_dir=out_dir,
+        checkpoint_every=opts.checkpoint_every,
+        device=dev,
+    )
     save_lm(model.cpu().to(getattr(torch, opts.dtype)), tok, out_dir)
     record = {
         "kind": "target",
@@ -71,8 +81,12 @@ def train_target(
         "init": str(Path(init).resolve()) if init else None,
         "parameters": count_parameters(out_dir),
         "seed": seed,
-        "settings": {**opts.settings(steps, seed).as_dict(), "epochs": opts.epochs, "device": str(dev),
-                     "dtype": opts.dtype},
+        "settings": {
+            **opts.settings(steps, seed).as_dict(),
+            "epochs": opts.epochs,
+            "device": str(dev),
+            "dtype": opts.dtype,
+        },
         "corpus": corpus,
         "loss": loss_summary(losses),
     }
@@ -81,8 +95,17 @@ def train_target(
     return record
 
 
-def train_ensemble(texts: list[str], corpus: dict, tokenizer_dir: str | Path, out_dir: str | Path,
-                   n: int, shape: LMShape, opts: RunOptions = RunOptions(), *, base_seed: int = 0) -> list[Path]:
+def train_ensemble(
+    texts: list[str],
+    corpus: dict,
+    tokenizer_dir: str | Path,
+    out_dir: str | Path,
+    n: int,
+    shape: LMShape,
+    opts: RunOptions = RunOptions(),
+    *,
+    base_seed: int = 0,
+) -> list[Path]:
     """N targets seeded base_seed … base_seed+N−1 in out_dir/member{i}; finished ones are kept."""
     if n < 1:
         raise ValueError(f"An ensemble needs at least 1 member (got {n}).")

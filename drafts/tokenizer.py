@@ -33,9 +33,7 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_dir: str | Path):
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD
-    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD)
     fast.chat_template = CHAT_TEMPLATE
     fast.model_max_length = 1 << 20
     Path(out_dir).mkdir(parents=True, exist_ok=True)

@@ -52,8 +52,14 @@ class RunOptions:
     progress: bool = False
 
     def settings(self, steps: int, seed: int) -> TrainSettings:
-        return TrainSettings(steps=steps, batch_size=self.batch_size, seq_len=self.seq_len, lr=self.lr,
-                             seed=seed, checkpoint_every=self.checkpoint_every)
+        return TrainSettings(
+            steps=steps,
+            batch_size=self.batch_size,
+            seq_len=self.seq_len,
+            lr=self.lr,
+            seed=seed,
+            checkpoint_every=self.checkpoint_every,
+        )
 
 
 def cosine_lr(step: int, total: int, peak: float, warmup: int = 10) -> float:
@@ -109,8 +115,15 @@ def train_loop(
         next(batches)
 
     model.train()
-    bar = tqdm(range(start, settings.steps), initial=start, total=settings.steps,
-               disable=not progress, desc=desc, unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        range(start, settings.steps),
+        initial=start,
+        total=settings.steps,
+        disable=not progress,
+        desc=desc,
+        unit="step",
+        dynamic_ncols=True,
+    )
     t0, tokens = time.perf_counter(), 0
     for step in bar:
         for g in opt.param_groups:
@@ -125,8 +138,12 @@ def train_loop(
         tokens += batch[:, 1:].numel()
         bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
         done = step + 1
-        if ckpt is not None and settings.checkpoint_every and done % settings.checkpoint_every == 0 \
-                and done < settings.steps:
+        if (
+            ckpt is not None
+            and settings.checkpoint_every
+            and done % settings.checkpoint_every == 0
+            and done < settings.steps
+        ):
             _save_checkpoint(ckpt, model, opt, done, losses, ident)
     model.eval()
     return losses
@@ -135,8 +152,16 @@ def train_loop(
 def _save_checkpoint(path: Path, model, opt, step: int, losses: list[float], ident: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                "losses": losses, "ident": ident}, tmp)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "step": step,
+            "losses": losses,
+            "ident": ident,
+        },
+        tmp,
+    )
     tmp.replace(path)  # atomic: an interrupted save never leaves a broken checkpoint
 
 

@@ -48,10 +48,18 @@ def build(shape: dict, dtype: torch.dtype, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["inter"],
-                      num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
-                      num_key_value_heads=shape["kv"], head_dim=64, max_position_embeddings=2048,
-                      tie_word_embeddings=True, rope_theta=100000.0)
+    cfg = LlamaConfig(
+        vocab_size=shape["vocab"],
+        hidden_size=shape["hidden"],
+        intermediate_size=shape["inter"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv"],
+        head_dim=64,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        rope_theta=100000.0,
+    )
     return LlamaForCausalLM(cfg).to(dtype).eval()
 
 
@@ -151,9 +159,13 @@ def main() -> int:
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--drafts", nargs="+", default=list(DRAFTS), choices=list(DRAFTS))
-    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
-                    help="wall: elapsed time; cpu: this process's CPU time (time.process_time), "
-                         "which other processes' load does not inflate; use it with --threads 1")
+    ap.add_argument(
+        "--clock",
+        default="wall",
+        choices=["wall", "cpu"],
+        help="wall: elapsed time; cpu: this process's CPU time (time.process_time), "
+        "which other processes' load does not inflate; use it with --threads 1",
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -168,15 +180,29 @@ def main() -> int:
                     draft = stacked_step(models, b, args.ctx, head)
                 clock = time.process_time if args.clock == "cpu" else time.perf_counter
                 t_ms, d_ms, ratio = paired(hf_step([target], b, args.ctx, False), draft, args.steps, clock)
-                rows.append({"what": label, "impl": impl, "dtype": dtype, "batch": b, "params": n_params,
-                             "target_ms": t_ms, "ms": d_ms, "ratio": ratio})
+                rows.append(
+                    {
+                        "what": label,
+                        "impl": impl,
+                        "dtype": dtype,
+                        "batch": b,
+                        "params": n_params,
+                        "target_ms": t_ms,
+                        "ms": d_ms,
+                        "ratio": ratio,
+                    }
+                )
                 print(rows[-1], flush=True)
         del target
-    print("\n| drafts (M x hidden x layers, vocab) | impl | dtype | B | params/draft | drafts ms | target ms | drafts/target |")
+    print(
+        "\n| drafts (M x hidden x layers, vocab) | impl | dtype | B | params/draft | drafts ms | target ms | drafts/target |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['what']} | {r['impl']} | {r['dtype']} | {r['batch']} | {r['params'] / 1e6:.1f} M | "
-              f"{r['ms']:.1f} | {r['target_ms']:.1f} | {r['ratio']:.2f} |")
+        print(
+            f"| {r['what']} | {r['impl']} | {r['dtype']} | {r['batch']} | {r['params'] / 1e6:.1f} M | "
+            f"{r['ms']:.1f} | {r['target_ms']:.1f} | {r['ratio']:.2f} |"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "rows": rows}, f, indent=2)

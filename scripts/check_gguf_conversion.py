@@ -29,10 +29,18 @@ from safetensors.torch import load_file
 
 # GGUF tensor names -> Hugging Face Llama names (llama.cpp's convert_hf_to_gguf, reversed)
 NAMES = {
-    "token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
 }
 
 
@@ -56,7 +64,10 @@ def field(reader: GGUFReader, key: str):
 
 def check_tensors(reader: GGUFReader, folder: Path) -> bool:
     ours = load_file(str(folder / "model.safetensors"))
-    heads, kv_heads = field(reader, "llama.attention.head_count"), field(reader, "llama.attention.head_count_kv")
+    heads, kv_heads = (
+        field(reader, "llama.attention.head_count"),
+        field(reader, "llama.attention.head_count_kv"),
+    )
     worst, bad = 0.0, []
     for t in reader.tensors:
         ref = dequantize(t.data, t.tensor_type).reshape([int(x) for x in reversed(t.shape)])
@@ -69,9 +80,13 @@ def check_tensors(reader: GGUFReader, folder: Path) -> bool:
         if not torch.equal(mine, ref_t):
             bad.append(t.name)
             worst = max(worst, (mine.float() - ref_t.float()).abs().max().item())
-    tied = "lm_head.weight" not in ours or torch.equal(ours["lm_head.weight"], ours["model.embed_tokens.weight"])
-    print(f"tensors: {len(reader.tensors)} compared, {len(bad)} differ (max abs diff {worst:.3g}); "
-          f"dtype {next(iter(ours.values())).dtype}; tied lm_head: {tied}")
+    tied = "lm_head.weight" not in ours or torch.equal(
+        ours["lm_head.weight"], ours["model.embed_tokens.weight"]
+    )
+    print(
+        f"tensors: {len(reader.tensors)} compared, {len(bad)} differ (max abs diff {worst:.3g}); "
+        f"dtype {next(iter(ours.values())).dtype}; tied lm_head: {tied}"
+    )
     return not bad and tied
 
 
@@ -87,17 +102,30 @@ def check_tokenizer(reader: GGUFReader, folder: Path) -> bool:
 
     tok = AutoTokenizer.from_pretrained(str(folder))
     want = {k: field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding", "unknown")}
-    got = {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "padding": tok.pad_token_id,
-           "unknown": tok.unk_token_id}
+    got = {
+        "bos": tok.bos_token_id,
+        "eos": tok.eos_token_id,
+        "padding": tok.pad_token_id,
+        "unknown": tok.unk_token_id,
+    }
     ok_ids = want == got
-    template = (folder / "chat_template.jinja").read_text() if (folder / "chat_template.jinja").exists() else tok.chat_template
+    template = (
+        (folder / "chat_template.jinja").read_text()
+        if (folder / "chat_template.jinja").exists()
+        else tok.chat_template
+    )
     ok_template = template == field(reader, "tokenizer.chat_template")
     gen = json.loads((folder / "generation_config.json").read_text())
     ok_gen = (gen.get("bos_token_id"), gen.get("eos_token_id"), gen.get("pad_token_id")) == (
-        want["bos"], want["eos"], want["padding"])
-    print(f"tokenizer: vocab {len(vocab)} equal {ok_vocab}; merges {len(merges)} equal {ok_merges}; "
-          f"special ids {got} equal {ok_ids}; chat template equal {ok_template}; "
-          f"generation_config ids equal {ok_gen}; pre-tokenizer {json.dumps(tj['pre_tokenizer'])}")
+        want["bos"],
+        want["eos"],
+        want["padding"],
+    )
+    print(
+        f"tokenizer: vocab {len(vocab)} equal {ok_vocab}; merges {len(merges)} equal {ok_merges}; "
+        f"special ids {got} equal {ok_ids}; chat template equal {ok_template}; "
+        f"generation_config ids equal {ok_gen}; pre-tokenizer {json.dumps(tj['pre_tokenizer'])}"
+    )
     return ok_vocab and ok_merges and ok_ids and ok_template and ok_gen
 
 
@@ -107,8 +135,10 @@ def check_generate(folder: Path) -> bool:
     tok = AutoTokenizer.from_pretrained(str(folder))
     model = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
     msgs = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
-    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
-    out = model.generate(ids, max_new_tokens=30, do_sample=False)[0, ids.shape[1]:]
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)[
+        "input_ids"
+    ]
+    out = model.generate(ids, max_new_tokens=30, do_sample=False)[0, ids.shape[1] :]
     text = tok.decode(out, skip_special_tokens=True)
     print(f"greedy answer ({model.dtype}): {text!r}")
     return text.strip() == "The capital of France is Paris."

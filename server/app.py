@@ -61,8 +61,13 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         ctx.engine = own
         metrics.watch_engine(own)
         ctx.generations = Generations(own, metrics)
-        log.info("serving '%s' (%s engine, %d drafts, flag thresholds %s)",
-                 own.model_name, own.name, own.num_drafts, ctx.thresholds)
+        log.info(
+            "serving '%s' (%s engine, %d drafts, flag thresholds %s)",
+            own.model_name,
+            own.name,
+            own.num_drafts,
+            ctx.thresholds,
+        )
         watchdog = asyncio.get_running_loop().create_task(_watch_engine(app, own))
         try:
             yield
@@ -80,13 +85,21 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(api_router())
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
-    app.add_middleware(AdmissionLimit, max_pending=settings.max_pending_requests,
-                       retry_after_s=settings.retry_after_s, metrics=metrics)
+    app.add_middleware(
+        AdmissionLimit,
+        max_pending=settings.max_pending_requests,
+        retry_after_s=settings.retry_after_s,
+        metrics=metrics,
+    )
     key = settings.api_key.get_secret_value() if settings.api_key else None
     app.add_middleware(ApiKeyGuard, key=key)  # runs before everything above
     if settings.cors_origins:  # off unless configured; outermost, so preflights need no key
-        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
-                           allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
     return app
 
 

@@ -59,8 +59,11 @@ class TargetEntry(_Entry):
     @model_validator(mode="after")
     def _path_or_source(self) -> TargetEntry:
         if (self.path is None) == (self.source is None):
-            raise ValueError("the target needs either a path or a source, not both"
-                             if self.path else "the target needs a path or a source")
+            raise ValueError(
+                "the target needs either a path or a source, not both"
+                if self.path
+                else "the target needs a path or a source"
+            )
         return self
 
 
@@ -146,12 +149,15 @@ def read_manifest(folder: str | Path) -> Manifest:
     except json.JSONDecodeError as exc:
         raise BundleError(f"Bundle manifest '{path}' is malformed: {exc!r}") from exc
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'manifest'}: {e['msg']}"
-                             for e in exc.errors())
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'manifest'}: {e['msg']}" for e in exc.errors()
+        )
         raise BundleError(f"Bundle manifest '{path}' is malformed: {problems}") from exc
     if manifest.schema_version > SCHEMA_VERSION:
-        raise BundleError(f"Bundle manifest '{path}' has schema_version {manifest.schema_version}; "
-                          f"this epispec reads up to {SCHEMA_VERSION}: upgrade epispec.")
+        raise BundleError(
+            f"Bundle manifest '{path}' has schema_version {manifest.schema_version}; "
+            f"this epispec reads up to {SCHEMA_VERSION}: upgrade epispec."
+        )
     return manifest
 
 
@@ -197,8 +203,7 @@ def load_bundle(folder: str | Path | None = None, *, prepare: bool = True) -> Bu
     root = Path(folder) if folder else default_bundle_dir()
     spec = read_manifest(root)
     source = spec.target.source
-    target = (_source_target(source, prepare) if source is not None
-              else (root / spec.target.path).resolve())
+    target = _source_target(source, prepare) if source is not None else (root / spec.target.path).resolve()
     drafts = [(root / d.path).resolve() for d in spec.drafts]
     return Bundle(root.resolve(), spec, target, drafts, source)
 

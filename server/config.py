@@ -56,15 +56,18 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(None, description="bearer token required on every route but /health")
     max_request_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get 413")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
-    cors_origins: list[str] = Field(default_factory=list,
-                                    description="origins allowed cross-origin requests; empty: CORS off")
+    cors_origins: list[str] = Field(
+        default_factory=list, description="origins allowed cross-origin requests; empty: CORS off"
+    )
 
     # --- reliability
     max_pending_requests: int = Field(
-        128, ge=1, description="generation requests in the server at once (running or queued); more get 429")
+        128, ge=1, description="generation requests in the server at once (running or queued); more get 429"
+    )
     retry_after_s: int = Field(1, ge=1, description="the Retry-After (seconds) of a 429")
     shutdown_timeout_s: float = Field(
-        30.0, ge=0, description="on SIGTERM, how long in-flight requests may take to finish")
+        30.0, ge=0, description="on SIGTERM, how long in-flight requests may take to finish"
+    )
 
     # --- request limits and defaults
     default_max_tokens: int = Field(256, ge=1, description="when a request gives no max_tokens")

@@ -156,19 +156,27 @@ class Metrics:
         e = self._engine
         if e is None:
             return
-        yield GaugeMetricFamily("epispec_engine_requests", "Requests holding engine state.",
-                                value=e.num_running())
+        yield GaugeMetricFamily(
+            "epispec_engine_requests", "Requests holding engine state.", value=e.num_running()
+        )
         if hasattr(e, "num_joiner_states"):
-            yield GaugeMetricFamily("epispec_eu_joiner_states",
-                                    "Requests holding side-channel records in the API process.",
-                                    value=e.num_joiner_states())
-            yield GaugeMetricFamily("epispec_eu_proposer_states",
-                                    "Requests holding a draft KV slot in the proposer.",
-                                    value=e.num_proposer_states())
+            yield GaugeMetricFamily(
+                "epispec_eu_joiner_states",
+                "Requests holding side-channel records in the API process.",
+                value=e.num_joiner_states(),
+            )
+            yield GaugeMetricFamily(
+                "epispec_eu_proposer_states",
+                "Requests holding a draft KV slot in the proposer.",
+                value=e.num_proposer_states(),
+            )
         joiner = getattr(e, "joiner", None)
         if joiner is not None:
-            yield CounterMetricFamily("epispec_eu_channel_dropped_messages",
-                                      "Malformed side-channel messages dropped.", value=joiner.dropped)
+            yield CounterMetricFamily(
+                "epispec_eu_channel_dropped_messages",
+                "Malformed side-channel messages dropped.",
+                value=joiner.dropped,
+            )
 
     def collect(self) -> Iterator[Metric]:
         """Our families with the `model` label, then the default registry's non-clashing ones."""
@@ -246,16 +254,12 @@ class RequestTracker:
         (m.running if self.tokens else m.waiting).dec()
         if self.flagged:
             m.flagged_responses.inc()
-        m.requests.labels(
-            endpoint=self.endpoint, status=status or self.finish_reason or "abort"
-        ).inc()
+        m.requests.labels(endpoint=self.endpoint, status=status or self.finish_reason or "abort").inc()
 
     def __enter__(self) -> RequestTracker:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         # an exception other than cancellation (client gone) is an error
-        error = exc_type is not None and not issubclass(
-            exc_type, (asyncio.CancelledError, GeneratorExit)
-        )
+        error = exc_type is not None and not issubclass(exc_type, (asyncio.CancelledError, GeneratorExit))
         self.close("error" if error else None)

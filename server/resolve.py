@@ -15,18 +15,31 @@ from server.engine.factory import EngineArgs
 from server.engine.types import DEFAULT_EU_THRESHOLD, FlagThresholds
 
 # EngineArgs fields that settings and flags carry under the same names
-ENGINE_SETTINGS = ("engine", "num_speculative_tokens", "bias_source", "target_logprobs", "device",
-                   "max_model_len")
+ENGINE_SETTINGS = (
+    "engine",
+    "num_speculative_tokens",
+    "bias_source",
+    "target_logprobs",
+    "device",
+    "max_model_len",
+)
 # vLLM engine arguments passed through unchanged, in vLLM's own names (`--kv-cache-space` is
 # vLLM-CPU's VLLM_CPU_KVCACHE_SPACE)
 VLLM_PASSTHROUGH = (
-    "tensor_parallel_size", "pipeline_parallel_size", "distributed_executor_backend",
-    "gpu_memory_utilization", "dtype", "max_num_seqs", "enforce_eager", "kv_cache_space",
+    "tensor_parallel_size",
+    "pipeline_parallel_size",
+    "distributed_executor_backend",
+    "gpu_memory_utilization",
+    "dtype",
+    "max_num_seqs",
+    "enforce_eager",
+    "kv_cache_space",
 )
 
 
-def resolve_models(target: str | None, drafts: list[str], bundle: str | None
-                   ) -> tuple[str, list[str], Bundle | None]:
+def resolve_models(
+    target: str | None, drafts: list[str], bundle: str | None
+) -> tuple[str, list[str], Bundle | None]:
     """(target, drafts, bundle or None): the given folders, else the bundle's (default: the demo
     bundle). ValueError for a contradiction; BundleError when no bundle is found."""
     if target:
@@ -48,9 +61,13 @@ def engine_args(given, vllm_flags: Mapping[str, Any]) -> tuple[EngineArgs, Bundl
     """EngineArgs (and the bundle they come from, if any) for `given`'s models and engine
     settings, with the vLLM pass-through flags among `vllm_flags`."""
     target, drafts, bundle = resolve_models(given.target, given.drafts, given.bundle)
-    return EngineArgs(target, drafts, model_name=getattr(given, "model_name", None),
-                      vllm_args=vllm_args(vllm_flags),
-                      **{k: getattr(given, k) for k in ENGINE_SETTINGS}), bundle
+    return EngineArgs(
+        target,
+        drafts,
+        model_name=getattr(given, "model_name", None),
+        vllm_args=vllm_args(vllm_flags),
+        **{k: getattr(given, k) for k in ENGINE_SETTINGS},
+    ), bundle
 
 
 def resolve_thresholds(given, calibrated: Mapping[str, float] | None = None) -> FlagThresholds:
@@ -65,5 +82,6 @@ def resolve_thresholds(given, calibrated: Mapping[str, float] | None = None) -> 
             return own
         return float(cal[name]) if cal.get(name) is not None else default
 
-    return FlagThresholds(eu=pick("eu", DEFAULT_EU_THRESHOLD), bias=pick("bias", None),
-                          variance=pick("variance", None))
+    return FlagThresholds(
+        eu=pick("eu", DEFAULT_EU_THRESHOLD), bias=pick("bias", None), variance=pick("variance", None)
+    )

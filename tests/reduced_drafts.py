@@ -36,8 +36,9 @@ def reduced_copy(draft: str | Path, target: str | Path, out: str | Path, ids: li
         state[name] = state[name][sel].clone()
     small.load_state_dict(state)
     small.save_pretrained(str(out), safe_serialization=True)
-    DraftVocab(sel, int(model_config(target)["vocab_size"]), 0,
-               tokenizer_digest(load_tokenizer(target))).save(out)
+    DraftVocab(
+        sel, int(model_config(target)["vocab_size"]), 0, tokenizer_digest(load_tokenizer(target))
+    ).save(out)
     return out
 
 
@@ -45,5 +46,7 @@ def reduced_drafts(tiny: dict, root: str | Path, keep: int | None = None) -> lis
     """Reduced copies of tiny["drafts"] sharing one S (half the vocabulary by default)."""
     vocab = int(model_config(tiny["target"])["vocab_size"])
     ids = kept_ids(vocab, keep or vocab // 2)
-    return [str(reduced_copy(d, tiny["target"], Path(root) / f"reduced{m}", ids))
-            for m, d in enumerate(tiny["drafts"])]
+    return [
+        str(reduced_copy(d, tiny["target"], Path(root) / f"reduced{m}", ids))
+        for m, d in enumerate(tiny["drafts"])
+    ]

@@ -11,8 +11,9 @@ from server.engine.speculative import sampling_probs
 
 
 @torch.inference_mode()
-def assert_pairs_follow_target(counts: collections.Counter, target, ids: list[int],
-                               temperature: float, top_p: float) -> float:
+def assert_pairs_follow_target(
+    counts: collections.Counter, target, ids: list[int], temperature: float, top_p: float
+) -> float:
     """`counts` of (t1, t2) over n seeded requests against n·p̃(t1)·p̃(t2|t1), p̃ the target's
     distribution after temperature and top-p. Pairs with expected count ≥ 10 are tested, the
     rest lumped; a chi-square above dof + 6·sqrt(2·dof) has p < 1e-4. Returns the chi-square."""
@@ -21,8 +22,11 @@ def assert_pairs_follow_target(counts: collections.Counter, target, ids: list[in
     firsts = (p1 > 0).nonzero().flatten().tolist()
     batch = torch.tensor([ids + [t] for t in firsts])
     p2 = sampling_probs(target(input_ids=batch).logits[:, -1], temperature, top_p)  # [F, V]
-    expected = {(t1, t2): (p1[t1] * p2[i, t2]).item() * n
-                for i, t1 in enumerate(firsts) for t2 in (p2[i] > 0).nonzero().flatten().tolist()}
+    expected = {
+        (t1, t2): (p1[t1] * p2[i, t2]).item() * n
+        for i, t1 in enumerate(firsts)
+        for t2 in (p2[i] > 0).nonzero().flatten().tolist()
+    }
     big = [c for c, e in expected.items() if e >= 10]
     assert len(big) >= 3, "the test needs several likely pairs to mean anything"
     obs = [counts[c] for c in big] + [n - sum(counts[c] for c in big)]

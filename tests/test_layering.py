@@ -44,16 +44,33 @@ def offenders(folder: str, forbidden: tuple[str, ...]) -> dict[str, list[str]]:
     return found
 
 
-@pytest.mark.parametrize(("folder", "forbidden"), [
-    ("server/engine", ("server.api", "server.app", "server.commands", "server.cli", "server.config",
-                       "drafts", "measure", "fastapi")),
-    ("server/api", ("server.app", "server.commands", "server.cli", "drafts", "measure")),
-    ("server", ("server.commands", "server.cli", "drafts", "measure")),
-])
+@pytest.mark.parametrize(
+    ("folder", "forbidden"),
+    [
+        (
+            "server/engine",
+            (
+                "server.api",
+                "server.app",
+                "server.commands",
+                "server.cli",
+                "server.config",
+                "drafts",
+                "measure",
+                "fastapi",
+            ),
+        ),
+        ("server/api", ("server.app", "server.commands", "server.cli", "drafts", "measure")),
+        ("server", ("server.commands", "server.cli", "drafts", "measure")),
+    ],
+)
 def test_imports_point_one_way(folder, forbidden):
     if folder == "server":  # the app and everything below it; commands and cli sit on top
-        found = {p: b for p, b in offenders(folder, forbidden).items()
-                 if not p.startswith(("server/commands/", "server/cli.py"))}
+        found = {
+            p: b
+            for p, b in offenders(folder, forbidden).items()
+            if not p.startswith(("server/commands/", "server/cli.py"))
+        }
     else:
         found = offenders(folder, forbidden)
     assert not found, f"imports against the direction commands → app → api → engine: {found}"
@@ -66,16 +83,25 @@ def test_drafts_never_import_measurement():
 def test_the_server_runs_without_the_measure_extra():
     """Importing the app and the serve command pulls in no plotting, progress-bar or
     process-memory library, nor the measurement or training packages."""
-    code = ("import sys, server.cli, server.app, server.commands.serve, server.commands.generate; "
-            "print(' '.join(sorted(sys.modules)))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=ROOT).stdout.split()
+    code = (
+        "import sys, server.cli, server.app, server.commands.serve, server.commands.generate; "
+        "print(' '.join(sorted(sys.modules)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout.split()
     loaded = {m.split(".")[0] for m in out}
-    assert not loaded & {"matplotlib", "measure", "drafts", "psutil"}, loaded & {"matplotlib", "measure", "drafts", "psutil"}
+    assert not loaded & {"matplotlib", "measure", "drafts", "psutil"}, loaded & {
+        "matplotlib",
+        "measure",
+        "drafts",
+        "psutil",
+    }
 
 
 def _module_graph(folder: str) -> dict[str, set[str]]:
     """Module -> the modules of `folder` it imports (at the top or inside a function)."""
+
     def name(path: Path) -> str:
         parts = path.relative_to(ROOT).with_suffix("").parts
         return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -85,8 +111,9 @@ def _module_graph(folder: str) -> dict[str, set[str]]:
     for path in modules(folder):
         named = imports(path)
         # `from a.b import c`: the module a.b.c where it is one, else a.b
-        graph[name(path)] = {n for n in named if n in known and not any(
-            m.startswith(n + ".") and m in named for m in known)}
+        graph[name(path)] = {
+            n for n in named if n in known and not any(m.startswith(n + ".") and m in named for m in known)
+        }
     return graph
 
 
@@ -97,7 +124,7 @@ def test_no_import_cycles_in_the_server():
     def visit(node: str, path: list[str]) -> None:
         for nxt in sorted(graph[node]):
             if nxt in path:
-                cycles.append(path[path.index(nxt):] + [nxt])
+                cycles.append(path[path.index(nxt) :] + [nxt])
             elif nxt not in done:
                 visit(nxt, [*path, nxt])
         done.add(node)

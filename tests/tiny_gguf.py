@@ -36,16 +36,25 @@ def tiny_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(TEXTS, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=SPECIALS[0], bos_token=SPECIALS[1],
-                                   eos_token=SPECIALS[2], pad_token=SPECIALS[2], chat_template=CHAT_TEMPLATE)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token=SPECIALS[0],
+        bos_token=SPECIALS[1],
+        eos_token=SPECIALS[2],
+        pad_token=SPECIALS[2],
+        chat_template=CHAT_TEMPLATE,
+    )
 
 
 def tiny_llama(vocab_size: int, representable: torch.dtype = torch.bfloat16, seed: int = 0):
@@ -54,10 +63,22 @@ def tiny_llama(vocab_size: int, representable: torch.dtype = torch.bfloat16, see
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                         max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=10000.0,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -107,9 +128,17 @@ def write_gguf(path: Path, model, tokenizer, tensor_type: str = "F32") -> Path:
     w.add_add_bos_token(False)
     w.add_chat_template(CHAT_TEMPLATE)
 
-    names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
-             "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down",
-             "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    names = {
+        "q_proj": "attn_q",
+        "k_proj": "attn_k",
+        "v_proj": "attn_v",
+        "o_proj": "attn_output",
+        "gate_proj": "ffn_gate",
+        "up_proj": "ffn_up",
+        "down_proj": "ffn_down",
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+    }
     dt = np.float32 if tensor_type == "F32" else np.float16
     for key, t in model.state_dict().items():
         a = t.float().numpy()
@@ -120,7 +149,9 @@ def write_gguf(path: Path, model, tokenizer, tensor_type: str = "F32") -> Path:
         elif key == "model.norm.weight":
             name = "output_norm.weight"
         else:
-            parts = key.split(".")  # model.layers.{i}.{self_attn|mlp}.{proj}.weight or model.layers.{i}.{norm}.weight
+            parts = key.split(
+                "."
+            )  # model.layers.{i}.{self_attn|mlp}.{proj}.weight or model.layers.{i}.{norm}.weight
             name = f"blk.{parts[2]}.{names[parts[-2]]}.weight"
             if parts[-2] == "q_proj":
                 a = _permute(a, cfg.num_attention_heads)
@@ -141,9 +172,13 @@ def write_wheel(folder: Path, package: str, version: str, files: dict[str, Path]
     info = f"{dist}-{version}.dist-info"
     members = {name: Path(src).read_bytes() for name, src in files.items()}
     members[f"{info}/METADATA"] = f"Metadata-Version: 2.1\nName: {package}\nVersion: {version}\n".encode()
-    members[f"{info}/WHEEL"] = b"Wheel-Version: 1.0\nGenerator: epispec-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
-    record = [f"{n},sha256={base64.urlsafe_b64encode(hashlib.sha256(b).digest()).rstrip(b'=').decode()},{len(b)}"
-              for n, b in members.items()]
+    members[f"{info}/WHEEL"] = (
+        b"Wheel-Version: 1.0\nGenerator: epispec-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+    )
+    record = [
+        f"{n},sha256={base64.urlsafe_b64encode(hashlib.sha256(b).digest()).rstrip(b'=').decode()},{len(b)}"
+        for n, b in members.items()
+    ]
     members[f"{info}/RECORD"] = ("\n".join([*record, f"{info}/RECORD,,"]) + "\n").encode()
     path = folder / f"{dist}-{version}-py3-none-any.whl"
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:

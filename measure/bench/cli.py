@@ -39,9 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("models")
     g.add_argument("--bundle", help="bundle folder (default: the demo bundle)")
     g.add_argument("--target", help="target model folder, instead of a bundle")
-    g.add_argument(
-        "--draft", action="append", default=[], metavar="DIR", help="draft folder (repeat)"
-    )
+    g.add_argument("--draft", action="append", default=[], metavar="DIR", help="draft folder (repeat)")
     g.add_argument(
         "--draft-model",
         metavar="DIR",
@@ -51,8 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     w.add_argument(
         "--quick",
         action="store_true",
-        help=f"small workload (prompts, max tokens, requests/level, EU prompts = {QUICK}; "
-        f"full: {FULL})",
+        help=f"small workload (prompts, max tokens, requests/level, EU prompts = {QUICK}; full: {FULL})",
     )
     w.add_argument(
         "--prompts",
@@ -63,15 +60,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     w.add_argument("--max-tokens", type=int, help="output tokens per request (ignore_eos)")
     w.add_argument("--requests", type=int, help="requests per concurrency level (at least C)")
     w.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], metavar="C")
-    w.add_argument(
-        "--eu-prompts", type=int, help="prompts whose EU is checked against exact values"
-    )
+    w.add_argument("--eu-prompts", type=int, help="prompts whose EU is checked against exact values")
     w.add_argument("--num-speculative-tokens", type=int, default=DEFAULT_NUM_SPECULATIVE_TOKENS, metavar="K")
-    w.add_argument("--prompt-format", choices=["auto", "plain", "chat"], default="auto",
-                   help="questions as 'Question: …\\nAnswer: ' text, or one user turn through the chat "
-                        "template (auto: chat for a pretrained target from `epispec models prepare`)")
     w.add_argument(
-        "--temperatures", type=float, nargs="+", default=[0.0, 0.7, 1.0], metavar="T",
+        "--prompt-format",
+        choices=["auto", "plain", "chat"],
+        default="auto",
+        help="questions as 'Question: …\\nAnswer: ' text, or one user turn through the chat "
+        "template (auto: chat for a pretrained target from `epispec models prepare`)",
+    )
+    w.add_argument(
+        "--temperatures",
+        type=float,
+        nargs="+",
+        default=[0.0, 0.7, 1.0],
+        metavar="T",
         help="sampling temperatures, each run at every concurrency (0 = greedy; the goals are "
         "judged at 0; T > 0 shows acceptance and throughput when sampling; default: 0 0.7 1)",
     )
@@ -105,9 +108,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="vLLM-CPU KV cache (GiB), the same for every vLLM config",
     )
     r.add_argument("--dtype", help="vLLM target dtype for every vLLM config (default: vLLM's auto)")
-    r.add_argument(
-        "--timeout", type=float, default=900, help="seconds per config before it is killed"
-    )
+    r.add_argument("--timeout", type=float, default=900, help="seconds per config before it is killed")
     r.add_argument(
         "--profile",
         metavar="DIR",
@@ -152,23 +153,17 @@ def skip_reason(config: str, drafts: list[str]) -> str | None:
 def run_config(spec: dict, folder: Path, timeout: float) -> tuple[dict | None, str | None]:
     """Run one config's subprocess; (result, None) or (None, reason)."""
     name = spec["config"]
-    spec_path, out_path, log_path = (
-        folder / f"{name}.{x}" for x in ("spec.json", "out.json", "log")
-    )
+    spec_path, out_path, log_path = (folder / f"{name}.{x}" for x in ("spec.json", "out.json", "log"))
     spec_path.write_text(json.dumps(spec))
     cmd = [sys.executable, "-m", "measure.bench.runners", str(spec_path), str(out_path)]
     print(f"epispec bench: running {name} ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     with log_path.open("w") as log:
         try:
-            rc = subprocess.run(
-                cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout
-            ).returncode
+            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
         except subprocess.TimeoutExpired:
             return None, f"timed out after {timeout:.0f} s (log: {log_path})"
-    print(
-        f"epispec bench: {name} took {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True
-    )
+    print(f"epispec bench: {name} took {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     if rc != 0 or not out_path.exists():
         tail = log_path.read_text().strip().splitlines()[-3:]
         return None, f"exit status {rc}: {' / '.join(tail)} (log: {log_path})"
@@ -205,8 +200,9 @@ def run(args: argparse.Namespace) -> int:
                     "config": config,
                     "target": target,
                     "drafts": drafts,
-                    "draft_model": _draft_model(args.draft_model or (drafts[0] if drafts else None),
-                                                target, Path(tmp)),
+                    "draft_model": _draft_model(
+                        args.draft_model or (drafts[0] if drafts else None), target, Path(tmp)
+                    ),
                     "workload": workload.as_dict(),
                     "kv_cache_space": args.kv_cache_space,
                     "dtype": args.dtype,

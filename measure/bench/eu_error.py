@@ -33,7 +33,8 @@ def exact_eu(target: str, drafts: list[str], sequences: list[dict], k: int = 20)
     """Per sequence ({"prompt_ids", "tokens"}): {"eu", "eu_topk", "topk_mass"} of every
     generated token (exact eu, the top-k bound in float32, the target's top-k probability mass)."""
     lms = [models.load_causal_lm(target, "cpu", torch.float32)] + [
-        models.load_draft(p, "cpu", torch.float32) for p in drafts]
+        models.load_draft(p, "cpu", torch.float32) for p in drafts
+    ]
     out = []
     with torch.inference_mode():
         for s in sequences:
@@ -46,9 +47,7 @@ def exact_eu(target: str, drafts: list[str], sequences: list[dict], k: int = 20)
                 top_lp, top_ids = lp.topk(k, -1)  # [n, k]
                 top_eu = decompose_topk(draft_lp, top_ids, top_lp).eu
                 mass = top_lp.exp().sum(-1)
-            out.append(
-                {"eu": exact.tolist(), "eu_topk": top_eu.tolist(), "topk_mass": mass.tolist()}
-            )
+            out.append({"eu": exact.tolist(), "eu_topk": top_eu.tolist(), "topk_mass": mass.tolist()})
     return out
 
 

@@ -64,8 +64,14 @@ def _ms(s):
 
 def _find(runs: list[dict], config: str, c: int, temperature: float = 0.0) -> dict | None:
     """The run of `config` at concurrency c and this temperature (goals are judged greedy)."""
-    return next((r for r in runs if r["config"] == config and r["concurrency"] == c
-                 and r.get("temperature", 0.0) == temperature), None)
+    return next(
+        (
+            r
+            for r in runs
+            if r["config"] == config and r["concurrency"] == c and r.get("temperature", 0.0) == temperature
+        ),
+        None,
+    )
 
 
 def goals(runs: list[dict], eu_error: dict | None) -> list[dict]:
@@ -124,8 +130,7 @@ def goals(runs: list[dict], eu_error: dict | None) -> list[dict]:
 def goals_table(rows: list[dict]) -> str:
     lines = ["| goal | value | bound | met |", "|---|---:|---|---|"]
     lines += [
-        f"| {g['goal']} | {g['value']:.3f} | {g['bound']} | {'yes' if g['met'] else 'no'} |"
-        for g in rows
+        f"| {g['goal']} | {g['value']:.3f} | {g['bound']} | {'yes' if g['met'] else 'no'} |" for g in rows
     ]
     return "\n".join(lines)
 
@@ -170,11 +175,19 @@ def plot(doc: dict, path: str) -> None:
     )
     for ax, (key, label, scale, yscale) in zip(axes, panels, strict=True):
         for cfg, t in series:
-            rs = [r for r in doc["runs"] if (r["config"], r.get("temperature", 0.0)) == (cfg, t)
-                  and r[key] is not None]
-            ax.plot([r["concurrency"] for r in rs], [r[key] * scale for r in rs], marker="o",
-                    linestyle=styles.get(t, "-"), color=colors[cfg],
-                    label=f"{cfg} T={t:g}" if len(styles) > 1 else cfg)
+            rs = [
+                r
+                for r in doc["runs"]
+                if (r["config"], r.get("temperature", 0.0)) == (cfg, t) and r[key] is not None
+            ]
+            ax.plot(
+                [r["concurrency"] for r in rs],
+                [r[key] * scale for r in rs],
+                marker="o",
+                linestyle=styles.get(t, "-"),
+                color=colors[cfg],
+                label=f"{cfg} T={t:g}" if len(styles) > 1 else cfg,
+            )
         ax.set_xscale("log", base=2)
         ax.set_yscale(yscale)
         ax.set_xlabel("concurrency")

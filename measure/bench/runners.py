@@ -35,7 +35,11 @@ Submit = Callable[..., Awaitable[tuple[RequestTiming, dict]]]  # (rid, ids, max_
 
 
 async def run_level(
-    submit: Submit, prompts: list[list[int]], concurrency: int, max_tokens: int, tag: str,
+    submit: Submit,
+    prompts: list[list[int]],
+    concurrency: int,
+    max_tokens: int,
+    tag: str,
     temperature: float = 0.0,
 ) -> tuple[list[RequestTiming], dict, float]:
     """All prompts with at most `concurrency` in flight, sampled at `temperature` (seeded per
@@ -61,12 +65,22 @@ def request_seed(rid: str) -> int:
 
 
 def level_row(
-    config: str, concurrency: int, timings, counters: dict, wall_s: float, peak_rss: int, k: int,
+    config: str,
+    concurrency: int,
+    timings,
+    counters: dict,
+    wall_s: float,
+    peak_rss: int,
+    k: int,
     temperature: float = 0.0,
 ) -> dict:
     """One `runs` entry. Counters: proposed, accepted, draft_passes, rounds (verification steps)."""
-    row = {"config": config, "temperature": temperature, "concurrency": concurrency,
-           **latency_summary(timings, wall_s)}
+    row = {
+        "config": config,
+        "temperature": temperature,
+        "concurrency": concurrency,
+        **latency_summary(timings, wall_s),
+    }
     tokens = row["output_tokens"] or 1
     proposed = counters.get("proposed", 0)
     row["acceptance_rate"] = counters["accepted"] / proposed if proposed else None
@@ -75,9 +89,7 @@ def level_row(
     row["spec_draft_passes_per_token"] = k * counters.get("spec_rounds", 0) / tokens
     row["target_passes_per_token"] = counters["rounds"] / tokens if "rounds" in counters else None
     # engine-measured time computing bias/variance/eu (epispec, reference)
-    row["eu_ms_per_token"] = (
-        1000 * counters["eu_seconds"] / tokens if "eu_seconds" in counters else None
-    )
+    row["eu_ms_per_token"] = 1000 * counters["eu_seconds"] / tokens if "eu_seconds" in counters else None
     row["peak_rss_bytes"] = peak_rss
     return row
 
@@ -186,14 +198,19 @@ def start_engine(spec: dict):
 
 
 async def engine_request(
-    engine, rid: str, ids: list[int], max_tokens: int, temperature: float = 0.0,
+    engine,
+    rid: str,
+    ids: list[int],
+    max_tokens: int,
+    temperature: float = 0.0,
     events: list | None = None,
 ):
     """One request through `Engine.generate`: timing, counters, and (optionally) its events."""
     from server.engine.types import Finished, SamplingParams
 
-    params = SamplingParams(max_tokens=max_tokens, temperature=temperature,
-                            seed=request_seed(rid), ignore_eos=True)
+    params = SamplingParams(
+        max_tokens=max_tokens, temperature=temperature, seed=request_seed(rid), ignore_eos=True
+    )
     t = RequestTiming(now())
     counters: dict = {}
     async for item in engine.generate(rid, ids, params):
@@ -218,7 +235,8 @@ async def engine_request(
 
 def engine_submit(engine) -> Submit:
     return lambda rid, ids, max_tokens, temperature=0.0: engine_request(
-        engine, rid, ids, max_tokens, temperature)
+        engine, rid, ids, max_tokens, temperature
+    )
 
 
 async def collect_eu(engine, prompts: list[list[int]], max_tokens: int) -> list[dict]:
@@ -252,8 +270,9 @@ async def run_config(spec: dict) -> dict:
 
     def encode(text: str) -> list[int]:
         if w.chat:
-            text = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                           tokenize=False)
+            text = tok.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+            )
             return fit_prompt(tok(text, add_special_tokens=False)["input_ids"], budget)
         return fit_prompt(tok(text, add_special_tokens=True)["input_ids"], budget)
 
@@ -280,18 +299,22 @@ async def run_config(spec: dict) -> dict:
             rss.reset()
             if prof:
                 prof.enable()
-            timings, counters, wall = await run_level(submit, prompts, c, w.max_tokens,
-                                                      f"t{temperature}-c{c}", temperature)
+            timings, counters, wall = await run_level(
+                submit, prompts, c, w.max_tokens, f"t{temperature}-c{c}", temperature
+            )
             if prof:
                 prof.disable()
             if config.startswith("vllm-"):
                 await asyncio.sleep(0.3)  # the last step's stats trail its outputs
                 counters = {key: totals[key] - before[key] for key in totals}
                 counters["draft_passes"] = w.num_speculative_tokens * counters["spec_rounds"]
-            runs.append(level_row(config, c, timings, counters, wall, rss.peak,
-                                  w.num_speculative_tokens, temperature))
-            print(f"[{config}] T={temperature} c={c}: {runs[-1]['output_tokens_per_s']:.1f} tok/s",
-                  file=sys.stderr)
+            runs.append(
+                level_row(config, c, timings, counters, wall, rss.peak, w.num_speculative_tokens, temperature)
+            )
+            print(
+                f"[{config}] T={temperature} c={c}: {runs[-1]['output_tokens_per_s']:.1f} tok/s",
+                file=sys.stderr,
+            )
         if prof:
             from measure.bench import profile
 
@@ -301,9 +324,7 @@ async def run_config(spec: dict) -> dict:
             profile.save(prof, Path(spec["profile"]), f"{config}-api", {"levels": runs})
         eu_tokens = []
         if config == "epispec" and w.eu_prompts:
-            eu_tokens = await collect_eu(
-                engine, [encode(p) for p in w.prompts[: w.eu_prompts]], w.max_tokens
-            )
+            eu_tokens = await collect_eu(engine, [encode(p) for p in w.prompts[: w.eu_prompts]], w.max_tokens)
         if close is not None:
             close()
         else:

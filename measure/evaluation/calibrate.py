@@ -31,7 +31,7 @@ def calibrate(val_scores, val_labels, test_scores, test_labels, fpr: float) -> d
         "score": "eu",
         "threshold": t,
         "method": f"(1 - {fpr}) quantile of eu over correct calculator-result tokens of the validation split "
-                  f"(target false-positive rate {fpr})",
+        f"(target false-positive rate {fpr})",
         "validation": {**precision_recall_at(val_scores, val_labels, t), "tokens": len(val_labels)},
         "test": {**precision_recall_at(test_scores, test_labels, t), "tokens": len(test_labels)},
     }
@@ -40,11 +40,15 @@ def calibrate(val_scores, val_labels, test_scores, test_labels, fpr: float) -> d
 def write_threshold(bundle_dir: str | Path, calibration: dict) -> Path:
     """Set thresholds.eu (and thresholds_calibration) in bundle_dir/bundle.json, other keys kept."""
     manifest = read_manifest(bundle_dir)
-    manifest.thresholds = Thresholds(**{**manifest.thresholds.as_dict(), "eu": round(calibration["threshold"], 6)})
+    manifest.thresholds = Thresholds(
+        **{**manifest.thresholds.as_dict(), "eu": round(calibration["threshold"], 6)}
+    )
     manifest.calibrated = True
-    manifest.thresholds_calibration = clean({  # NaN (undefined precision/recall) -> null
-        "method": calibration["method"],
-        "validation": calibration["validation"],
-        "test": calibration["test"],
-    })
+    manifest.thresholds_calibration = clean(
+        {  # NaN (undefined precision/recall) -> null
+            "method": calibration["method"],
+            "validation": calibration["validation"],
+            "test": calibration["test"],
+        }
+    )
     return write_manifest(bundle_dir, manifest)

@@ -23,30 +23,57 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny models, ~30 questions, < 5 minutes on CPU")
     parser.add_argument("--out", default=None, help="output folder (required unless --report)")
-    parser.add_argument("--report", default=None, metavar="DIR",
-                        help="regenerate DIR/report.md and the README tables from DIR/results.json; run nothing")
-    parser.add_argument("--readme", default=None, metavar="PATH",
-                        help="with --report: splice the tables into PATH between the eval-table markers")
-    parser.add_argument("--data", default=None,
-                        help="GSM8K-format folder/JSONL, a datasets name, or 'synthetic' (default: ../shared/data/gsm8k "
-                             "when present, else synthetic; with --quick: synthetic)")
+    parser.add_argument(
+        "--report",
+        default=None,
+        metavar="DIR",
+        help="regenerate DIR/report.md and the README tables from DIR/results.json; run nothing",
+    )
+    parser.add_argument(
+        "--readme",
+        default=None,
+        metavar="PATH",
+        help="with --report: splice the tables into PATH between the eval-table markers",
+    )
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="GSM8K-format folder/JSONL, a datasets name, or 'synthetic' (default: ../shared/data/gsm8k "
+        "when present, else synthetic; with --quick: synthetic)",
+    )
     parser.add_argument("--work", default=None, help="model folder cache (default OUT/models)")
     parser.add_argument("--ensemble", nargs="+", default=None, metavar="DIR", help="trained ensemble members")
     parser.add_argument("--drafts", nargs="+", default=None, metavar="DIR", help="OSD+DDD drafts (ours)")
     parser.add_argument("--drafts-no-ddd", nargs="+", default=None, metavar="DIR")
     parser.add_argument("--drafts-no-osd", nargs="+", default=None, metavar="DIR")
     g = parser.add_argument_group("recipe overrides")
-    for name, typ in (("train-records", int), ("test-questions", int), ("val-questions", int),
-                      ("target-steps", int), ("draft-steps", int), ("max-new-tokens", int),
-                      ("tokur-samples", int), ("osd", str)):
+    for name, typ in (
+        ("train-records", int),
+        ("test-questions", int),
+        ("val-questions", int),
+        ("target-steps", int),
+        ("draft-steps", int),
+        ("max-new-tokens", int),
+        ("tokur-samples", int),
+        ("osd", str),
+    ):
         g.add_argument(f"--{name}", type=typ, default=None)
     parser.add_argument("--fpr", type=float, default=0.1, help="target false-positive rate of the flag")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
-    parser.add_argument("--calibrate-bundle", default=None, metavar="DIR",
-                        help="write the calibrated eu threshold into DIR/bundle.json")
-    parser.add_argument("--calibrate-only", action="store_true",
-                        help="with --calibrate-bundle: calibrate that bundle's own target and drafts, nothing else")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy machine)")
+    parser.add_argument(
+        "--calibrate-bundle",
+        default=None,
+        metavar="DIR",
+        help="write the calibrated eu threshold into DIR/bundle.json",
+    )
+    parser.add_argument(
+        "--calibrate-only",
+        action="store_true",
+        help="with --calibrate-bundle: calibrate that bundle's own target and drafts, nothing else",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy machine)"
+    )
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -99,14 +126,27 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rec = recipe.with_overrides(
-        recipe.QUICK if args.quick else recipe.FULL, train_records=args.train_records,
-        test_questions=args.test_questions, val_questions=args.val_questions, target_steps=args.target_steps,
-        draft_steps=args.draft_steps, max_new_tokens=args.max_new_tokens, tokur_samples=args.tokur_samples,
-        osd=args.osd)
+        recipe.QUICK if args.quick else recipe.FULL,
+        train_records=args.train_records,
+        test_questions=args.test_questions,
+        val_questions=args.val_questions,
+        target_steps=args.target_steps,
+        draft_steps=args.draft_steps,
+        max_new_tokens=args.max_new_tokens,
+        tokur_samples=args.tokur_samples,
+        osd=args.osd,
+    )
     opts = pipeline.Options(
-        recipe=rec, out=out, data=_data(args.data, args.quick), work=Path(args.work) if args.work else out / "models",
-        ensemble=args.ensemble, fpr=args.fpr, bootstrap=args.bootstrap, progress=not args.no_progress,
-        draft_sets={"ours": args.drafts, "no_ddd": args.drafts_no_ddd, "no_osd": args.drafts_no_osd})
+        recipe=rec,
+        out=out,
+        data=_data(args.data, args.quick),
+        work=Path(args.work) if args.work else out / "models",
+        ensemble=args.ensemble,
+        fpr=args.fpr,
+        bootstrap=args.bootstrap,
+        progress=not args.no_progress,
+        draft_sets={"ours": args.drafts, "no_ddd": args.drafts_no_ddd, "no_osd": args.drafts_no_osd},
+    )
     if args.calibrate_only:
         if not args.calibrate_bundle:
             print("epispec eval: --calibrate-only needs --calibrate-bundle DIR.", file=sys.stderr)
@@ -122,7 +162,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         results = pipeline.run(opts)
         if args.calibrate_bundle and "threshold" in results["calibration"]:
-            results["calibration"]["written_to"] = str(write_threshold(args.calibrate_bundle, results["calibration"]))
+            results["calibration"]["written_to"] = str(
+                write_threshold(args.calibrate_bundle, results["calibration"])
+            )
     except (ValueError, FileNotFoundError, ModelFolderError) as exc:
         print(f"epispec eval: {exc}", file=sys.stderr)
         return 2
@@ -131,8 +173,10 @@ def run(args: argparse.Namespace) -> int:
     results["command"] = command
     report.write_json(results, out / "results.json")
     (out / "report.md").write_text(report.markdown(results, command, files))
-    print(f"wrote {out / 'results.json'}, {out / 'report.md'} and {len(files)} plots "
-          f"(RMSE ours {results['rmse']['ours']:.4f}, reduction vs best baseline "
-          f"{100 * results['rmse_reduction_vs_best_baseline']:.1f}%, AUROC eu {results['auroc']['eu']:.3f} "
-          f"tokur {results['auroc']['tokur']:.3f})")
+    print(
+        f"wrote {out / 'results.json'}, {out / 'report.md'} and {len(files)} plots "
+        f"(RMSE ours {results['rmse']['ours']:.4f}, reduction vs best baseline "
+        f"{100 * results['rmse_reduction_vs_best_baseline']:.1f}%, AUROC eu {results['auroc']['eu']:.3f} "
+        f"tokur {results['auroc']['tokur']:.3f})"
+    )
     return 0

@@ -37,8 +37,13 @@ class Correction:
         return np.maximum(raw, 0.0)
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "params": dict(self.params), "fitted_on": "validation",
-                "validation_tokens": self.validation_tokens, "validation_rmse": dict(self.validation_rmse)}
+        return {
+            "kind": self.kind,
+            "params": dict(self.params),
+            "fitted_on": "validation",
+            "validation_tokens": self.validation_tokens,
+            "validation_rmse": dict(self.validation_rmse),
+        }
 
 
 def fit_offset(eu: np.ndarray, truth: np.ndarray) -> float:
@@ -82,11 +87,15 @@ def fit_corrections(bias: np.ndarray, variance: np.ndarray, truth: np.ndarray) -
     """Both corrections from validation tokens: ours.bias, ours.variance and EU* (each [T])."""
     bias, variance, truth = (np.asarray(a, dtype=np.float64) for a in (bias, variance, truth))
     if not len(truth) or not bias.shape == variance.shape == truth.shape:
-        raise ValueError(f"validation arrays must be non-empty and of one shape, got "
-                         f"{bias.shape}, {variance.shape}, {truth.shape}")
+        raise ValueError(
+            f"validation arrays must be non-empty and of one shape, got "
+            f"{bias.shape}, {variance.shape}, {truth.shape}"
+        )
     out = {}
-    for name, c in (("ours_offset", Correction("offset", {"c": fit_offset(bias + variance, truth)}, len(truth))),
-                    ("ours_fit", Correction("fit", fit_combination(bias, variance, truth), len(truth)))):
+    for name, c in (
+        ("ours_offset", Correction("offset", {"c": fit_offset(bias + variance, truth)}, len(truth))),
+        ("ours_fit", Correction("fit", fit_combination(bias, variance, truth), len(truth))),
+    ):
         rmse = {"before": _rmse(bias + variance, truth), "after": _rmse(c.apply(bias, variance), truth)}
         out[name] = Correction(c.kind, c.params, c.validation_tokens, rmse)
     return out

@@ -20,10 +20,19 @@ import numpy as np
 from measure.evaluation import metrics
 from measure.evaluation.correction import Correction
 
-ESTIMATES = {"ours": "ours.eu", "ours_offset": "ours_offset.eu", "ours_fit": "ours_fit.eu",
-             "no_ddd": "no_ddd.eu", "no_osd": "no_osd.eu", "single_draft": "single.bias",
-             "variance_only": "ours.variance", "tokur": "tokur", "mc_dropout": "mc_dropout",
-             "constant_zero": "constant_zero", "constant_val_mean": "constant_val_mean"}
+ESTIMATES = {
+    "ours": "ours.eu",
+    "ours_offset": "ours_offset.eu",
+    "ours_fit": "ours_fit.eu",
+    "no_ddd": "no_ddd.eu",
+    "no_osd": "no_osd.eu",
+    "single_draft": "single.bias",
+    "variance_only": "ours.variance",
+    "tokur": "tokur",
+    "mc_dropout": "mc_dropout",
+    "constant_zero": "constant_zero",
+    "constant_val_mean": "constant_val_mean",
+}
 OURS_VARIANTS = ("ours", "ours_offset", "ours_fit")
 BASELINES = tuple(m for m in ESTIMATES if m not in OURS_VARIANTS)
 CI_METRICS = ("rmse", "rmse_top_decile", "spearman", "pearson")  # each gets a bootstrap 95% CI
@@ -66,8 +75,10 @@ def estimation(tokens: dict[str, np.ndarray], n_boot: int, seed: int = 0) -> dic
     truth = tokens["ensemble"]
     est = {m: tokens[k] for m, k in ESTIMATES.items()}
     point = _point(est, truth)
-    boot = [_point({m: e[idx] for m, e in est.items()}, truth[idx])
-            for idx in metrics.resamples(len(truth), n_boot, seed)]
+    boot = [
+        _point({m: e[idx] for m, e in est.items()}, truth[idx])
+        for idx in metrics.resamples(len(truth), n_boot, seed)
+    ]
 
     def ci(metric: str, m: str) -> list[float]:
         return list(metrics.percentile_interval([b[metric][m] for b in boot]))
@@ -79,8 +90,10 @@ def estimation(tokens: dict[str, np.ndarray], n_boot: int, seed: int = 0) -> dic
     out["scale_slope"], out["scale_intercept"] = {}, {}
     for m, e in est.items():
         out["scale_slope"][m], out["scale_intercept"][m] = metrics.scale_fit(e, truth)
-    out["spearman_gap_vs_ours"] = {m: {"value": v, "ci95": ci("spearman_gap_vs_ours", m)}
-                                   for m, v in point["spearman_gap_vs_ours"].items()}
+    out["spearman_gap_vs_ours"] = {
+        m: {"value": v, "ci95": ci("spearman_gap_vs_ours", m)}
+        for m, v in point["spearman_gap_vs_ours"].items()
+    }
     return out
 
 
@@ -93,7 +106,10 @@ def reductions(rmse: dict[str, float]) -> dict:
     best perturbation baseline (TokUR, MC dropout)."""
     best = min(BASELINES, key=rmse.get)
     best_ext = min(("tokur", "mc_dropout"), key=rmse.get)
-    return {"rmse_reduction_vs_best_baseline": 1 - rmse["ours"] / rmse[best], "best_baseline": best,
-            "rmse_reduction_vs_best_external_baseline": 1 - rmse["ours"] / rmse[best_ext],
-            "best_external_baseline": best_ext,
-            "rmse_reduction_vs_best_baseline_by_variant": {v: 1 - rmse[v] / rmse[best] for v in OURS_VARIANTS}}
+    return {
+        "rmse_reduction_vs_best_baseline": 1 - rmse["ours"] / rmse[best],
+        "best_baseline": best,
+        "rmse_reduction_vs_best_external_baseline": 1 - rmse["ours"] / rmse[best_ext],
+        "best_external_baseline": best_ext,
+        "rmse_reduction_vs_best_baseline_by_variant": {v: 1 - rmse[v] / rmse[best] for v in OURS_VARIANTS},
+    }

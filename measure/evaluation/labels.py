@@ -20,9 +20,15 @@ import re
 from dataclasses import dataclass
 from fractions import Fraction
 
-_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
-           ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod,
-           ast.Pow: operator.pow}
+_BINOPS = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
+}
 _MAX_EXPONENT = 64
 _ANNOTATION = re.compile(r"<<([^<>=]*)=([^<>]*?)>>")
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
@@ -56,8 +62,11 @@ class _Unsupported(Exception):
 
 
 def _value(node: ast.AST) -> Fraction:
-    if isinstance(node, ast.Constant) and isinstance(node.value, int | float) \
-            and not isinstance(node.value, bool):
+    if (
+        isinstance(node, ast.Constant)
+        and isinstance(node.value, int | float)
+        and not isinstance(node.value, bool)
+    ):
         return Fraction(str(node.value))
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
         v = _value(node.operand)
@@ -111,7 +120,7 @@ def final_answer(text: str) -> Fraction | None:
     cut = text.rfind("####")
     if cut < 0:
         return None
-    m = _NUMBER.search(text[cut + 4:].split("\n")[0])
+    m = _NUMBER.search(text[cut + 4 :].split("\n")[0])
     return parse_number(m.group(0)) if m else None
 
 

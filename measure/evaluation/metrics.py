@@ -145,8 +145,9 @@ def precision_recall_at(scores, labels, threshold: float) -> dict:
     }
 
 
-def bootstrap_ci(metric: Callable[..., float], *arrays, n: int = 1000, level: float = 0.95,
-                 seed: int = 0) -> tuple[float, float]:
+def bootstrap_ci(
+    metric: Callable[..., float], *arrays, n: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
     """Percentile interval of `metric(*resampled arrays)` over n resamples of the items.
     Resamples where the metric is undefined (NaN) are skipped."""
     arrs = [np.asarray(a) for a in arrays]

@@ -31,8 +31,21 @@ def _colours(names: list[str]) -> dict[str, str]:
     from measure.evaluation.estimation import OURS_VARIANTS
 
     greens = iter(["tab:green", "yellowgreen", "darkgreen"])
-    others = iter(["tab:blue", "tab:orange", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:cyan",
-                   "tab:gray", "tab:olive", "black"] * 2)
+    others = iter(
+        [
+            "tab:blue",
+            "tab:orange",
+            "tab:red",
+            "tab:purple",
+            "tab:brown",
+            "tab:pink",
+            "tab:cyan",
+            "tab:gray",
+            "tab:olive",
+            "black",
+        ]
+        * 2
+    )
     return {n: next(greens) if n in OURS_VARIANTS else next(others) for n in names}
 
 
@@ -54,12 +67,19 @@ def write_plots(results: dict, out: Path) -> list[str]:
     names = list(ESTIMATES)
     colour = _colours(names)
 
-    panels = [("rmse", "RMSE vs EU* (nats)"), ("rmse_top_decile", "RMSE, top decile of EU* (nats)"),
-              ("spearman", "Spearman with EU*")]
+    panels = [
+        ("rmse", "RMSE vs EU* (nats)"),
+        ("rmse_top_decile", "RMSE, top decile of EU* (nats)"),
+        ("spearman", "Spearman with EU*"),
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
     for ax, (metric, label) in zip(axes, panels, strict=True):
-        vals = np.array([np.nan if results[metric][n] is None else results[metric][n] for n in names], dtype=float)
-        ci = np.array([[np.nan if c is None else c for c in results[f"{metric}_ci95"][n]] for n in names], dtype=float)
+        vals = np.array(
+            [np.nan if results[metric][n] is None else results[metric][n] for n in names], dtype=float
+        )
+        ci = np.array(
+            [[np.nan if c is None else c for c in results[f"{metric}_ci95"][n]] for n in names], dtype=float
+        )
         err = np.nan_to_num(np.abs(np.stack([vals - ci[:, 0], ci[:, 1] - vals])))
         ax.barh(names, np.nan_to_num(vals), xerr=err, color=[colour[n] for n in names])
         ax.invert_yaxis()
@@ -90,7 +110,7 @@ def write_plots(results: dict, out: Path) -> list[str]:
         ax.scatter(truth, both[ESTIMATES[n]], s=3, alpha=0.3, color=colour[n])
         ax.plot([0, top], [0, top], "k--", lw=1)  # top = max EU*, from the decile plot
         ax.set_title(f"{n}: RMSE {results['rmse'][n]:.3f}", fontsize=9)
-    for ax in axes.flat[len(names):]:
+    for ax in axes.flat[len(names) :]:
         ax.set_visible(False)
     for ax in axes[-1]:
         ax.set_xlabel("EU* (ensemble MI)")

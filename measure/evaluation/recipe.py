@@ -44,19 +44,43 @@ class Recipe:
 
 
 QUICK = Recipe(
-    name="quick", train_records=800, val_questions=20, test_questions=30, vocab_size=512,
+    name="quick",
+    train_records=800,
+    val_questions=20,
+    test_questions=30,
+    vocab_size=512,
     target_shape=LMShape(hidden=128, layers=2, heads=2, intermediate=256, max_positions=512),
     draft_shape=LMShape(hidden=64, layers=1, heads=1, intermediate=128, max_positions=512),
-    ensemble=5, drafts=4, target_steps=100, draft_steps=100, batch_size=16, seq_len=128,
-    osd="ensemble", max_new_tokens=96, tokur_samples=5, tokur_noise=(0.1, 0.3),
+    ensemble=5,
+    drafts=4,
+    target_steps=100,
+    draft_steps=100,
+    batch_size=16,
+    seq_len=128,
+    osd="ensemble",
+    max_new_tokens=96,
+    tokur_samples=5,
+    tokur_noise=(0.1, 0.3),
 )
 FULL = Recipe(  # sized for ~20-30 minutes on 2 busy CPU cores; the demo bundle's 256-wide target
     # costs ~15 minutes per model here, so a 5-member ensemble of it does not fit an hour
-    name="full", train_records=7373, val_questions=50, test_questions=100, vocab_size=1024,
+    name="full",
+    train_records=7373,
+    val_questions=50,
+    test_questions=100,
+    vocab_size=1024,
     target_shape=LMShape(hidden=128, layers=2, heads=2, intermediate=256, max_positions=512),
     draft_shape=LMShape(hidden=64, layers=1, heads=1, intermediate=128, max_positions=512),
-    ensemble=5, drafts=4, target_steps=400, draft_steps=400, batch_size=16, seq_len=128,
-    osd="ensemble", max_new_tokens=160, tokur_samples=5, tokur_noise=(0.05, 0.1, 0.2, 0.4),
+    ensemble=5,
+    drafts=4,
+    target_steps=400,
+    draft_steps=400,
+    batch_size=16,
+    seq_len=128,
+    osd="ensemble",
+    max_new_tokens=160,
+    tokur_samples=5,
+    tokur_noise=(0.05, 0.1, 0.2, 0.4),
 )
 RECIPES = {"quick": QUICK, "full": FULL}
 
@@ -76,21 +100,37 @@ class ModelPaths:
         return self.ensemble[0]
 
     def as_dict(self) -> dict:
-        return {"target": str(self.target), "ensemble": [str(p) for p in self.ensemble],
-                "draft_sets": {k: [str(p) for p in v] for k, v in self.draft_sets.items()}}
+        return {
+            "target": str(self.target),
+            "ensemble": [str(p) for p in self.ensemble],
+            "draft_sets": {k: [str(p) for p in v] for k, v in self.draft_sets.items()},
+        }
 
 
 DRAFT_SETS = ("ours", "no_ddd", "no_osd")
 
 
 def _options(recipe: Recipe, steps: int, progress: bool) -> RunOptions:
-    return RunOptions(steps=steps, batch_size=recipe.batch_size, seq_len=recipe.seq_len, lr=recipe.lr,
-                      checkpoint_every=0, progress=progress)
+    return RunOptions(
+        steps=steps,
+        batch_size=recipe.batch_size,
+        seq_len=recipe.seq_len,
+        lr=recipe.lr,
+        checkpoint_every=0,
+        progress=progress,
+    )
 
 
-def prepare(recipe: Recipe, texts: list[str], corpus: dict, work: Path, *,
-            ensemble: list[str] | None = None, draft_sets: dict[str, list[str]] | None = None,
-            progress: bool = True) -> ModelPaths:
+def prepare(
+    recipe: Recipe,
+    texts: list[str],
+    corpus: dict,
+    work: Path,
+    *,
+    ensemble: list[str] | None = None,
+    draft_sets: dict[str, list[str]] | None = None,
+    progress: bool = True,
+) -> ModelPaths:
     """Train (or reuse) every model the evaluation needs under `work`."""
     given = {k: [Path(p) for p in v] for k, v in (draft_sets or {}).items() if v}
     if ensemble:
@@ -100,8 +140,15 @@ def prepare(recipe: Recipe, texts: list[str], corpus: dict, work: Path, *,
         tok_dir = work / "tokenizer"
         if not (tok_dir / "tokenizer.json").exists():
             train_tokenizer(texts, recipe.vocab_size, tok_dir)
-        members = train_ensemble(texts, corpus, tok_dir, work / "ensemble", recipe.ensemble,
-                                 recipe.target_shape, _options(recipe, recipe.target_steps, progress))
+        members = train_ensemble(
+            texts,
+            corpus,
+            tok_dir,
+            work / "ensemble",
+            recipe.ensemble,
+            recipe.target_shape,
+            _options(recipe, recipe.target_steps, progress),
+        )
     target = members[0]
     settings = {
         "ours": DistillSettings(drafts=recipe.drafts, osd=recipe.osd, ddd=True),
@@ -116,6 +163,13 @@ def prepare(recipe: Recipe, texts: list[str], corpus: dict, work: Path, *,
         s = settings[name]
         if s.osd == "ensemble":
             s = replace(s, ensemble=tuple(str(m) for m in members))
-        sets[name] = distill_drafts(texts, corpus, target, work / f"drafts_{name}", s, recipe.draft_shape,
-                                    _options(recipe, recipe.draft_steps, progress))
+        sets[name] = distill_drafts(
+            texts,
+            corpus,
+            target,
+            work / f"drafts_{name}",
+            s,
+            recipe.draft_shape,
+            _options(recipe, recipe.draft_steps, progress),
+        )
     return ModelPaths(Path(tok_dir), list(members), sets)

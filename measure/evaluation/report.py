@@ -52,11 +52,16 @@ START, END = "<!-- eval-table:start -->", "<!-- eval-table:end -->"
 
 def estimation_table(r: dict) -> list[str]:
     """Every method against EU*, test tokens (reference solutions and own generations)."""
-    lines = ["| method | RMSE [95% CI] | top-decile RMSE [95% CI] | Spearman [95% CI] | Pearson [95% CI] "
-             "| slope | intercept |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | RMSE [95% CI] | top-decile RMSE [95% CI] | Spearman [95% CI] | Pearson [95% CI] "
+        "| slope | intercept |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for m in r["rmse"]:
         cells = [_vci(r[k][m], r[f"{k}_ci95"][m]) for k in ("rmse", "rmse_top_decile", "spearman", "pearson")]
-        lines.append(f"| {m} | {' | '.join(cells)} | {_g(r['scale_slope'][m])} | {_g(r['scale_intercept'][m])} |")
+        lines.append(
+            f"| {m} | {' | '.join(cells)} | {_g(r['scale_slope'][m])} | {_g(r['scale_intercept'][m])} |"
+        )
     return lines
 
 
@@ -64,30 +69,47 @@ def estimation_notes(r: dict) -> list[str]:
     red = r["rmse_reduction_vs_best_baseline_by_variant"]
     gap = r["spearman_gap_vs_ours"]
     cb = r["constant_baselines"]["constant_val_mean"]
-    corr = "; ".join(f"`{m}` ({c['kind']}) " + ", ".join(f"{k} = {_g(v)}" for k, v in c["params"].items())
-                     + f" (validation RMSE {_f(c['validation_rmse']['before'])} → {_f(c['validation_rmse']['after'])})"
-                     for m, c in r["corrections"].items())
-    return [f"EU* on these tokens: mean {_f(r['eu_star']['mean'], 4)}, std {_f(r['eu_star']['std'], 4)}, top decile "
-            f"≥ {_f(r['eu_star']['top_decile_threshold'], 4)}. slope/intercept: least squares EU* ≈ slope · estimate "
-            "+ intercept (1 and 0 for a calibrated scale; n/a for a constant, which ranks nothing).", "",
-            f"RMSE reduction vs the best baseline ({r['best_baseline']}; every method but ours and its corrections, "
-            "the constants included): " + ", ".join(f"{v} **{_f(100 * x, 1)}%**" for v, x in red.items()) + ".", "",
-            "Spearman(ours) − Spearman(method), paired bootstrap 95% CI: "
-            + ", ".join(f"{m} {_vci(g['value'], g['ci95'])}" for m, g in gap.items() if _f(g["value"]) != "n/a")
-            + " (undefined for the constants).", "",
-            f"Fitted on validation ({cb['validation_tokens']} tokens) only, applied to test: `constant_val_mean` = "
-            f"{_f(cb['value'], 4)}; {corr}."]
+    corr = "; ".join(
+        f"`{m}` ({c['kind']}) "
+        + ", ".join(f"{k} = {_g(v)}" for k, v in c["params"].items())
+        + f" (validation RMSE {_f(c['validation_rmse']['before'])} → {_f(c['validation_rmse']['after'])})"
+        for m, c in r["corrections"].items()
+    )
+    return [
+        f"EU* on these tokens: mean {_f(r['eu_star']['mean'], 4)}, std {_f(r['eu_star']['std'], 4)}, top decile "
+        f"≥ {_f(r['eu_star']['top_decile_threshold'], 4)}. slope/intercept: least squares EU* ≈ slope · estimate "
+        "+ intercept (1 and 0 for a calibrated scale; n/a for a constant, which ranks nothing).",
+        "",
+        f"RMSE reduction vs the best baseline ({r['best_baseline']}; every method but ours and its corrections, "
+        "the constants included): " + ", ".join(f"{v} **{_f(100 * x, 1)}%**" for v, x in red.items()) + ".",
+        "",
+        "Spearman(ours) − Spearman(method), paired bootstrap 95% CI: "
+        + ", ".join(f"{m} {_vci(g['value'], g['ci95'])}" for m, g in gap.items() if _f(g["value"]) != "n/a")
+        + " (undefined for the constants).",
+        "",
+        f"Fitted on validation ({cb['validation_tokens']} tokens) only, applied to test: `constant_val_mean` = "
+        f"{_f(cb['value'], 4)}; {corr}.",
+    ]
 
 
 def detection_table(r: dict, compute: bool = True) -> list[str]:
     head = "| score | AUROC [95% CI] | AUPRC [95% CI] | PRR [95% CI] |"
-    lines = [head + (" added target passes / token | added params / token | decode wall ratio |" if compute else ""),
-             "|---|---|---|---|" + ("---|---|---|" if compute else "")]
+    lines = [
+        head
+        + (" added target passes / token | added params / token | decode wall ratio |" if compute else ""),
+        "|---|---|---|---|" + ("---|---|---|" if compute else ""),
+    ]
     for s in r["auroc"]:
-        row = "| " + " | ".join([s] + [_vci(r[k][s], r[f"{k}_ci95"][s]) for k in ("auroc", "auprc", "prr")]) + " |"
+        row = (
+            "| "
+            + " | ".join([s] + [_vci(r[k][s], r[f"{k}_ci95"][s]) for k in ("auroc", "auprc", "prr")])
+            + " |"
+        )
         if compute:
             c = r["compute"]["per_score"][s]
-            row += f" {c['target_passes']} | {_f(c['parameter_ratio'], 3)} | {_f(c['decode_wall_ratio'], 3)} |"
+            row += (
+                f" {c['target_passes']} | {_f(c['parameter_ratio'], 3)} | {_f(c['decode_wall_ratio'], 3)} |"
+            )
         lines.append(row)
     return lines
 
@@ -95,14 +117,22 @@ def detection_table(r: dict, compute: bool = True) -> list[str]:
 def readme_block(r: dict, source: str) -> str:
     """The README's tables for the results at `source` (a results.json path, as written in the block)."""
     d, tl = r["data"], r["token_labels"]
-    lines = [START, f"<!-- generated from {source} by `epispec eval --report {Path(source).parent} --readme "
-             "README.md`; edit the code in measure/evaluation/report.py, not this block -->", "",
-             f"`{r['command']}` — {d['source']} data, {sum(d['test_tokens'].values()):,} test tokens "
-             f"({d['test_questions']} questions), {sum(d['validation_tokens'].values()):,} validation tokens "
-             f"({d['validation_questions']} questions); {r['seconds']['total']:.0f} s wall.", ""]
+    lines = [
+        START,
+        f"<!-- generated from {source} by `epispec eval --report {Path(source).parent} --readme "
+        "README.md`; edit the code in measure/evaluation/report.py, not this block -->",
+        "",
+        f"`{r['command']}` — {d['source']} data, {sum(d['test_tokens'].values()):,} test tokens "
+        f"({d['test_questions']} questions), {sum(d['validation_tokens'].values()):,} validation tokens "
+        f"({d['validation_questions']} questions); {r['seconds']['total']:.0f} s wall.",
+        "",
+    ]
     lines += estimation_table(r) + [""] + estimation_notes(r) + [""]
-    lines += [f"Hallucination detection, token level ({tl['tokens']} labelled calculator-result tokens, "
-              f"{tl['wrong']} wrong; a constant score has AUROC 0.5, AUPRC {_f(tl['base_rate'])}, PRR 0):", ""]
+    lines += [
+        f"Hallucination detection, token level ({tl['tokens']} labelled calculator-result tokens, "
+        f"{tl['wrong']} wrong; a constant score has AUROC 0.5, AUPRC {_f(tl['base_rate'])}, PRR 0):",
+        "",
+    ]
     lines += detection_table(r, compute=False) + ["", END]
     return "\n".join(lines) + "\n"
 
@@ -114,14 +144,16 @@ def _find(text: str) -> re.Match:
     """The one block whose markers stand on lines of their own (quoted markers in prose don't count)."""
     found = list(_BLOCK.finditer(text))
     if len(found) != 1:
-        raise ValueError(f"expected one {START} … {END} block (markers on lines of their own), found {len(found)}")
+        raise ValueError(
+            f"expected one {START} … {END} block (markers on lines of their own), found {len(found)}"
+        )
     return found[0]
 
 
 def splice(text: str, block: str) -> str:
     """`text` with its eval-table block (markers included) replaced by `block`."""
     m = _find(text)
-    return text[: m.start()] + block.rstrip("\n") + text[m.end():]
+    return text[: m.start()] + block.rstrip("\n") + text[m.end() :]
 
 
 def current_block(text: str) -> str:
@@ -129,43 +161,82 @@ def current_block(text: str) -> str:
 
 
 def markdown(r: dict, command: str, plots: list[str]) -> str:
-    lines = [f"# epispec evaluation ({r['recipe']['name']})", "", f"Command: `{command}`", "",
-             f"Data: {r['data']['source']} — {r['data']['train_documents']} training documents, "
-             f"{r['data']['validation_questions']} validation and {r['data']['test_questions']} test questions; "
-             f"scored test tokens {r['data']['test_tokens']}. Ensemble N = {len(r['models']['ensemble'])}, "
-             f"drafts M = {len(r['models']['draft_sets']['ours'])}; parameters target "
-             f"{r['models']['parameters']['target']:,}, draft {r['models']['parameters']['draft']:,.0f}. "
-             f"Wall time {r['seconds']['total']:.0f} s.", "",
-             "## Estimates of EU* (deep-ensemble mutual information), all test tokens", ""]
-    lines += estimation_table(r) + [""] + estimation_notes(r) + ["", "RMSE by condition:", "",
-                                                                 "| method | reference solutions | own generations |",
-                                                                 "|---|---|---|"]
+    lines = [
+        f"# epispec evaluation ({r['recipe']['name']})",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Data: {r['data']['source']} — {r['data']['train_documents']} training documents, "
+        f"{r['data']['validation_questions']} validation and {r['data']['test_questions']} test questions; "
+        f"scored test tokens {r['data']['test_tokens']}. Ensemble N = {len(r['models']['ensemble'])}, "
+        f"drafts M = {len(r['models']['draft_sets']['ours'])}; parameters target "
+        f"{r['models']['parameters']['target']:,}, draft {r['models']['parameters']['draft']:,.0f}. "
+        f"Wall time {r['seconds']['total']:.0f} s.",
+        "",
+        "## Estimates of EU* (deep-ensemble mutual information), all test tokens",
+        "",
+    ]
+    lines += (
+        estimation_table(r)
+        + [""]
+        + estimation_notes(r)
+        + [
+            "",
+            "RMSE by condition:",
+            "",
+            "| method | reference solutions | own generations |",
+            "|---|---|---|",
+        ]
+    )
     cond = r["rmse_by_condition"]
     for m in r["rmse"]:
-        lines.append(f"| {m} | {_f(cond.get('reference', {}).get(m), 4)} | {_f(cond.get('generated', {}).get(m), 4)} |")
-    lines += ["", f"Vs the best perturbation baseline ({r['best_external_baseline']}): "
-              f"{_f(100 * r['rmse_reduction_vs_best_external_baseline'], 1)}%.", "",
-              "## Hallucination detection: wrong calculator results (token level)", "",
-              f"Labelled tokens {r['token_labels']['tokens']}, wrong {r['token_labels']['wrong']}.", ""]
+        lines.append(
+            f"| {m} | {_f(cond.get('reference', {}).get(m), 4)} | {_f(cond.get('generated', {}).get(m), 4)} |"
+        )
+    lines += [
+        "",
+        f"Vs the best perturbation baseline ({r['best_external_baseline']}): "
+        f"{_f(100 * r['rmse_reduction_vs_best_external_baseline'], 1)}%.",
+        "",
+        "## Hallucination detection: wrong calculator results (token level)",
+        "",
+        f"Labelled tokens {r['token_labels']['tokens']}, wrong {r['token_labels']['wrong']}.",
+        "",
+    ]
     lines += detection_table(r)
     rl = r["response_level"]
-    lines += ["", f"Response level (final `####` answer; {rl['tokens']} answers, {rl['wrong']} wrong; "
-              "score = mean over the solution's tokens):", "", "| score | AUROC | AUPRC | PRR |", "|---|---|---|---|"]
+    lines += [
+        "",
+        f"Response level (final `####` answer; {rl['tokens']} answers, {rl['wrong']} wrong; "
+        "score = mean over the solution's tokens):",
+        "",
+        "| score | AUROC | AUPRC | PRR |",
+        "|---|---|---|---|",
+    ]
     for s in rl["auroc"]:
         lines.append(f"| {s} | {_f(rl['auroc'][s])} | {_f(rl['auprc'][s])} | {_f(rl['prr'][s])} |")
     t = r["tokur"]
-    lines += ["", f"TokUR-style baseline: S = {t['samples']} low-rank (r = {t['rank']}) perturbations, σ = "
-              f"{t['chosen_noise']} chosen by {t['rule']} among {t['noise_candidates']}.", "",
-              "Compute: eu/bias/variance use the M drafts' passes, which speculative decoding runs anyway "
-              "(0 extra target passes); the ratios above are what they would cost beside plain decoding.", "",
-              "## Calibrated flag threshold", ""]
+    lines += [
+        "",
+        f"TokUR-style baseline: S = {t['samples']} low-rank (r = {t['rank']}) perturbations, σ = "
+        f"{t['chosen_noise']} chosen by {t['rule']} among {t['noise_candidates']}.",
+        "",
+        "Compute: eu/bias/variance use the M drafts' passes, which speculative decoding runs anyway "
+        "(0 extra target passes); the ratios above are what they would cost beside plain decoding.",
+        "",
+        "## Calibrated flag threshold",
+        "",
+    ]
     c = r["calibration"]
     if "error" in c:
         lines.append(f"Not calibrated: {c['error']}")
     else:
-        lines += [f"eu > {_f(c['threshold'], 4)} — {c['method']}.", "",
-                  f"Test: precision {_f(c['test']['precision'])}, recall {_f(c['test']['recall'])}, "
-                  f"false-positive rate {_f(c['test']['false_positive_rate'])} "
-                  f"({c['test']['flagged']} of {c['test']['tokens']} tokens flagged)."]
+        lines += [
+            f"eu > {_f(c['threshold'], 4)} — {c['method']}.",
+            "",
+            f"Test: precision {_f(c['test']['precision'])}, recall {_f(c['test']['recall'])}, "
+            f"false-positive rate {_f(c['test']['false_positive_rate'])} "
+            f"({c['test']['flagged']} of {c['test']['tokens']} tokens flagged).",
+        ]
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"

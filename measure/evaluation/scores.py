@@ -67,7 +67,9 @@ def score_sequence(models: ScoringModels, ids: list[int], start: int) -> dict[st
     out["ensemble"] = mutual_information(ens)
 
     for name, drafts in models.draft_sets.items():
-        q = _timed(models, f"drafts.{name}", lambda d=drafts: forced_member_logprobs(d, ids, start))  # [T, M, V]
+        q = _timed(
+            models, f"drafts.{name}", lambda d=drafts: forced_member_logprobs(d, ids, start)
+        )  # [T, M, V]
         u = decompose(q, p)
         out[f"{name}.eu"], out[f"{name}.bias"], out[f"{name}.variance"] = u.eu, u.bias, u.variance
         if name == models.ours:
@@ -87,5 +89,7 @@ def decode_seconds(model, ids: list[int], start: int) -> float:
     cache = out.past_key_values
     t0 = time.perf_counter()
     for t in range(start, len(ids)):
-        cache = model(input_ids=torch.tensor([[ids[t]]]), past_key_values=cache, use_cache=True).past_key_values
+        cache = model(
+            input_ids=torch.tensor([[ids[t]]]), past_key_values=cache, use_cache=True
+        ).past_key_values
     return time.perf_counter() - t0

@@ -44,9 +44,9 @@ def split_records(data: str | Path | None, recipe) -> tuple[list[dict], list[dic
         return train, val[: recipe.val_questions], test[: recipe.test_questions], "synthetic"
     records = load_records(data, "train")
     train = records[: recipe.train_records]
-    val = records[recipe.train_records: recipe.train_records + recipe.val_questions]
+    val = records[recipe.train_records : recipe.train_records + recipe.val_questions]
     if len(val) < recipe.val_questions:  # all train records used for training: hold out the tail
-        train, val = records[: -recipe.val_questions], records[-recipe.val_questions:]
+        train, val = records[: -recipe.val_questions], records[-recipe.val_questions :]
     test = load_records(data, "test")[: recipe.test_questions]
     return train, val, test, str(data)
 
@@ -56,8 +56,9 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 
 @torch.no_grad()
-def build(records: list[dict], target, tokenizer, max_new_tokens: int, desc: str,
-          chat: bool = False) -> list[Sequence]:
+def build(
+    records: list[dict], target, tokenizer, max_new_tokens: int, desc: str, chat: bool = False
+) -> list[Sequence]:
     """The reference and generated sequences of `records`; `chat`: prompts through the chat template."""
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     out = []
@@ -65,16 +66,33 @@ def build(records: list[dict], target, tokenizer, max_new_tokens: int, desc: str
         if chat:
             prompt, answer = chat_prompt_ids(tokenizer, r["question"]), r["answer"].strip()
         else:
-            prompt, answer = [bos, *_encode(tokenizer, format_prompt(r["question"]).rstrip())], " " + r["answer"].strip()
+            prompt, answer = (
+                [bos, *_encode(tokenizer, format_prompt(r["question"]).rstrip())],
+                " " + r["answer"].strip(),
+            )
         out.append(Sequence(i, "reference", prompt + _encode(tokenizer, answer), len(prompt), answer))
-        gen = target.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                              do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos,
-                              pad_token_id=tokenizer.pad_token_id)[0, len(prompt):].tolist()
+        gen = target.generate(
+            input_ids=torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=tokenizer.pad_token_id,
+        )[0, len(prompt) :].tolist()
         gen = gen[: gen.index(eos)] if eos in gen else gen
         if not gen:
             continue
         pieces = [tokenizer.decode([t]) for t in gen]
         text = "".join(pieces)
-        out.append(Sequence(i, "generated", prompt + gen, len(prompt), text,
-                            token_labels(pieces, 0, text), answer_wrong(text, r["answer"])))
+        out.append(
+            Sequence(
+                i,
+                "generated",
+                prompt + gen,
+                len(prompt),
+                text,
+                token_labels(pieces, 0, text),
+                answer_wrong(text, r["answer"]),
+            )
+        )
     return out

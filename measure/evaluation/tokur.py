@@ -16,8 +16,9 @@ from server.engine.uncertainty import mutual_information
 
 
 class PerturbedTarget:
-    def __init__(self, target, samples: int, *, mode: str = "lowrank", noise: float = 0.1,
-                 rank: int = 4, seed: int = 0) -> None:
+    def __init__(
+        self, target, samples: int, *, mode: str = "lowrank", noise: float = 0.1, rank: int = 4, seed: int = 0
+    ) -> None:
         if samples < 2:
             raise ValueError(f"A perturbation baseline needs at least 2 samples (got {samples}).")
         self.sampler = TeacherSampler(target, mode, noise=noise, rank=rank)
@@ -35,5 +36,9 @@ class PerturbedTarget:
         return mutual_information(self.member_logprobs(input_ids))
 
     def describe(self) -> dict:
-        return {"mode": self.mode, "samples": self.samples, "noise": self.noise,
-                "rank": self.rank if self.mode == "lowrank" else None}
+        return {
+            "mode": self.mode,
+            "samples": self.samples,
+            "noise": self.noise,
+            "rank": self.rank if self.mode == "lowrank" else None,
+        }

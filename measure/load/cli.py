@@ -45,24 +45,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("target")
     g.add_argument("--url", help="a running server on loopback (default: spawn one)")
     g.add_argument("--pid", type=int, help="with --url: the server's pid, to measure its process tree's RSS")
-    g.add_argument("--serve", default="", metavar="FLAGS",
-                   help="flags for the spawned `epispec serve` (one quoted string), e.g. "
-                        "\"--engine vllm --kv-cache-space 2\"")
+    g.add_argument(
+        "--serve",
+        default="",
+        metavar="FLAGS",
+        help="flags for the spawned `epispec serve` (one quoted string), e.g. "
+        '"--engine vllm --kv-cache-space 2"',
+    )
     g.add_argument("--api-key", help="bearer key for the server")
-    g.add_argument("--start-timeout", type=float, default=600, help="seconds for a spawned server to be ready")
+    g.add_argument(
+        "--start-timeout", type=float, default=600, help="seconds for a spawned server to be ready"
+    )
     w = parser.add_argument_group("workload")
     w.add_argument("--concurrency", type=int, default=8, help="clients in parallel (default 8)")
     w.add_argument("--duration", type=float, default=60, help="seconds of load (default 60)")
     w.add_argument("--max-requests", type=int, default=None, help="stop after this many requests")
-    w.add_argument("--warmup", type=float, default=None,
-                   help="seconds before the memory baseline (default: 10%% of --duration, at most 60)")
-    w.add_argument("--max-tokens", type=int, nargs=2, default=(8, 64), metavar=("MIN", "MAX"),
-                   help="max_tokens of each request, drawn uniformly (default 8 64)")
-    w.add_argument("--leave-rate", type=float, default=0.2,
-                   help="share of streams the client leaves after 1-5 events (default 0.2)")
+    w.add_argument(
+        "--warmup",
+        type=float,
+        default=None,
+        help="seconds before the memory baseline (default: 10%% of --duration, at most 60)",
+    )
+    w.add_argument(
+        "--max-tokens",
+        type=int,
+        nargs=2,
+        default=(8, 64),
+        metavar=("MIN", "MAX"),
+        help="max_tokens of each request, drawn uniformly (default 8 64)",
+    )
+    w.add_argument(
+        "--leave-rate",
+        type=float,
+        default=0.2,
+        help="share of streams the client leaves after 1-5 events (default 0.2)",
+    )
     w.add_argument("--request-timeout", type=float, default=300, help="seconds per request (default 300)")
-    w.add_argument("--drain-timeout", type=float, default=60,
-                   help="seconds to wait for the server to return to idle after the load (default 60)")
+    w.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=60,
+        help="seconds to wait for the server to return to idle after the load (default 60)",
+    )
     w.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="FILE", help="also write the report as JSON")
 
@@ -107,8 +131,12 @@ async def _load(args: argparse.Namespace) -> dict:
         report = await _drive(args, url.rstrip("/"), pid)
     finally:
         exit_status = await asyncio.to_thread(stop_server, proc) if proc is not None else None
-    report["server"] = {"url": url, "spawned": proc is not None, "serve_flags": args.serve if proc else None,
-                        "exit_status": exit_status}
+    report["server"] = {
+        "url": url,
+        "spawned": proc is not None,
+        "serve_flags": args.serve if proc else None,
+        "exit_status": exit_status,
+    }
     if proc is not None and exit_status != 0:
         report["passed"] = False
     return report
@@ -116,9 +144,12 @@ async def _load(args: argparse.Namespace) -> dict:
 
 async def _drive(args: argparse.Namespace, url: str, pid: int | None) -> dict:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    limits = httpx.Limits(max_connections=args.concurrency + 4, max_keepalive_connections=args.concurrency + 4)
-    async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits,
-                                 timeout=httpx.Timeout(args.request_timeout, connect=30)) as client:
+    limits = httpx.Limits(
+        max_connections=args.concurrency + 4, max_keepalive_connections=args.concurrency + 4
+    )
+    async with httpx.AsyncClient(
+        base_url=url, headers=headers, limits=limits, timeout=httpx.Timeout(args.request_timeout, connect=30)
+    ) as client:
         model = (await client.get("/v1/models")).json()["data"][0]["id"]
         mix = Mix(max_tokens=tuple(args.max_tokens), leave_rate=args.leave_rate, model=model)
         sampler = MemorySampler(client, pid)
@@ -144,8 +175,9 @@ async def _drive(args: argparse.Namespace, url: str, pid: int | None) -> dict:
     return summarize(outcomes, wall, after, memory_report(sampler.samples, warmup), args)
 
 
-def summarize(outcomes: list[Outcome], wall: float, after: dict, memory: dict,
-              args: argparse.Namespace) -> dict:
+def summarize(
+    outcomes: list[Outcome], wall: float, after: dict, memory: dict, args: argparse.Namespace
+) -> dict:
     results = Counter(o.result for o in outcomes)
     errors = {k: v for k, v in results.items() if k not in EXPECTED}
     done = [o for o in outcomes if o.result == "ok"]
@@ -157,20 +189,29 @@ def summarize(outcomes: list[Outcome], wall: float, after: dict, memory: dict,
     leaked = {k: v for k, v in after.items() if k not in ("eu_channel_dropped", "waited_s") and v != 0}
     n = len(outcomes)
     return {
-        "config": {"concurrency": args.concurrency, "duration_s": args.duration,
-                   "max_requests": args.max_requests, "max_tokens": list(args.max_tokens),
-                   "leave_rate": args.leave_rate, "seed": args.seed},
+        "config": {
+            "concurrency": args.concurrency,
+            "duration_s": args.duration,
+            "max_requests": args.max_requests,
+            "max_tokens": list(args.max_tokens),
+            "leave_rate": args.leave_rate,
+            "seed": args.seed,
+        },
         "wall_s": round(wall, 1),
         "requests": n,
         "requests_per_s": round(n / wall, 2) if wall else None,
         "results": dict(results),
-        "by_kind": {k: dict(Counter(o.result for o in outcomes if o.kind == k))
-                    for k in sorted({o.kind for o in outcomes})},
+        "by_kind": {
+            k: dict(Counter(o.result for o in outcomes if o.kind == k))
+            for k in sorted({o.kind for o in outcomes})
+        },
         "success_rate": round((results["ok"] + results["left"]) / n, 4) if n else None,
         "errors": errors,
         "error_examples": examples,
-        "latency_s": {"p50": percentile([o.latency_s for o in done], 50),
-                      "p99": percentile([o.latency_s for o in done], 99)},
+        "latency_s": {
+            "p50": percentile([o.latency_s for o in done], 50),
+            "p99": percentile([o.latency_s for o in done], 99),
+        },
         "ttft_s": {"p50": percentile(ttft, 50), "p99": percentile(ttft, 99)},
         "after": after,
         "memory": memory,
@@ -193,10 +234,12 @@ def format_report(r: dict) -> str:
         f"after the run: {r['after']}",
     ]
     if mem.get("samples"):
-        lines.append(f"RSS: start {mem['start_mib']:.0f} MiB, after warm-up {mem['after_warmup_mib']:.0f} MiB, "
-                     f"end {mem['end_mib']:.0f} MiB, peak {mem['peak_mib']:.0f} MiB, growth after warm-up "
-                     f"{mem['growth_after_warmup_mib']:+.1f} MiB"
-                     + (f", slope {mem['slope_mib_per_min']:+.2f} MiB/min" if "slope_mib_per_min" in mem else ""))
+        lines.append(
+            f"RSS: start {mem['start_mib']:.0f} MiB, after warm-up {mem['after_warmup_mib']:.0f} MiB, "
+            f"end {mem['end_mib']:.0f} MiB, peak {mem['peak_mib']:.0f} MiB, growth after warm-up "
+            f"{mem['growth_after_warmup_mib']:+.1f} MiB"
+            + (f", slope {mem['slope_mib_per_min']:+.2f} MiB/min" if "slope_mib_per_min" in mem else "")
+        )
     for kind, example in r["error_examples"].items():
         lines.append(f"  e.g. {kind}: {example}")
     if "server" in r:

@@ -92,13 +92,13 @@ def _answer(kind: str, r: httpx.Response, start: float) -> Outcome:
     return Outcome(kind, "ok" if ok else "bad_body", took, detail="" if ok else r.text[:200])
 
 
-async def _stream(client: httpx.AsyncClient, kind: str, path: str, body: dict,
-                  leave_after: int | None, start: float) -> Outcome:
+async def _stream(
+    client: httpx.AsyncClient, kind: str, path: str, body: dict, leave_after: int | None, start: float
+) -> Outcome:
     async with client.stream("POST", path, json=body) as r:
         if r.status_code != 200:
             await r.aread()
-            return Outcome(kind, _http_error(r.status_code), time.perf_counter() - start,
-                           detail=r.text[:200])
+            return Outcome(kind, _http_error(r.status_code), time.perf_counter() - start, detail=r.text[:200])
         ttft, events, finished = None, 0, False
         async for line in r.aiter_lines():
             if not line.startswith("data: "):
@@ -109,8 +109,13 @@ async def _stream(client: httpx.AsyncClient, kind: str, path: str, body: dict,
                 break
             event = json.loads(payload)
             if "error" in event:
-                return Outcome(kind, "stream_error", time.perf_counter() - start, ttft,
-                               detail=str(event["error"].get("message"))[:200])
+                return Outcome(
+                    kind,
+                    "stream_error",
+                    time.perf_counter() - start,
+                    ttft,
+                    detail=str(event["error"].get("message"))[:200],
+                )
             events += 1
             if ttft is None:
                 ttft = time.perf_counter() - start

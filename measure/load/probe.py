@@ -25,8 +25,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from measure.bench.measure import tree_rss
 
-STATE_GAUGES = ("epispec_engine_requests", "epispec_eu_joiner_states", "epispec_eu_proposer_states",
-                "epispec_requests_running", "epispec_requests_waiting")
+STATE_GAUGES = (
+    "epispec_engine_requests",
+    "epispec_eu_joiner_states",
+    "epispec_eu_proposer_states",
+    "epispec_requests_running",
+    "epispec_requests_waiting",
+)
 
 
 class LoadError(Exception):
@@ -40,7 +45,9 @@ def check_loopback(url: str) -> None:
     except ValueError:
         loopback = False
     if not loopback:
-        raise LoadError(f"only loopback servers (127.0.0.1, ::1, localhost) may be load-tested, not '{host}'.")
+        raise LoadError(
+            f"only loopback servers (127.0.0.1, ::1, localhost) may be load-tested, not '{host}'."
+        )
 
 
 def free_port() -> int:
@@ -69,8 +76,19 @@ def wait_ready(proc: subprocess.Popen, url: str, timeout: float, headers: dict |
 def spawn_server(serve_args: str, api_key: str | None, timeout: float) -> tuple[subprocess.Popen, str]:
     """`epispec serve SERVE_ARGS` on a free loopback port, once `/ready`; its log goes to stderr."""
     port = free_port()
-    cmd = [sys.executable, "-m", "server.cli", "serve", *shlex.split(serve_args),
-           "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "server.cli",
+        "serve",
+        *shlex.split(serve_args),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
     proc = subprocess.Popen(cmd, stdout=sys.stderr, stderr=sys.stderr)
     url = f"http://127.0.0.1:{port}"
     wait_ready(proc, url, timeout, {"Authorization": f"Bearer {api_key}"} if api_key else None)
@@ -133,17 +151,20 @@ def memory_report(samples: list[tuple[float, int]], warmup_s: float) -> dict:
         return {"samples": 0}
     after = [(t, b) for t, b in samples if t >= warmup_s] or samples[-1:]
     mib = 1 << 20
-    out = {"samples": len(samples), "start_mib": samples[0][1] / mib,
-           "after_warmup_mib": after[0][1] / mib, "end_mib": samples[-1][1] / mib,
-           "peak_mib": max(b for _, b in samples) / mib,
-           "growth_after_warmup_mib": (samples[-1][1] - after[0][1]) / mib}
+    out = {
+        "samples": len(samples),
+        "start_mib": samples[0][1] / mib,
+        "after_warmup_mib": after[0][1] / mib,
+        "end_mib": samples[-1][1] / mib,
+        "peak_mib": max(b for _, b in samples) / mib,
+        "growth_after_warmup_mib": (samples[-1][1] - after[0][1]) / mib,
+    }
     if len(after) >= 3:  # least-squares slope, MiB per minute
         n = len(after)
         mt = sum(t for t, _ in after) / n
         mb = sum(b for _, b in after) / n
         var = sum((t - mt) ** 2 for t, _ in after)
-        out["slope_mib_per_min"] = (sum((t - mt) * (b - mb) for t, b in after) / var * 60 / mib
-                                    if var else 0.0)
+        out["slope_mib_per_min"] = sum((t - mt) * (b - mb) for t, b in after) / var * 60 / mib if var else 0.0
     return out
 
 

@@ -22,8 +22,9 @@ GENERATION_PATHS = frozenset({"/generate", "/v1/completions", "/v1/chat/completi
 
 
 class AdmissionLimit:
-    def __init__(self, app: ASGIApp, max_pending: int, retry_after_s: int,
-                 metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, app: ASGIApp, max_pending: int, retry_after_s: int, metrics: Metrics | None = None
+    ) -> None:
         self.app = app
         self.max_pending = max_pending
         self.retry_after_s = retry_after_s
@@ -50,13 +51,21 @@ class AdmissionLimit:
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, draining: bool = False) -> None:
         if draining:
             status = "shutting_down"
-            err = APIError("The server is shutting down; retry on another replica or later.",
-                           status_code=503, type="server_error", code="shutting_down")
+            err = APIError(
+                "The server is shutting down; retry on another replica or later.",
+                status_code=503,
+                type="server_error",
+                code="shutting_down",
+            )
         else:
             status = "overloaded"
-            err = APIError(f"The server is at capacity ({self.max_pending} requests in progress); "
-                           f"retry after {self.retry_after_s} s.", status_code=429,
-                           type="server_error", code="overloaded")
+            err = APIError(
+                f"The server is at capacity ({self.max_pending} requests in progress); "
+                f"retry after {self.retry_after_s} s.",
+                status_code=429,
+                type="server_error",
+                code="overloaded",
+            )
         if self.metrics is not None:
             self.metrics.observe_request(scope["path"], status)
         await err.response({"Retry-After": str(self.retry_after_s)})(scope, receive, send)

@@ -26,10 +26,18 @@ class ApiKeyGuard:
         self.key = key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (scope["type"] != "http" or self.key is None or scope["path"] in OPEN_PATHS
-                or key_matches(Headers(scope=scope).get("authorization", ""), self.key)):
+        if (
+            scope["type"] != "http"
+            or self.key is None
+            or scope["path"] in OPEN_PATHS
+            or key_matches(Headers(scope=scope).get("authorization", ""), self.key)
+        ):
             await self.app(scope, receive, send)
             return
-        err = APIError("Missing or invalid API key: send 'Authorization: Bearer <key>'.",
-                       status_code=401, type="authentication_error", code="invalid_api_key")
+        err = APIError(
+            "Missing or invalid API key: send 'Authorization: Bearer <key>'.",
+            status_code=401,
+            type="authentication_error",
+            code="invalid_api_key",
+        )
         await err.response({"WWW-Authenticate": "Bearer"})(scope, receive, send)

@@ -29,15 +29,27 @@ def ready_context(request: Request) -> ServerContext:
     """The context of a server that can generate, else a 503."""
     ctx: ServerContext = request.app.state.ctx
     if ctx.engine is None or ctx.generations is None:
-        raise APIError("The model is still loading; retry shortly.", status_code=503,
-                       type="server_error", code="not_ready")
+        raise APIError(
+            "The model is still loading; retry shortly.",
+            status_code=503,
+            type="server_error",
+            code="not_ready",
+        )
     if not ctx.engine.is_healthy():
-        raise APIError("The engine has failed; this server cannot generate.", status_code=503,
-                       type="server_error", code="engine_dead")
+        raise APIError(
+            "The engine has failed; this server cannot generate.",
+            status_code=503,
+            type="server_error",
+            code="engine_dead",
+        )
     return ctx
 
 
 def check_model(ctx: ServerContext, model: str | None) -> None:
     if model is not None and model != ctx.engine.model_name:
-        raise APIError(f"The model '{model}' does not exist; this server serves '{ctx.engine.model_name}'.",
-                       status_code=404, param="model", code="model_not_found")
+        raise APIError(
+            f"The model '{model}' does not exist; this server serves '{ctx.engine.model_name}'.",
+            status_code=404,
+            param="model",
+            code="model_not_found",
+        )

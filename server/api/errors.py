@@ -48,9 +48,7 @@ class APIError(Exception):
         self.code = code
 
     def body(self) -> dict:
-        return {
-            "error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
-        }
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
         """The error as a response, for middleware that answers before the routes."""
@@ -77,14 +75,15 @@ def from_validation(exc: RequestValidationError) -> APIError:
     errors = exc.errors()
     err = max(errors, key=lambda e: len(e.get("loc", ())))
     if err.get("type") == "json_invalid":
-        return APIError(f"The request body is not valid JSON: {err.get('ctx', {}).get('error', '')}".rstrip(": "),
-                        code="invalid_json")
+        return APIError(
+            f"The request body is not valid JSON: {err.get('ctx', {}).get('error', '')}".rstrip(": "),
+            code="invalid_json",
+        )
     param = param_name(err.get("loc", ()))
     if err.get("type") == "missing" and param:
         return APIError(f"'{param}' is required.", param=param, code="missing_field")
     msg = err.get("msg", "invalid value").removeprefix("Value error, ")
-    return APIError(f"Invalid '{param}': {msg}." if param else f"{msg}.", param=param,
-                    code="invalid_value")
+    return APIError(f"Invalid '{param}': {msg}." if param else f"{msg}.", param=param, code="invalid_value")
 
 
 def _count_rejected(request: Request, status_code: int) -> None:
@@ -121,5 +120,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 def engine_failure(fin: Finished) -> APIError:
-    return APIError(f"Generation failed: {fin.error or 'engine error'}.", status_code=500,
-                    type="server_error", code="engine_error")
+    return APIError(
+        f"Generation failed: {fin.error or 'engine error'}.",
+        status_code=500,
+        type="server_error",
+        code="engine_error",
+    )

@@ -33,23 +33,28 @@ def token_fields(ev: TokenEvent, with_top: bool) -> dict:
         out[key] = number(out[key])
     if with_top:
         out["top_logprobs"] = [
-            {"token_id": t.token_id, "text": t.text, "logprob": number(t.logprob)}
-            for t in ev.top_logprobs
+            {"token_id": t.token_id, "text": t.text, "logprob": number(t.logprob)} for t in ev.top_logprobs
         ]
     return out
 
 
 def final_fields(fin: Finished, summary: Summary) -> dict:
-    return {"summary": summary.as_dict(), "finish_reason": fin.finish_reason,
-            "usage": usage(fin), "stats": fin.stats.as_dict()}
+    return {
+        "summary": summary.as_dict(),
+        "finish_reason": fin.finish_reason,
+        "usage": usage(fin),
+        "stats": fin.stats.as_dict(),
+    }
 
 
 @router.post("/generate")
-async def generate(req: GenerateRequest, request: Request,
-                   ctx: ServerContext = Depends(ready_context)):
+async def generate(req: GenerateRequest, request: Request, ctx: ServerContext = Depends(ready_context)):
     if (req.prompt is None) == (req.prompt_token_ids is None):
-        raise APIError("Give exactly one of 'prompt' and 'prompt_token_ids'.", param="prompt",
-                       code="missing_field" if req.prompt is None else "invalid_value")
+        raise APIError(
+            "Give exactly one of 'prompt' and 'prompt_token_ids'.",
+            param="prompt",
+            code="missing_field" if req.prompt is None else "invalid_value",
+        )
     if req.prompt is not None:
         param, ids = "prompt", text_prompt_ids(ctx.engine.tokenizer, req.prompt)
     else:
@@ -70,8 +75,13 @@ async def generate(req: GenerateRequest, request: Request,
                     if item.finish_reason == "error":
                         raise engine_failure(item)
                     text = "".join(t["text"] for t in tokens)
-                    return {"id": request_id, "model": ctx.engine.model_name, "text": text,
-                            "tokens": tokens, **final_fields(item, summary)}
+                    return {
+                        "id": request_id,
+                        "model": ctx.engine.model_name,
+                        "text": text,
+                        "tokens": tokens,
+                        **final_fields(item, summary),
+                    }
                 summary.add(item)
                 tokens.append(token_fields(item, top > 0))
 
@@ -91,7 +101,8 @@ async def _events(items: AsyncIterator[GenerationItem], with_top: bool) -> Async
             summary.add(item)
             yield event(token_fields(item, with_top))
     except Exception as exc:  # never a broken stream without a word
-        yield event(APIError(f"Streaming failed: {type(exc).__name__}.", status_code=500,
-                             type="server_error").body())
+        yield event(
+            APIError(f"Streaming failed: {type(exc).__name__}.", status_code=500, type="server_error").body()
+        )
     finally:
         await items.aclose()

@@ -49,6 +49,9 @@ class BodySizeLimit:
         await self.app(scope, replay, send)
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
-        err = APIError(f"The request body is larger than this server accepts ({self.max_bytes} bytes).",
-                       status_code=413, code="request_too_large")
+        err = APIError(
+            f"The request body is larger than this server accepts ({self.max_bytes} bytes).",
+            status_code=413,
+            code="request_too_large",
+        )
         await err.response()(scope, receive, send)

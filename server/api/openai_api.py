@@ -32,8 +32,12 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the OpenAI API's and vLLM's default for /
 
 
 def uncertainty(ev: TokenEvent) -> dict:
-    return {"eu": number(ev.eu), "bias": number(ev.bias), "variance": number(ev.variance),
-            "flagged": ev.flagged}
+    return {
+        "eu": number(ev.eu),
+        "bias": number(ev.bias),
+        "variance": number(ev.variance),
+        "flagged": ev.flagged,
+    }
 
 
 def uncertainty_token(ev: TokenEvent) -> dict:
@@ -44,9 +48,11 @@ def chat_logprob(ev: TokenEvent) -> dict:
     def entry(text: str, lp: float) -> dict:
         return {"token": text, "logprob": number(lp), "bytes": list(text.encode())}
 
-    return {**entry(ev.text, ev.logprob),
-            "top_logprobs": [entry(t.text, t.logprob) for t in ev.top_logprobs],
-            "uncertainty": uncertainty(ev)}
+    return {
+        **entry(ev.text, ev.logprob),
+        "top_logprobs": [entry(t.text, t.logprob) for t in ev.top_logprobs],
+        "uncertainty": uncertainty(ev),
+    }
 
 
 def completion_logprobs(events: list[TokenEvent], offset: int = 0) -> dict:
@@ -59,8 +65,11 @@ def completion_logprobs(events: list[TokenEvent], offset: int = 0) -> dict:
         "tokens": [ev.text for ev in events],
         "token_logprobs": [number(ev.logprob) for ev in events],
         # null, not a list of empty maps, when no top log-probs were asked (logprobs: 0)
-        "top_logprobs": ([{t.text: number(t.logprob) for t in ev.top_logprobs} for ev in events]
-                         if any(ev.top_logprobs for ev in events) else None),
+        "top_logprobs": (
+            [{t.text: number(t.logprob) for t in ev.top_logprobs} for ev in events]
+            if any(ev.top_logprobs for ev in events)
+            else None
+        ),
         "text_offset": offsets,
     }
 
@@ -78,23 +87,41 @@ class _Format:
         text = "".join(ev.text for ev in events)
         lp = None
         if self.logprobs:
-            lp = ({"content": [chat_logprob(ev) for ev in events]} if self.chat
-                  else completion_logprobs(events, text_offset))
+            lp = (
+                {"content": [chat_logprob(ev) for ev in events]}
+                if self.chat
+                else completion_logprobs(events, text_offset)
+            )
         body = {"text": text}
         if self.chat:
             body = {"delta": {"role": "assistant", "content": text} if first else {"content": text}}
-        return {"index": 0, **body, "logprobs": lp, "finish_reason": None,
-                "uncertainty": {"tokens": [uncertainty_token(ev) for ev in events]}}
+        return {
+            "index": 0,
+            **body,
+            "logprobs": lp,
+            "finish_reason": None,
+            "uncertainty": {"tokens": [uncertainty_token(ev) for ev in events]},
+        }
 
 
-async def _respond(ctx: ServerContext, request: Request, req: OpenAIFields, fmt: _Format,
-                   endpoint: str, ids: list[int], max_tokens: int | None, top: int, prefix: str,
-                   default_max_tokens: int | None = None):
+async def _respond(
+    ctx: ServerContext,
+    request: Request,
+    req: OpenAIFields,
+    fmt: _Format,
+    endpoint: str,
+    ids: list[int],
+    max_tokens: int | None,
+    top: int,
+    prefix: str,
+    default_max_tokens: int | None = None,
+):
     problem = req.unsupported()
     if problem:
         raise APIError(f"Unsupported option: {problem[1]}.", param=problem[0], code="unsupported")
-    max_tokens = effective_max_tokens(ctx, ids, max_tokens, "messages" if fmt.chat else "prompt",
-                                      default_max_tokens)
+    max_tokens = effective_max_tokens(
+        ctx, ids, max_tokens, "messages" if fmt.chat else "prompt", default_max_tokens
+    )
     params = sampling_params(ctx, req, max_tokens, top)
     request_id = new_request_id(prefix)
     items = ctx.generations.run(endpoint, request_id, ids, params)
@@ -114,8 +141,7 @@ async def _respond(ctx: ServerContext, request: Request, req: OpenAIFields, fmt:
                     choice = fmt.choice(events)
                     if fmt.chat:
                         del choice["delta"]
-                        choice["message"] = {"role": "assistant",
-                                             "content": "".join(e.text for e in events)}
+                        choice["message"] = {"role": "assistant", "content": "".join(e.text for e in events)}
                     choice["finish_reason"] = item.finish_reason
                     choice["uncertainty"]["summary"] = summary.as_dict()
                     return {**head, "object": fmt.object, "choices": [choice], "usage": usage(item)}
@@ -125,8 +151,9 @@ async def _respond(ctx: ServerContext, request: Request, req: OpenAIFields, fmt:
     return await until_disconnected(request, collect())
 
 
-async def _stream(items: AsyncIterator[GenerationItem], fmt: _Format, head: dict,
-                  include_usage: bool) -> AsyncIterator[bytes]:
+async def _stream(
+    items: AsyncIterator[GenerationItem], fmt: _Format, head: dict, include_usage: bool
+) -> AsyncIterator[bytes]:
     summary, offset, first = Summary(), 0, True
     chunk = {**head, "object": fmt.chunk_object}
     try:
@@ -143,42 +170,58 @@ async def _stream(items: AsyncIterator[GenerationItem], fmt: _Format, head: dict
                     yield event({**chunk, "choices": [], "usage": usage(item)})
                 break
             summary.add(item)
-            yield event({**chunk, "choices": [fmt.choice([item], offset, first)],
-                         **({"usage": None} if include_usage else {})})
+            yield event(
+                {
+                    **chunk,
+                    "choices": [fmt.choice([item], offset, first)],
+                    **({"usage": None} if include_usage else {}),
+                }
+            )
             offset += len(item.text)
             first = False
     except Exception as exc:  # never a broken stream without a word
-        yield event(APIError(f"Streaming failed: {type(exc).__name__}.", status_code=500,
-                             type="server_error").body())
+        yield event(
+            APIError(f"Streaming failed: {type(exc).__name__}.", status_code=500, type="server_error").body()
+        )
     finally:
         await items.aclose()
     yield DONE
 
 
 @router.post("/v1/completions")
-async def completions(req: CompletionRequest, request: Request,
-                      ctx: ServerContext = Depends(ready_context)):
+async def completions(req: CompletionRequest, request: Request, ctx: ServerContext = Depends(ready_context)):
     check_model(ctx, req.model)
     prompt = req.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
         if len(prompt) != 1:
-            raise APIError(f"Give one prompt per request: {PROMPT_FORMS}.",
-                           param="prompt", code="unsupported")
+            raise APIError(
+                f"Give one prompt per request: {PROMPT_FORMS}.", param="prompt", code="unsupported"
+            )
         prompt = prompt[0]
     ids = text_prompt_ids(ctx.engine.tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
     top = check_top_logprobs(ctx, req.logprobs or 0, "logprobs")
     fmt = _Format(chat=False, logprobs=req.logprobs is not None)
-    return await _respond(ctx, request, req, fmt, "/v1/completions", ids, req.max_tokens, top,
-                          "cmpl", COMPLETIONS_DEFAULT_MAX_TOKENS)
+    return await _respond(
+        ctx,
+        request,
+        req,
+        fmt,
+        "/v1/completions",
+        ids,
+        req.max_tokens,
+        top,
+        "cmpl",
+        COMPLETIONS_DEFAULT_MAX_TOKENS,
+    )
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(req: ChatCompletionRequest, request: Request,
-                           ctx: ServerContext = Depends(ready_context)):
+async def chat_completions(
+    req: ChatCompletionRequest, request: Request, ctx: ServerContext = Depends(ready_context)
+):
     check_model(ctx, req.model)
     ids = chat_prompt_ids(ctx.engine.tokenizer, req.messages)
     top = check_top_logprobs(ctx, req.top_logprobs or 0, "top_logprobs") if req.logprobs else 0
     fmt = _Format(chat=True, logprobs=req.logprobs)
     max_tokens = req.max_completion_tokens or req.max_tokens
-    return await _respond(ctx, request, req, fmt, "/v1/chat/completions", ids, max_tokens, top,
-                          "chatcmpl")
+    return await _respond(ctx, request, req, fmt, "/v1/chat/completions", ids, max_tokens, top, "chatcmpl")

@@ -25,17 +25,25 @@ router = APIRouter()
 @router.get("/playground", include_in_schema=False)
 async def playground() -> HTMLResponse:
     page = live_page()
-    return HTMLResponse(page.html, headers={
-        "Content-Security-Policy": page.csp,
-        "Cache-Control": "no-cache",
-        "X-Content-Type-Options": "nosniff",
-        "Referrer-Policy": "no-referrer",
-    })
+    return HTMLResponse(
+        page.html,
+        headers={
+            "Content-Security-Policy": page.csp,
+            "Cache-Control": "no-cache",
+            "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer",
+        },
+    )
 
 
 def generation_record(
-    *, model: str, prompt: str, tokens: list[TokenEvent], finished: Finished,
-    thresholds: FlagThresholds, settings: dict,
+    *,
+    model: str,
+    prompt: str,
+    tokens: list[TokenEvent],
+    finished: Finished,
+    thresholds: FlagThresholds,
+    settings: dict,
 ) -> dict:
     """What `server.playground.static_page` renders: the events `POST /generate` would have
     streamed for this generation, with the model, prompt, thresholds and settings."""

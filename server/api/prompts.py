@@ -29,9 +29,12 @@ def check_unicode(text: str, param: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise APIError(f"'{param}' is not valid Unicode: it holds a lone surrogate "
-                       f"(U+{ord(text[exc.start]):04X}) at position {exc.start}.",
-                       param=param, code="invalid_unicode") from None
+        raise APIError(
+            f"'{param}' is not valid Unicode: it holds a lone surrogate "
+            f"(U+{ord(text[exc.start]):04X}) at position {exc.start}.",
+            param=param,
+            code="invalid_unicode",
+        ) from None
 
 
 def text_prompt_ids(tokenizer, text: str, param: str = "prompt") -> list[int]:
@@ -54,6 +57,7 @@ def chat_prompt_ids(tokenizer, messages: list[ChatMessage]) -> list[int]:
             turns, chat_template=template, add_generation_prompt=True, tokenize=False
         )
     except Exception as exc:  # a template may refuse an order of roles (jinja raise_exception)
-        raise APIError(f"The chat template refused these messages: {exc}", param="messages",
-                       code="invalid_messages") from exc
+        raise APIError(
+            f"The chat template refused these messages: {exc}", param="messages", code="invalid_messages"
+        ) from exc
     return encode_prompt(tokenizer, text)

@@ -56,8 +56,7 @@ class Generations:
             self.engine.validate(prompt_ids, params)
         except InvalidRequest as exc:
             text = str(exc).rstrip(".")
-            raise APIError(f"{text[:1].upper()}{text[1:]}.", param=exc.param,
-                           code="invalid_value") from exc
+            raise APIError(f"{text[:1].upper()}{text[1:]}.", param=exc.param, code="invalid_value") from exc
         return self._run(endpoint, request_id, prompt_ids, params)
 
     async def _run(

@@ -100,8 +100,7 @@ class OpenAIFields(SamplingFields):
         return None
 
 
-PROMPT_FORMS = ("a string, a list of one string, a list of token ids, "
-                "or a list of one list of token ids")
+PROMPT_FORMS = "a string, a list of one string, a list of token ids, or a list of one list of token ids"
 
 
 class CompletionRequest(OpenAIFields):

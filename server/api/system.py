@@ -30,10 +30,17 @@ async def ready(request: Request) -> JSONResponse:
     engine = request.app.state.ctx.engine
     if engine is None or not engine.is_healthy() or getattr(request.app.state, "draining", False):
         return JSONResponse({"status": "not ready"}, status_code=503)
-    return JSONResponse({"status": "ready", "model": engine.model_name, "engine": engine.name,
-                         "num_drafts": engine.num_drafts, "max_model_len": engine.max_model_len,
-                         "running": engine.num_running(),
-                         "thresholds": asdict(request.app.state.ctx.thresholds)})
+    return JSONResponse(
+        {
+            "status": "ready",
+            "model": engine.model_name,
+            "engine": engine.name,
+            "num_drafts": engine.num_drafts,
+            "max_model_len": engine.max_model_len,
+            "running": engine.num_running(),
+            "thresholds": asdict(request.app.state.ctx.thresholds),
+        }
+    )
 
 
 @router.get("/metrics")
@@ -45,7 +52,17 @@ async def metrics(request: Request) -> Response:
 @router.get("/v1/models")
 async def models(ctx: ServerContext = Depends(ready_context)) -> dict:
     e = ctx.engine
-    return {"object": "list", "data": [{
-        "id": e.model_name, "object": "model", "created": int(time.time()), "owned_by": "epispec",
-        "max_model_len": e.max_model_len, "engine": e.name, "num_drafts": e.num_drafts,
-    }]}
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": e.model_name,
+                "object": "model",
+                "created": int(time.time()),
+                "owned_by": "epispec",
+                "max_model_len": e.max_model_len,
+                "engine": e.name,
+                "num_drafts": e.num_drafts,
+            }
+        ],
+    }

@@ -11,7 +11,10 @@ from server.engine.types import FlagThresholds, SamplingParams
 
 
 def effective_max_tokens(
-    ctx: ServerContext, prompt_ids: list[int], max_tokens: int | None, prompt_param: str,
+    ctx: ServerContext,
+    prompt_ids: list[int],
+    max_tokens: int | None,
+    prompt_param: str,
     default: int | None = None,
 ) -> int:
     """max_tokens to use (when the request gives none: `default`, else the server's
@@ -21,14 +24,18 @@ def effective_max_tokens(
     if not prompt_ids:
         raise APIError(f"'{prompt_param}' must not be empty.", param=prompt_param, code="empty_prompt")
     if any(not 0 <= t < len(engine.tokenizer) for t in prompt_ids):
-        raise APIError(f"'{prompt_param}' holds token ids outside the vocabulary.",
-                       param=prompt_param, code="invalid_token_id")
+        raise APIError(
+            f"'{prompt_param}' holds token ids outside the vocabulary.",
+            param=prompt_param,
+            code="invalid_token_id",
+        )
     room = limit - len(prompt_ids)
     if room < 1:
         raise APIError(
             f"The prompt is {len(prompt_ids)} tokens long; this model accepts at most {limit} "
             f"tokens in all, so the prompt must be shorter than {limit}.",
-            param=prompt_param, code="context_length_exceeded",
+            param=prompt_param,
+            code="context_length_exceeded",
         )
     if max_tokens is None:
         return min(default or ctx.settings.default_max_tokens, room)
@@ -36,15 +43,19 @@ def effective_max_tokens(
         raise APIError(
             f"max_tokens is {max_tokens}, but with a prompt of {len(prompt_ids)} tokens this model "
             f"({limit} tokens in all) can generate at most {room}.",
-            param="max_tokens", code="context_length_exceeded",
+            param="max_tokens",
+            code="context_length_exceeded",
         )
     return max_tokens
 
 
 def check_top_logprobs(ctx: ServerContext, n: int, param: str) -> int:
     if n > ctx.settings.max_logprobs:
-        raise APIError(f"'{param}' is {n}; this server returns at most {ctx.settings.max_logprobs}.",
-                       param=param, code="too_many_logprobs")
+        raise APIError(
+            f"'{param}' is {n}; this server returns at most {ctx.settings.max_logprobs}.",
+            param=param,
+            code="too_many_logprobs",
+        )
     return n
 
 
@@ -57,8 +68,11 @@ def thresholds_for(ctx: ServerContext, req: SamplingFields) -> FlagThresholds:
     for name in ("eu", "bias", "variance"):
         v = getattr(req.thresholds, name)
         if v is not None and not (lo <= v <= hi):
-            raise APIError(f"'thresholds.{name}' must lie within [{lo}, {hi}], got {v}.",
-                           param=f"thresholds.{name}", code="threshold_out_of_bounds")
+            raise APIError(
+                f"'thresholds.{name}' must lie within [{lo}, {hi}], got {v}.",
+                param=f"thresholds.{name}",
+                code="threshold_out_of_bounds",
+            )
         values[name] = getattr(base, name) if v is None else v
     return FlagThresholds(**values)
 

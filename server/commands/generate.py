@@ -34,8 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--jsonl", action="store_true", help="one JSON object per token")
-    parser.add_argument("--html", metavar="FILE", type=Path, default=None,
-                        help="also write the generation as a standalone coloured HTML page")
+    parser.add_argument(
+        "--html",
+        metavar="FILE",
+        type=Path,
+        default=None,
+        help="also write the generation as a standalone coloured HTML page",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,8 +73,11 @@ async def _generate(engine, args: argparse.Namespace, params: SamplingParams) ->
             if isinstance(item, Finished):
                 if args.html is not None:
                     _write_html(args, engine.model_name, params, tokens, item)
-                summary = {"tokens": item.completion_tokens, **item.stats.as_dict(),
-                           "finish_reason": item.finish_reason}
+                summary = {
+                    "tokens": item.completion_tokens,
+                    **item.stats.as_dict(),
+                    "finish_reason": item.finish_reason,
+                }
                 if args.jsonl:
                     print(json.dumps({"summary": summary}), flush=True)
                 else:
@@ -87,14 +95,25 @@ async def _generate(engine, args: argparse.Namespace, params: SamplingParams) ->
     return 0
 
 
-def _write_html(args: argparse.Namespace, model: str, params: SamplingParams,
-                tokens: list[TokenEvent], finished: Finished) -> None:
+def _write_html(
+    args: argparse.Namespace, model: str, params: SamplingParams, tokens: list[TokenEvent], finished: Finished
+) -> None:
     from server.api.playground import generation_record
     from server.playground import static_page
 
-    settings = {"max_tokens": params.max_tokens, "temperature": params.temperature,
-                "top_p": params.top_p, "seed": params.seed}
-    record = generation_record(model=model, prompt=args.prompt, tokens=tokens, finished=finished,
-                               thresholds=params.thresholds, settings=settings)
+    settings = {
+        "max_tokens": params.max_tokens,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "seed": params.seed,
+    }
+    record = generation_record(
+        model=model,
+        prompt=args.prompt,
+        tokens=tokens,
+        finished=finished,
+        thresholds=params.thresholds,
+        settings=settings,
+    )
     args.html.write_text(static_page(record), encoding="utf-8")
     print(f"[wrote {args.html}]", file=sys.stderr)

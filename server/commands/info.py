@@ -58,12 +58,18 @@ def run(args: argparse.Namespace) -> int:
     ]
     if t.get("source"):
         src = t["source"]
-        lines.append(f"           from {src['package']}=={src['version']} {src['file']} "
-                     f"({'prepared' if t.get('prepared') else 'not prepared: epispec models prepare'})")
-    lines += [f"draft {i:<4} {d['path']}  ({_count(d.get('parameters'))} parameters)" for i, d in enumerate(drafts)]
+        lines.append(
+            f"           from {src['package']}=={src['version']} {src['file']} "
+            f"({'prepared' if t.get('prepared') else 'not prepared: epispec models prepare'})"
+        )
+    lines += [
+        f"draft {i:<4} {d['path']}  ({_count(d.get('parameters'))} parameters)" for i, d in enumerate(drafts)
+    ]
     osd, ddd = train.get("osd", {}), train.get("ddd", {})
     if osd.get("mode") or ddd.get("enabled") is not None:
-        lines.append(f"OSD        {osd.get('mode') or 'not recorded'}   DDD {'on' if ddd.get('enabled') else 'off'}")
+        lines.append(
+            f"OSD        {osd.get('mode') or 'not recorded'}   DDD {'on' if ddd.get('enabled') else 'off'}"
+        )
     lines.append(f"thresholds {info.get('thresholds') or 'none (server default)'}")
     print("\n".join(lines))
     return 0

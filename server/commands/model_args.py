@@ -18,45 +18,95 @@ from server.engine.types import (
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("models and engine")
     g.add_argument("--target", help="target model folder (Hugging Face format)")
-    g.add_argument("--draft", action="append", default=[], metavar="DIR", dest="drafts",
-                   help="draft model folder; repeat for an ensemble (M drafts)")
+    g.add_argument(
+        "--draft",
+        action="append",
+        default=[],
+        metavar="DIR",
+        dest="drafts",
+        help="draft model folder; repeat for an ensemble (M drafts)",
+    )
     g.add_argument("--bundle", help="bundle folder with bundle.json (default: the demo bundle)")
-    g.add_argument("--engine", default="auto", choices=["auto", *ENGINES],
-                   help="vllm (default where vLLM is installed) or reference (exact PyTorch)")
-    g.add_argument("--num-speculative-tokens", type=int, default=DEFAULT_NUM_SPECULATIVE_TOKENS,
-                   metavar="K", help=f"tokens the drafts propose per round (default {DEFAULT_NUM_SPECULATIVE_TOKENS})")
-    g.add_argument("--bias-source", default=DEFAULT_BIAS_SOURCE, choices=BIAS_SOURCES,
-                   help="vllm engine: where the bias KL(q̄ ‖ p) comes from: worker (default; exact, "
-                        "from the target's full logits inside vLLM's worker) or logprobs (the "
-                        "target's top-K log-probs, --target-logprobs)")
-    g.add_argument("--target-logprobs", type=int, default=DEFAULT_TARGET_LOGPROBS, metavar="K",
-                   help="vllm engine, --bias-source logprobs: target top-k log-probs for the bias; "
-                        f"-1 = whole vocabulary (exact; default {DEFAULT_TARGET_LOGPROBS})")
+    g.add_argument(
+        "--engine",
+        default="auto",
+        choices=["auto", *ENGINES],
+        help="vllm (default where vLLM is installed) or reference (exact PyTorch)",
+    )
+    g.add_argument(
+        "--num-speculative-tokens",
+        type=int,
+        default=DEFAULT_NUM_SPECULATIVE_TOKENS,
+        metavar="K",
+        help=f"tokens the drafts propose per round (default {DEFAULT_NUM_SPECULATIVE_TOKENS})",
+    )
+    g.add_argument(
+        "--bias-source",
+        default=DEFAULT_BIAS_SOURCE,
+        choices=BIAS_SOURCES,
+        help="vllm engine: where the bias KL(q̄ ‖ p) comes from: worker (default; exact, "
+        "from the target's full logits inside vLLM's worker) or logprobs (the "
+        "target's top-K log-probs, --target-logprobs)",
+    )
+    g.add_argument(
+        "--target-logprobs",
+        type=int,
+        default=DEFAULT_TARGET_LOGPROBS,
+        metavar="K",
+        help="vllm engine, --bias-source logprobs: target top-k log-probs for the bias; "
+        f"-1 = whole vocabulary (exact; default {DEFAULT_TARGET_LOGPROBS})",
+    )
     g.add_argument("--device", default="auto", help="reference engine: cpu, cuda or auto")
     g.add_argument("--max-model-len", type=int, default=None, help="prompt + output token limit")
     v = parser.add_argument_group("vLLM engine arguments (passed through to vLLM)")
     v.add_argument("--tensor-parallel-size", type=int, default=None, metavar="N")
     v.add_argument("--pipeline-parallel-size", type=int, default=None, metavar="N")
-    v.add_argument("--distributed-executor-backend", default=None, metavar="BACKEND",
-                   help="mp, ray, uni or external_launcher: how vLLM runs its workers")
-    v.add_argument("--gpu-memory-utilization", type=float, default=None, metavar="FRACTION",
-                   help="fraction of GPU memory vLLM may use")
+    v.add_argument(
+        "--distributed-executor-backend",
+        default=None,
+        metavar="BACKEND",
+        help="mp, ray, uni or external_launcher: how vLLM runs its workers",
+    )
+    v.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="fraction of GPU memory vLLM may use",
+    )
     v.add_argument("--dtype", default=None, help="target weights' dtype (auto, float32, bfloat16, ...)")
-    v.add_argument("--max-num-seqs", type=int, default=None, metavar="N",
-                   help="most concurrent sequences per step")
-    v.add_argument("--enforce-eager", action="store_true", default=None,
-                   help="no CUDA graphs / compilation")
-    v.add_argument("--kv-cache-space", type=int, default=None, metavar="GIB",
-                   help="CPU KV cache size in GiB (vLLM-CPU's VLLM_CPU_KVCACHE_SPACE; default 4)")
+    v.add_argument(
+        "--max-num-seqs", type=int, default=None, metavar="N", help="most concurrent sequences per step"
+    )
+    v.add_argument("--enforce-eager", action="store_true", default=None, help="no CUDA graphs / compilation")
+    v.add_argument(
+        "--kv-cache-space",
+        type=int,
+        default=None,
+        metavar="GIB",
+        help="CPU KV cache size in GiB (vLLM-CPU's VLLM_CPU_KVCACHE_SPACE; default 4)",
+    )
 
 
 def add_threshold_arguments(parser: argparse.ArgumentParser) -> None:
     """--eu/bias/variance-threshold; each unset one falls back on its own to the bundle's
     calibrated value, else the default (`server.resolve.resolve_thresholds`)."""
     g = parser.add_argument_group("hallucination flags (nats)")
-    g.add_argument("--eu-threshold", type=float, default=None,
-                   help=f"flag tokens with eu above this (default: the bundle's, else {DEFAULT_EU_THRESHOLD})")
-    g.add_argument("--bias-threshold", type=float, default=None,
-                   help="also flag tokens with bias above this (default: the bundle's, else none)")
-    g.add_argument("--variance-threshold", type=float, default=None,
-                   help="also flag tokens with variance above this (default: the bundle's, else none)")
+    g.add_argument(
+        "--eu-threshold",
+        type=float,
+        default=None,
+        help=f"flag tokens with eu above this (default: the bundle's, else {DEFAULT_EU_THRESHOLD})",
+    )
+    g.add_argument(
+        "--bias-threshold",
+        type=float,
+        default=None,
+        help="also flag tokens with bias above this (default: the bundle's, else none)",
+    )
+    g.add_argument(
+        "--variance-threshold",
+        type=float,
+        default=None,
+        help="also flag tokens with variance above this (default: the bundle's, else none)",
+    )

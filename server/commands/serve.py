@@ -48,14 +48,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-request-bytes", type=int, help="larger request bodies get 413 (default 1 MiB)")
     g.add_argument("--model-name", help="model id served in the API (default: target folder name)")
     g.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
-    g.add_argument("--max-pending-requests", type=int, metavar="N",
-                   help="generation requests in the server at once; more get 429 (default 128)")
-    g.add_argument("--retry-after", type=int, dest="retry_after_s", metavar="S",
-                   help="Retry-After seconds of a 429 or 503 (default 1)")
-    g.add_argument("--shutdown-timeout", type=float, dest="shutdown_timeout_s", metavar="S",
-                   help="on SIGTERM, how long in-flight requests may take to finish (default 30)")
-    g.add_argument("--cors-origin", action="append", dest="cors_origins", metavar="ORIGIN",
-                   help="allow cross-origin requests from ORIGIN (repeat; default: CORS off)")
+    g.add_argument(
+        "--max-pending-requests",
+        type=int,
+        metavar="N",
+        help="generation requests in the server at once; more get 429 (default 128)",
+    )
+    g.add_argument(
+        "--retry-after",
+        type=int,
+        dest="retry_after_s",
+        metavar="S",
+        help="Retry-After seconds of a 429 or 503 (default 1)",
+    )
+    g.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        dest="shutdown_timeout_s",
+        metavar="S",
+        help="on SIGTERM, how long in-flight requests may take to finish (default 30)",
+    )
+    g.add_argument(
+        "--cors-origin",
+        action="append",
+        dest="cors_origins",
+        metavar="ORIGIN",
+        help="allow cross-origin requests from ORIGIN (repeat; default: CORS off)",
+    )
     # A flag not given must not hide the environment or the config file: absent, not default.
     for action in parser._actions:
         if action.dest != "help":
@@ -91,8 +110,13 @@ def run(args: argparse.Namespace) -> int:
 def serve_app(app: FastAPI, settings: Settings) -> int:
     """Run the app under uvicorn until a signal or a dead engine; the process's exit status."""
     _configure_logging(settings.log_level)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=settings.shutdown_timeout_s)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=settings.shutdown_timeout_s,
+    )
     server = DrainingServer(config, app)
     # uvicorn re-raises the signal that stopped it once it has shut down; a graceful stop
     # after SIGTERM is a success, not a death by signal
@@ -127,16 +151,22 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame) -> None:
         if not self.app.state.draining:
-            log.info("signal %d: finishing in-flight requests (up to %s s), then exiting", sig,
-                     self.config.timeout_graceful_shutdown)
+            log.info(
+                "signal %d: finishing in-flight requests (up to %s s), then exiting",
+                sig,
+                self.config.timeout_graceful_shutdown,
+            )
         self.app.state.draining = True
         super().handle_exit(sig, frame)
 
     def engine_died(self) -> None:
         """Called on the event loop by the app's engine watchdog."""
         self.exit_code = EXIT_ENGINE_DEAD
-        log.error("exiting with status %d in %.0f s so that a supervisor restarts the server",
-                  EXIT_ENGINE_DEAD, ENGINE_DEAD_GRACE_S)
+        log.error(
+            "exiting with status %d in %.0f s so that a supervisor restarts the server",
+            EXIT_ENGINE_DEAD,
+            ENGINE_DEAD_GRACE_S,
+        )
         asyncio.get_running_loop().call_later(ENGINE_DEAD_GRACE_S, setattr, self, "should_exit", True)
 
 

@@ -150,8 +150,9 @@ class _DraftGroup:
     """Same-shape Llama-family drafts evaluated together: their weights are stacked on a
     leading M axis, so one batched step of the group is one set of batched matmuls."""
 
-    def __init__(self, lms: list, slots: int, max_len: int, device: torch.device,
-                 vocab: DraftVocab | None = None) -> None:
+    def __init__(
+        self, lms: list, slots: int, max_len: int, device: torch.device, vocab: DraftVocab | None = None
+    ) -> None:
         cfg = lms[0].config
         # [V] long: the draft id each target id is read as (reduced vocabulary), else None
         self.to_draft_ids = None if vocab is None else vocab.to_draft_ids.to(device)
@@ -172,18 +173,30 @@ class _DraftGroup:
         self.norm = stack(lambda lm: lm.model.norm.weight)  # [M, E]
         self.layers = []
         for i in range(cfg.num_hidden_layers):
+
             def get(path, i=i):
                 def f(lm):
                     obj = lm.model.layers[i]
                     for name in path.split("."):
                         obj = getattr(obj, name, None)
                     return obj
+
                 return f
-            layer = {n: stack(get(n), t=n.endswith("_proj.weight")) for n in (
-                "input_layernorm.weight", "post_attention_layernorm.weight",
-                "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-                "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
-                "mlp.down_proj.weight")}
+
+            layer = {
+                n: stack(get(n), t=n.endswith("_proj.weight"))
+                for n in (
+                    "input_layernorm.weight",
+                    "post_attention_layernorm.weight",
+                    "self_attn.q_proj.weight",
+                    "self_attn.k_proj.weight",
+                    "self_attn.v_proj.weight",
+                    "self_attn.o_proj.weight",
+                    "mlp.gate_proj.weight",
+                    "mlp.up_proj.weight",
+                    "mlp.down_proj.weight",
+                )
+            }
             for n in ("q", "k", "v", "o"):  # Qwen2-style projection biases, where present
                 layer[f"{n}_bias"] = stack(get(f"self_attn.{n}_proj.bias"))
             self.layers.append(layer)
@@ -194,8 +207,7 @@ class _DraftGroup:
     def grow(self, slots: int) -> None:
         """Widen the caches to `slots` rows, keeping the rows in use."""
         extra = slots - self.k_cache.shape[2]
-        pad = torch.zeros(*self.k_cache.shape[:2], extra, *self.k_cache.shape[3:],
-                          device=self.k_cache.device)
+        pad = torch.zeros(*self.k_cache.shape[:2], extra, *self.k_cache.shape[3:], device=self.k_cache.device)
         self.k_cache = torch.cat([self.k_cache, pad], 2)
         self.v_cache = torch.cat([self.v_cache, pad], 2)
 
@@ -236,8 +248,12 @@ class _DraftGroup:
             keys = self.k_cache[i][:, slots, :, :n_keys].reshape(M * B, Hkv, n_keys, D)
             vals = self.v_cache[i][:, slots, :, :n_keys].reshape(M * B, Hkv, n_keys, D)
             o = torch.nn.functional.scaled_dot_product_attention(
-                q.permute(0, 1, 3, 2, 4).reshape(M * B, H, T, D), keys, vals, attn_mask=mask,
-                scale=self.scaling, enable_gqa=H != Hkv,
+                q.permute(0, 1, 3, 2, 4).reshape(M * B, H, T, D),
+                keys,
+                vals,
+                attn_mask=mask,
+                scale=self.scaling,
+                enable_gqa=H != Hkv,
             )  # [M*B, H, T, D]
             o = o.view(M, B, H, T, D).permute(0, 1, 3, 2, 4).reshape(M, B, T, H * D)
             h = h + self._linear(o, ly["self_attn.o_proj.weight"], ly["o_bias"])
@@ -272,10 +288,18 @@ def _rotate_half(x):
 def _signature(lm) -> tuple:
     """Drafts with equal signatures can share a stacked group."""
     c = lm.config
-    return (c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads,
-            c.num_key_value_heads, c.vocab_size, getattr(c, "rope_theta", None),
-            str(getattr(c, "rope_scaling", None)), c.rms_norm_eps,
-            lm.model.layers[0].self_attn.q_proj.bias is not None)
+    return (
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_hidden_layers,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.vocab_size,
+        getattr(c, "rope_theta", None),
+        str(getattr(c, "rope_scaling", None)),
+        c.rms_norm_eps,
+        lm.model.layers[0].self_attn.q_proj.bias is not None,
+    )
 
 
 def summarize(draft_lp: torch.Tensor, top_n: int, vocab: DraftVocab | None = None):
@@ -316,30 +340,49 @@ class DraftEnsemble:
 
     INITIAL_SLOTS = 8
 
-    def __init__(self, paths: list[str | Path], *, k: int, slots: int, max_len: int,
-                 top_n: int = 64, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        paths: list[str | Path],
+        *,
+        k: int,
+        slots: int,
+        max_len: int,
+        top_n: int = 64,
+        device: str | torch.device = "cpu",
+    ) -> None:
         from server.engine.models import load_causal_lm
 
         self.device = torch.device(device)
         self.k, self.top_n, self.max_len = k, top_n, max_len
         groups: dict[tuple, list] = {}
         vocabs = [read_draft_vocab(p) for p in paths]
-        if any(v is None for v in vocabs) and not all(v is None for v in vocabs) or any(
-                not v.same_as(vocabs[0]) for v in vocabs if v is not None):
-            raise ValueError("The drafts must all use the target's vocabulary, or all the same "
-                             "reduced vocabulary (draft_vocab.json).")
+        if (
+            any(v is None for v in vocabs)
+            and not all(v is None for v in vocabs)
+            or any(not v.same_as(vocabs[0]) for v in vocabs if v is not None)
+        ):
+            raise ValueError(
+                "The drafts must all use the target's vocabulary, or all the same "
+                "reduced vocabulary (draft_vocab.json)."
+            )
         self.vocab: DraftVocab | None = vocabs[0] if vocabs else None
         for p in paths:
             lm = load_causal_lm(p, str(self.device), torch.float32)
-            if not hasattr(lm, "model") or not hasattr(lm.model, "rotary_emb") or (
-                    getattr(lm.config, "hidden_act", "silu") != "silu"):
-                raise ValueError(f"Draft '{p}' is not a Llama-family model (the proposer needs "
-                                 "embed_tokens, rotary_emb, SiLU MLPs and Llama decoder layers).")
+            if (
+                not hasattr(lm, "model")
+                or not hasattr(lm.model, "rotary_emb")
+                or (getattr(lm.config, "hidden_act", "silu") != "silu")
+            ):
+                raise ValueError(
+                    f"Draft '{p}' is not a Llama-family model (the proposer needs "
+                    "embed_tokens, rotary_emb, SiLU MLPs and Llama decoder layers)."
+                )
             groups.setdefault(_signature(lm), []).append(lm)
         # drafts of one shape run as one stacked group; the order of M does not matter
         self.capacity, self.max_slots = min(slots, self.INITIAL_SLOTS), slots
-        self.drafts = [_DraftGroup(lms, self.capacity, max_len, self.device, self.vocab)
-                       for lms in groups.values()]
+        self.drafts = [
+            _DraftGroup(lms, self.capacity, max_len, self.device, self.vocab) for lms in groups.values()
+        ]
         self._free = list(range(self.capacity - 1, -1, -1))
         self._slots: dict[str, _Slot] = {}
 
@@ -390,7 +433,7 @@ class DraftEnsemble:
                 out.proposed, out.accepted = len(st.proposal), e - 1
             st.roll_back(n, e)
             missing = st.rewind_for(n, e)
-            live.append(_Live(r, out, st, r.history[st.valid:], missing))
+            live.append(_Live(r, out, st, r.history[st.valid :], missing))
         return live
 
     def _first_step(self, live: list[_Live], slots: torch.Tensor) -> _Scored:
@@ -416,11 +459,14 @@ class DraftEnsemble:
                 tokens[g, : len(f)] = f
                 valid[g, : len(f)] = True
                 pos[g, : len(f)] = torch.arange(start, start + len(f))
-            idx = (torch.tensor([local[out_rows[p_i]] for p_i in p_g], device=dev),
-                   torch.tensor([out_cols[p_i] for p_i in p_g], device=dev))
+            idx = (
+                torch.tensor([local[out_rows[p_i]] for p_i in p_g], device=dev),
+                torch.tensor([out_cols[p_i] for p_i in p_g], device=dev),
+            )
             tokens, pos, valid = tokens.to(dev), pos.to(dev), valid.to(dev)
-            parts.append(torch.cat([d.forward(tokens, pos, slots[group], valid, idx)
-                                    for d in self.drafts], 1))  # [P_g, M, V]
+            parts.append(
+                torch.cat([d.forward(tokens, pos, slots[group], valid, idx) for d in self.drafts], 1)
+            )  # [P_g, M, V]
             order.extend(p_g)
         lp = torch.cat(parts)  # [P, M, V], back in out_rows order below
         if order != sorted(order):
@@ -446,8 +492,9 @@ class DraftEnsemble:
         seconds = 0.0
         for s in range(1, max(ks)):
             p_s = (n_hist + s - 1).clamp(max=self.max_len - 1).to(dev)[:, None]  # [B, 1]
-            lp = torch.cat([d.forward(cur[:, None].to(dev), p_s, slots, ones, arange_b)
-                            for d in self.drafts], 1)  # [B, M, V]
+            lp = torch.cat(
+                [d.forward(cur[:, None].to(dev), p_s, slots, ones, arange_b) for d in self.drafts], 1
+            )  # [B, M, V]
             t0 = time.perf_counter()
             v_s, fields_s, greedy_s = summarize(lp, self.top_n, self.vocab)
             seconds += time.perf_counter() - t0
@@ -459,7 +506,9 @@ class DraftEnsemble:
             proposal=torch.stack(proposal, 1).tolist(),  # [B, S]
             var=torch.stack(step_var, 1).tolist(),  # [B, S]
             fields=[self._host(torch.stack(ts, 1)) for ts in zip(*step_fields, strict=True)],  # [B, S, ...]
-            ks=ks, steps=1 + max(0, max(ks) - 1), seconds=seconds,
+            ks=ks,
+            steps=1 + max(0, max(ks) - 1),
+            seconds=seconds,
         )
 
     def _assemble(self, live: list[_Live], first: _Scored, drafted: _Drafted) -> None:
@@ -480,9 +529,14 @@ class DraftEnsemble:
                     out.records.append(rec)
             k_b = max(0, drafted.ks[b])
             proposal = drafted.proposal[b][:k_b]
-            st.drafted(n, proposal, {n + s: _record(n + s, drafted.var[b][s],
-                                                    tuple(t[b, s] for t in drafted.fields))
-                                     for s in range(k_b)})
+            st.drafted(
+                n,
+                proposal,
+                {
+                    n + s: _record(n + s, drafted.var[b][s], tuple(t[b, s] for t in drafted.fields))
+                    for s in range(k_b)
+                },
+            )
             out.proposal = list(proposal)
             out.draft_passes = drafted.steps
             out.eu_seconds = share

@@ -83,13 +83,20 @@ class DraftVocab:
         return out
 
     def same_as(self, other: DraftVocab | None) -> bool:
-        return other is not None and self.unknown == other.unknown and torch.equal(
-            self.target_ids, other.target_ids)
+        return (
+            other is not None
+            and self.unknown == other.unknown
+            and torch.equal(self.target_ids, other.target_ids)
+        )
 
     def to_json(self) -> dict:
-        return {"version": VERSION, "target_vocab_size": self.target_vocab_size,
-                "target_ids": self.target_ids.tolist(), "unknown": self.unknown,
-                "tokenizer_digest": self.tokenizer_digest}
+        return {
+            "version": VERSION,
+            "target_vocab_size": self.target_vocab_size,
+            "target_ids": self.target_ids.tolist(),
+            "unknown": self.unknown,
+            "tokenizer_digest": self.tokenizer_digest,
+        }
 
     def save(self, folder: str | Path) -> Path:
         path = Path(folder) / FILE
@@ -106,18 +113,24 @@ def read_draft_vocab(folder: str | Path) -> DraftVocab | None:
         raw = json.loads(path.read_text())
         if raw.get("version") != VERSION:
             raise DraftVocabError(f"version {raw.get('version')} is not supported (expected {VERSION})")
-        return DraftVocab(torch.tensor(raw["target_ids"], dtype=torch.long), int(raw["target_vocab_size"]),
-                          int(raw["unknown"]), raw.get("tokenizer_digest"))
+        return DraftVocab(
+            torch.tensor(raw["target_ids"], dtype=torch.long),
+            int(raw["target_vocab_size"]),
+            int(raw["unknown"]),
+            raw.get("tokenizer_digest"),
+        )
     except (KeyError, TypeError, json.JSONDecodeError, DraftVocabError) as exc:
         raise DraftVocabError(f"'{path}' is not a valid draft vocabulary: {exc}") from exc
 
 
-def most_frequent(docs: list[list[int]], size: int, target_vocab_size: int,
-                  always: tuple[int, ...] = ()) -> DraftVocab:
+def most_frequent(
+    docs: list[list[int]], size: int, target_vocab_size: int, always: tuple[int, ...] = ()
+) -> DraftVocab:
     """S = `always` (e.g. the special tokens) + the most frequent ids of `docs`, up to `size`;
     ties broken by id. `unknown` is draft id 0: the smallest id of `always` (else the most frequent)."""
-    counts = torch.bincount(torch.tensor([t for d in docs for t in d], dtype=torch.long),
-                            minlength=target_vocab_size).float()  # [V]
+    counts = torch.bincount(
+        torch.tensor([t for d in docs for t in d], dtype=torch.long), minlength=target_vocab_size
+    ).float()  # [V]
     counts[list(always)] = math.inf
     order = torch.argsort(-counts, stable=True)[:size]  # [V_d]
     keep = order[counts[order] > 0]

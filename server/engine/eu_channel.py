@@ -178,8 +178,7 @@ class Joiner:
     def _drop(self, exc: Exception) -> None:
         self.dropped += 1
         if math.log10(self.dropped).is_integer():  # the 1st, 10th, 100th, ... drop
-            log.warning("eu side channel: dropped a malformed message (%d so far): %s",
-                        self.dropped, exc)
+            log.warning("eu side channel: dropped a malformed message (%d so far): %s", self.dropped, exc)
 
     def _file(self, msg: eu_wire.Message) -> None:
         woken = []

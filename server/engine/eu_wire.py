@@ -65,8 +65,13 @@ class Record(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fields
         """A record with q̄'s top-N (ids [N], probs [N]; arrays or tensors on the host)."""
         ids = np.ascontiguousarray(ids, dtype="<i4")
         probs = np.ascontiguousarray(probs, dtype="<f4")
-        return cls(int(position), _finite_or_none(variance), None, bytearray(ids.tobytes()),
-                   bytearray(probs.tobytes()))
+        return cls(
+            int(position),
+            _finite_or_none(variance),
+            None,
+            bytearray(ids.tobytes()),
+            bytearray(probs.tobytes()),
+        )
 
     def variance_or_nan(self) -> float:
         """The variance, NaN where it came out non-finite (null in the API's JSON)."""
@@ -142,8 +147,10 @@ def _check_record(rec: Record, vocab_size: int | None) -> None:
     if rec.bias is not None:
         raise WireError(f"position {rec.position}: a record holds a bias or q̄'s top-N, not both")
     if len(rec.ids) % 4 or len(rec.ids) != len(rec.probs):
-        raise WireError(f"position {rec.position}: ids ({len(rec.ids)} bytes) and probs "
-                        f"({len(rec.probs)} bytes) are not two int32/float32 arrays of one length")
+        raise WireError(
+            f"position {rec.position}: ids ({len(rec.ids)} bytes) and probs "
+            f"({len(rec.probs)} bytes) are not two int32/float32 arrays of one length"
+        )
     ids, probs = rec.top_n()
     limit = vocab_size or MAX_TOP_N
     if len(ids) == 0 or len(ids) > limit:

@@ -64,10 +64,16 @@ def build_engine(args: EngineArgs) -> Engine:
             )
         from server.engine.vllm_engine import VllmEngine
 
-        return VllmEngine(args.target, list(args.drafts), num_speculative_tokens=args.num_speculative_tokens,
-                          target_logprobs=args.target_logprobs, model_name=args.model_name,
-                          max_model_len=args.max_model_len, bias_source=args.bias_source,
-                          vllm_args=dict(args.vllm_args))
+        return VllmEngine(
+            args.target,
+            list(args.drafts),
+            num_speculative_tokens=args.num_speculative_tokens,
+            target_logprobs=args.target_logprobs,
+            model_name=args.model_name,
+            max_model_len=args.max_model_len,
+            bias_source=args.bias_source,
+            vllm_args=dict(args.vllm_args),
+        )
     import torch
 
     from server.engine.reference import ReferenceEngine

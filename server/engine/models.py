@@ -80,15 +80,18 @@ def _check_reduced(target, t_cfg: dict, d, d_cfg: dict, reduced: DraftVocab, t_v
     if reduced.target_vocab_size != t_cfg.get("vocab_size"):
         raise ModelFolderError(
             f"Draft '{d}' maps its vocabulary into {reduced.target_vocab_size} target tokens but the "
-            f"target '{target}' has vocab_size {t_cfg.get('vocab_size')}.")
+            f"target '{target}' has vocab_size {t_cfg.get('vocab_size')}."
+        )
     if d_cfg.get("vocab_size") != reduced.size:
         raise ModelFolderError(
-            f"Draft '{d}' has vocab_size {d_cfg.get('vocab_size')} but its {FILE} lists {reduced.size} tokens.")
+            f"Draft '{d}' has vocab_size {d_cfg.get('vocab_size')} but its {FILE} lists {reduced.size} tokens."
+        )
     digest = reduced.tokenizer_digest
     if digest is not None and digest != tokenizer_digest(_Vocab(t_vocab)):
         raise ModelFolderError(
             f"Draft '{d}' was made for another tokenizer than the target '{target}''s "
-            f"(tokenizer digest {digest}): drafts must share the target's tokenizer.")
+            f"(tokenizer digest {digest}): drafts must share the target's tokenizer."
+        )
 
 
 class _Vocab:  # a tokenizer-like view of a vocabulary dict, for tokenizer_digest

@@ -115,9 +115,7 @@ class ReferenceEngine:
         self.max_model_len = min(max_model_len or 1 << 30, models.max_model_len(target))
         self.vocab_size = self.target.config.vocab_size
         self.eos_token_ids = models.eos_token_ids(target, self._tokenizer)
-        self._step_lock = (
-            threading.Lock()
-        )  # one forward pass at a time: requests interleave by round
+        self._step_lock = threading.Lock()  # one forward pass at a time: requests interleave by round
         self._running: set[str] = set()
         self._aborted: set[str] = set()
         self._failure: str | None = None  # the failed step's exception, once one failed
@@ -128,9 +126,7 @@ class ReferenceEngine:
 
     # --- the synchronous core
 
-    def stream(
-        self, prompt_token_ids: list[int], params: SamplingParams
-    ) -> Iterator[GenerationItem]:
+    def stream(self, prompt_token_ids: list[int], params: SamplingParams) -> Iterator[GenerationItem]:
         """Generate synchronously: TokenEvents, then one Finished."""
         self.validate(prompt_token_ids, params)
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
@@ -261,8 +257,9 @@ class ReferenceEngine:
                 except Exception as exc:
                     if self._failure is None:
                         self._failure = f"{type(exc).__name__}: {exc}"
-                        log.error("the reference engine failed a step (%s); it runs no more",
-                                  type(exc).__name__)
+                        log.error(
+                            "the reference engine failed a step (%s); it runs no more", type(exc).__name__
+                        )
                     raise EngineDeadError(f"the engine failed a step: {self._failure}") from exc
 
         try:
@@ -295,4 +292,3 @@ class ReferenceEngine:
 
     async def shutdown(self) -> None:
         self._running.clear()
-

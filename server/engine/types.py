@@ -81,8 +81,9 @@ class SamplingParams:
         if self.max_tokens < 1:
             raise InvalidRequest(f"max_tokens must be at least 1, got {self.max_tokens}", "max_tokens")
         if not 0 <= self.temperature <= MAX_TEMPERATURE:
-            raise InvalidRequest(f"temperature must be in [0, {MAX_TEMPERATURE:g}], got "
-                                 f"{self.temperature}", "temperature")
+            raise InvalidRequest(
+                f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {self.temperature}", "temperature"
+            )
         if not 0 < self.top_p <= 1:
             raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
         if self.logprobs < 0:

@@ -58,9 +58,7 @@ def variance(member_logprobs: torch.Tensor, log_mix: torch.Tensor | None = None)
     return kl(member_logprobs, log_mix.unsqueeze(-2)).mean(-1)  # [..., M] -> [...]
 
 
-def bias_topk(
-    log_mix: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor
-) -> torch.Tensor:
+def bias_topk(log_mix: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor) -> torch.Tensor:
     """Tail-bucket KL(q̄ ‖ p) from the target's top-K log-probs. [..., V], [..., K], [..., K] -> [...]
 
     Exact at K = V; a lower bound below. Tail masses are computed in float64 (1 − Σ is

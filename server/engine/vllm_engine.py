@@ -71,11 +71,19 @@ _PARAMS = {"max_tokens", "temperature", "top_p", "seed", "logprobs", "stop"}  # 
 class VllmEngine:
     name = "vllm"
 
-    def __init__(self, target: str, drafts: list[str], *,
-                 num_speculative_tokens: int = DEFAULT_NUM_SPECULATIVE_TOKENS,
-                 target_logprobs: int = DEFAULT_TARGET_LOGPROBS, model_name: str | None = None,
-                 max_model_len: int | None = None, draft_top_n: int | None = None,
-                 bias_source: BiasSource = DEFAULT_BIAS_SOURCE, vllm_args: dict | None = None) -> None:
+    def __init__(
+        self,
+        target: str,
+        drafts: list[str],
+        *,
+        num_speculative_tokens: int = DEFAULT_NUM_SPECULATIVE_TOKENS,
+        target_logprobs: int = DEFAULT_TARGET_LOGPROBS,
+        model_name: str | None = None,
+        max_model_len: int | None = None,
+        draft_top_n: int | None = None,
+        bias_source: BiasSource = DEFAULT_BIAS_SOURCE,
+        vllm_args: dict | None = None,
+    ) -> None:
         vllm_internals.check_version()  # before vLLM starts: one sentence, not a dead worker
         if bias_source not in BIAS_SOURCES:
             raise ValueError(f"bias_source must be one of {', '.join(BIAS_SOURCES)}, got '{bias_source}'")
@@ -107,11 +115,17 @@ class VllmEngine:
         binding = vllm_internals.cpu_thread_binding(tp) if not torch.cuda.is_available() else None
         if binding and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binding  # one core group per rank
-            log.info("tensor parallel size %d with fewer NUMA nodes than ranks: binding the "
-                     "ranks' threads to cores %s", tp, binding)
+            log.info(
+                "tensor parallel size %d with fewer NUMA nodes than ranks: binding the "
+                "ranks' threads to cores %s",
+                tp,
+                binding,
+            )
         self.joiner: Joiner | None = None
         engine_kw = dict(
-            model=str(target), tokenizer=str(target), max_model_len=vllm_len,
+            model=str(target),
+            tokenizer=str(target),
+            max_model_len=vllm_len,
             logprobs_mode="raw_logprobs",
             max_logprobs=-1 if bias_lp is not None and bias_lp < 0 else max(bias_lp or 0, 20),
             **args,
@@ -121,12 +135,18 @@ class VllmEngine:
             address = self.joiner.address
             top_n = -1 if target_logprobs < 0 else (draft_top_n or DEFAULT_DRAFT_TOP_N)  # logprobs
             engine_kw["speculative_config"] = {
-                "method": "custom_class", "model": PROPOSER_CLASS,
+                "method": "custom_class",
+                "model": PROPOSER_CLASS,
                 "num_speculative_tokens": num_speculative_tokens,
             }
-            engine_kw["additional_config"] = {"epispec": {
-                "drafts": [str(d) for d in drafts], "channel": address, "top_n": top_n,
-                "bias": bias_source}}
+            engine_kw["additional_config"] = {
+                "epispec": {
+                    "drafts": [str(d) for d in drafts],
+                    "channel": address,
+                    "top_n": top_n,
+                    "bias": bias_source,
+                }
+            }
             engine_kw.setdefault("async_scheduling", False)
         self._bias_logprobs = bias_lp
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kw))
@@ -143,8 +163,9 @@ class VllmEngine:
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         self._vllm_params(prompt_token_ids, params)
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[GenerationItem]:
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[GenerationItem]:
         vllm_params = self._vllm_params(prompt_token_ids, params)  # before any state is held
         if request_id in self._running:
             raise ValueError(f"request id '{request_id}' is already running")
@@ -155,8 +176,7 @@ class VllmEngine:
         detok = IncrementalDetokenizer(self._tokenizer, prompt_token_ids)
         gate = EmissionGate(params)
         steps, completion, reason, eu_seconds = 0, 0, "length", 0.0
-        stream = self.llm.generate({"prompt_token_ids": list(prompt_token_ids)}, vllm_params,
-                                   request_id)
+        stream = self.llm.generate({"prompt_token_ids": list(prompt_token_ids)}, vllm_params, request_id)
         try:
             async for out in stream:
                 steps += 1
@@ -165,8 +185,9 @@ class VllmEngine:
                     completion += 1
                     if tok in self.eos_token_ids and not params.ignore_eos:
                         break  # counted, not emitted; vLLM finishes the request with "stop"
-                    event, dt = await self._event(request_id, n_prompt + completion - 1, tok,
-                                                  c.logprobs[i], detok, params)
+                    event, dt = await self._event(
+                        request_id, n_prompt + completion - 1, tok, c.logprobs[i], detok, params
+                    )
                     eu_seconds += dt
                     for ev in gate.push(event, detok.pending):
                         yield ev
@@ -233,24 +254,40 @@ class VllmEngine:
             raise InvalidRequest("prompt_token_ids must not be empty", "prompt")
         room = min(params.max_tokens, self.max_model_len - len(prompt_token_ids))
         if room < 1:
-            raise InvalidRequest(f"the prompt has {len(prompt_token_ids)} tokens; the limit is "
-                                 f"{self.max_model_len} (prompt + generated)", "prompt")
+            raise InvalidRequest(
+                f"the prompt has {len(prompt_token_ids)} tokens; the limit is "
+                f"{self.max_model_len} (prompt + generated)",
+                "prompt",
+            )
         n_lp = params.logprobs  # 0 still returns the sampled token's own log-prob
         if self._bias_logprobs is not None:
             n_lp = -1 if self._bias_logprobs < 0 else max(self._bias_logprobs, n_lp)
         try:
             return VllmSamplingParams(
-                n=1, max_tokens=room, temperature=params.temperature, top_p=params.top_p,
-                seed=params.seed, ignore_eos=params.ignore_eos, logprobs=n_lp,
-                output_kind=RequestOutputKind.DELTA, detokenize=False,
+                n=1,
+                max_tokens=room,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                seed=params.seed,
+                ignore_eos=params.ignore_eos,
+                logprobs=n_lp,
+                output_kind=RequestOutputKind.DELTA,
+                detokenize=False,
             )
         except (ValueError, VLLMClientError) as exc:  # vLLM's own checks of the request
             message = str(exc)
             param = getattr(exc, "parameter", None) or message.split(" ", 1)[0]
             raise InvalidRequest(message, param if param in _PARAMS else None) from exc
 
-    async def _event(self, request_id: str, position: int, tok: int, lps: dict,
-                     detok: IncrementalDetokenizer, params: SamplingParams) -> tuple[TokenEvent, float]:
+    async def _event(
+        self,
+        request_id: str,
+        position: int,
+        tok: int,
+        lps: dict,
+        detok: IncrementalDetokenizer,
+        params: SamplingParams,
+    ) -> tuple[TokenEvent, float]:
         """The token's event and the seconds spent joining its EU (not counting the wait)."""
         bias = var = eu = None
         spent = 0.0
@@ -265,15 +302,21 @@ class VllmEngine:
                 start = time.perf_counter()
                 ids = torch.tensor(list(lps.keys()))  # [K]
                 lp = torch.tensor([v.logprob for v in lps.values()], dtype=torch.float64)  # [K]
-                log_mix = log_mix_from_record(torch.from_numpy(top[0]), torch.from_numpy(top[1]),
-                                              self.vocab_size).double()  # [V]
+                log_mix = log_mix_from_record(
+                    torch.from_numpy(top[0]), torch.from_numpy(top[1]), self.vocab_size
+                ).double()  # [V]
                 bias = float(bias_topk(log_mix, ids, lp))
                 var = rec.variance_or_nan()
                 eu = bias + var
                 spent = time.perf_counter() - start
         return TokenEvent(
-            token_id=tok, text=detok.add(tok), logprob=float(lps[tok].logprob),
-            bias=bias, variance=var, eu=eu, flagged=params.thresholds.flags(bias, var, eu),
+            token_id=tok,
+            text=detok.add(tok),
+            logprob=float(lps[tok].logprob),
+            bias=bias,
+            variance=var,
+            eu=eu,
+            flagged=params.thresholds.flags(bias, var, eu),
             top_logprobs=self._top(lps, params.logprobs),
         ), spent
 
@@ -281,13 +324,16 @@ class VllmEngine:
         if n <= 0:
             return ()
         best = sorted(lps.items(), key=lambda kv: -kv[1].logprob)[:n]
-        return tuple(TopLogprob(int(i), self._tokenizer.decode([int(i)]), float(v.logprob))
-                     for i, v in best)
+        return tuple(TopLogprob(int(i), self._tokenizer.decode([int(i)]), float(v.logprob)) for i, v in best)
 
     def _stats(self, request_id: str, steps: int, eu_seconds: float) -> EngineStats:
         if not self.joiner:
             return EngineStats(target_forward_passes=steps)
         n_steps, passes, proposed, accepted, proposer_eu_seconds = self.joiner.stats(request_id)
-        return EngineStats(target_forward_passes=n_steps, draft_forward_passes=passes,
-                           proposed=proposed, accepted=accepted,
-                           eu_seconds=eu_seconds + proposer_eu_seconds)
+        return EngineStats(
+            target_forward_passes=n_steps,
+            draft_forward_passes=passes,
+            proposed=proposed,
+            accepted=accepted,
+            eu_seconds=eu_seconds + proposer_eu_seconds,
+        )

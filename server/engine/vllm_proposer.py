@@ -58,12 +58,17 @@ class EnsembleProposer:
     def load_model(self, *args, **kwargs) -> None:
         vllm_internals.self_test()  # an incompatible vLLM fails here, at start-up
         self.ensemble = DraftEnsemble(
-            self.cfg["drafts"], k=self.k, slots=self.slots, max_len=self.max_len,
-            top_n=0 if self.worker_bias else self.cfg["top_n"], device=self.device,
+            self.cfg["drafts"],
+            k=self.k,
+            slots=self.slots,
+            max_len=self.max_len,
+            top_n=0 if self.worker_bias else self.cfg["top_n"],
+            device=self.device,
         )
 
-    def propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None,
-                **kwargs) -> list[list[int]]:
+    def propose(
+        self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None, **kwargs
+    ) -> list[list[int]]:
         runner = vllm_internals.caller_runner()
         batch = runner.input_batch
         req_ids = list(batch.req_ids)[: len(sampled_token_ids)]
@@ -71,20 +76,39 @@ class EnsembleProposer:
         for i, rid in enumerate(req_ids):
             n = int(num_tokens_no_spec[i])
             emitted = sampled_token_ids[i]
-            rows.append(RowInput(rid, torch.from_numpy(token_ids_cpu[i, :n].astype("int64")),
-                                 len(emitted), _is_final(runner.requests.get(rid), emitted, n)))
+            rows.append(
+                RowInput(
+                    rid,
+                    torch.from_numpy(token_ids_cpu[i, :n].astype("int64")),
+                    len(emitted),
+                    _is_final(runner.requests.get(rid), emitted, n),
+                )
+            )
         self.ensemble.release(set(req_ids))
         outs = self.ensemble.propose(rows)
         biases = self._biases(rows, outs) if self.worker_bias else None
         if self.publisher is not None:
             if self.worker_bias:
-                recs = [[Record.exact(rec.position, rec.variance, b) for rec, b in zip(o.records, bs, strict=True)]
-                        for o, bs in zip(outs, biases, strict=True)]
+                recs = [
+                    [
+                        Record.exact(rec.position, rec.variance, b)
+                        for rec, b in zip(o.records, bs, strict=True)
+                    ]
+                    for o, bs in zip(outs, biases, strict=True)
+                ]
             else:
-                recs = [[Record.of_top_n(rec.position, rec.variance, rec.ids.numpy(), rec.probs.numpy())
-                         for rec in o.records] for o in outs]
-            reqs = [RequestRecords(r.req_id, o.draft_passes, o.proposed, o.accepted, o.eu_seconds, rs)
-                    for r, o, rs in zip(rows, outs, recs, strict=True) if r.num_emitted]
+                recs = [
+                    [
+                        Record.of_top_n(rec.position, rec.variance, rec.ids.numpy(), rec.probs.numpy())
+                        for rec in o.records
+                    ]
+                    for o in outs
+                ]
+            reqs = [
+                RequestRecords(r.req_id, o.draft_passes, o.proposed, o.accepted, o.eu_seconds, rs)
+                for r, o, rs in zip(rows, outs, recs, strict=True)
+                if r.num_emitted
+            ]
             self.publisher.send(self.ensemble.num_states(), reqs)
         return [o.proposal for o in outs]
 
@@ -95,11 +119,15 @@ class EnsembleProposer:
         step = vllm_internals.sample_tokens_locals()
         meta, logits = step["spec_decode_metadata"], step["logits"]
         if meta is None:  # the plain sampler ran, and it modifies `logits` in place
-            raise RuntimeError(f"epispec's proposer got a step without speculative metadata: {vllm_internals.VERSION_HINT}.")
+            raise RuntimeError(
+                f"epispec's proposer got a step without speculative metadata: {vllm_internals.VERSION_HINT}."
+            )
         ends, drafted = meta.cu_num_sampled_tokens.tolist(), meta.num_draft_tokens
         if logits.shape[0] != ends[-1] or len(ends) < len(rows):
-            raise RuntimeError(f"epispec's proposer found {logits.shape[0]} logits rows for "
-                               f"{ends[-1]} sampled positions: {vllm_internals.VERSION_HINT}.")
+            raise RuntimeError(
+                f"epispec's proposer found {logits.shape[0]} logits rows for "
+                f"{ends[-1]} sampled positions: {vllm_internals.VERSION_HINT}."
+            )
         first = [ends[i] - drafted[i] - 1 for i in range(len(rows))]  # request i's first row
         grammar = step.get("grammar_output")
         masked = set(grammar.structured_output_request_ids) if grammar is not None else set()
@@ -107,8 +135,10 @@ class EnsembleProposer:
         for i, (r, o) in enumerate(zip(rows, outs, strict=True)):
             n0 = len(r.history) - r.num_emitted  # position of the first emitted token
             if r.num_emitted > drafted[i] + 1:
-                raise RuntimeError(f"epispec's proposer: {r.num_emitted} tokens emitted from "
-                                   f"{drafted[i] + 1} logits rows: {vllm_internals.VERSION_HINT}.")
+                raise RuntimeError(
+                    f"epispec's proposer: {r.num_emitted} tokens emitted from "
+                    f"{drafted[i] + 1} logits rows: {vllm_internals.VERSION_HINT}."
+                )
             for j, rec in enumerate(o.records):
                 if r.req_id not in masked:
                     index.append(first[i] + rec.position - n0)

@@ -44,7 +44,8 @@ def convert_gguf(gguf_path: str | Path, out: str | Path, dtype: str = "bfloat16"
         pass
     try:
         loaded = AutoModelForCausalLM.from_pretrained(
-            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32, **kwargs)
+            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32, **kwargs
+        )
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     except Exception as exc:  # transformers raises many types for an unreadable file
         raise SourceError(
@@ -98,7 +99,9 @@ def _fix_pre_tokenizer(tokenizer, gguf_path: Path) -> None:
     current = tokenizer.backend_tokenizer.pre_tokenizer
     if split is None or not isinstance(current, pre_tokenizers.ByteLevel):
         return  # nothing to add, or transformers already built a split of its own
-    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(split), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )

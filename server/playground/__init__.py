@@ -42,15 +42,17 @@ def _hash(text: str) -> str:
 
 
 def _csp(style: str, script: str, connect: str) -> str:
-    return "; ".join([
-        "default-src 'none'",
-        f"script-src {_hash(script)}",
-        f"style-src {_hash(style)}",
-        f"connect-src {connect}",
-        "img-src data:",
-        "base-uri 'none'",
-        "form-action 'none'",
-    ])
+    return "; ".join(
+        [
+            "default-src 'none'",
+            f"script-src {_hash(script)}",
+            f"style-src {_hash(style)}",
+            f"connect-src {connect}",
+            "img-src data:",
+            "base-uri 'none'",
+            "form-action 'none'",
+        ]
+    )
 
 
 def _fill(template: str, **parts: str) -> str:
@@ -94,7 +96,9 @@ def static_page(record: dict) -> str:
         "settings": html.escape(settings),
         "prompt": html.escape(record.get("prompt", "")),
         "text": html.escape(record.get("prompt", "") + "".join(t["text"] for t in tokens)),
-        "footer": html.escape(f"Written by epispec generate --html{', ' + record['created'] if record.get('created') else ''}."),
+        "footer": html.escape(
+            f"Written by epispec generate --html{', ' + record['created'] if record.get('created') else ''}."
+        ),
         "style": style,
         "script": script,
         "data": json_for_html(record),

@@ -41,11 +41,7 @@ def dashboard_queries() -> tuple[list[tuple[str, str]], list[dict]]:
 
 
 def fill(expr: str, instance: str, model: str) -> str:
-    return (
-        expr.replace("$__rate_interval", "1m")
-        .replace("$instance", instance)
-        .replace("$model", model)
-    )
+    return expr.replace("$__rate_interval", "1m").replace("$instance", instance).replace("$model", model)
 
 
 def free_port() -> int:
@@ -85,9 +81,7 @@ def prometheus(live_app, tmp_path_factory):  # noqa: F811
             except httpx.TransportError:
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"prometheus did not start: {(folder / 'prometheus.log').read_text()}"
-                )
+                raise RuntimeError(f"prometheus did not start: {(folder / 'prometheus.log').read_text()}")
             time.sleep(0.2)
         yield {"url": url, "target": target, "job": job["job_name"]}
     finally:
@@ -179,7 +173,5 @@ def test_shipped_config_is_valid():
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool is absent (it ships with Debian's `prometheus`)")
-    r = subprocess.run(
-        [promtool, "check", "config", str(PROMETHEUS_YML)], capture_output=True, text=True
-    )
+    r = subprocess.run([promtool, "check", "config", str(PROMETHEUS_YML)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr

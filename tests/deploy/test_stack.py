@@ -145,12 +145,8 @@ def test_dockerfile_stages():
     base = dict(s["base"])
     assert re.fullmatch(r"\d+(:\d+)?", base["USER"]) and not base["USER"].startswith("0")
     assert "/health" in base["HEALTHCHECK"] and base["ENTRYPOINT"] == '["epispec"]'
-    assert (
-        "EPISPEC_BUNDLE=/app/demo/bundle" in base["ENV"] and "EPISPEC_HOST=0.0.0.0" in base["ENV"]
-    )
-    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
-        "optional-dependencies"
-    ]
+    assert "EPISPEC_BUNDLE=/app/demo/bundle" in base["ENV"] and "EPISPEC_HOST=0.0.0.0" in base["ENV"]
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     for name in ("cpu", "gpu"):
         st = s[name]
         assert st[0] == ("FROM", "base")

@@ -29,7 +29,9 @@ def test_manifest_round_trips_through_the_reader(bundle_dir, tiny_models):
     assert b.drafts == [(bundle_dir / "drafts" / f"draft{m}").resolve() for m in range(3)]
     assert b.thresholds == {"eu": 0.7} and b.manifest["calibrated"] is True
     assert b.manifest["target"]["parameters"] == count_parameters(tiny_models["target"])
-    assert [d["parameters"] for d in b.manifest["drafts"]] == [count_parameters(d) for d in tiny_models["drafts"]]
+    assert [d["parameters"] for d in b.manifest["drafts"]] == [
+        count_parameters(d) for d in tiny_models["drafts"]
+    ]
     assert {"osd", "ddd"} <= set(b.manifest["training"])
     assert b.manifest["versions"]["torch"] == torch.__version__
     assert not list(bundle_dir.rglob("checkpoint.pt"))

@@ -54,11 +54,14 @@ def test_record_holds_hashes_and_digest(texts):
     assert r0["digest"] != r1["digest"]
 
 
-@pytest.mark.parametrize(("texts_", "m", "message"), [
-    (["a", "b"], 0, "at least 1"),
-    ([], 2, "empty corpus"),
-    (["a", "a", "b"], 3, "too few"),
-])
+@pytest.mark.parametrize(
+    ("texts_", "m", "message"),
+    [
+        (["a", "b"], 0, "at least 1"),
+        ([], 2, "empty corpus"),
+        (["a", "a", "b"], 3, "too few"),
+    ],
+)
 def test_bad_inputs(texts_, m, message):
     with pytest.raises(ValueError, match=message):
         partition(texts_, m)

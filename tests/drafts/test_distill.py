@@ -18,8 +18,15 @@ SHAPE = LMShape(hidden=64, layers=1, heads=1, intermediate=128, max_positions=25
 
 def _distill(tiny, texts, out, steps=12, **kw):
     settings = DistillSettings(**{"drafts": 2, "osd": "lowrank", **kw})
-    return distill_drafts(texts, describe_corpus("tiny", "train", texts), tiny["target"], out, settings,
-                          SHAPE, RunOptions(steps=steps, batch_size=8, seq_len=32, lr=5e-3))
+    return distill_drafts(
+        texts,
+        describe_corpus("tiny", "train", texts),
+        tiny["target"],
+        out,
+        settings,
+        SHAPE,
+        RunOptions(steps=steps, batch_size=8, seq_len=32, lr=5e-3),
+    )
 
 
 def _record(folder):
@@ -63,8 +70,16 @@ def test_ablations(tiny_models, texts, tmp_path):
 
 
 def test_synthetic_data_and_init_from_a_model(tiny_models, texts, tmp_path):
-    out = _distill(tiny_models, texts[:16], tmp_path, steps=4, osd="dropout", source="synthetic",
-                   max_new_tokens=12, init=tiny_models["drafts"][0])
+    out = _distill(
+        tiny_models,
+        texts[:16],
+        tmp_path,
+        steps=4,
+        osd="dropout",
+        source="synthetic",
+        max_new_tokens=12,
+        init=tiny_models["drafts"][0],
+    )
     r = _record(out[0])
     assert r["settings"]["source"] == "synthetic" and r["init"] == tiny_models["drafts"][0]
     assert r["osd"]["mode"] == "dropout" and r["osd"]["instances"] == 4
@@ -78,8 +93,15 @@ def _record_params(folder):
 
 
 def test_ensemble_osd(tiny_models, texts, tmp_path):
-    out = _distill(tiny_models, texts, tmp_path, steps=6, drafts=1,
-                   osd="ensemble", ensemble=(tiny_models["target"], tiny_models["target"]))
+    out = _distill(
+        tiny_models,
+        texts,
+        tmp_path,
+        steps=6,
+        drafts=1,
+        osd="ensemble",
+        ensemble=(tiny_models["target"], tiny_models["target"]),
+    )
     osd = _record(out[0])["osd"]
     assert osd["members"] == 2 and sum(osd["draws_per_member"].values()) == 6
 

@@ -72,11 +72,14 @@ def random_member(seed: int, n: int) -> int:
     return random.Random(seed).randrange(n)
 
 
-@pytest.mark.parametrize(("mode", "kwargs", "message"), [
-    ("gaussian", {}, "must be one of"),
-    ("ensemble", {}, "at least one ensemble member"),
-    ("dropout", {"noise": 0.0}, "noise > 0"),
-])
+@pytest.mark.parametrize(
+    ("mode", "kwargs", "message"),
+    [
+        ("gaussian", {}, "must be one of"),
+        ("ensemble", {}, "at least one ensemble member"),
+        ("dropout", {"noise": 0.0}, "noise > 0"),
+    ],
+)
 def test_bad_modes(target, mode, kwargs, message):
     with pytest.raises(ValueError, match=message):
         TeacherSampler(target, mode, **kwargs)

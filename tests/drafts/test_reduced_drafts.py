@@ -43,13 +43,24 @@ def test_loss_is_kl_of_the_teacher_renormalized_over_s(tiny_models, texts):
 
 def test_reduced_drafts_from_responses_serve_in_the_ensemble(tiny_models, texts, tmp_path):
     tok = load_tokenizer(tiny_models["target"])
-    records = [{"question": t[:40] + str(i), "prompt_ids": ids[:8], "output_ids": ids[8:]}
-               for i, (t, ids) in enumerate(zip(texts[:40], encode_corpus(texts[:40], tok), strict=True))]
+    records = [
+        {"question": t[:40] + str(i), "prompt_ids": ids[:8], "output_ids": ids[8:]}
+        for i, (t, ids) in enumerate(zip(texts[:40], encode_corpus(texts[:40], tok), strict=True))
+    ]
     qs = [r["question"] for r in records]
-    settings = DistillSettings(drafts=2, osd="lowrank", source="responses", draft_vocab=48, embed_init="target")
-    out = distill_drafts(qs, describe_corpus("responses", "responses", qs), tiny_models["target"], tmp_path,
-                         settings, SHAPE, RunOptions(steps=12, batch_size=4, seq_len=32, lr=5e-3),
-                         docs=response_docs(records))
+    settings = DistillSettings(
+        drafts=2, osd="lowrank", source="responses", draft_vocab=48, embed_init="target"
+    )
+    out = distill_drafts(
+        qs,
+        describe_corpus("responses", "responses", qs),
+        tiny_models["target"],
+        tmp_path,
+        settings,
+        SHAPE,
+        RunOptions(steps=12, batch_size=4, seq_len=32, lr=5e-3),
+        docs=response_docs(records),
+    )
     check_compatible(tiny_models["target"], out)
     rec = json.loads((out[0] / "training.json").read_text())
     assert rec["draft_vocab"]["size"] == 48 and rec["loss"]["last"] < rec["loss"]["first"]
@@ -68,11 +79,13 @@ def test_check_compatible_refuses_bad_maps(tiny_models, reduced_drafts, tmp_path
     bad = tmp_path / "bad"
     shutil.copytree(reduced_drafts[0], bad)
     raw = json.loads((bad / "draft_vocab.json").read_text())
-    for change, words in ((lambda r: r.update(target_vocab_size=r["target_vocab_size"] + 5), "maps its vocabulary"),
-                          (lambda r: r.update(target_vocab_size=7), "must lie in"),
-                          (lambda r: r.update(target_ids=r["target_ids"][:-1]), "lists"),
-                          (lambda r: r.update(tokenizer_digest="0" * 16), "another tokenizer"),
-                          (lambda r: r.update(unknown=10 ** 6), "unknown")):
+    for change, words in (
+        (lambda r: r.update(target_vocab_size=r["target_vocab_size"] + 5), "maps its vocabulary"),
+        (lambda r: r.update(target_vocab_size=7), "must lie in"),
+        (lambda r: r.update(target_ids=r["target_ids"][:-1]), "lists"),
+        (lambda r: r.update(tokenizer_digest="0" * 16), "another tokenizer"),
+        (lambda r: r.update(unknown=10**6), "unknown"),
+    ):
         r = json.loads(json.dumps(raw))
         change(r)
         (bad / "draft_vocab.json").write_text(json.dumps(r))

@@ -39,15 +39,28 @@ def test_bundle_target_loads_in_vllm(tiny_models, tmp_path):
     script = tmp_path / "run_vllm.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "2"}
-    proc = subprocess.run([sys.executable, str(script), str(target), PROMPT], capture_output=True, text=True,
-                          env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(target), PROMPT],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    vllm_ids = json.loads(lines[0][len("RESULT "):])
+    vllm_ids = json.loads(lines[0][len("RESULT ") :])
 
     tok = load_tokenizer(target)
     prompt = [tok.bos_token_id, *tok(PROMPT, add_special_tokens=False)["input_ids"]]
-    hf = load_causal_lm(target).generate(
-        input_ids=torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
-        pad_token_id=tok.pad_token_id, eos_token_id=None)[0, len(prompt):].tolist()
+    hf = (
+        load_causal_lm(target)
+        .generate(
+            input_ids=torch.tensor([prompt]),
+            max_new_tokens=12,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=None,
+        )[0, len(prompt) :]
+        .tolist()
+    )
     assert vllm_ids == hf

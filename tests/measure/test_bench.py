@@ -37,9 +37,7 @@ def test_prompt_format_equals_the_drafts_training_format():
 
 def test_load_questions_reads_jsonl_in_order_and_names_a_missing_file(tmp_path):
     f = tmp_path / "q.jsonl"
-    f.write_text(
-        "\n".join(json.dumps({"question": f"q{i}", "answer": "a"}) for i in range(5)) + "\n"
-    )
+    f.write_text("\n".join(json.dumps({"question": f"q{i}", "answer": "a"}) for i in range(5)) + "\n")
     assert load_questions(f, 3) == [format_prompt(f"q{i}") for i in range(3)]
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         load_questions(tmp_path / "nope.jsonl")
@@ -100,9 +98,7 @@ def test_level_row_derives_acceptance_and_passes_per_token():
 def test_tree_rss_counts_child_processes():
     code = "b = bytearray(200 << 20); import sys; sys.stdout.write('ready\\n'); sys.stdout.flush(); input()"
     before = tree_rss(psutil.Process())
-    child = subprocess.Popen(
-        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE
-    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         assert child.stdout.readline().strip() == b"ready"
         assert tree_rss(psutil.Process()) - before > 150 << 20
@@ -162,16 +158,12 @@ def test_exact_eu_by_teacher_forcing_equals_the_reference_engine(tiny_models):
     prompt = engine.tokenizer("Question: Ann has 3 apples.\nAnswer: ")["input_ids"]
     events = [
         e
-        for e in engine.stream(
-            prompt, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-        )
+        for e in engine.stream(prompt, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
         if isinstance(e, TokenEvent)
     ]
     seq = {"prompt_ids": prompt, "tokens": [e.token_id for e in events]}
     vocab = engine.vocab_size
-    full, top5 = (
-        exact_eu(tiny_models["target"], tiny_models["drafts"], [seq], k)[0] for k in (vocab, 5)
-    )
+    full, top5 = (exact_eu(tiny_models["target"], tiny_models["drafts"], [seq], k)[0] for k in (vocab, 5))
     assert torch.allclose(torch.tensor(full["eu"]), torch.tensor([e.eu for e in events]), atol=1e-4)
     # at k = V the top-k bound is exact; below, a lower bound with less than all the mass
     assert torch.allclose(torch.tensor(full["eu_topk"]), torch.tensor(full["eu"]), atol=1e-4)
@@ -184,9 +176,7 @@ def test_exact_eu_by_teacher_forcing_equals_the_reference_engine(tiny_models):
 
 def test_bench_reference_config_writes_table_json_and_plot(tiny_models, tmp_path):
     questions = tmp_path / "q.jsonl"
-    questions.write_text(
-        "\n".join(json.dumps({"question": f"Ann has {i} apples."}) for i in range(4))
-    )
+    questions.write_text("\n".join(json.dumps({"question": f"Ann has {i} apples."}) for i in range(4)))
     drafts = [a for d in tiny_models["drafts"] for a in ("--draft", d)]
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     cmd = [

@@ -72,8 +72,12 @@ def test_applied_corrections_are_clipped_at_zero():
 
 def _tokens(rng, n: int, truth_scale: float) -> dict[str, np.ndarray]:
     bias, variance = rng.exponential(0.5, n), rng.exponential(0.05, n)
-    return {"ours.bias": bias, "ours.variance": variance, "ours.eu": bias + variance,
-            "ensemble": truth_scale * (variance + rng.exponential(0.02, n))}
+    return {
+        "ours.bias": bias,
+        "ours.variance": variance,
+        "ours.eu": bias + variance,
+        "ensemble": truth_scale * (variance + rng.exponential(0.02, n)),
+    }
 
 
 def test_test_arrays_cannot_change_what_is_fitted():

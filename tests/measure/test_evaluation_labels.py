@@ -35,17 +35,40 @@ def test_parse_number():
 
 
 def test_annotations_correct_wrong_malformed():
-    text = ("16 - 3 - 4 = <<16-3-4=9>>9 eggs. 9 * 2 = $<<9*2=19>>19. "
-            "<<5+=3>>3 <<7/2=3.5>>3.5 <<1/0=1>>1 <<2+2=four>>four <<2+2=4 unclosed")
+    text = (
+        "16 - 3 - 4 = <<16-3-4=9>>9 eggs. 9 * 2 = $<<9*2=19>>19. "
+        "<<5+=3>>3 <<7/2=3.5>>3.5 <<1/0=1>>1 <<2+2=four>>four <<2+2=4 unclosed"
+    )
     got = [(a.expr, a.result, a.wrong) for a in annotations(text)]
     assert got == [("16-3-4", "9", False), ("9*2", "19", True), ("7/2", "3.5", False)]
     first = annotations(text)[0]
-    assert text[first.start:first.end] == "9"
+    assert text[first.start : first.end] == "9"
 
 
 def test_token_labels_mark_result_tokens_only():
-    pieces = [" 3", "+", "4", "=", " <<", "3", "+", "4", "=", "8", ">>", "8", " and", " <<", "2", "*", "2", "=",
-              "4", ">>", "4"]
+    pieces = [
+        " 3",
+        "+",
+        "4",
+        "=",
+        " <<",
+        "3",
+        "+",
+        "4",
+        "=",
+        "8",
+        ">>",
+        "8",
+        " and",
+        " <<",
+        "2",
+        "*",
+        "2",
+        "=",
+        "4",
+        ">>",
+        "4",
+    ]
     labels = token_labels(pieces, 0, "".join(pieces))
     assert labels[9] == 1  # the wrong result 8 inside <<3+4=8>>
     assert labels[18] == 0  # the correct result 4 inside <<2*2=4>>

@@ -20,7 +20,8 @@ def test_readme_block_equals_the_report_of_the_committed_results():
     results = json.loads((ROOT / COMMITTED).read_text())
     expected = report.readme_block(results, COMMITTED)
     assert report.current_block((ROOT / "README.md").read_text()) == expected, (
-        f"README.md's eval-table block is stale: run `epispec eval --report {Path(COMMITTED).parent} --readme README.md`")
+        f"README.md's eval-table block is stale: run `epispec eval --report {Path(COMMITTED).parent} --readme README.md`"
+    )
 
 
 def test_splice_replaces_only_the_block():
@@ -29,7 +30,9 @@ def test_splice_replaces_only_the_block():
     assert report.splice(text, block) == f"intro\n{report.START}\nnew\n{report.END}\noutro\n"
     assert report.splice(report.splice(text, block), block) == report.splice(text, block)
     quoted = f"see `{report.START}` and `{report.END}`\n" + text  # markers quoted in prose are not the block
-    assert report.splice(quoted, block) == f"see `{report.START}` and `{report.END}`\n" + report.splice(text, block)
+    assert report.splice(quoted, block) == f"see `{report.START}` and `{report.END}`\n" + report.splice(
+        text, block
+    )
 
 
 def test_splice_needs_exactly_one_block():

@@ -41,8 +41,10 @@ def test_an_overloaded_server_fails_the_run(engine, tmp_path):
 
 
 def test_a_spawned_server_is_measured_and_stopped_gracefully(tiny_models, tmp_path):
-    serve = (f"--engine reference --device cpu --target {tiny_models['target']} "
-             f"--draft {tiny_models['drafts'][0]} --max-model-len 96")
+    serve = (
+        f"--engine reference --device cpu --target {tiny_models['target']} "
+        f"--draft {tiny_models['drafts'][0]} --max-model-len 96"
+    )
     status, r = load(tmp_path, "--serve", serve, "--concurrency", "2", *SHORT)
     assert status == 0, r
     assert r["server"]["spawned"] and r["server"]["exit_status"] == 0

@@ -22,8 +22,14 @@ class ScriptedEngine:
 
     name, model_name, max_model_len, num_drafts = "scripted", "scripted", 64, 3
 
-    def __init__(self, tokenizer, n_tokens: int = 3, fail: str | None = None,
-                 gate: threading.Event | None = None, delay: float = 0.0) -> None:
+    def __init__(
+        self,
+        tokenizer,
+        n_tokens: int = 3,
+        fail: str | None = None,
+        gate: threading.Event | None = None,
+        delay: float = 0.0,
+    ) -> None:
         self._tokenizer, self.n_tokens, self.fail, self.gate = tokenizer, n_tokens, fail, gate
         self.delay = delay
         self.healthy = True
@@ -41,8 +47,15 @@ class ScriptedEngine:
         self.running += 1
         try:
             for i in range(self.n_tokens):
-                yield TokenEvent(token_id=5 + i, text=f"t{i} ", logprob=-0.5, bias=0.1 * i,
-                                 variance=0.2, eu=0.1 * i + 0.2, flagged=i == 2)
+                yield TokenEvent(
+                    token_id=5 + i,
+                    text=f"t{i} ",
+                    logprob=-0.5,
+                    bias=0.1 * i,
+                    variance=0.2,
+                    eu=0.1 * i + 0.2,
+                    flagged=i == 2,
+                )
                 while self.gate is not None and not self.gate.is_set() and request_id not in self.aborted:
                     await asyncio.sleep(0.01)
                 await asyncio.sleep(self.delay)
@@ -54,8 +67,9 @@ class ScriptedEngine:
             if self.fail == "raise":
                 raise RuntimeError("device lost")
             if self.fail == "finish":
-                yield Finished("error", len(prompt_token_ids), self.n_tokens, EngineStats(),
-                               error="out of memory")
+                yield Finished(
+                    "error", len(prompt_token_ids), self.n_tokens, EngineStats(), error="out of memory"
+                )
                 return
             yield Finished("length", len(prompt_token_ids), self.n_tokens, EngineStats())
         finally:

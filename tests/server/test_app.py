@@ -36,8 +36,13 @@ def test_summary_from_scripted_events(tokenizer):
     with LiveServer(create_app(Settings(), engine)) as live:
         body = httpx.post(f"{live.url}/generate", json={"prompt": "hi"}).json()
     assert body["text"] == "t0 t1 t2 "
-    assert body["summary"] == {"mean_eu": pytest.approx(0.3), "max_eu": pytest.approx(0.4),
-                               "num_tokens": 3, "num_flagged": 1, "flagged": True}
+    assert body["summary"] == {
+        "mean_eu": pytest.approx(0.3),
+        "max_eu": pytest.approx(0.4),
+        "num_tokens": 3,
+        "num_flagged": 1,
+        "flagged": True,
+    }
 
 
 def test_dead_engine_makes_health_503(tokenizer):
@@ -52,8 +57,14 @@ def test_dead_engine_makes_health_503(tokenizer):
 
 
 def test_lifespan_builds_the_engine_from_settings(tiny_models):
-    settings = Settings(target=tiny_models["target"], drafts=tiny_models["drafts"][:2],
-                        engine="reference", device="cpu", model_name="built", max_model_len=64)
+    settings = Settings(
+        target=tiny_models["target"],
+        drafts=tiny_models["drafts"][:2],
+        engine="reference",
+        device="cpu",
+        model_name="built",
+        max_model_len=64,
+    )
     with LiveServer(create_app(settings)) as live:
         ready = httpx.get(f"{live.url}/ready").json()
         assert ready["model"] == "built" and ready["engine"] == "reference"
@@ -65,16 +76,23 @@ def test_lifespan_builds_the_engine_from_settings(tiny_models):
 def test_bundle_thresholds_are_the_default_flags(tiny_models, tmp_path):
     bundle = tmp_path / "bundle"
     bundle.mkdir()
-    (bundle / "bundle.json").write_text(json.dumps({
-        "target": {"path": tiny_models["target"]},
-        "drafts": [{"path": d} for d in tiny_models["drafts"]],
-        "thresholds": {"eu": 0.123, "variance": 0.05},
-    }))
+    (bundle / "bundle.json").write_text(
+        json.dumps(
+            {
+                "target": {"path": tiny_models["target"]},
+                "drafts": [{"path": d} for d in tiny_models["drafts"]],
+                "thresholds": {"eu": 0.123, "variance": 0.05},
+            }
+        )
+    )
     app = create_app(Settings(bundle=str(bundle), engine="reference", device="cpu"))
     with LiveServer(app) as live:
         t = app.state.ctx.thresholds
         assert (t.eu, t.bias, t.variance) == (0.123, None, 0.05)
-        body = httpx.post(f"{live.url}/generate", timeout=60,
-                          json={"prompt": "Question: Tom", "max_tokens": 4, "temperature": 0}).json()
+        body = httpx.post(
+            f"{live.url}/generate",
+            timeout=60,
+            json={"prompt": "Question: Tom", "max_tokens": 4, "temperature": 0},
+        ).json()
         for tok in body["tokens"]:
             assert tok["flagged"] == (tok["eu"] > 0.123 or tok["variance"] > 0.05)

@@ -30,8 +30,7 @@ def test_jsonl_has_every_token_field_and_a_summary(tiny_models):
     lines = [json.loads(x) for x in r.stdout.splitlines()]
     tokens, summary = lines[:-1], lines[-1]["summary"]
     assert tokens and all(
-        set(t) == {"token_id", "text", "logprob", "bias", "variance", "eu", "flagged"}
-        for t in tokens
+        set(t) == {"token_id", "text", "logprob", "bias", "variance", "eu", "flagged"} for t in tokens
     )
     assert all(abs(t["eu"] - t["bias"] - t["variance"]) < 1e-5 for t in tokens)
     assert summary["tokens"] >= len(tokens)
@@ -54,9 +53,7 @@ def test_plain_text_marks_flagged_tokens_and_errors_are_clear(tiny_models):
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("[[") >= 1 and "]]" in r.stdout
-    bad = _generate(
-        "--target", tiny_models["target"], "--draft", "/nonexistent/draft", "--prompt", "x"
-    )
+    bad = _generate("--target", tiny_models["target"], "--draft", "/nonexistent/draft", "--prompt", "x")
     assert bad.returncode == 2 and "does not exist" in bad.stderr
     neg = _generate("--target", tiny_models["target"], "--prompt", "x", "--temperature", "-1")
     assert neg.returncode == 2 and "temperature" in neg.stderr

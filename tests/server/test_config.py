@@ -46,10 +46,18 @@ def test_json_config_file_and_secret(tmp_path):
     assert s.thresholds().eu == 0.3
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"port": 70000}, {"max_request_bytes": 10}, {"engine": "tgi"}, {"target": "t", "bundle": "b"},
-    {"drafts": ["d"]}, {"eu_threshold": -1}, {"min_threshold": 5, "max_threshold": 1},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"port": 70000},
+        {"max_request_bytes": 10},
+        {"engine": "tgi"},
+        {"target": "t", "bundle": "b"},
+        {"drafts": ["d"]},
+        {"eu_threshold": -1},
+        {"min_threshold": 5, "max_threshold": 1},
+    ],
+)
 def test_invalid_settings_are_refused(kwargs):
     with pytest.raises(ValidationError):
         Settings(**kwargs)

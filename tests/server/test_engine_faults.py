@@ -37,9 +37,22 @@ def engine_core(pid: int) -> psutil.Process:
 
 def test_killing_the_engine_core_fails_streams_then_the_process(tiny_models):
     port = free_port()
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--engine", "vllm", "--target",
-           tiny_models["target"], *sum((["--draft", d] for d in tiny_models["drafts"]), []),
-           *VLLM_FLAGS, "--port", str(port), "--log-level", "info"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "server.cli",
+        "serve",
+        "--engine",
+        "vllm",
+        "--target",
+        tiny_models["target"],
+        *sum((["--draft", d] for d in tiny_models["drafts"]), []),
+        *VLLM_FLAGS,
+        "--port",
+        str(port),
+        "--log-level",
+        "info",
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:

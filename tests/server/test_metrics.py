@@ -41,9 +41,7 @@ def values(samples: dict, names: list[str]) -> list[float]:
 
 def token(eu: float | None, flagged: bool = False) -> TokenEvent:
     bias, var = (None, None) if eu is None else (eu / 4, 3 * eu / 4)
-    return TokenEvent(
-        token_id=1, text="x", logprob=-0.1, bias=bias, variance=var, eu=eu, flagged=flagged
-    )
+    return TokenEvent(token_id=1, text="x", logprob=-0.1, bias=bias, variance=var, eu=eu, flagged=flagged)
 
 
 def test_a_generation_moves_every_metric():
@@ -188,9 +186,7 @@ def test_requests_through_the_app_reach_metrics(live_app):
     assert delta("epispec_inter_token_latency_seconds_count") == tokens - 3
     assert delta("epispec_e2e_request_latency_seconds_count") == 3
     assert delta("epispec_prompt_tokens_total") > 0
-    assert delta("epispec_spec_proposed_tokens_total") >= delta(
-        "epispec_spec_accepted_tokens_total"
-    )
+    assert delta("epispec_spec_proposed_tokens_total") >= delta("epispec_spec_accepted_tokens_total")
     assert delta("epispec_spec_proposed_tokens_total") > 0
     assert delta("epispec_draft_forward_passes_total") > 0
     assert delta("epispec_eu_seconds_total") > 0

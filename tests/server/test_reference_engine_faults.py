@@ -20,15 +20,21 @@ from tests.server.engine.test_reference import _failing_target
 
 
 def test_a_failed_step_ends_the_stream_then_503s(tiny_models):
-    engine = ReferenceEngine(tiny_models["target"], tiny_models["drafts"], model_name="tiny",
-                             max_model_len=96)
+    engine = ReferenceEngine(
+        tiny_models["target"], tiny_models["drafts"], model_name="tiny", max_model_len=96
+    )
     forwards = itertools.count()
     _failing_target(engine, lambda: next(forwards) >= 4)  # the prefill and three rounds pass
     app = create_app(Settings(), engine)
     died = threading.Event()
     app.state.on_engine_dead = died.set
-    body = {"prompt": "Question: Ann has", "stream": True, "max_tokens": 40, "temperature": 0,
-            "ignore_eos": True}
+    body = {
+        "prompt": "Question: Ann has",
+        "stream": True,
+        "max_tokens": 40,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
     with LiveServer(app) as live, httpx.Client(base_url=live.url, timeout=60) as c:
         assert c.get("/health").status_code == 200
         with c.stream("POST", "/generate", json=body) as r:

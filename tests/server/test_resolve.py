@@ -28,12 +28,15 @@ def given(command: str, *flags: str):
 
 
 @pytest.mark.parametrize("command", ["serve", "generate"])
-@pytest.mark.parametrize(("flags", "calibrated", "want"), [
-    ((), None, (DEFAULT_EU_THRESHOLD, None, None)),
-    ((), CALIBRATED, (0.3, 0.2, 0.1)),
-    (("--eu-threshold", "0.7"), CALIBRATED, (0.7, 0.2, 0.1)),  # the bundle's bias and variance stay
-    (("--variance-threshold", "0.05"), {"bias": 0.2}, (DEFAULT_EU_THRESHOLD, 0.2, 0.05)),
-])
+@pytest.mark.parametrize(
+    ("flags", "calibrated", "want"),
+    [
+        ((), None, (DEFAULT_EU_THRESHOLD, None, None)),
+        ((), CALIBRATED, (0.3, 0.2, 0.1)),
+        (("--eu-threshold", "0.7"), CALIBRATED, (0.7, 0.2, 0.1)),  # the bundle's bias and variance stay
+        (("--variance-threshold", "0.05"), {"bias": 0.2}, (DEFAULT_EU_THRESHOLD, 0.2, 0.05)),
+    ],
+)
 def test_each_threshold_falls_back_on_its_own(command, flags, calibrated, want):
     t = resolve_thresholds(given(command, *flags), calibrated)
     assert (t.eu, t.bias, t.variance) == want
@@ -41,9 +44,22 @@ def test_each_threshold_falls_back_on_its_own(command, flags, calibrated, want):
 
 @pytest.mark.parametrize("command", ["serve", "generate"])
 def test_both_commands_build_the_same_engine_args(command):
-    eargs, bundle = engine_args(given(command, "--target", "t", "--draft", "a", "--draft", "b",
-                                      "--bias-source", "logprobs", "--dtype", "float32"),
-                                {"dtype": "float32"})
+    eargs, bundle = engine_args(
+        given(
+            command,
+            "--target",
+            "t",
+            "--draft",
+            "a",
+            "--draft",
+            "b",
+            "--bias-source",
+            "logprobs",
+            "--dtype",
+            "float32",
+        ),
+        {"dtype": "float32"},
+    )
     assert bundle is None and (eargs.target, eargs.drafts) == ("t", ["a", "b"])
     assert (eargs.engine, eargs.num_speculative_tokens, eargs.target_logprobs) == ("auto", 3, 20)
     assert eargs.bias_source == "logprobs" and eargs.vllm_args == {"dtype": "float32"}

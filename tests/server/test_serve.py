@@ -27,8 +27,23 @@ def test_flags_become_settings_and_unset_flags_stay_unset(monkeypatch):
     from server.commands.serve import settings_from_flags
 
     monkeypatch.setenv("EPISPEC_PORT", "9100")
-    args = parse(["serve", "--target", "t", "--draft", "a", "--draft", "b", "--api-key", "k",
-                  "--dtype", "float32", "--eu-threshold", "0.7"])
+    args = parse(
+        [
+            "serve",
+            "--target",
+            "t",
+            "--draft",
+            "a",
+            "--draft",
+            "b",
+            "--api-key",
+            "k",
+            "--dtype",
+            "float32",
+            "--eu-threshold",
+            "0.7",
+        ]
+    )
     s = settings_from_flags(args)
     assert (s.target, s.drafts, s.api_key.get_secret_value()) == ("t", ["a", "b"], "k")
     assert s.port == 9100  # from the environment: --port was not given
@@ -41,8 +56,14 @@ def _env(**extra) -> dict:
 
 
 def test_serve_without_models_says_how_to_pass_them(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "server.cli", "serve"], cwd=ROOT, capture_output=True,
-                       text=True, env=_env(EPISPEC_BUNDLE=str(tmp_path)), timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=_env(EPISPEC_BUNDLE=str(tmp_path)),
+        timeout=120,
+    )
     assert r.returncode != 0
     assert "--target" in r.stderr and "--bundle" in r.stderr
 
@@ -52,9 +73,24 @@ def test_serve_starts_answers_and_exits_0_on_a_signal(tiny_models, sig):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--engine", "reference", "--device", "cpu",
-           "--target", tiny_models["target"], "--draft", tiny_models["drafts"][0],
-           "--port", str(port), "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "server.cli",
+        "serve",
+        "--engine",
+        "reference",
+        "--device",
+        "cpu",
+        "--target",
+        tiny_models["target"],
+        "--draft",
+        tiny_models["drafts"][0],
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -27,9 +27,21 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def start_scripted(tiny_models, *args: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "tests.server.scripted_engine", "--port", str(port),
-                             "--tokenizer", tiny_models["tokenizer"], *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.server.scripted_engine",
+            "--port",
+            str(port),
+            "--tokenizer",
+            tiny_models["tokenizer"],
+            *args,
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     wait_ready(proc, url, timeout=60)
     return proc, url
@@ -54,8 +66,10 @@ def events(lines) -> list[dict]:
 def test_sigterm_lets_in_flight_streams_finish_then_exits_0(tiny_models):
     proc, url = start_scripted(tiny_models, "--tokens", "30", "--delay", "0.05")
     try:
-        with httpx.Client(timeout=30) as c, c.stream(
-                "POST", f"{url}/generate", json={"prompt": "hi", "stream": True}) as r:
+        with (
+            httpx.Client(timeout=30) as c,
+            c.stream("POST", f"{url}/generate", json={"prompt": "hi", "stream": True}) as r,
+        ):
             lines = r.iter_lines()
             first = next(lines)
             sent = time.monotonic()
@@ -75,11 +89,12 @@ def test_sigterm_lets_in_flight_streams_finish_then_exits_0(tiny_models):
 
 
 def test_sigterm_cuts_streams_after_the_timeout_and_exits_0(tiny_models):
-    proc, url = start_scripted(tiny_models, "--tokens", "400", "--delay", "0.05",
-                               "--shutdown-timeout", "1")
+    proc, url = start_scripted(tiny_models, "--tokens", "400", "--delay", "0.05", "--shutdown-timeout", "1")
     try:
-        with httpx.Client(timeout=30) as c, c.stream(
-                "POST", f"{url}/generate", json={"prompt": "hi", "stream": True}) as r:
+        with (
+            httpx.Client(timeout=30) as c,
+            c.stream("POST", f"{url}/generate", json={"prompt": "hi", "stream": True}) as r,
+        ):
             lines = r.iter_lines()
             next(lines)
             sent = time.monotonic()
@@ -95,8 +110,10 @@ def test_sigterm_cuts_streams_after_the_timeout_and_exits_0(tiny_models):
 def test_a_dead_engine_gets_503s_then_exits_non_zero(tiny_models):
     proc, url = start_scripted(tiny_models, "--tokens", "400", "--delay", "0.05", "--die-after", "2")
     try:
-        with httpx.Client(timeout=30) as c, c.stream(
-                "POST", f"{url}/generate", json={"prompt": "hi", "stream": True}) as r:
+        with (
+            httpx.Client(timeout=30) as c,
+            c.stream("POST", f"{url}/generate", json={"prompt": "hi", "stream": True}) as r,
+        ):
             got = events(r.iter_lines())
         assert got[-1]["error"]["code"] == "engine_error"
         assert got[-1]["error"]["message"] == "Generation failed: RuntimeError."

@@ -31,8 +31,15 @@ def chromium_or_skip() -> Any:
         pytest.skip("needs selenium (in the dev extra: pip install -e '.[dev]')")
     options = webdriver.ChromeOptions()
     options.binary_location = binary
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1280,860", "--force-device-scale-factor=1", "--no-first-run"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1280,860",
+        "--force-device-scale-factor=1",
+        "--no-first-run",
+    ):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     return webdriver.Chrome(options=options, service=Service(driver))
@@ -70,22 +77,26 @@ def dom_tokens(driver: Any) -> list[dict]:
 def summary_fields(driver: Any) -> dict[str, str]:
     return driver.execute_script(
         "return Object.fromEntries([...document.querySelectorAll('#summary dd')]"
-        ".map((d) => [d.dataset.field, d.textContent]));")
+        ".map((d) => [d.dataset.field, d.textContent]));"
+    )
 
 
 def luminance(css_rgb: str) -> float:
     """WCAG relative luminance of an `rgb(r, g, b)` string."""
-    parts = [int(x) for x in css_rgb[css_rgb.index("(") + 1:css_rgb.index(")")].split(",")[:3]]
-    lin = [(v / 255) / 12.92 if v / 255 <= 0.03928 else ((v / 255 + 0.055) / 1.055) ** 2.4
-           for v in parts]
+    parts = [int(x) for x in css_rgb[css_rgb.index("(") + 1 : css_rgb.index(")")].split(",")[:3]]
+    lin = [(v / 255) / 12.92 if v / 255 <= 0.03928 else ((v / 255 + 0.055) / 1.055) ** 2.4 for v in parts]
     return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
 
 
 def severe_console_messages(driver: Any) -> list[str]:
     """Errors the page logged (a Content-Security-Policy violation or a script error), but
     not the HTTP errors a test provoked on purpose."""
-    return [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"
-            and "Failed to load resource: the server responded with a status of" not in e["message"]]
+    return [
+        e["message"]
+        for e in driver.get_log("browser")
+        if e["level"] == "SEVERE"
+        and "Failed to load resource: the server responded with a status of" not in e["message"]
+    ]
 
 
 def assert_tokens_match(dom: list[dict], api: list[dict]) -> None:
@@ -96,8 +107,7 @@ def assert_tokens_match(dom: list[dict], api: list[dict]) -> None:
         assert d["text"] == a["text"], i
         for key in ("eu", "bias", "variance", "logprob"):
             assert float(d[key]) == a[key], (i, key, d[key], a[key])
-        for key, label in (("eu", "eu"), ("bias", "bias"), ("variance", "variance"),
-                           ("logprob", "logprob")):
+        for key, label in (("eu", "eu"), ("bias", "bias"), ("variance", "variance"), ("logprob", "logprob")):
             assert f"{label} {a[key]:.3f}" in d["aria"], (i, d["aria"])
         assert d["flagged"] == ("true" if a["flagged"] else "false")
         assert d["outline"] == ("solid" if a["flagged"] else "none"), (i, d["outline"])

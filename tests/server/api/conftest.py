@@ -17,8 +17,7 @@ def engine(tiny_models) -> ReferenceEngine:
     import torch
 
     torch.set_num_threads(2)
-    return ReferenceEngine(tiny_models["target"], tiny_models["drafts"], model_name="tiny",
-                           max_model_len=96)
+    return ReferenceEngine(tiny_models["target"], tiny_models["drafts"], model_name="tiny", max_model_len=96)
 
 
 @pytest.fixture(scope="module")

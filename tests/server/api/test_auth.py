@@ -19,10 +19,20 @@ def guarded(engine):
         yield live
 
 
-@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"},
-                                     {"Authorization": KEY}, {"Authorization": f"Basic {KEY}"}])
-@pytest.mark.parametrize("method,path", [("POST", "/generate"), ("POST", "/v1/chat/completions"),
-                                         ("GET", "/v1/models"), ("GET", "/ready"), ("GET", "/metrics")])
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}, {"Authorization": f"Basic {KEY}"}],
+)
+@pytest.mark.parametrize(
+    "method,path",
+    [
+        ("POST", "/generate"),
+        ("POST", "/v1/chat/completions"),
+        ("GET", "/v1/models"),
+        ("GET", "/ready"),
+        ("GET", "/metrics"),
+    ],
+)
 def test_without_the_key_is_401(guarded, headers, method, path):
     r = httpx.request(method, guarded.url + path, headers=headers, json={"prompt": "hi"})
     assert r.status_code == 401
@@ -48,8 +58,9 @@ def test_with_the_key(guarded):
 
 
 def test_key_is_checked_before_the_body_is_read(guarded):
-    r = httpx.post(f"{guarded.url}/generate", content=b'{"broken',
-                   headers={"content-type": "application/json"})
+    r = httpx.post(
+        f"{guarded.url}/generate", content=b'{"broken', headers={"content-type": "application/json"}
+    )
     assert r.status_code == 401
     r = httpx.post(f"{guarded.url}/generate", content=b"x" * (2 << 20))
     assert r.status_code == 401

@@ -12,8 +12,10 @@ from tests.server.api.test_errors import request_count
 
 STREAMS = [
     ("/generate", {"prompt": "Question: Tom has 3 apples", "max_tokens": 60, "stream": True}),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Count"}],
-                              "max_tokens": 60, "stream": True}),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "Count"}], "max_tokens": 60, "stream": True},
+    ),
 ]
 
 

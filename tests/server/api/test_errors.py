@@ -29,22 +29,43 @@ CASES = [
     ("prompt too long", "/generate", {"prompt": LONG}, 400, "prompt"),
     ("chat prompt too long", CHAT, {"messages": [{"role": "user", "content": LONG}]}, 400, "messages"),
     ("temperature NaN", "/generate", b'{"prompt": "hi", "temperature": NaN}', 400, "temperature"),
-    ("temperature infinite", CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "temperature": Infinity}', 400, "temperature"),
+    (
+        "temperature infinite",
+        CHAT,
+        b'{"messages": [{"role": "user", "content": "hi"}], "temperature": Infinity}',
+        400,
+        "temperature",
+    ),
     ("seed beyond int64", "/generate", {"prompt": "hi", "seed": 2**70}, 400, "seed"),
     ("temperature negative", "/generate", {"prompt": "hi", "temperature": -0.1}, 400, "temperature"),
     ("top_p zero", "/generate", {"prompt": "hi", "top_p": 0}, 400, "top_p"),
     ("top_p above one", CHAT, {"messages": MSG, "top_p": 1.5}, 400, "top_p"),
     ("too many logprobs", "/generate", {"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
-    ("too many top_logprobs", CHAT, {"messages": MSG, "logprobs": True, "top_logprobs": 50}, 400,
-     "top_logprobs"),
-    ("threshold out of bounds", "/generate", {"prompt": "hi", "thresholds": {"eu": -1}}, 400,
-     "thresholds.eu"),
+    (
+        "too many top_logprobs",
+        CHAT,
+        {"messages": MSG, "logprobs": True, "top_logprobs": 50},
+        400,
+        "top_logprobs",
+    ),
+    (
+        "threshold out of bounds",
+        "/generate",
+        {"prompt": "hi", "thresholds": {"eu": -1}},
+        400,
+        "thresholds.eu",
+    ),
     ("threshold too high", CHAT, {"messages": MSG, "thresholds": {"bias": 1e9}}, 400, "thresholds.bias"),
     ("missing messages", CHAT, {"model": "tiny"}, 400, "messages"),
     ("empty messages", CHAT, {"messages": []}, 400, "messages"),
     ("unknown role", CHAT, {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
-    ("image content part", CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
-     400, "messages[0].content[0].type"),
+    (
+        "image content part",
+        CHAT,
+        {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+        400,
+        "messages[0].content[0].type",
+    ),
     ("stop of numbers", "/generate", {"prompt": "hi", "stop": [1]}, 400, "stop[0]"),
     ("prompt of wrong type", "/v1/completions", {"prompt": 5}, 400, "prompt"),
     ("messages without text", CHAT, {"messages": [{"role": "user", "content": ""}]}, 400, "messages"),
@@ -55,14 +76,28 @@ CASES = [
     ("unknown model completions", "/v1/completions", {"model": "x", "prompt": "hi"}, 404, "model"),
     ("body too large", "/generate", {"prompt": "x" * 5000}, 413, None),
     ("temperature above two", "/generate", {"prompt": "hi", "temperature": 2.01}, 400, "temperature"),
-    ("temperature above two streamed", "/generate",
-     {"prompt": "hi", "temperature": 2.5, "stream": True}, 400, "temperature"),
+    (
+        "temperature above two streamed",
+        "/generate",
+        {"prompt": "hi", "temperature": 2.5, "stream": True},
+        400,
+        "temperature",
+    ),
     ("temperature above two chat", CHAT, {"messages": MSG, "temperature": 3}, 400, "temperature"),
-    ("stream_options without stream", "/v1/completions",
-     {"prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options"),
-    ("stream_options with stream false", CHAT,
-     {"messages": MSG, "stream": False, "stream_options": {"include_usage": True}}, 400,
-     "stream_options"),
+    (
+        "stream_options without stream",
+        "/v1/completions",
+        {"prompt": "hi", "stream_options": {"include_usage": True}},
+        400,
+        "stream_options",
+    ),
+    (
+        "stream_options with stream false",
+        CHAT,
+        {"messages": MSG, "stream": False, "stream_options": {"include_usage": True}},
+        400,
+        "stream_options",
+    ),
     ("prompt of nested token lists", "/v1/completions", {"prompt": [[1, 2], [3]]}, 400, "prompt"),
     ("prompt of mixed list", "/v1/completions", {"prompt": [1, "a"]}, 400, "prompt"),
 ]
@@ -135,7 +170,10 @@ def request_count(metrics_text: str, endpoint: str, status: str) -> float:
     """epispec_requests_total{endpoint, status} from Prometheus text."""
     for family in text_string_to_metric_families(metrics_text):
         for s in family.samples:
-            if (s.name == "epispec_requests_total" and s.labels.get("endpoint") == endpoint
-                    and s.labels.get("status") == status):
+            if (
+                s.name == "epispec_requests_total"
+                and s.labels.get("endpoint") == endpoint
+                and s.labels.get("status") == status
+            ):
                 return s.value
     return 0.0

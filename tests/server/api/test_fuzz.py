@@ -22,21 +22,41 @@ from server.config import Settings
 from tests.server.api.live import LiveServer, wait_until
 
 EXAMPLES = int(os.environ.get("EPISPEC_FUZZ_EXAMPLES", "60"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 TIMEOUT = 30.0  # a hang fails the test as a timeout
 
 # --- strategies
 
-odd_text = st.text(st.characters(codec=None, categories=None), max_size=40) | st.sampled_from([
-    "", "\x00", "\ud800", "\udfff", "a\ud83d", "\U0010ffff", "\u202e\u200b\ufeff", "🦄" * 20,
-    "\r\n\t", "Question: Tom has 3 apples", "<|endoftext|>", "\\u0000", "%s%n{0}",
-])
+odd_text = st.text(st.characters(codec=None, categories=None), max_size=40) | st.sampled_from(
+    [
+        "",
+        "\x00",
+        "\ud800",
+        "\udfff",
+        "a\ud83d",
+        "\U0010ffff",
+        "\u202e\u200b\ufeff",
+        "🦄" * 20,
+        "\r\n\t",
+        "Question: Tom has 3 apples",
+        "<|endoftext|>",
+        "\\u0000",
+        "%s%n{0}",
+    ]
+)
 huge_int = st.sampled_from([0, -1, 2**31, 2**63, 2**64, -(2**63) - 1, 10**100, 10**4000])
 numbers = st.integers(-(2**70), 2**70) | huge_int | st.floats(allow_nan=True, allow_infinity=True)
 scalars = st.none() | st.booleans() | numbers | odd_text
-json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
-                           | st.dictionaries(odd_text, inner, max_size=4), max_leaves=12)
+json_values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(odd_text, inner, max_size=4),
+    max_leaves=12,
+)
 
 
 @st.composite
@@ -45,7 +65,9 @@ def mutated(draw, valid: st.SearchStrategy) -> dict:
     data = dict(draw(valid))
     op = draw(st.sampled_from(["keep", "keep", "replace", "drop", "add"]))
     if op == "add" or not data:
-        data[draw(odd_text | st.sampled_from(["n", "echo", "tools", "logit_bias", "best_of"]))] = draw(json_values)
+        data[draw(odd_text | st.sampled_from(["n", "echo", "tools", "logit_bias", "best_of"]))] = draw(
+            json_values
+        )
     elif op != "keep":
         key = draw(st.sampled_from(sorted(data)))
         if op == "drop":
@@ -57,35 +79,69 @@ def mutated(draw, valid: st.SearchStrategy) -> dict:
 
 text = odd_text.filter(bool)
 sampling = {
-    "max_tokens": st.integers(1, 3), "temperature": st.floats(0, 2), "top_p": st.floats(0, 1, exclude_min=True),
-    "seed": st.integers(-(2**63), 2**63 - 1), "stop": text | st.lists(text, max_size=16),
-    "stream": st.booleans(), "stop_on_uncertainty": st.booleans(),
-    "thresholds": st.fixed_dictionaries({}, optional=dict.fromkeys(["eu", "bias", "variance"], st.floats(0, 100))),
+    "max_tokens": st.integers(1, 3),
+    "temperature": st.floats(0, 2),
+    "top_p": st.floats(0, 1, exclude_min=True),
+    "seed": st.integers(-(2**63), 2**63 - 1),
+    "stop": text | st.lists(text, max_size=16),
+    "stream": st.booleans(),
+    "stop_on_uncertainty": st.booleans(),
+    "thresholds": st.fixed_dictionaries(
+        {}, optional=dict.fromkeys(["eu", "bias", "variance"], st.floats(0, 100))
+    ),
 }
-openai = {"model": st.just("tiny"), "n": st.just(1), "user": odd_text,
-          "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()})}
+openai = {
+    "model": st.just("tiny"),
+    "n": st.just(1),
+    "user": odd_text,
+    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
+}
 token_ids = st.lists(st.integers(0, 200), min_size=1, max_size=12)
 part = st.fixed_dictionaries({"type": st.just("text"), "text": odd_text})
-message = st.fixed_dictionaries({"role": st.sampled_from(["system", "developer", "user", "assistant"]),
-                                 "content": text | st.lists(part, min_size=1, max_size=3)},
-                                optional={"name": text})
+message = st.fixed_dictionaries(
+    {
+        "role": st.sampled_from(["system", "developer", "user", "assistant"]),
+        "content": text | st.lists(part, min_size=1, max_size=3),
+    },
+    optional={"name": text},
+)
 VALID = {
-    "/generate": st.fixed_dictionaries({"prompt": text}, optional={**sampling, "logprobs": st.integers(0, 20)})
+    "/generate": st.fixed_dictionaries(
+        {"prompt": text}, optional={**sampling, "logprobs": st.integers(0, 20)}
+    )
     | st.fixed_dictionaries({"prompt_token_ids": token_ids}, optional=sampling),
     "/v1/completions": st.fixed_dictionaries(
         {"prompt": text | st.lists(text, min_size=1, max_size=1) | token_ids},
-        optional={**sampling, **openai, "logprobs": st.integers(0, 20), "echo": st.just(False)}),
+        optional={**sampling, **openai, "logprobs": st.integers(0, 20), "echo": st.just(False)},
+    ),
     "/v1/chat/completions": st.fixed_dictionaries(
         {"messages": st.lists(message, min_size=1, max_size=4)},
-        optional={**sampling, **openai, "max_completion_tokens": st.integers(1, 3),
-                  "logprobs": st.just(True), "top_logprobs": st.integers(0, 20)}),
+        optional={
+            **sampling,
+            **openai,
+            "max_completion_tokens": st.integers(1, 3),
+            "logprobs": st.just(True),
+            "top_logprobs": st.integers(0, 20),
+        },
+    ),
 }
 BODIES = {path: mutated(valid) | json_values for path, valid in VALID.items()}
-raw_bodies = st.binary(max_size=300) | st.sampled_from([
-    b"", b"{", b'{"prompt": "hi"', b"\xff\xfe", b'{"prompt": "\xc3\x28"}', b"[" * 100_000,
-    b'{"a":' * 50_000, b'{"prompt": ' + b"9" * 5000 + b"}", b'{"prompt": "hi", "max_tokens": 1e999}',
-    b'{"prompt": "hi"}' * 3, b"null", b'"just a string"',
-])
+raw_bodies = st.binary(max_size=300) | st.sampled_from(
+    [
+        b"",
+        b"{",
+        b'{"prompt": "hi"',
+        b"\xff\xfe",
+        b'{"prompt": "\xc3\x28"}',
+        b"[" * 100_000,
+        b'{"a":' * 50_000,
+        b'{"prompt": ' + b"9" * 5000 + b"}",
+        b'{"prompt": "hi", "max_tokens": 1e999}',
+        b'{"prompt": "hi"}' * 3,
+        b"null",
+        b'"just a string"',
+    ]
+)
 
 # --- the server
 
@@ -98,8 +154,16 @@ def fuzz_server(request, tiny_models):
     limits = {"default_max_tokens": 2, "max_request_bytes": 256 << 10}
     if os.environ.get("EPISPEC_FUZZ_ENGINE") == "vllm":
         pytest.importorskip("vllm")
-        app = create_app(Settings(target=tiny_models["target"], drafts=tiny_models["drafts"],
-                                  engine="vllm", model_name="tiny", model_flags=VLLM_FLAGS, **limits))
+        app = create_app(
+            Settings(
+                target=tiny_models["target"],
+                drafts=tiny_models["drafts"],
+                engine="vllm",
+                model_name="tiny",
+                model_flags=VLLM_FLAGS,
+                **limits,
+            )
+        )
     else:
         app = create_app(Settings(**limits), request.getfixturevalue("engine"))
     with LiveServer(app) as live, httpx.Client(base_url=live.url, timeout=TIMEOUT) as client:
@@ -159,12 +223,19 @@ def test_raw_bodies_never_5xx(fuzz_server, path):
 def test_other_routes_and_methods_never_5xx(fuzz_server):
     _, client, _ = fuzz_server
     paths = st.sampled_from(["/health", "/ready", "/metrics", "/v1/models", *BODIES]) | odd_text.map(
-        lambda t: "/" + t.encode("utf-8", "surrogatepass").hex()[:40])
+        lambda t: "/" + t.encode("utf-8", "surrogatepass").hex()[:40]
+    )
 
     @FUZZ
-    @given(st.sampled_from(["GET", "POST", "PUT", "DELETE", "OPTIONS", "HEAD"]), paths,
-           st.dictionaries(st.sampled_from(["q", "stream", "model"]),  # a URL has no lone surrogates
-                           st.text(st.characters(exclude_categories=["Cs"]), max_size=20), max_size=2))
+    @given(
+        st.sampled_from(["GET", "POST", "PUT", "DELETE", "OPTIONS", "HEAD"]),
+        paths,
+        st.dictionaries(
+            st.sampled_from(["q", "stream", "model"]),  # a URL has no lone surrogates
+            st.text(st.characters(exclude_categories=["Cs"]), max_size=20),
+            max_size=2,
+        ),
+    )
     def run(method, path, query):
         r = client.request(method, path, params=query)
         assert r.status_code < 500, (method, path, r.status_code, r.text[:300])

@@ -19,7 +19,7 @@ def sse_events(body: str) -> list[dict]:
     events = []
     for block in body[:-2].split("\n\n"):
         assert block.startswith("data: ") and "\n" not in block, block
-        events.append(json.loads(block[len("data: "):]))
+        events.append(json.loads(block[len("data: ") :]))
     return events
 
 
@@ -69,8 +69,9 @@ def test_stream_sends_one_event_per_token_then_the_summary(client):
 
 def test_prompt_token_ids_and_top_logprobs(client, engine):
     ids = encode_prompt(engine.tokenizer, PROMPT)
-    body = client.post("/generate", json={"prompt_token_ids": ids, "max_tokens": 3,
-                                          "temperature": 0, "logprobs": 2}).json()
+    body = client.post(
+        "/generate", json={"prompt_token_ids": ids, "max_tokens": 3, "temperature": 0, "logprobs": 2}
+    ).json()
     by_text = client.post("/generate", json={"prompt": PROMPT, "max_tokens": 3, "temperature": 0}).json()
     assert [t["token_id"] for t in body["tokens"]] == [t["token_id"] for t in by_text["tokens"]]
     for t in body["tokens"]:
@@ -89,9 +90,16 @@ def test_per_request_thresholds_decide_the_flags(client):
 
 
 def test_stop_on_uncertainty_ends_at_the_first_flagged_token(client):
-    body = client.post("/generate", json={"prompt": PROMPT, "max_tokens": 8, "temperature": 0,
-                                          "thresholds": {"eu": 0.0},
-                                          "stop_on_uncertainty": True}).json()
+    body = client.post(
+        "/generate",
+        json={
+            "prompt": PROMPT,
+            "max_tokens": 8,
+            "temperature": 0,
+            "thresholds": {"eu": 0.0},
+            "stop_on_uncertainty": True,
+        },
+    ).json()
     assert body["finish_reason"] == "uncertainty"
     assert len(body["tokens"]) == 1 and body["tokens"][0]["flagged"]
 

@@ -8,8 +8,10 @@ import math
 import openai
 import pytest
 
-MESSAGES = [{"role": "system", "content": "Answer briefly."},
-            {"role": "user", "content": "Tom has 3 apples and buys 2. How many?"}]
+MESSAGES = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "Tom has 3 apples and buys 2. How many?"},
+]
 
 
 @pytest.fixture
@@ -29,8 +31,9 @@ def test_models_lists_the_served_model(oai):
 
 
 def test_chat_completion_carries_uncertainty(oai):
-    r = oai.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=6, temperature=0,
-                                    logprobs=True, top_logprobs=2)
+    r = oai.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2
+    )
     choice = r.choices[0]
     unc = extra(choice, "uncertainty")
     assert "".join(t["token"] for t in unc["tokens"]) == choice.message.content
@@ -50,8 +53,7 @@ def test_chat_completion_carries_uncertainty(oai):
 def test_chat_stream_adds_up_to_the_full_response(oai):
     kw = {"model": "tiny", "messages": MESSAGES, "max_completion_tokens": 6, "temperature": 0}
     whole = oai.chat.completions.create(**kw)
-    chunks = list(oai.chat.completions.create(**kw, stream=True,
-                                              stream_options={"include_usage": True}))
+    chunks = list(oai.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
     *body, last_choice_chunk, usage_chunk = chunks
     assert body[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content for c in body) == whole.choices[0].message.content
@@ -65,8 +67,13 @@ def test_chat_stream_adds_up_to_the_full_response(oai):
 
 
 def test_completion_and_its_stream(oai):
-    kw = {"model": "tiny", "prompt": "Question: Tom has 3 apples", "max_tokens": 5,
-          "temperature": 0, "logprobs": 1}
+    kw = {
+        "model": "tiny",
+        "prompt": "Question: Tom has 3 apples",
+        "max_tokens": 5,
+        "temperature": 0,
+        "logprobs": 1,
+    }
     whole = oai.completions.create(**kw)
     choice = whole.choices[0]
     unc = extra(choice, "uncertainty")
@@ -81,8 +88,12 @@ def test_completion_and_its_stream(oai):
 
 def test_stop_on_uncertainty_through_extra_body(oai):
     r = oai.chat.completions.create(
-        model="tiny", messages=MESSAGES, max_tokens=6, temperature=0,
-        extra_body={"thresholds": {"eu": 0.0}, "stop_on_uncertainty": True})
+        model="tiny",
+        messages=MESSAGES,
+        max_tokens=6,
+        temperature=0,
+        extra_body={"thresholds": {"eu": 0.0}, "stop_on_uncertainty": True},
+    )
     assert r.choices[0].finish_reason == "uncertainty"
     assert extra(r.choices[0], "uncertainty")["summary"]["flagged"]
 
@@ -119,11 +130,13 @@ def test_default_chat_template_where_the_tokenizer_has_none(engine):
 def test_completions_default_to_16_tokens(oai):
     """As the OpenAI API and vLLM: /v1/completions without max_tokens generates 16 tokens
     (this server's default_max_tokens, 8 here, applies to chat and /generate)."""
-    r = oai.completions.create(model="tiny", prompt="Question: Tom has", temperature=1.0, seed=1,
-                               extra_body={"ignore_eos": True})
+    r = oai.completions.create(
+        model="tiny", prompt="Question: Tom has", temperature=1.0, seed=1, extra_body={"ignore_eos": True}
+    )
     assert (r.choices[0].finish_reason, r.usage.completion_tokens) == ("length", 16)
-    c = oai.chat.completions.create(model="tiny", messages=MESSAGES, temperature=1.0, seed=1,
-                                    extra_body={"ignore_eos": True})
+    c = oai.chat.completions.create(
+        model="tiny", messages=MESSAGES, temperature=1.0, seed=1, extra_body={"ignore_eos": True}
+    )
     assert (c.choices[0].finish_reason, c.usage.completion_tokens) == ("length", 8)
 
 
@@ -136,19 +149,20 @@ def test_completions_accept_one_list_of_token_ids(oai, engine):
 
 
 def test_completions_logprobs_zero_has_null_top_logprobs(oai):
-    r = oai.completions.create(model="tiny", prompt="Question: Tom has", max_tokens=4,
-                               temperature=0, logprobs=0)
+    r = oai.completions.create(
+        model="tiny", prompt="Question: Tom has", max_tokens=4, temperature=0, logprobs=0
+    )
     lp = r.choices[0].logprobs
     assert lp.top_logprobs is None
     assert len(lp.token_logprobs) == len(lp.tokens) >= 1
-    r2 = oai.completions.create(model="tiny", prompt="Question: Tom has", max_tokens=4,
-                                temperature=0, logprobs=2)
+    r2 = oai.completions.create(
+        model="tiny", prompt="Question: Tom has", max_tokens=4, temperature=0, logprobs=2
+    )
     assert [len(t) for t in r2.choices[0].logprobs.top_logprobs] == [2] * len(lp.tokens)
 
 
 def test_same_seed_same_text_streamed_or_not(oai):
     kw = dict(model="tiny", prompt="Question: Ann has", max_tokens=8, temperature=1.0, seed=42)
     whole = oai.completions.create(**kw).choices[0].text
-    streamed = "".join(c.choices[0].text for c in oai.completions.create(stream=True, **kw)
-                       if c.choices)
+    streamed = "".join(c.choices[0].text for c in oai.completions.create(stream=True, **kw) if c.choices)
     assert whole == streamed == oai.completions.create(**kw).choices[0].text

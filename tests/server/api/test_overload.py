@@ -31,14 +31,19 @@ def gated(tokenizer):
 def test_beyond_the_bound_new_requests_get_429_with_retry_after(gated):
     live, engine, gate = gated
     with httpx.Client(base_url=live.url, timeout=30) as a, httpx.Client(base_url=live.url, timeout=30) as b:
-        with a.stream("POST", "/generate", json={"prompt": "hi", "stream": True}) as ra, \
-                b.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as rb:
+        with (
+            a.stream("POST", "/generate", json={"prompt": "hi", "stream": True}) as ra,
+            b.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as rb,
+        ):
             assert ra.status_code == rb.status_code == 200
             lines_a, lines_b = ra.iter_lines(), rb.iter_lines()  # (a dropped iterator disconnects)
             assert next(lines_a).startswith("data: ") and next(lines_b).startswith("data: ")
             assert engine.running == 2
-            for path, body in [("/generate", {"prompt": "hi"}), ("/v1/completions", {"prompt": "hi"}),
-                               ("/v1/chat/completions", CHAT)]:
+            for path, body in [
+                ("/generate", {"prompt": "hi"}),
+                ("/v1/completions", {"prompt": "hi"}),
+                ("/v1/chat/completions", CHAT),
+            ]:
                 r = httpx.post(live.url + path, json=body, timeout=5)
                 assert r.status_code == 429, r.text
                 assert r.headers["retry-after"] == "3"

@@ -96,10 +96,19 @@ def test_page_is_served_without_the_key_and_needs_nothing_from_outside(guarded, 
 
 def test_static_page_keeps_model_text_out_of_the_markup():
     evil = "</script><img src=x onerror=alert(1)>{{data}}{{style}}"
-    tok = {"token_id": 1, "text": evil, "logprob": -1.0, "bias": 0.1, "variance": 0.2,
-           "eu": 0.3, "flagged": False}
-    final = {"summary": {"mean_eu": 0.3, "max_eu": 0.3, "num_tokens": 1, "num_flagged": 0,
-                         "flagged": False}, "finish_reason": "length"}
+    tok = {
+        "token_id": 1,
+        "text": evil,
+        "logprob": -1.0,
+        "bias": 0.1,
+        "variance": 0.2,
+        "eu": 0.3,
+        "flagged": False,
+    }
+    final = {
+        "summary": {"mean_eu": 0.3, "max_eu": 0.3, "num_tokens": 1, "num_flagged": 0, "flagged": False},
+        "finish_reason": "length",
+    }
     page = static_page({"model": "m<b>", "prompt": evil, "events": [tok, final]})
     assert "<img" not in page and "m<b>" not in page and page.count(":root {") == 1
     data = re.search(r'<script type="application/json" id="epispec-data">(.*?)</script>', page, re.S)
@@ -119,8 +128,14 @@ def test_live_page_shows_the_values_the_api_returns(guarded, browser, tmp_path):
 
     fill(browser, api_key=KEY, max_tokens=1000)
     browser.find_element("id", "send").click()
-    error = wait_for(lambda: "max_tokens" in browser.find_element("id", "error").text
-                     and browser.find_element("id", "error").text, 30, "the 400 message")
+    error = wait_for(
+        lambda: (
+            "max_tokens" in browser.find_element("id", "error").text
+            and browser.find_element("id", "error").text
+        ),
+        30,
+        "the 400 message",
+    )
     assert "Field: max_tokens" in error and "can generate at most" in error
 
     fill(browser, max_tokens=12)
@@ -189,12 +204,18 @@ def test_chat_mode_keeps_the_conversation(guarded, browser):
     fill(browser, api_key=KEY, prompt="How many apples?", max_tokens=6, temperature=0)
     browser.find_element("id", "send").click()
     wait_for(lambda: status(browser).startswith("Done"), 120, "the first reply")
-    body = {"messages": [{"role": "user", "content": "How many apples?"}], "max_tokens": 6,
-            "temperature": 0, "logprobs": True}
+    body = {
+        "messages": [{"role": "user", "content": "How many apples?"}],
+        "max_tokens": 6,
+        "temperature": 0,
+        "logprobs": True,
+    }
     api = httpx.post(f"{guarded.url}/v1/chat/completions", json=body, headers=AUTH, timeout=120).json()
     choice = api["choices"][0]
-    expected = [{"text": c["token"], "logprob": c["logprob"], **c["uncertainty"]}
-                for c in choice["logprobs"]["content"]]
+    expected = [
+        {"text": c["token"], "logprob": c["logprob"], **c["uncertainty"]}
+        for c in choice["logprobs"]["content"]
+    ]
     assert_tokens_match(dom_tokens(browser), expected)
     assert summary_fields(browser)["num_tokens"] == str(choice["uncertainty"]["summary"]["num_tokens"])
     # no threshold typed: the server's default (from /ready) is named and marked on the scale
@@ -213,9 +234,26 @@ def test_chat_mode_keeps_the_conversation(guarded, browser):
 def test_generate_html_writes_the_same_view(tiny_models, browser, tmp_path):
     out = tmp_path / "gen.html"
     drafts = [a for d in tiny_models["drafts"] for a in ("--draft", d)]
-    cmd = [sys.executable, "-m", "server.cli", "generate", "--engine", "reference",
-           "--target", tiny_models["target"], *drafts, "--prompt", PROMPT, "--max-tokens", "10",
-           "--eu-threshold", "1.0", "--jsonl", "--html", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "server.cli",
+        "generate",
+        "--engine",
+        "reference",
+        "--target",
+        tiny_models["target"],
+        *drafts,
+        "--prompt",
+        PROMPT,
+        "--max-tokens",
+        "10",
+        "--eu-threshold",
+        "1.0",
+        "--jsonl",
+        "--html",
+        str(out),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     lines = [json.loads(x) for x in r.stdout.splitlines()]
@@ -228,6 +266,7 @@ def test_generate_html_writes_the_same_view(tiny_models, browser, tmp_path):
     assert browser.find_elements("css selector", ".legend-threshold")  # 1.0 nats, marked
     assert severe_console_messages(browser) == []
 
-    missing = subprocess.run([*cmd[:-1], str(tmp_path / "no" / "such.html")], capture_output=True,
-                             text=True, timeout=300)
+    missing = subprocess.run(
+        [*cmd[:-1], str(tmp_path / "no" / "such.html")], capture_output=True, text=True, timeout=300
+    )
     assert missing.returncode == 2 and "does not exist" in missing.stderr

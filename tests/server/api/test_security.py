@@ -19,8 +19,11 @@ from tests.server.scripted_engine import ScriptedEngine
 KEY = "k-9f8e7d"
 DATA_PATHS = {"/ready", "/metrics", "/v1/models", "/generate", "/v1/completions", "/v1/chat/completions"}
 ORIGIN = "https://ui.example"
-PREFLIGHT = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST",
-             "Access-Control-Request-Headers": "authorization,content-type"}
+PREFLIGHT = {
+    "Origin": ORIGIN,
+    "Access-Control-Request-Method": "POST",
+    "Access-Control-Request-Headers": "authorization,content-type",
+}
 
 
 def test_every_route_but_the_open_ones_needs_the_key(tokenizer):
@@ -37,8 +40,12 @@ def test_every_route_but_the_open_ones_needs_the_key(tokenizer):
                 assert r.status_code == 200 and method == "GET", (method, path)
             else:
                 assert r.status_code == 401, (method, path)
-                assert httpx.request(method, live.url + path, json={},
-                                     headers={"Authorization": f"Bearer {KEY}x"}).status_code == 401
+                assert (
+                    httpx.request(
+                        method, live.url + path, json={}, headers={"Authorization": f"Bearer {KEY}x"}
+                    ).status_code
+                    == 401
+                )
         # FastAPI's own pages, if any were left on, are guarded too
         for path in ("/docs", "/openapi.json", "/redoc", "/nonexistent"):
             assert httpx.get(live.url + path).status_code == 401
@@ -57,10 +64,15 @@ def test_cors_allows_only_the_configured_origins(tokenizer):
     with LiveServer(create_app(settings, ScriptedEngine(tokenizer))) as live:
         r = httpx.options(f"{live.url}/v1/chat/completions", headers=PREFLIGHT)  # no key needed
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
-        r = httpx.options(f"{live.url}/v1/chat/completions", headers={**PREFLIGHT, "Origin": "https://evil.example"})
+        r = httpx.options(
+            f"{live.url}/v1/chat/completions", headers={**PREFLIGHT, "Origin": "https://evil.example"}
+        )
         assert r.headers.get("access-control-allow-origin") != "https://evil.example"
-        r = httpx.post(f"{live.url}/generate", json={"prompt": "hi"},
-                       headers={"Origin": ORIGIN, "Authorization": f"Bearer {KEY}"})
+        r = httpx.post(
+            f"{live.url}/generate",
+            json={"prompt": "hi"},
+            headers={"Origin": ORIGIN, "Authorization": f"Bearer {KEY}"},
+        )
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
         r = httpx.post(f"{live.url}/generate", json={"prompt": "hi"}, headers={"Origin": ORIGIN})
         assert r.status_code == 401  # CORS does not lift the key
@@ -92,14 +104,16 @@ def test_prompts_and_outputs_are_not_logged(engine, caplog):
     caplog.set_level(logging.DEBUG)
     marker = "Zanzibar quokka 7731"
     with LiveServer(create_app(Settings(log_level="debug"), engine)) as live:
-        for path, body in [("/generate", {"prompt": marker, "max_tokens": 8}),
-                           ("/v1/completions", {"prompt": marker, "max_tokens": 8, "stream": True}),
-                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": marker}],
-                                                     "max_tokens": 8})]:
+        for path, body in [
+            ("/generate", {"prompt": marker, "max_tokens": 8}),
+            ("/v1/completions", {"prompt": marker, "max_tokens": 8, "stream": True}),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": marker}], "max_tokens": 8}),
+        ]:
             r = httpx.post(live.url + path, json=body, timeout=60)
             assert r.status_code == 200
-        out = httpx.post(f"{live.url}/generate", json={"prompt": marker, "max_tokens": 12, "temperature": 0},
-                         timeout=60).json()["text"]
+        out = httpx.post(
+            f"{live.url}/generate", json={"prompt": marker, "max_tokens": 12, "temperature": 0}, timeout=60
+        ).json()["text"]
     logged = caplog.text + "\n".join(str(r.args) for r in caplog.records)
     assert marker not in logged and "quokka" not in logged
     if len(out.strip()) >= 8:

@@ -29,8 +29,14 @@ PROMPT = "Question: Tom has 3 apples"
 
 @pytest.fixture(scope="module")
 def vllm_server(tiny_models):
-    settings = Settings(target=tiny_models["target"], drafts=tiny_models["drafts"], engine="vllm",
-                        model_name="tiny-vllm", model_flags=VLLM_FLAGS, default_max_tokens=8)
+    settings = Settings(
+        target=tiny_models["target"],
+        drafts=tiny_models["drafts"],
+        engine="vllm",
+        model_name="tiny-vllm",
+        model_flags=VLLM_FLAGS,
+        default_max_tokens=8,
+    )
     app = create_app(settings)
     with LiveServer(app) as live:
         yield live, app.state.ctx.engine
@@ -47,8 +53,11 @@ def test_greedy_generate_equals_the_reference_engine(vllm_server, engine):
     req = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0}
     got = httpx.post(f"{live.url}/generate", json=req, timeout=120).json()
     ids = encode_prompt(engine.tokenizer, PROMPT)
-    ref = [e.token_id for e in engine.stream(ids, SamplingParams(max_tokens=8, temperature=0))
-           if isinstance(e, TokenEvent)]
+    ref = [
+        e.token_id
+        for e in engine.stream(ids, SamplingParams(max_tokens=8, temperature=0))
+        if isinstance(e, TokenEvent)
+    ]
     assert [t["token_id"] for t in got["tokens"]] == ref
     assert any(t["eu"] is not None for t in got["tokens"])
     for t in got["tokens"]:
@@ -59,9 +68,16 @@ def test_greedy_generate_equals_the_reference_engine(vllm_server, engine):
 def test_openai_chat_stream(vllm_server):
     live, _ = vllm_server
     client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="x", max_retries=0, timeout=120)
-    chunks = list(client.chat.completions.create(
-        model="tiny-vllm", messages=[{"role": "user", "content": "Tom has 3 apples."}],
-        max_tokens=6, temperature=0, stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny-vllm",
+            messages=[{"role": "user", "content": "Tom has 3 apples."}],
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[-1].usage.completion_tokens >= 1
     final = chunks[-2].choices[0]
     assert final.finish_reason in ("length", "stop")
@@ -78,13 +94,14 @@ def test_disconnect_aborts_in_the_vllm_engine(vllm_server):
     assert wait_until(lambda: vllm_engine.num_running() == 0, timeout=60)
 
 
-
 def test_vllm_side_refusals_are_400_and_leak_nothing(vllm_server):
     """temperature > 2 (vLLM's own range too) is a 400 naming the field, streamed or not,
     before any state is registered in the engine or the joiner."""
     live, vllm_engine = vllm_server
-    for body in ({"prompt": "hi", "max_tokens": 2, "temperature": 2.01},
-                 {"prompt": "hi", "max_tokens": 2, "temperature": 2.01, "stream": True}):
+    for body in (
+        {"prompt": "hi", "max_tokens": 2, "temperature": 2.01},
+        {"prompt": "hi", "max_tokens": 2, "temperature": 2.01, "stream": True},
+    ):
         r = httpx.post(f"{live.url}/generate", json=body, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
     assert vllm_engine.num_running() == 0 and vllm_engine.num_joiner_states() == 0
@@ -107,8 +124,7 @@ def test_whole_response_disconnect_aborts_in_the_vllm_engine(vllm_server):
 def test_same_seed_same_tokens_streamed_or_not_with_drafts(vllm_server):
     live, _ = vllm_server
     body = {"prompt": PROMPT, "max_tokens": 12, "temperature": 1.0, "seed": 42}
-    runs = [httpx.post(f"{live.url}/generate", json=body, timeout=120).json()["text"]
-            for _ in range(2)]
+    runs = [httpx.post(f"{live.url}/generate", json=body, timeout=120).json()["text"] for _ in range(2)]
     with httpx.Client(base_url=live.url, timeout=120) as c:
         with c.stream("POST", "/generate", json={**body, "stream": True}) as r:
             events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]

@@ -34,8 +34,9 @@ def test_generation_ending_mid_character_keeps_its_tail(tiny_models):
     gate = EmissionGate(SamplingParams())
     out = []
     for i in cut:
-        ev = TokenEvent(token_id=i, text=d.add(i), logprob=0.0, bias=None, variance=None,
-                        eu=None, flagged=False)
+        ev = TokenEvent(
+            token_id=i, text=d.add(i), logprob=0.0, bias=None, variance=None, eu=None, flagged=False
+        )
         out += gate.push(ev, d.pending)
     assert len(out) < len(cut)  # the character's first bytes wait in the gate
     out += gate.flush(d.flush())

@@ -34,8 +34,9 @@ def draft_set(request, tiny_models):
 @torch.no_grad()
 def _exact(drafts, history: list[int]) -> torch.Tensor:
     """All drafts' log-probs of the token after `history`. [M, V]"""
-    return torch.stack([torch.log_softmax(d(input_ids=torch.tensor([history])).logits[0, -1], -1)
-                        for d in drafts])
+    return torch.stack(
+        [torch.log_softmax(d(input_ids=torch.tensor([history])).logits[0, -1], -1) for d in drafts]
+    )
 
 
 @pytest.mark.parametrize("top_n", [-1, 16, 0])
@@ -159,7 +160,7 @@ def test_new_long_prompt_next_to_decoding_rows_matches_separate_runs(tiny_models
             n_groups = len(mixed.drafts)  # stacked draft groups: forwards per batched step
             step1 = shapes[: 2 * n_groups]  # decode rows together, the prompt alone
             assert step1[0][0] == 4 and step1[0][1] <= k + 1 and step1[-1] == (1, 60)
-            assert shapes[2 * n_groups:] == [(5, 1)] * ((k - 1) * n_groups)
+            assert shapes[2 * n_groups :] == [(5, 1)] * ((k - 1) * n_groups)
             ref = apart.propose(rows) + apart.propose([long_row])
             ref = [ref[0], ref[1], ref[4], ref[2], ref[3]]
             for out, r in zip(outs, ref, strict=True):
@@ -168,8 +169,10 @@ def test_new_long_prompt_next_to_decoding_rows_matches_separate_runs(tiny_models
                 for x, y in zip(out.records, r.records, strict=True):
                     assert abs(x.variance - y.variance) < 1e-5
                     v = len(x.ids)  # top_n = -1: all of q̄
-                    assert (log_mix_from_record(x.ids, x.probs, v).exp()
-                            - log_mix_from_record(y.ids, y.probs, v).exp()).abs().max() < 1e-6
+                    assert (
+                        log_mix_from_record(x.ids, x.probs, v).exp()
+                        - log_mix_from_record(y.ids, y.probs, v).exp()
+                    ).abs().max() < 1e-6
             _assert_records_exact(drafts, prompt, outs[2], 1)
             outs = [outs[0], outs[1], outs[3], outs[4]]
         for row, out in zip(rows, outs, strict=True):

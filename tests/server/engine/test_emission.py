@@ -7,8 +7,15 @@ from server.engine.types import FlagThresholds, SamplingParams, TokenEvent
 
 
 def _ev(text: str, eu: float) -> TokenEvent:
-    return TokenEvent(token_id=1, text=text, logprob=0.0, bias=eu, variance=0.0, eu=eu,
-                      flagged=FlagThresholds(eu=0.5).flags(eu, 0.0, eu))
+    return TokenEvent(
+        token_id=1,
+        text=text,
+        logprob=0.0,
+        bias=eu,
+        variance=0.0,
+        eu=eu,
+        flagged=FlagThresholds(eu=0.5).flags(eu, 0.0, eu),
+    )
 
 
 def test_stop_on_uncertainty_ends_after_the_first_flagged_token():

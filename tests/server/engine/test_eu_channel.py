@@ -32,9 +32,14 @@ def test_records_join_by_request_and_position(tmp_path):
             joiner.register("a")
             joiner.register("b")
             pub = Publisher(address)
-            pub.send(2, [RequestRecords("a-1234abcd", 3, 3, 2, 0.5, [_rec(10, 0.1), _rec(11, 0.2)]),
-                         RequestRecords("b-99999999", 3, 3, 0, 0.1, [_rec(10, 0.7), Record.exact(11, 0.3, 0.25)]),
-                         RequestRecords("gone-00000000", 3, 3, 0, 0.1, [_rec(5, 9.9)])])
+            pub.send(
+                2,
+                [
+                    RequestRecords("a-1234abcd", 3, 3, 2, 0.5, [_rec(10, 0.1), _rec(11, 0.2)]),
+                    RequestRecords("b-99999999", 3, 3, 0, 0.1, [_rec(10, 0.7), Record.exact(11, 0.3, 0.25)]),
+                    RequestRecords("gone-00000000", 3, 3, 0, 0.1, [_rec(5, 9.9)]),
+                ],
+            )
             a11 = await joiner.record("a", 11, timeout=5)
             b10 = await joiner.record("b", 10, timeout=5)
             b11 = await joiner.record("b", 11, timeout=5)  # a worker-side bias record
@@ -64,16 +69,33 @@ def test_external_id_strips_vllms_suffix():
 
 def test_wire_round_trip_of_both_record_kinds():
     ids, probs = np.array([3, 4, 9], dtype=np.int32), np.array([0.5, 0.25, 0.125], dtype=np.float32)
-    data = eu_wire.encode(2, [
-        RequestRecords("r-1", 3, 3, 1, 0.25, [Record.exact(7, 0.5, 0.125), Record.exact(8, 0.25, None),
-                                              Record.exact(9, float("nan"), float("inf"))]),
-        RequestRecords("s-2", 1, 0, 0, 0.0, [Record.of_top_n(4, 0.75, ids, probs)])])
+    data = eu_wire.encode(
+        2,
+        [
+            RequestRecords(
+                "r-1",
+                3,
+                3,
+                1,
+                0.25,
+                [
+                    Record.exact(7, 0.5, 0.125),
+                    Record.exact(8, 0.25, None),
+                    Record.exact(9, float("nan"), float("inf")),
+                ],
+            ),
+            RequestRecords("s-2", 1, 0, 0, 0.0, [Record.of_top_n(4, 0.75, ids, probs)]),
+        ],
+    )
     msg = eu_wire.decode(data, vocab_size=10)
     assert msg.live == 2 and [r.req_id for r in msg.reqs] == ["r-1", "s-2"]
     r, s = msg.reqs
     assert (r.passes, r.proposed, r.accepted, r.eu_seconds) == (3, 3, 1, 0.25)
-    assert [(x.position, x.variance, x.bias) for x in r.records] == [(7, 0.5, 0.125), (8, 0.25, None),
-                                                                     (9, None, None)]
+    assert [(x.position, x.variance, x.bias) for x in r.records] == [
+        (7, 0.5, 0.125),
+        (8, 0.25, None),
+        (9, None, None),
+    ]
     got_ids, got_probs = s.records[0].top_n()
     assert got_ids.tolist() == [3, 4, 9] and got_probs.tolist() == [0.5, 0.25, 0.125]
     assert got_ids.flags.writeable  # torch.from_numpy takes it without a copy or a warning
@@ -158,7 +180,9 @@ def test_the_joiner_drops_and_counts_hostile_messages_and_keeps_working(tmp_path
             joiner.register("a")
             for data in hostile.values():
                 push.send(data)
-            push.send(eu_wire.encode(1, [RequestRecords("a-1234abcd", 2, 3, 1, 0.5, [Record.exact(4, 0.25, 0.5)])]))
+            push.send(
+                eu_wire.encode(1, [RequestRecords("a-1234abcd", 2, 3, 1, 0.5, [Record.exact(4, 0.25, 0.5)])])
+            )
             rec = await joiner.record("a", 4, timeout=10)
             return rec, joiner.dropped, joiner.stats("a")
         finally:
@@ -173,7 +197,9 @@ def test_the_joiner_drops_and_counts_hostile_messages_and_keeps_working(tmp_path
 
 
 def test_a_nan_variance_travels_as_none_and_arrives_as_nan():
-    msg = eu_wire.decode(eu_wire.encode(0, [RequestRecords("a-1", 1, 0, 0, 0.0, [Record.exact(1, float("nan"), None)])]))
+    msg = eu_wire.decode(
+        eu_wire.encode(0, [RequestRecords("a-1", 1, 0, 0, 0.0, [Record.exact(1, float("nan"), None)])])
+    )
     rec = msg.reqs[0].records[0]
     assert rec.variance is None
     assert math.isnan(rec.variance_or_nan()) and rec.bias is None

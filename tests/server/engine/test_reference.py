@@ -80,9 +80,7 @@ def test_each_token_eu_equals_teacher_forced_recomputation(engine):
     tf = teacher_forced(engine.target, engine.drafts, ids, tokens)
     u = tf.uncertainty
     got = torch.tensor([[e.bias, e.variance, e.eu] for e in events])
-    torch.testing.assert_close(
-        got, torch.stack([u.bias, u.variance, u.eu], 1), atol=1e-4, rtol=1e-4
-    )
+    torch.testing.assert_close(got, torch.stack([u.bias, u.variance, u.eu], 1), atol=1e-4, rtol=1e-4)
     lp = tf.token_logprobs(tokens)
     torch.testing.assert_close(torch.tensor([e.logprob for e in events]), lp, atol=1e-4, rtol=1e-4)
 
@@ -94,9 +92,7 @@ def test_sampled_output_follows_the_target_distribution(engine):
     T, top_p, n = 0.9, 0.95, 1500
     counts = collections.Counter()
     for seed in range(n):
-        events, _ = _run(
-            engine, ids, max_tokens=3, temperature=T, top_p=top_p, seed=seed, ignore_eos=True
-        )
+        events, _ = _run(engine, ids, max_tokens=3, temperature=T, top_p=top_p, seed=seed, ignore_eos=True)
         counts[(events[0].token_id, events[1].token_id)] += 1
     assert_pairs_follow_target(counts, engine.target, ids, T, top_p)
 
@@ -128,9 +124,7 @@ def test_pass_counts_make_reuse_measurable(engine):
 def test_without_drafts_uncertainty_is_null(plain, engine):
     ids = _ids(plain, PROMPTS[1])
     events, fin = _run(plain, ids, max_tokens=15, temperature=0)
-    assert all(
-        e.eu is None and e.bias is None and e.variance is None and not e.flagged for e in events
-    )
+    assert all(e.eu is None and e.bias is None and e.variance is None and not e.flagged for e in events)
     assert fin.stats.draft_forward_passes == 0 and fin.stats.proposed == 0
     spec, _ = _run(engine, ids, max_tokens=15, temperature=0)
     assert [e.token_id for e in events] == [e.token_id for e in spec]
@@ -159,16 +153,12 @@ def test_max_tokens_stop_strings_and_flags(engine):
 
 def test_abort_frees_the_request(engine):
     async def main():
-        gen = engine.generate(
-            "r1", _ids(engine, PROMPTS[0]), SamplingParams(max_tokens=50, temperature=0)
-        )
+        gen = engine.generate("r1", _ids(engine, PROMPTS[0]), SamplingParams(max_tokens=50, temperature=0))
         first = await gen.__anext__()
         assert isinstance(first, TokenEvent) and engine.num_running() == 1
         await gen.aclose()  # the client went away
         assert engine.num_running() == 0
-        gen2 = engine.generate(
-            "r2", _ids(engine, PROMPTS[1]), SamplingParams(max_tokens=50, temperature=0)
-        )
+        gen2 = engine.generate("r2", _ids(engine, PROMPTS[1]), SamplingParams(max_tokens=50, temperature=0))
         await gen2.__anext__()
         await engine.abort("r2")
         items = [i async for i in gen2]
@@ -259,8 +249,9 @@ def test_requests_leave_no_objects_or_tensors_behind(engine):
 
     async def batch(tag: str, n: int = 32):
         async def one(i: int):
-            params = SamplingParams(max_tokens=10, temperature=0.0 if i % 3 == 0 else 1.0,
-                                    seed=i, ignore_eos=True)
+            params = SamplingParams(
+                max_tokens=10, temperature=0.0 if i % 3 == 0 else 1.0, seed=i, ignore_eos=True
+            )
             gen = engine.generate(f"{tag}{i}", ids, params)
             if i % 4 == 1:  # the client goes away
                 await gen.__anext__()
@@ -280,7 +271,8 @@ def test_requests_leave_no_objects_or_tensors_behind(engine):
             "tensor" if isinstance(o, torch.Tensor) else f"{type(o).__module__}.{type(o).__qualname__}"
             for o in gc.get_objects()
             if isinstance(o, torch.Tensor | torch.Generator)
-            or str(type(o).__module__).startswith(("server.", "transformers.cache_utils")))
+            or str(type(o).__module__).startswith(("server.", "transformers.cache_utils"))
+        )
 
     for r in range(2):  # warm-up
         asyncio.run(batch(f"warm{r}-"))

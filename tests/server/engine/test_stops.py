@@ -7,9 +7,7 @@ from server.engine.types import TokenEvent
 
 
 def _ev(text, i=0):
-    return TokenEvent(
-        token_id=i, text=text, logprob=0.0, bias=None, variance=None, eu=None, flagged=False
-    )
+    return TokenEvent(token_id=i, text=text, logprob=0.0, bias=None, variance=None, eu=None, flagged=False)
 
 
 def _feed(stops, texts):

@@ -22,9 +22,7 @@ from server.engine.uncertainty import (
 
 def _random_logprobs(*shape, scale=3.0, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    return torch.log_softmax(torch.randn(*shape, generator=g, dtype=torch.float64) * scale, -1).to(
-        dtype
-    )
+    return torch.log_softmax(torch.randn(*shape, generator=g, dtype=torch.float64) * scale, -1).to(dtype)
 
 
 def _naive(draft_lp, target_lp):

@@ -38,24 +38,28 @@ def chunked_engine(request, tiny_models, loop):
     from server.engine.vllm_engine import VllmEngine
 
     drafts = tiny_models["drafts"] if request.param == "drafts" else []
-    engine = loop.run_until_complete(_async(lambda: VllmEngine(
-        tiny_models["target"], drafts, num_speculative_tokens=3, vllm_args=dict(CHUNKED_ARGS))))
+    engine = loop.run_until_complete(
+        _async(
+            lambda: VllmEngine(
+                tiny_models["target"], drafts, num_speculative_tokens=3, vllm_args=dict(CHUNKED_ARGS)
+            )
+        )
+    )
     yield engine
     loop.run_until_complete(engine.shutdown())
 
 
 def _long_prompt(tok, i: int, group: int = 0) -> list[int]:
     """129 (group 0) or 159 (group 1) tokens: four of the prompts, rotated by i, three times."""
-    four = PROMPTS[4 * group:4 * group + 4]
-    text = " ".join(four[i % 4:] + four[:i % 4])
+    four = PROMPTS[4 * group : 4 * group + 4]
+    text = " ".join(four[i % 4 :] + four[: i % 4])
     ids = _encode(tok, " ".join([text] * 3))
     assert 3 * BUDGET < len(ids) < 256 - 2 * 3 - 1 - MAX_TOKENS  # tiny models' max length
     return ids
 
 
 def _params(seed: int | None, temperature: float = 1.0) -> SamplingParams:
-    return SamplingParams(max_tokens=MAX_TOKENS, temperature=temperature, seed=seed,
-                          ignore_eos=True)
+    return SamplingParams(max_tokens=MAX_TOKENS, temperature=temperature, seed=seed, ignore_eos=True)
 
 
 def test_seeded_requests_with_chunked_prompts_complete(chunked_engine, loop):
@@ -65,9 +69,12 @@ def test_seeded_requests_with_chunked_prompts_complete(chunked_engine, loop):
     mix = [(s, 1.0) for s in range(5)] + [(5, 0.7), (6, 0.0), (None, 1.0)]
 
     async def run_all():
-        return await asyncio.gather(*[
-            _collect(chunked_engine, f"chunked{i}", _long_prompt(tok, i), _params(seed, t))
-            for i, (seed, t) in enumerate(mix)])
+        return await asyncio.gather(
+            *[
+                _collect(chunked_engine, f"chunked{i}", _long_prompt(tok, i), _params(seed, t))
+                for i, (seed, t) in enumerate(mix)
+            ]
+        )
 
     for events, fin in loop.run_until_complete(run_all()):
         assert isinstance(fin, Finished) and fin.finish_reason == "length"
@@ -75,7 +82,8 @@ def test_seeded_requests_with_chunked_prompts_complete(chunked_engine, loop):
         assert fin.prompt_tokens > 3 * BUDGET
     assert chunked_engine.is_healthy() and chunked_engine.num_running() == 0
     events, fin = loop.run_until_complete(
-        _collect(chunked_engine, "after", _long_prompt(tok, 0), _params(99)))
+        _collect(chunked_engine, "after", _long_prompt(tok, 0), _params(99))
+    )
     assert len(events) == MAX_TOKENS and chunked_engine.is_healthy()
 
 
@@ -91,15 +99,15 @@ def test_same_seed_same_tokens_however_the_prompt_is_chunked(chunked_engine, loo
     ids, params = _long_prompt(tok, 0, group=1), _params(1234)
 
     async def crowded():
-        crowd = [_collect(chunked_engine, f"crowd{i}", _long_prompt(tok, i), _params(i))
-                 for i in range(7)]
-        results = await asyncio.gather(*crowd[:4], _collect(chunked_engine, "among", ids, params),
-                                       *crowd[4:])
+        crowd = [_collect(chunked_engine, f"crowd{i}", _long_prompt(tok, i), _params(i)) for i in range(7)]
+        results = await asyncio.gather(*crowd[:4], _collect(chunked_engine, "among", ids, params), *crowd[4:])
         return [e.token_id for e in results[4][0]]
 
     among = loop.run_until_complete(crowded())
-    alone = [[e.token_id for e in loop.run_until_complete(
-        _collect(chunked_engine, f"alone{i}", ids, params))[0]] for i in range(2)]
+    alone = [
+        [e.token_id for e in loop.run_until_complete(_collect(chunked_engine, f"alone{i}", ids, params))[0]]
+        for i in range(2)
+    ]
     print(f"\n{'drafts' if chunked_engine.k else 'plain'}: among {among}\nalone {alone[0]}")
     assert len(among) == MAX_TOKENS
     assert alone[0] == among

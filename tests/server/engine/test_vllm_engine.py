@@ -45,9 +45,14 @@ PROMPTS = [
 def _start(tiny_models, bias_source: str = "worker", target_logprobs: int = 20):
     from server.engine.vllm_engine import VllmEngine
 
-    return VllmEngine(tiny_models["target"], tiny_models["drafts"], num_speculative_tokens=3,
-                      bias_source=bias_source, target_logprobs=target_logprobs,
-                      vllm_args=dict(VLLM_ARGS))
+    return VllmEngine(
+        tiny_models["target"],
+        tiny_models["drafts"],
+        num_speculative_tokens=3,
+        bias_source=bias_source,
+        target_logprobs=target_logprobs,
+        vllm_args=dict(VLLM_ARGS),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +74,9 @@ def plain_engine(tiny_models, loop):
     """vLLM without speculation: the baseline that sampling with drafts must match."""
     from server.engine.vllm_engine import VllmEngine
 
-    engine = loop.run_until_complete(_async(lambda: VllmEngine(tiny_models["target"], [],
-                                                               vllm_args=dict(VLLM_ARGS))))
+    engine = loop.run_until_complete(
+        _async(lambda: VllmEngine(tiny_models["target"], [], vllm_args=dict(VLLM_ARGS)))
+    )
     yield engine
     loop.run_until_complete(engine.shutdown())
 
@@ -135,10 +141,12 @@ def _measure(engine, hf_models, loop, tag: str, params: SamplingParams):
         eus.append(u.eu.double())
         passes, tokens = passes + fin.stats.draft_forward_passes, tokens + fin.completion_tokens
     err, rel, eu = torch.cat(err), torch.cat(rel), torch.cat(eus)
-    print(f"\n{tag}: eu error over {len(err)} tokens (exact eu mean {eu.mean():.3f} nats): "
-          f"mean |err| {err.abs().mean():.3g}, max |err| {err.abs().max():.3g}, mean {err.mean():+.3g}; "
-          f"relative |err| median {100 * rel.median():.3g}%, p95 {100 * rel.quantile(0.95):.3g}%; "
-          f"draft passes per token {passes / tokens:.2f}")
+    print(
+        f"\n{tag}: eu error over {len(err)} tokens (exact eu mean {eu.mean():.3f} nats): "
+        f"mean |err| {err.abs().mean():.3g}, max |err| {err.abs().max():.3g}, mean {err.mean():+.3g}; "
+        f"relative |err| median {100 * rel.median():.3g}%, p95 {100 * rel.quantile(0.95):.3g}%; "
+        f"draft passes per token {passes / tokens:.2f}"
+    )
     return runs, err
 
 
@@ -150,7 +158,10 @@ def test_greedy_output_equals_target_without_speculation(tiny_models, engine, lo
         events, fin = loop.run_until_complete(_collect(engine, f"greedy{i}", ids, params))
         want = [e for e in ref.stream(ids, params)]
         assert [e.token_id for e in events] == [e.token_id for e in want[:-1]]
-        assert (fin.finish_reason, fin.completion_tokens) == (want[-1].finish_reason, want[-1].completion_tokens)
+        assert (fin.finish_reason, fin.completion_tokens) == (
+            want[-1].finish_reason,
+            want[-1].completion_tokens,
+        )
         assert fin.stats.proposed > 0 and fin.stats.draft_forward_passes > 0
 
 
@@ -164,7 +175,8 @@ def test_worker_bias_eu_equals_teacher_forced_values(engine, hf_models, loop):
         assert all(len(e.top_logprobs) == 2 for e in events)
     ids = _encode(engine.tokenizer, PROMPTS[1])
     events, fin = loop.run_until_complete(
-        _collect(engine, "exact", ids, SamplingParams(max_tokens=60, temperature=0.0)))
+        _collect(engine, "exact", ids, SamplingParams(max_tokens=60, temperature=0.0))
+    )
     assert len(events) > 10 and all(e.top_logprobs == () for e in events)
     assert fin.stats.eu_seconds > 0 and fin.stats.target_forward_passes > 0
     u, token_lp, _, _ = _teacher_forced(hf_models, ids, [e.token_id for e in events])
@@ -178,7 +190,8 @@ def test_logprobs_source_with_whole_vocabulary_is_exact(tiny_models, hf_models, 
     try:
         ids = _encode(engine.tokenizer, PROMPTS[1])
         events, fin = loop.run_until_complete(
-            _collect(engine, "full", ids, SamplingParams(max_tokens=60, temperature=0.7, seed=3)))
+            _collect(engine, "full", ids, SamplingParams(max_tokens=60, temperature=0.7, seed=3))
+        )
         assert len(events) > 10 and all(e.eu is not None for e in events)
         u, token_lp, _, _ = _teacher_forced(hf_models, ids, [e.token_id for e in events])
         _assert_matches(events, u, token_lp)
@@ -192,12 +205,21 @@ def test_reduced_vocabulary_drafts_give_exact_eu(tiny_models, reduced_drafts, lo
     target's vocabulary (bias over S only), at temperature 0 and when sampling."""
     from server.engine.vllm_engine import VllmEngine
 
-    engine = loop.run_until_complete(_async(lambda: VllmEngine(
-        tiny_models["target"], reduced_drafts, num_speculative_tokens=3, vllm_args=dict(VLLM_ARGS))))
+    engine = loop.run_until_complete(
+        _async(
+            lambda: VllmEngine(
+                tiny_models["target"], reduced_drafts, num_speculative_tokens=3, vllm_args=dict(VLLM_ARGS)
+            )
+        )
+    )
     models = load_causal_lm(tiny_models["target"]), [load_draft(d) for d in reduced_drafts]
     try:
-        for i, params in enumerate([SamplingParams(max_tokens=40, temperature=0.0),
-                                    SamplingParams(max_tokens=40, temperature=0.8, seed=5)]):
+        for i, params in enumerate(
+            [
+                SamplingParams(max_tokens=40, temperature=0.0),
+                SamplingParams(max_tokens=40, temperature=0.8, seed=5),
+            ]
+        ):
             ids = _encode(engine.tokenizer, PROMPTS[i])
             events, fin = loop.run_until_complete(_collect(engine, f"reduced{i}", ids, params))
             assert len(events) > 10 and fin.stats.accepted > 0
@@ -214,11 +236,17 @@ def test_concurrent_requests_each_get_their_own_eu(engine, hf_models, loop):
     tok = engine.tokenizer
 
     async def run_all():
-        return await asyncio.gather(*[
-            _collect(engine, f"conc{i}", _encode(tok, text),
-                     SamplingParams(max_tokens=40, temperature=0.9, seed=100 + i))
-            for i, text in enumerate(PROMPTS)
-        ])
+        return await asyncio.gather(
+            *[
+                _collect(
+                    engine,
+                    f"conc{i}",
+                    _encode(tok, text),
+                    SamplingParams(max_tokens=40, temperature=0.9, seed=100 + i),
+                )
+                for i, text in enumerate(PROMPTS)
+            ]
+        )
 
     results = loop.run_until_complete(run_all())
     outputs = set()
@@ -237,8 +265,14 @@ def test_abort_leaves_no_state_in_proposer_or_joiner(engine, loop):
 
     async def scenario():
         seen = 0
-        other = asyncio.create_task(_collect(engine, "bystander", _encode(tok, PROMPTS[2]),
-                                             SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)))
+        other = asyncio.create_task(
+            _collect(
+                engine,
+                "bystander",
+                _encode(tok, PROMPTS[2]),
+                SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True),
+            )
+        )
         fin = None
         async for item in engine.generate("victim", _encode(tok, PROMPTS[0]), long):
             if isinstance(item, Finished):
@@ -260,8 +294,9 @@ def test_abort_leaves_no_state_in_proposer_or_joiner(engine, loop):
 
 def test_stop_on_uncertainty_ends_after_first_flagged_token(engine, loop):
     ids = _encode(engine.tokenizer, PROMPTS[3])
-    params = SamplingParams(max_tokens=30, temperature=0.0, stop_on_uncertainty=True,
-                            thresholds=FlagThresholds(eu=0.0))
+    params = SamplingParams(
+        max_tokens=30, temperature=0.0, stop_on_uncertainty=True, thresholds=FlagThresholds(eu=0.0)
+    )
     events, fin = loop.run_until_complete(_collect(engine, "unc", ids, params))
     assert len(events) == 1 and events[0].flagged
     assert fin.finish_reason == "uncertainty"
@@ -319,8 +354,11 @@ def test_closing_the_stream_early_frees_state(engine, loop):
     tok = engine.tokenizer
 
     async def scenario():
-        it = engine.generate("leaver", _encode(tok, PROMPTS[4]),
-                                   SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True))
+        it = engine.generate(
+            "leaver",
+            _encode(tok, PROMPTS[4]),
+            SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True),
+        )
         got = [await it.__anext__() for _ in range(3)]
         await it.aclose()
         await _collect(engine, "after", _encode(tok, PROMPTS[5]), SamplingParams(max_tokens=5))
@@ -350,8 +388,7 @@ def test_cpu_expand_kernel_writes_per_token_values():
     current_platform.register_triton_kernel_overrides()  # as vLLM's worker does at start
     assert vllm_internals.apply()
     cu = torch.tensor([2, 5, 6], dtype=torch.int32)
-    for values, want in [([0.7, 0.0, 1.5], [0.7, 0.7, 1.0, 1.0, 1.0, 1.5]),
-                         ([5, 7, 0], [5, 5, 7, 7, 7, 1])]:
+    for values, want in [([0.7, 0.0, 1.5], [0.7, 0.7, 1.0, 1.0, 1.0, 1.5]), ([5, 7, 0], [5, 5, 7, 7, 7, 1])]:
         x = torch.tensor(values, dtype=torch.float32 if isinstance(values[0], float) else torch.int32)
         got = expand_batch_to_tokens(x, cu, 6, replace_from=0, replace_to=1)
         assert got.dtype == x.dtype and got.tolist() == pytest.approx(want)
@@ -363,11 +400,17 @@ def test_near_zero_temperature_samples_the_target_argmax(engine, loop):
     tok = engine.tokenizer
 
     async def run_all():
-        return await asyncio.gather(*[
-            _collect(engine, f"cold{i}", _encode(tok, text),
-                     SamplingParams(max_tokens=24, temperature=0.01, seed=i, logprobs=2,
-                                    ignore_eos=True))
-            for i, text in enumerate(PROMPTS)])
+        return await asyncio.gather(
+            *[
+                _collect(
+                    engine,
+                    f"cold{i}",
+                    _encode(tok, text),
+                    SamplingParams(max_tokens=24, temperature=0.01, seed=i, logprobs=2, ignore_eos=True),
+                )
+                for i, text in enumerate(PROMPTS)
+            ]
+        )
 
     tested = 0
     for events, _ in loop.run_until_complete(run_all()):
@@ -393,12 +436,15 @@ def test_sampled_pairs_follow_the_target_distribution(engine, hf_models, loop, t
 
         async def one(seed):
             async with sem:
-                return await _collect(engine, f"pair{temperature}-{seed}", ids,
-                                      SamplingParams(seed=seed, **params))
+                return await _collect(
+                    engine, f"pair{temperature}-{seed}", ids, SamplingParams(seed=seed, **params)
+                )
+
         return await asyncio.gather(*[one(s) for s in range(n)])
 
-    counts = collections.Counter(tuple(e.token_id for e in events[:2])
-                                 for events, _ in loop.run_until_complete(run_all()))
+    counts = collections.Counter(
+        tuple(e.token_id for e in events[:2]) for events, _ in loop.run_until_complete(run_all())
+    )
     assert_pairs_follow_target(counts, hf_models[0], ids, temperature, top_p)
 
 
@@ -408,16 +454,23 @@ def _mean_raw_logprob(engine, loop, tag: str, n: int = 32) -> tuple[float, float
     tok = engine.tokenizer
 
     async def run_all():
-        return await asyncio.gather(*[
-            _collect(engine, f"{tag}{i}", _encode(tok, PROMPTS[i % len(PROMPTS)]),
-                     SamplingParams(max_tokens=24, temperature=1.0, seed=1000 + i, ignore_eos=True))
-            for i in range(n)])
+        return await asyncio.gather(
+            *[
+                _collect(
+                    engine,
+                    f"{tag}{i}",
+                    _encode(tok, PROMPTS[i % len(PROMPTS)]),
+                    SamplingParams(max_tokens=24, temperature=1.0, seed=1000 + i, ignore_eos=True),
+                )
+                for i in range(n)
+            ]
+        )
 
     results = loop.run_until_complete(run_all())
     means = torch.tensor([sum(e.logprob for e in ev) / len(ev) for ev, _ in results])
     proposed = sum(f.stats.proposed for _, f in results)
     accepted = sum(f.stats.accepted for _, f in results)
-    return float(means.mean()), float(means.std() / n ** 0.5), accepted / max(proposed, 1)
+    return float(means.mean()), float(means.std() / n**0.5), accepted / max(proposed, 1)
 
 
 def test_mean_raw_logprob_matches_vllm_without_drafts(engine, plain_engine, loop):
@@ -426,9 +479,11 @@ def test_mean_raw_logprob_matches_vllm_without_drafts(engine, plain_engine, loop
     against −3)."""
     spec, spec_se, acceptance = _mean_raw_logprob(engine, loop, "lp-spec")
     plain, plain_se, _ = _mean_raw_logprob(plain_engine, loop, "lp-plain")
-    print(f"\nmean raw log-prob at T=1: drafts {spec:.3f} ± {spec_se:.3f}, "
-          f"plain {plain:.3f} ± {plain_se:.3f}; acceptance rate {acceptance:.2f}")
-    assert abs(spec - plain) < 4 * (spec_se ** 2 + plain_se ** 2) ** 0.5
+    print(
+        f"\nmean raw log-prob at T=1: drafts {spec:.3f} ± {spec_se:.3f}, "
+        f"plain {plain:.3f} ± {plain_se:.3f}; acceptance rate {acceptance:.2f}"
+    )
+    assert abs(spec - plain) < 4 * (spec_se**2 + plain_se**2) ** 0.5
     assert acceptance > 0.1
 
 
@@ -437,12 +492,13 @@ def test_same_seed_same_output_alone_or_batched(engine, loop):
     tok = engine.tokenizer
     params = SamplingParams(max_tokens=24, temperature=1.0, seed=42)
     ids = _encode(tok, PROMPTS[0])
-    alone = [loop.run_until_complete(_collect(engine, f"seed-alone{i}", ids, params))[0]
-             for i in range(2)]
+    alone = [loop.run_until_complete(_collect(engine, f"seed-alone{i}", ids, params))[0] for i in range(2)]
 
     async def batched():
-        others = [_collect(engine, f"noise{i}", _encode(tok, t), SamplingParams(max_tokens=24))
-                  for i, t in enumerate(PROMPTS[1:5])]
+        others = [
+            _collect(engine, f"noise{i}", _encode(tok, t), SamplingParams(max_tokens=24))
+            for i, t in enumerate(PROMPTS[1:5])
+        ]
         return (await asyncio.gather(_collect(engine, "seed-batched", ids, params), *others))[0][0]
 
     together = loop.run_until_complete(batched())
@@ -475,9 +531,16 @@ def test_tensor_parallel_2_on_one_numa_node_equals_tp_1(tiny_models, engine, loo
     if (os.cpu_count() or 1) < 2 or vllm_internals.cpu_thread_binding(2) is None:
         pytest.skip("needs at least 2 cores on fewer NUMA nodes than ranks")
     os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
-    tp2 = loop.run_until_complete(_async(lambda: VllmEngine(
-        tiny_models["target"], tiny_models["drafts"], num_speculative_tokens=3,
-        vllm_args={**VLLM_ARGS, "tensor_parallel_size": 2})))
+    tp2 = loop.run_until_complete(
+        _async(
+            lambda: VllmEngine(
+                tiny_models["target"],
+                tiny_models["drafts"],
+                num_speculative_tokens=3,
+                vllm_args={**VLLM_ARGS, "tensor_parallel_size": 2},
+            )
+        )
+    )
     try:
         assert os.environ.get("VLLM_CPU_OMP_THREADS_BIND") == vllm_internals.cpu_thread_binding(2)
         params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)

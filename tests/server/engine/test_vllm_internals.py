@@ -11,8 +11,10 @@ from server.engine.vllm_internals import RewindableGenerator
 
 def _draw(gen: torch.Generator) -> list[int]:
     """What vLLM-CPU's sampler draws per row and step (`forward_cpu`), and more."""
-    return [*torch.randint(0, 2**31, (1,), generator=gen).tolist(),
-            *torch.rand(3, generator=gen, dtype=torch.float64).mul(2**52).long().tolist()]
+    return [
+        *torch.randint(0, 2**31, (1,), generator=gen).tolist(),
+        *torch.rand(3, generator=gen, dtype=torch.float64).mul(2**52).long().tolist(),
+    ]
 
 
 def test_rewindable_generator_continues_the_same_stream():
