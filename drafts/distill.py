@@ -37,6 +37,7 @@ from server.engine.models import check_compatible, count_parameters, load_causal
 from server.engine.uncertainty import kl
 
 PARTITION = "partition.json"
+SOURCES = ("corpus", "synthetic", "responses")
 
 
 @dataclass(frozen=True)
@@ -87,19 +88,27 @@ def distill_drafts(
     """Train settings.drafts drafts into out_dir/draft{m}; returns their folders.
 
     `docs` (source "responses"): the token ids of each text's document (`drafts.responses`)."""
-    all_docs = docs  # source "responses": texts are the questions, docs their exact token ids
+    if settings.source not in SOURCES:
+        raise ValueError(f"--source must be one of {', '.join(SOURCES)}, not '{settings.source}'.")
     if (settings.source == "responses") != (docs is not None) or docs is not None and len(docs) != len(texts):
         raise ValueError("source 'responses' needs one document of token ids per text (and only then).")
+    if settings.init and settings.draft_vocab:
+        raise ValueError(
+            "--init starts from a model over the target's vocabulary; it cannot be combined "
+            "with --draft-vocab."
+        )
     parts = ddd.partition(texts, settings.drafts, settings.ddd)  # validates M and the corpus
     dev = resolve_device(opts.device)
     members = list(settings.ensemble)
     check_compatible(target_dir, members + ([settings.init] if settings.init else []))
     tok = load_tokenizer(target_dir)
     target = load_causal_lm(target_dir, device=str(dev), dtype=getattr(torch, settings.teacher_dtype))
+    if settings.source == "corpus":  # every document encoded once, sliced per partition below
+        docs = encode_corpus(texts, tok)
     vocab = None
     if settings.draft_vocab:
         vocab = choose_vocab(
-            all_docs or encode_corpus(texts, tok), settings.draft_vocab, tok, int(target.config.vocab_size)
+            docs or encode_corpus(texts, tok), settings.draft_vocab, tok, int(target.config.vocab_size)
         )
     ens = [load_causal_lm(d, device=str(dev)) for d in members] if settings.osd == "ensemble" else []
     out = []
@@ -109,21 +118,17 @@ def distill_drafts(
         if is_finished(folder):
             continue
         part_texts = [texts[i] for i in idx]
-        if all_docs is not None:
-            docs = [all_docs[i] for i in idx]
-        elif settings.source == "synthetic":
-            docs = sample_continuations(
+        if docs is not None:  # corpus or responses
+            part_docs = [docs[i] for i in idx]
+        else:  # synthetic
+            part_docs = sample_continuations(
                 target,
                 tok,
                 [prompt_of(t) for t in part_texts],
                 max_new_tokens=settings.max_new_tokens,
                 seed=seed + m,
             )
-        elif settings.source == "corpus":
-            docs = encode_corpus(part_texts, tok)
-        else:
-            raise ValueError(f"--source must be corpus, synthetic or responses, not '{settings.source}'.")
-        n_steps = opts.steps or steps_for(docs, opts.batch_size, opts.seq_len, opts.epochs)
+        n_steps = opts.steps or steps_for(part_docs, opts.batch_size, opts.seq_len, opts.epochs)
         if settings.init:
             student = load_causal_lm(settings.init, device=str(dev))
         elif vocab is not None:
@@ -135,7 +140,7 @@ def distill_drafts(
         trained = ReducedStudent(student, vocab) if vocab is not None else student
         teacher = TeacherSampler(target, settings.osd, noise=settings.noise, rank=settings.rank, members=ens)
         ts = opts.settings(n_steps, seed + m)
-        it = batches(docs, opts.batch_size, opts.seq_len, random.Random(seed + m))
+        it = batches(part_docs, opts.batch_size, opts.seq_len, random.Random(seed + m))
         part = ddd.describe(texts, idx, m, settings.drafts, settings.ddd)
         losses = train_loop(
             trained,
@@ -184,7 +189,7 @@ def distill_drafts(
                 else {
                     "size": vocab.size,
                     "rule": "special tokens + most frequent ids of the training data",
-                    "coverage": coverage(docs, vocab),
+                    "coverage": coverage(part_docs, vocab),
                 },
                 "osd": {**teacher.describe(), "ensemble": members if settings.osd == "ensemble" else []},
                 "ddd": part,

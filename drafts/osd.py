@@ -34,7 +34,6 @@ class TeacherSampler:
             raise ValueError(f"OSD mode '{mode}' needs --noise > 0 (got {noise}).")
         self.target, self.mode, self.noise, self.rank = target.eval(), mode, noise, rank
         self.members = [m.eval() for m in members or []]
-        self._columns: torch.Tensor | None = None
         self.draws: Counter = Counter()  # instance id -> times drawn
         self._linears = [
             (name, mod)
@@ -69,36 +68,36 @@ class TeacherSampler:
 
         With `columns` (target ids [V_d]): the instance's distribution renormalized over those
         ids, [B, S, V_d] (a reduced draft vocabulary, `drafts.reduced`)."""
-        self._columns = columns
         if self.mode == "none":
             self.draws[0] += 1
-            return self._forward(self.target, input_ids)
+            return self._forward(self.target, input_ids, columns)
         if self.mode == "ensemble":
             k = random.Random(step_seed).randrange(len(self.members))
             self.draws[k] += 1
-            return self._forward(self.members[k], input_ids)
+            return self._forward(self.members[k], input_ids, columns)
         self.draws[step_seed] += 1
         if self.mode == "lowrank":
             self._perturb(step_seed)
             try:
-                return self._forward(self.target, input_ids)
+                return self._forward(self.target, input_ids, columns)
             finally:
                 self._restore()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(step_seed)
             hooks = self._dropout_hooks()
             try:
-                return self._forward(self.target, input_ids)
+                return self._forward(self.target, input_ids, columns)
             finally:
                 for h in hooks:
                     h.remove()
 
-    def _forward(self, model, input_ids):
-        if self._columns is None:
+    @staticmethod
+    def _forward(model, input_ids, columns=None):
+        if columns is None:
             return torch.log_softmax(model(input_ids=input_ids).logits.float(), dim=-1)  # [B, S, V]
         # only the output rows of S: the head costs V_d/V of the full one
         h = model.model(input_ids=input_ids).last_hidden_state  # [B, S, E]
-        head = model.get_output_embeddings().weight[self._columns.to(h.device)]  # [V_d, E]
+        head = model.get_output_embeddings().weight[columns.to(h.device)]  # [V_d, E]
         return torch.log_softmax((h @ head.T).float(), dim=-1)  # [B, S, V_d]
 
     def _perturb(self, seed: int) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from drafts.lm import LMShape, build_lm
-from server.engine.draft_vocab import DraftVocab, most_frequent, tokenizer_digest
+from server.engine.draft_vocab import DraftVocab, most_frequent, vocab_digest
 
 EMBED_INITS = ("random", "target")
 
@@ -28,7 +28,7 @@ def choose_vocab(docs: list[list[int]], size: int, tokenizer, target_vocab_size:
     """S: the special tokens, then the most frequent ids of `docs`, `size` in all."""
     special = tuple(sorted({int(i) for i in tokenizer.all_special_ids if i is not None}))
     v = most_frequent(docs, size, target_vocab_size, always=special)
-    v.tokenizer_digest = tokenizer_digest(tokenizer)
+    v.tokenizer_digest = vocab_digest(tokenizer.get_vocab())
     return v
 
 
@@ -88,6 +88,7 @@ def full_vocabulary_copy(draft: str | Path, target: str | Path, out: str | Path)
 
     from transformers import LlamaForCausalLM
 
+    from drafts.bundle import TOKENIZER_FILES
     from server.engine.draft_vocab import read_draft_vocab
     from server.engine.models import load_causal_lm
 
@@ -110,13 +111,7 @@ def full_vocabulary_copy(draft: str | Path, target: str | Path, out: str | Path)
     big.load_state_dict(state)
     out = Path(out)
     big.to(lm.dtype).save_pretrained(str(out), safe_serialization=True)
-    for name in (
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "chat_template.jinja",
-        "generation_config.json",
-    ):
+    for name in (*TOKENIZER_FILES, "generation_config.json"):
         if (Path(target) / name).exists():
             shutil.copy2(Path(target) / name, out / name)
     return out

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from server.engine.draft_vocab import DraftVocab, tokenizer_digest
+from server.engine.draft_vocab import DraftVocab, vocab_digest
 from server.engine.models import load_causal_lm, load_tokenizer, model_config
 
 
@@ -37,7 +37,7 @@ def reduced_copy(draft: str | Path, target: str | Path, out: str | Path, ids: li
     small.load_state_dict(state)
     small.save_pretrained(str(out), safe_serialization=True)
     DraftVocab(
-        sel, int(model_config(target)["vocab_size"]), 0, tokenizer_digest(load_tokenizer(target))
+        sel, int(model_config(target)["vocab_size"]), 0, vocab_digest(load_tokenizer(target).get_vocab())
     ).save(out)
     return out
 

@@ -36,9 +36,10 @@ class DraftVocabError(ValueError):
     """draft_vocab.json is malformed or does not fit the draft or the target."""
 
 
-def tokenizer_digest(tokenizer) -> str:
-    """An identity of a tokenizer's vocabulary: sha256 of its sorted (token, id) pairs, 16 hex."""
-    items = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+def vocab_digest(vocab: dict[str, int]) -> str:
+    """An identity of a tokenizer's vocabulary (`tokenizer.get_vocab()`): sha256 of its (token, id)
+    pairs in id order, 16 hex digits."""
+    items = sorted(vocab.items(), key=lambda kv: kv[1])
     return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
 
 

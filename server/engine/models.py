@@ -18,7 +18,7 @@ from server.engine.draft_vocab import (
     DraftVocabError,
     FullVocabularyDraft,
     read_draft_vocab,
-    tokenizer_digest,
+    vocab_digest,
 )
 
 
@@ -87,19 +87,11 @@ def _check_reduced(target, t_cfg: dict, d, d_cfg: dict, reduced: DraftVocab, t_v
             f"Draft '{d}' has vocab_size {d_cfg.get('vocab_size')} but its {FILE} lists {reduced.size} tokens."
         )
     digest = reduced.tokenizer_digest
-    if digest is not None and digest != tokenizer_digest(_Vocab(t_vocab)):
+    if digest is not None and digest != vocab_digest(t_vocab):
         raise ModelFolderError(
             f"Draft '{d}' was made for another tokenizer than the target '{target}''s "
             f"(tokenizer digest {digest}): drafts must share the target's tokenizer."
         )
-
-
-class _Vocab:  # a tokenizer-like view of a vocabulary dict, for tokenizer_digest
-    def __init__(self, vocab: dict) -> None:
-        self._vocab = vocab
-
-    def get_vocab(self) -> dict:
-        return self._vocab
 
 
 def load_draft(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import httpx
 import pytest
 import yaml
 
+from measure.load.probe import free_port
 from tests.server.test_metrics import live_app, parse, value  # noqa: F401  (live_app: fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,12 +42,6 @@ def dashboard_queries() -> tuple[list[tuple[str, str]], list[dict]]:
 
 def fill(expr: str, instance: str, model: str) -> str:
     return expr.replace("$__rate_interval", "1m").replace("$instance", instance).replace("$model", model)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -112,3 +112,19 @@ def test_full_vocabulary_copy_keeps_logits_on_s(tiny_models, reduced_drafts, tmp
     outside = torch.ones(vocab.target_vocab_size, dtype=torch.bool)
     outside[vocab.target_ids] = False
     assert got[..., outside].abs().max() == 0
+
+
+def test_init_and_a_reduced_vocabulary_are_refused_together(tiny_models, texts, tmp_path):
+    """--init is a model over the target's vocabulary: wrapping it as a reduced draft would feed it S's ids."""
+    settings = DistillSettings(drafts=2, draft_vocab=48, init=tiny_models["drafts"][0])
+    with pytest.raises(ValueError, match="cannot be combined"):
+        distill_drafts(
+            texts,
+            describe_corpus("tiny", "train", texts),
+            tiny_models["target"],
+            tmp_path,
+            settings,
+            SHAPE,
+            RunOptions(steps=1),
+        )
+    assert not any(tmp_path.iterdir())

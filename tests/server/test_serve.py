@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from measure.load.probe import free_port
 from server.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,9 +70,7 @@ def test_serve_without_models_says_how_to_pass_them(tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_serve_starts_answers_and_exits_0_on_a_signal(tiny_models, sig):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [
         sys.executable,
         "-m",
