@@ -22,6 +22,7 @@ import torch
 from drafts import ddd
 from drafts.lm import LMShape, batches, build_lm, encode_corpus, save_lm
 from drafts.osd import TeacherSampler
+from drafts.prefix_cache import CachedBatch, cached_batches, drop, pack_windows, teacher_prefix
 from drafts.reduced import ReducedStudent, build_reduced_draft, choose_vocab, coverage
 from drafts.synthetic import prompt_of, sample_continuations
 from drafts.targets import is_finished, steps_for
@@ -54,17 +55,21 @@ class DistillSettings:
     draft_vocab: int = 0  # |S| of a reduced output vocabulary (`drafts.reduced`); 0: the target's
     embed_init: str = "random"  # or "target": the target's embedding of S, projected
     teacher_dtype: str = "float32"  # bfloat16: ~2.5x faster teacher passes on CPU
+    noise_layers: int = 0  # lowrank noise in the last K layers only (0: all); K > 0 caches the rest
 
 
 def distill_loss(student, teacher: TeacherSampler, step_seed: int, batch: torch.Tensor) -> torch.Tensor:
     """Mean over positions of KL(teacher instance ‖ student). batch [B, S+1]
 
     A `ReducedStudent` (reduced vocabulary S) is compared with the teacher renormalized over S."""
+    prefix = None
+    if isinstance(batch, CachedBatch):  # the teacher's deterministic layers, computed once
+        batch, prefix = batch.ids, batch.prefix
     x = batch[:, :-1]  # [B, S]
     if isinstance(student, ReducedStudent):
-        log_p = teacher.logprobs(step_seed, x, columns=student.vocab.target_ids)  # [B, S, V_d]
+        log_p = teacher.logprobs(step_seed, x, student.vocab.target_ids, prefix)  # [B, S, V_d]
         return kl(log_p, student(x)).mean()
-    log_p = teacher.logprobs(step_seed, x)  # [B, S, V]
+    log_p = teacher.logprobs(step_seed, x, prefix=prefix)  # [B, S, V]
     log_q = torch.log_softmax(student(input_ids=x).logits.float(), dim=-1)  # [B, S, V]
     return kl(log_p, log_q).mean()
 
@@ -138,9 +143,22 @@ def distill_drafts(
         else:
             student = build_lm(shape, tok, seed=seed + 100 + m).to(dev)
         trained = ReducedStudent(student, vocab) if vocab is not None else student
-        teacher = TeacherSampler(target, settings.osd, noise=settings.noise, rank=settings.rank, members=ens)
+        teacher = TeacherSampler(
+            target,
+            settings.osd,
+            noise=settings.noise,
+            rank=settings.rank,
+            members=ens,
+            layers=settings.noise_layers,
+        )
         ts = opts.settings(n_steps, seed + m)
-        it = batches(part_docs, opts.batch_size, opts.seq_len, random.Random(seed + m))
+        rng = random.Random(seed + m)
+        if teacher.prefix_layers:
+            windows = pack_windows(part_docs, opts.seq_len, rng)  # [N, S+1]
+            prefix = teacher_prefix(teacher, windows, folder, progress=opts.progress)  # [N, S, E]
+            it = cached_batches(windows, prefix, opts.batch_size, rng)
+        else:
+            it = batches(part_docs, opts.batch_size, opts.seq_len, rng)
         part = ddd.describe(texts, idx, m, settings.drafts, settings.ddd)
         losses = train_loop(
             trained,
@@ -159,6 +177,7 @@ def distill_drafts(
         else:  # no tokenizer: the draft's ids are S's positions; draft_vocab.json maps them
             student.cpu().to(getattr(torch, opts.dtype)).save_pretrained(str(folder), safe_serialization=True)
             vocab.save(folder)
+        drop(folder)  # the teacher-prefix cache, if any
         hashes = part.pop("hashes")
         (folder / PARTITION).write_text(_json({**part, "hashes": hashes}))
         write_record(

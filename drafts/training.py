@@ -135,7 +135,7 @@ def train_loop(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(loss.item())
-        tokens += batch[:, 1:].numel()
+        tokens += (batch.ids if hasattr(batch, "ids") else batch)[:, 1:].numel()
         bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
         done = step + 1
         if (

@@ -78,8 +78,28 @@ def random_member(seed: int, n: int) -> int:
         ("gaussian", {}, "must be one of"),
         ("ensemble", {}, "at least one ensemble member"),
         ("dropout", {"noise": 0.0}, "noise > 0"),
+        ("lowrank", {"layers": 99}, "noise-layers must be within"),
+        ("dropout", {"layers": 1}, "mode 'lowrank' only"),
     ],
 )
 def test_bad_modes(target, mode, kwargs, message):
     with pytest.raises(ValueError, match=message):
         TeacherSampler(target, mode, **kwargs)
+
+
+def test_noise_in_the_last_layers_leaves_the_prefix_fixed_and_the_tail_exact(target, ids):
+    """layers=1: only the last layer's weights move; prefix + tail = the whole instance, exactly."""
+    n = len(target.model.layers)
+    sampler = TeacherSampler(target, "lowrank", noise=0.3, layers=1)
+    assert sampler.prefix_layers == n - 1 and sampler.describe()["layers"] == 1
+    assert {name.split(".")[2] for name, _ in sampler._linears} == {str(n - 1)}
+    prefix = sampler.prefix(ids)  # [B, S, E]
+    cols = torch.arange(3, 60)
+    for seed in (1, 2):
+        assert torch.equal(sampler.logprobs(seed, ids), sampler.logprobs(seed, ids, prefix=prefix))
+        assert torch.equal(sampler.logprobs(seed, ids, cols), sampler.logprobs(seed, ids, cols, prefix))
+    assert not torch.allclose(sampler.logprobs(1, ids), sampler.logprobs(2, ids))  # fresh instances
+    fixed = TeacherSampler(target, "none").logprobs(0, ids)
+    assert not torch.allclose(sampler.logprobs(1, ids), fixed)
+    with pytest.raises(ValueError, match="cached prefix"):
+        TeacherSampler(target, "lowrank", noise=0.3).logprobs(1, ids, prefix=prefix)
