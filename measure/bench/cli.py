@@ -28,7 +28,7 @@ from server.engine.types import (
     DEFAULT_NUM_SPECULATIVE_TOKENS,
     DEFAULT_TARGET_LOGPROBS,
 )
-from server.resolve import resolve_models
+from server.resolve import cpu_dtype, resolve_models
 
 # (prompts, max_tokens, requests per level, EU prompts)
 FULL = (128, 128, 64, 32)
@@ -107,7 +107,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="GIB",
         help="vLLM-CPU KV cache (GiB), the same for every vLLM config",
     )
-    r.add_argument("--dtype", help="vLLM target dtype for every vLLM config (default: vLLM's auto)")
+    r.add_argument(
+        "--dtype",
+        help="vLLM target dtype for every vLLM config (default: what `epispec serve` picks: float32 "
+        "on a CPU without native bf16 matmul, else vLLM's auto)",
+    )
     r.add_argument("--timeout", type=float, default=900, help="seconds per config before it is killed")
     r.add_argument(
         "--profile",
@@ -205,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
                     ),
                     "workload": workload.as_dict(),
                     "kv_cache_space": args.kv_cache_space,
-                    "dtype": args.dtype,
+                    "dtype": args.dtype or cpu_dtype(),
                     "bias_source": args.bias_source,
                     "profile": str(Path(args.profile).resolve()) if args.profile else None,
                 }
