@@ -33,7 +33,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 MANIFEST = "bundle.json"
 SCHEMA_VERSION = 1
-# The demo bundle shipped in the repository, served when no model is given.
+# The default bundle, served when no model is given: SmolLM2-135M-Instruct (named by source,
+# prepared into the model cache) with its OSD+DDD drafts.
+DEFAULT_BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "smollm2"
+# The toy GSM8K bundle (a 1.84M-parameter target of its own): quick runs and tests.
 DEMO_BUNDLE = Path(__file__).resolve().parents[1] / "demo" / "bundle"
 
 
@@ -190,11 +193,11 @@ class Bundle:
 
 
 def default_bundle_dir() -> Path:
-    return Path(os.environ.get("EPISPEC_BUNDLE") or DEMO_BUNDLE)
+    return Path(os.environ.get("EPISPEC_BUNDLE") or DEFAULT_BUNDLE)
 
 
 def load_bundle(folder: str | Path | None = None, *, prepare: bool = True) -> Bundle:
-    """The bundle in `folder` (default: $EPISPEC_BUNDLE, else the demo bundle).
+    """The bundle in `folder` (default: $EPISPEC_BUNDLE, else the default bundle, `DEFAULT_BUNDLE`).
 
     A target given by source is prepared in the model cache when missing (a download and a
     conversion of about a minute), unless `prepare` is False. Raises BundleError (one sentence)

@@ -37,7 +37,7 @@ QUICK = (32, 32, 16, 8)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("models")
-    g.add_argument("--bundle", help="bundle folder (default: the demo bundle)")
+    g.add_argument("--bundle", help="bundle folder (default: $EPISPEC_BUNDLE, else bundles/smollm2)")
     g.add_argument("--target", help="target model folder, instead of a bundle")
     g.add_argument("--draft", action="append", default=[], metavar="DIR", help="draft folder (repeat)")
     g.add_argument(

@@ -69,7 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--calibrate-only",
         action="store_true",
-        help="with --calibrate-bundle: calibrate that bundle's own target and drafts, nothing else",
+        help="calibrate only the bundle of --calibrate-bundle (default: the default bundle, "
+        "$EPISPEC_BUNDLE else bundles/smollm2) with its own target and drafts",
     )
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy machine)"
@@ -148,9 +149,10 @@ def run(args: argparse.Namespace) -> int:
         draft_sets={"ours": args.drafts, "no_ddd": args.drafts_no_ddd, "no_osd": args.drafts_no_osd},
     )
     if args.calibrate_only:
-        if not args.calibrate_bundle:
-            print("epispec eval: --calibrate-only needs --calibrate-bundle DIR.", file=sys.stderr)
-            return 2
+        if not args.calibrate_bundle:  # the default bundle ($EPISPEC_BUNDLE, else bundles/smollm2)
+            from server.bundle import default_bundle_dir
+
+            args.calibrate_bundle = str(default_bundle_dir())
         try:
             calib = pipeline.calibrate_bundle(args.calibrate_bundle, opts.data, rec, args.fpr)
         except (ValueError, FileNotFoundError, ModelFolderError) as exc:
