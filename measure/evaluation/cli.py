@@ -242,7 +242,8 @@ def run_bundle(args: argparse.Namespace) -> int:
                 results["calibration"]["written_to"] = str(
                     write_threshold(args.calibrate_bundle, results["calibration"])
                 )
-            results["p_wrong"]["written_to"] = str(p_wrong.write(args.calibrate_bundle, results["_fit"]))
+            if results["_fit"] is not None:
+                results["p_wrong"]["written_to"] = str(p_wrong.write(args.calibrate_bundle, results["_fit"]))
     except (ValueError, FileNotFoundError, ModelFolderError, BundleError) as exc:
         print(f"epispec eval: {exc}", file=sys.stderr)
         return 2

@@ -128,13 +128,14 @@ def score(models: Models, ids: list[int], start: int, *, truth: bool, tokur: boo
     u = decompose(q, p)
     tok = torch.tensor(ids[start:])  # [T]
     out = {"ours.eu": u.eu, "ours.bias": u.bias, "ours.variance": u.variance}
+    out["single.bias"] = decompose(q[:, :1], p).bias  # one draft: bias only (the M = 1 ablation)
     out |= {"entropy": entropy(p), "max_prob": one_minus_max_prob(p), "nll": token_nll(p, tok)}
     if truth:
         out[TRUTH] = models.timed(TRUTH, lambda: models.posterior.mutual_information(ids, start), n)
     if tokur:
         x = torch.tensor([ids])  # [1, L]
         out["tokur"] = models.timed(
-            "tokur", lambda: models.tokur.mutual_information(x)[start - 1 : len(ids) - 1], n
+            "tokur", lambda: models.tokur.mutual_information(x, slice(start - 1, len(ids) - 1)), n
         )
     return {k: v.double().numpy() for k, v in out.items()}
 
@@ -310,14 +311,16 @@ def run(
         "split": "test",
         "questions": [recipe.test_questions, recipe.test_questions + len(val)],
     }
-    fit = p_wrong.fit(p_wrong.features([s["ours.eu"] for _, s in val_split.responses]), val_y, source)
-    base = float(val_y.mean()) if len(val_y) else float("nan")
-    p_test = p_wrong.predict(fit, p_wrong.features([s["ours.eu"] for _, s in test_split.responses]))
-    p_val = p_wrong.predict(fit, p_wrong.features([s["ours.eu"] for _, s in val_split.responses]))
-    fit.fitted_on |= {
-        "validation": p_wrong.scores(p_val, val_y, base),
-        "test": p_wrong.scores(p_test, resp_y, base),
-    }
+    fit = None
+    if len(val_y) and len(resp_y):  # a target that ends every turn at once answers nothing
+        fit = p_wrong.fit(p_wrong.features([s["ours.eu"] for _, s in val_split.responses]), val_y, source)
+        base = float(val_y.mean())
+        p_test = p_wrong.predict(fit, p_wrong.features([s["ours.eu"] for _, s in test_split.responses]))
+        p_val = p_wrong.predict(fit, p_wrong.features([s["ours.eu"] for _, s in val_split.responses]))
+        fit.fitted_on |= {
+            "validation": p_wrong.scores(p_val, val_y, base),
+            "test": p_wrong.scores(p_test, resp_y, base),
+        }
     n_draft = sum(count_parameters(d) for d in bundle.drafts) / len(bundle.drafts)
     return {
         "recipe": recipe.as_dict(),
@@ -383,7 +386,7 @@ def run(
         },
         "tokur": models.tokur.describe(),
         "calibration": calib,
-        "p_wrong": fit.model_dump(mode="json"),
+        "p_wrong": fit.model_dump(mode="json") if fit else {"error": "no free responses to fit on"},
         "compute": compute(models, count_parameters(bundle.target), n_draft),
         "seconds": {"models": t_models - t_start, "total": time.perf_counter() - t_start},
         "_fit": fit,

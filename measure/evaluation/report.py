@@ -283,23 +283,7 @@ def bundle_markdown(r: dict) -> str:
             lines.append(
                 f"| {s} | {_vci(rl['auroc'][s], rl['auroc_ci95'][s])} | {_vci(rl['auprc'][s], rl['auprc_ci95'][s])} |"
             )
-    pw = r["p_wrong"]
-    fo = pw["fitted_on"]
-    lines += [
-        "",
-        "## p_wrong (validation fit, scored on test)",
-        "",
-        f"{fo['method']}: coef {pw['features']} = {[_g(c) for c in pw['coef']]}, intercept {_g(pw['intercept'])}.",
-        "",
-        "| split | responses | wrong | Brier | Brier of the base rate | log loss | AUROC |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for split in ("validation", "test"):
-        s = fo.get(split, {})
-        lines.append(
-            f"| {split} | {s.get('responses', 0)} | {s.get('wrong', 'n/a')} | {_f(s.get('brier'))} | "
-            f"{_f(s.get('brier_constant_base_rate'))} | {_f(s.get('log_loss'))} | {_f(s.get('auroc'))} |"
-        )
+    lines += ["", "## p_wrong (validation fit, scored on test)", ""] + _p_wrong_lines(r["p_wrong"])
     c = r["calibration"]
     lines += ["", "## Calibrated flag threshold", ""]
     if "error" in c:
@@ -315,3 +299,22 @@ def bundle_markdown(r: dict) -> str:
         f"TokUR: S = {t['samples']}, σ = {t['noise']} (fixed by the recipe), rank {t['rank']}, every layer.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _p_wrong_lines(pw: dict) -> list[str]:
+    if "error" in pw:
+        return [f"No fit: {pw['error']}."]
+    fo = pw["fitted_on"]
+    lines = [
+        f"{fo['method']}: coef {pw['features']} = {[_g(c) for c in pw['coef']]}, intercept {_g(pw['intercept'])}.",
+        "",
+        "| split | responses | wrong | Brier | Brier of the base rate | log loss | AUROC |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for split in ("validation", "test"):
+        s = fo.get(split, {})
+        lines.append(
+            f"| {split} | {s.get('responses', 0)} | {s.get('wrong', 'n/a')} | {_f(s.get('brier'))} | "
+            f"{_f(s.get('brier_constant_base_rate'))} | {_f(s.get('log_loss'))} | {_f(s.get('auroc'))} |"
+        )
+    return lines

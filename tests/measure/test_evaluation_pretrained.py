@@ -65,6 +65,7 @@ def test_bundle_evaluation_writes_its_tables_and_calibrates_the_bundle(bundle_an
         "ours",
         "ours_offset",
         "ours_fit",
+        "single_draft",
         "variance_only",
         "tokur",
         "constant_zero",
