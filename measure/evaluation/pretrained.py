@@ -39,7 +39,7 @@ from measure.evaluation.calibrate import calibrate
 from measure.evaluation.correction import fit_corrections
 from measure.evaluation.forced_labels import ForcedResult, forced_results
 from measure.evaluation.labels import response_wrong
-from measure.evaluation.pipeline import detection
+from measure.evaluation.pipeline import DETECTION_SCORES, detection
 from measure.evaluation.posterior import TargetPosterior, check_disjoint
 from measure.evaluation.tokur import PerturbedTarget
 from server.bundle import load_bundle
@@ -48,16 +48,9 @@ from server.engine.teacher_forced import forced_logprobs, forced_member_logprobs
 from server.engine.uncertainty import decompose, entropy, one_minus_max_prob, token_nll
 
 TRUTH = "eu_star"
-TOKEN_SCORES = {  # detection score -> per-token key
-    "eu": "ours.eu",
-    "bias": "ours.bias",
-    "variance": "ours.variance",
-    "entropy": "entropy",
-    "max_prob": "max_prob",
-    "nll": "nll",
-    "tokur": "tokur",
-    "eu_star": TRUTH,
-}
+# detection score -> per-token key: the trained setting's, with the posterior's EU* in place of
+# the deep ensemble's
+TOKEN_SCORES = {**{k: v for k, v in DETECTION_SCORES.items() if k != "ensemble"}, "eu_star": TRUTH}
 RESPONSE_SCORES = {k: v for k, v in TOKEN_SCORES.items() if k not in ("tokur", "eu_star")}
 
 
