@@ -79,27 +79,52 @@ def test_records_and_proposals_match_full_recompute(draft_set, top_n):
     assert ens.num_states() == 0  # every row was final in the last step
 
 
-def test_release_frees_slots_of_requests_gone_from_the_batch(tiny_models):
-    ens = DraftEnsemble(tiny_models["drafts"], k=2, slots=2, max_len=64)
+def test_release_frees_slots_and_blocks_of_requests_gone_from_the_batch(tiny_models):
+    ens = DraftEnsemble(tiny_models["drafts"], k=2, slots=2, max_len=64, block_size=4)
     ens.propose([RowInput("x", torch.tensor([1, 5, 6]), 1), RowInput("y", torch.tensor([1, 7]), 1)])
-    assert ens.num_states() == 2
+    assert ens.num_states() == 2 and ens.pool.blocks_in_use() == 2
     ens.release({"y"})  # x was aborted
-    assert ens.num_states() == 1
-    ens.propose([RowInput("z", torch.tensor([1, 9]), 1)])  # x's slot is reused
-    assert ens.num_states() == 2
+    assert ens.num_states() == 1 and ens.pool.blocks_of("x") == [] and ens.pool.blocks_in_use() == 1
+    ens.propose([RowInput("z", torch.tensor([1, 9]), 1)])  # x's block is reused
+    assert ens.num_states() == 2 and ens.pool.blocks_in_use() == 2
+    ens.propose([RowInput("z", torch.tensor([1, 9, 4]), 1, final=True)])  # z ends with this step
+    assert ens.num_states() == 1 and ens.pool.blocks_of("z") == []
+    ens.release(set())
+    assert ens.num_states() == 0 and ens.pool.blocks_in_use() == 0 and ens.kv_bytes_held() == 0
 
 
-def test_caches_grow_with_concurrency_and_keep_rows_in_use(tiny_models, drafts):
-    ens = DraftEnsemble(tiny_models["drafts"], k=2, slots=20, max_len=64, top_n=-1)
+def test_blocks_follow_tokens_held_and_rows_keep_their_keys(tiny_models, drafts):
+    """Requests take blocks as their histories grow, from wherever the pool has them; a row
+    whose blocks are not adjacent still reads its own keys (records equal a full recompute)."""
+    ens = DraftEnsemble(tiny_models["drafts"], k=2, slots=20, max_len=64, top_n=-1, block_size=4)
     first = ens.propose([RowInput("r0", torch.tensor([1, 5, 6]), 1)])[0]
-    rows = [RowInput(f"n{i}", torch.tensor([1, 7 + i]), 1) for i in range(2 * ens.INITIAL_SLOTS)]
-    ens.propose(rows)  # needs more slots than allocated: the caches double twice
-    assert ens.capacity == 20 and ens.num_states() == 2 * ens.INITIAL_SLOTS + 1
-    # r0's cached keys survived the growth: its next record equals a full recompute
+    assert len(ens.pool.blocks_of("r0")) == 1  # ⌈(3 + k − 1) / 4⌉
+    ens.propose([RowInput(f"n{i}", torch.tensor([1, 7 + i]), 1) for i in range(16)])
+    assert ens.num_states() == 17 and ens.pool.blocks_in_use() == 17
+    assert ens.kv_bytes_held("r0") == 4 * ens.kv_bytes_per_token
     h = [1, 5, 6, *first.proposal[:1], 9]
     out = ens.propose([RowInput("r0", torch.tensor(h), 2)])[0]
+    table = ens.pool.blocks_of("r0")
+    assert len(table) == 2 and table[1] != table[0] + 1  # ⌈(5 + 1) / 4⌉, the second taken last
     for rec in out.records:
         assert abs(float(variance(_exact(drafts, h[: rec.position]))) - rec.variance) < 1e-4
+    _assert_records_exact(drafts, h, out, 2)
+
+
+def test_a_full_pool_parks_a_row_which_later_resumes_exactly(tiny_models, drafts):
+    """With room for one request, a second one is parked (no proposal, no records, nothing
+    held) and, once the first is released, recomputes its history: exact records again."""
+    ens = DraftEnsemble(tiny_models["drafts"], k=2, slots=1, max_len=64, top_n=-1, kv_tokens=8, block_size=4)
+    ens.propose([RowInput("a", torch.tensor([1, 5, 6, 7, 8]), 1)])  # 2 blocks: the whole pool
+    a, b = [1, 5, 6, 7, 8, 9], [1, 20, 21]
+    outs = ens.propose([RowInput("a", torch.tensor(a), 1), RowInput("b", torch.tensor(b), 1)])
+    assert outs[1].parked and outs[1].proposal == [] and outs[1].records == []
+    assert not outs[0].parked and outs[0].proposal and ens.pool.blocks_of("b") == []
+    ens.release({"b"})  # a ends
+    b.append(22)
+    out = ens.propose([RowInput("b", torch.tensor(b), 1)])[0]
+    assert not out.parked
+    _assert_records_exact(drafts, b, out, 1)
 
 
 def test_feed_groups_keep_decode_rows_apart_from_long_feeds():
