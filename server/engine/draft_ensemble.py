@@ -417,6 +417,10 @@ class DraftEnsemble:
         blocks = self.pool.blocks_in_use() if req_id is None else len(self.pool.blocks_of(req_id))
         return blocks * self.pool.block_size * self.kv_bytes_per_token
 
+    def kv_tokens_held(self) -> int:
+        """Tokens whose keys and values stand in the cache, over every request."""
+        return sum(st.valid for st in self._slots.values())
+
     def release(self, keep: set[str]) -> None:
         """Free the slots (and KV blocks) of requests not in `keep` (finished or aborted)."""
         for rid in [r for r in self._slots if r not in keep]:

@@ -43,6 +43,19 @@ def kv_bytes_per_token(configs: Iterable, dtype: torch.dtype = torch.float32) ->
     return total * torch.empty((), dtype=dtype).element_size()
 
 
+def target_kv_blocks(
+    draft_tokens: int, max_num_seqs: int, k: int, draft_block: int, target_block: int
+) -> int:
+    """The most blocks of `target_block` tokens the target's (vLLM's) KV cache may have so that
+    every set of requests it runs also fits in a draft pool of `draft_tokens` tokens.
+
+    A request vLLM holds n tokens for holds at most n + k + draft_block − 1 draft tokens: its
+    newest token (not yet in the target's cache), the k − 1 drafted tokens fed in step 2), and
+    its last block's empty part. Requests sharing a prompt through vLLM's prefix cache break the
+    bound (the target holds the prompt once, the drafts once per request)."""
+    return max(0, (draft_tokens - max_num_seqs * (k + draft_block)) // target_block)
+
+
 class PoolFull(RuntimeError):
     """The pool has fewer free blocks than a request needs."""
 

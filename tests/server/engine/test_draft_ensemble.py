@@ -204,3 +204,64 @@ def test_new_long_prompt_next_to_decoding_rows_matches_separate_runs(tiny_models
             _assert_records_exact(drafts, hists[row.req_id], out, row.num_emitted)
             assert out.draft_passes == k
             proposals[row.req_id] = out.proposal
+
+
+def _run_rounds(ens, seed: int, accept: bool = True, steps: int = 4) -> list:
+    """Three requests over `steps` rounds (a random accepted prefix when `accept`), one of them
+    joining late with a 40-token prompt; every round's outputs."""
+    rng = random.Random(seed)
+    hists = {"a": [1, 5, 7, 9, 11], "b": [1, 20, 30], "c": [1] + [rng.randint(3, 300) for _ in range(39)]}
+    proposals = {r: [] for r in hists}
+    rounds = []
+    for step in range(steps):
+        rows = []
+        for rid, h in hists.items():
+            if rid == "c" and step < 2:
+                continue
+            p = proposals[rid]
+            new = (p[: rng.randint(0, len(p))] if accept else []) + [rng.randint(3, 300)]
+            h.extend(new)
+            rows.append(RowInput(rid, torch.tensor(h), len(new)))
+        outs = ens.propose(rows)
+        for row, out in zip(rows, outs, strict=True):
+            proposals[row.req_id] = out.proposal
+        rounds.append(outs)
+    return rounds
+
+
+def test_block_size_changes_nothing_but_memory(tiny_models):
+    """Blocks of 1, 16 and 256 tokens (one block: a contiguous cache) give identical outputs."""
+    runs = [
+        _run_rounds(
+            DraftEnsemble(tiny_models["drafts"], k=3, slots=4, max_len=256, top_n=-1, block_size=bs), 3
+        )
+        for bs in (1, 16, 256)
+    ]
+    for other in runs[1:]:
+        for outs, ref in zip(other, runs[0], strict=True):
+            for x, y in zip(outs, ref, strict=True):
+                assert x.proposal == y.proposal and [r.position for r in x.records] == [
+                    r.position for r in y.records
+                ]
+                for p, q in zip(x.records, y.records, strict=True):
+                    assert abs(p.variance - q.variance) < 1e-6 and torch.equal(p.ids, q.ids)
+                    assert (p.probs - q.probs).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_drafts_stay_close_to_float32(tiny_models, dtype):
+    """bf16/fp16 weights and caches (norms, log-softmax and the EU math in float32): every
+    record's variance within 0.02 nats + 5 % and q̄ within 0.02 of float32 (nothing is accepted,
+    so each ensemble's own proposal never enters the history)."""
+    ref = _run_rounds(DraftEnsemble(tiny_models["drafts"], k=3, slots=4, max_len=256, top_n=-1), 5, False)
+    half = _run_rounds(
+        DraftEnsemble(tiny_models["drafts"], k=3, slots=4, max_len=256, top_n=-1, dtype=dtype), 5, False
+    )
+    for outs, refs in zip(half, ref, strict=True):
+        for x, y in zip(outs, refs, strict=True):
+            for p, q in zip(x.records, y.records, strict=True):
+                assert abs(p.variance - q.variance) < 0.02 + 0.05 * q.variance
+                v = max(int(p.ids.max()), int(q.ids.max())) + 1
+                got = log_mix_from_record(p.ids, p.probs, v).exp()
+                want = log_mix_from_record(q.ids, q.probs, v).exp()
+                assert (got - want).abs().max() < 0.02
