@@ -68,6 +68,7 @@ def old_module(rev: str):
     path.write_bytes(src)
     spec = importlib.util.spec_from_file_location("draft_ensemble_old", path)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up
     spec.loader.exec_module(mod)
     return mod
 
@@ -166,7 +167,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(ROOT))
     with tempfile.TemporaryDirectory() as tmp:
-        print("| drafts | B | time new/old (median) | proposals equal | max |Δvariance| | max |Δq̄| |")
+        print(
+            "| drafts | B | time new/old (median) | proposals equal | max |Δvariance| | max |Δq̄| |",
+            flush=True,
+        )
         print("|---|---:|---:|---|---:|---:|")
         for name in args.shapes:
             shape = SHAPES[name]
