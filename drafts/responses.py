@@ -48,10 +48,17 @@ def reference_records(records: list[dict], tokenizer) -> list[dict]:
 
 
 def read_responses(path: str | Path) -> list[dict]:
+    """The lines of a responses file (`.jsonl`, or gzip-compressed `.jsonl.gz`)."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"Responses file '{p}' does not exist.")
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    if p.suffix == ".gz":
+        import gzip
+
+        text = gzip.decompress(p.read_bytes()).decode()
+    else:
+        text = p.read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def response_docs(records: list[dict]) -> list[list[int]]:

@@ -2,7 +2,8 @@
 
 The lifespan builds the one engine of this process from the settings (unless one is given,
 as tests do), resolves the flag thresholds (settings, else the bundle's calibration, else
-`DEFAULT_EU_THRESHOLD`), watches the engine's health, and shuts the engine down at exit.
+`DEFAULT_EU_THRESHOLD`) and the bundle's `p_wrong` fit (a given engine takes both from
+`settings.bundle` when that is set), watches the engine's health, and shuts the engine down at exit.
 
 Hooks on `app.state` for whoever runs the app (`server/commands/serve.py`):
 `on_engine_dead()` is called once when the engine stops being healthy (serve exits non-zero
@@ -26,7 +27,7 @@ from server.api.context import ServerContext
 from server.api.errors import install_error_handlers
 from server.api.limits import BodySizeLimit
 from server.api.pump import Generations
-from server.bundle import Bundle
+from server.bundle import Bundle, load_bundle
 from server.config import Settings
 from server.engine.factory import EngineArgs, build_engine
 from server.engine.types import Engine
@@ -50,14 +51,15 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        bundle_thresholds = None
-        own = engine
+        own, bundle = engine, None
         if own is None:
             eargs, bundle = resolve_engine_args(settings)
-            bundle_thresholds = bundle.thresholds if bundle else None
             log.info("building the %s engine for %s", eargs.engine, eargs.target)
             own = build_engine(eargs)
-        ctx.thresholds = settings.thresholds(bundle_thresholds)
+        elif settings.bundle:  # a given engine that serves the settings' bundle: its calibration
+            bundle = load_bundle(settings.bundle, prepare=False)
+        ctx.thresholds = settings.thresholds(bundle.thresholds if bundle else None)
+        ctx.p_wrong = bundle.p_wrong if bundle else None
         ctx.engine = own
         metrics.watch_engine(own)
         ctx.generations = Generations(own, metrics)

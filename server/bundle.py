@@ -18,11 +18,14 @@ cache lacks it (`prepare=False` only says where it would be).
 Versions: `schema_version` 1 is the layout first written as `"format": 1`; such manifests load
 as they are. Keys this version does not know are kept (read, and written back unchanged), so a
 later version can add optional fields; a manifest of a newer schema_version is refused.
+Optional fields added since carry their own version: `p_wrong` (`PWrongFit`, version 1), so
+schema_version stays 1 and bundles without them load unchanged.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -33,7 +36,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 MANIFEST = "bundle.json"
 SCHEMA_VERSION = 1
-# The demo bundle shipped in the repository, served when no model is given.
+# The default bundle, served when no model is given: SmolLM2-135M-Instruct (named by source,
+# prepared into the model cache) with its OSD+DDD drafts.
+DEFAULT_BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "smollm2"
+# The toy GSM8K bundle (a 1.84M-parameter target of its own): quick runs and tests.
 DEMO_BUNDLE = Path(__file__).resolve().parents[1] / "demo" / "bundle"
 
 
@@ -102,6 +108,54 @@ class Thresholds(BaseModel):
         return {k: v for k, v in self.model_dump().items() if v is not None}
 
 
+P_WRONG_VERSION = 1
+P_WRONG_FEATURES = ("mean_eu", "max_eu")  # of the response summary (`server.api.usage.Summary`)
+
+
+class PWrongFit(BaseModel):
+    """`p_wrong` in bundle.json: the probability that a response is wrong, from its summary,
+
+        p_wrong = 1 / (1 + exp(−(intercept + Σ_i coef_i · summary[features_i])))
+
+    a logistic fit of response labels (the final answer wrong) on eu statistics of the response
+    (nats), fitted on validation questions by `epispec eval --bundle B --calibrate-bundle B`
+    (`measure.evaluation.p_wrong`). `version` is this field's own (1: logistic over features of
+    P_WRONG_FEATURES); a bundle with a later version is refused, as a newer schema is. `fitted_on`
+    says on what and how (data, responses, labels, scores on validation and test)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    version: int = P_WRONG_VERSION
+    kind: str = "logistic"
+    features: list[str]
+    coef: list[float]
+    intercept: float
+    fitted_on: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known(self) -> PWrongFit:
+        if self.version != P_WRONG_VERSION or self.kind != "logistic":
+            raise ValueError(
+                f"p_wrong version {self.version} ({self.kind}) is not one this epispec reads "
+                f"(version {P_WRONG_VERSION}, logistic): upgrade epispec."
+            )
+        bad = [f for f in self.features if f not in P_WRONG_FEATURES]
+        if bad or len(self.features) != len(self.coef) or not self.features:
+            raise ValueError(
+                f"p_wrong needs one coef per feature, features among {list(P_WRONG_FEATURES)}; got "
+                f"features {self.features} and {len(self.coef)} coef."
+            )
+        return self
+
+    def probability(self, summary: dict[str, Any]) -> float | None:
+        """p_wrong of a response summary; None when a feature is missing (no token had an eu)."""
+        values = [summary.get(f) for f in self.features]
+        if any(v is None for v in values):
+            return None
+        z = self.intercept + sum(c * float(v) for c, v in zip(self.coef, values, strict=True))
+        return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+
+
 class Manifest(BaseModel):
     """bundle.json. Written with every field; read with only `target` required."""
 
@@ -115,6 +169,7 @@ class Manifest(BaseModel):
     thresholds: Thresholds = Field(default_factory=Thresholds)
     calibrated: bool = False
     thresholds_calibration: dict[str, Any] | None = None  # how thresholds.eu was chosen
+    p_wrong: PWrongFit | None = None  # a response's probability of being wrong (absent: not served)
     versions: dict[str, Any] = Field(default_factory=dict)  # of epispec and the libraries
     bytes: int | None = None  # all files of the folder but the manifest
     created: str | None = None  # UTC, ISO 8601
@@ -188,13 +243,18 @@ class Bundle:
         """The calibrated thresholds that are set (keys eu, bias, variance)."""
         return self.spec.thresholds.as_dict()
 
+    @property
+    def p_wrong(self) -> PWrongFit | None:
+        """The bundle's fit of a response's probability of being wrong, if it has one."""
+        return self.spec.p_wrong
+
 
 def default_bundle_dir() -> Path:
-    return Path(os.environ.get("EPISPEC_BUNDLE") or DEMO_BUNDLE)
+    return Path(os.environ.get("EPISPEC_BUNDLE") or DEFAULT_BUNDLE)
 
 
 def load_bundle(folder: str | Path | None = None, *, prepare: bool = True) -> Bundle:
-    """The bundle in `folder` (default: $EPISPEC_BUNDLE, else the demo bundle).
+    """The bundle in `folder` (default: $EPISPEC_BUNDLE, else the default bundle, `DEFAULT_BUNDLE`).
 
     A target given by source is prepared in the model cache when missing (a download and a
     conversion of about a minute), unless `prepare` is False. Raises BundleError (one sentence)

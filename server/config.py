@@ -39,7 +39,9 @@ class Settings(BaseSettings):
     # --- models and engine (the same meaning as the flags of server/commands/model_args.py)
     target: str | None = None
     drafts: list[str] = Field(default_factory=list)
-    bundle: str | None = Field(None, description="bundle folder; default: the demo bundle")
+    bundle: str | None = Field(
+        None, description="bundle folder; default: $EPISPEC_BUNDLE, else bundles/smollm2"
+    )
     engine: Literal["auto", "vllm", "reference"] = "auto"
     num_speculative_tokens: int = Field(DEFAULT_NUM_SPECULATIVE_TOKENS, ge=1)
     bias_source: BiasSource = DEFAULT_BIAS_SOURCE

@@ -28,7 +28,7 @@ from server.engine.types import (
     DEFAULT_NUM_SPECULATIVE_TOKENS,
     DEFAULT_TARGET_LOGPROBS,
 )
-from server.resolve import resolve_models
+from server.resolve import cpu_dtype, resolve_models
 
 # (prompts, max_tokens, requests per level, EU prompts)
 FULL = (128, 128, 64, 32)
@@ -37,7 +37,7 @@ QUICK = (32, 32, 16, 8)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("models")
-    g.add_argument("--bundle", help="bundle folder (default: the demo bundle)")
+    g.add_argument("--bundle", help="bundle folder (default: $EPISPEC_BUNDLE, else bundles/smollm2)")
     g.add_argument("--target", help="target model folder, instead of a bundle")
     g.add_argument("--draft", action="append", default=[], metavar="DIR", help="draft folder (repeat)")
     g.add_argument(
@@ -107,7 +107,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="GIB",
         help="vLLM-CPU KV cache (GiB), the same for every vLLM config",
     )
-    r.add_argument("--dtype", help="vLLM target dtype for every vLLM config (default: vLLM's auto)")
+    r.add_argument(
+        "--dtype",
+        help="vLLM target dtype for every vLLM config (default: what `epispec serve` picks: float32 "
+        "on a CPU without native bf16 matmul, else vLLM's auto)",
+    )
     r.add_argument("--timeout", type=float, default=900, help="seconds per config before it is killed")
     r.add_argument(
         "--profile",
@@ -205,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
                     ),
                     "workload": workload.as_dict(),
                     "kv_cache_space": args.kv_cache_space,
-                    "dtype": args.dtype,
+                    "dtype": args.dtype or cpu_dtype(),
                     "bias_source": args.bias_source,
                     "profile": str(Path(args.profile).resolve()) if args.profile else None,
                 }

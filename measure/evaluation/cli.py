@@ -4,6 +4,12 @@ hallucinated calculator results? Writes DIR/results.json, DIR/report.md and PNG 
 Models are trained on the fly under DIR/models (reused when rerun) unless folders are given:
 `--ensemble` (member 0 is the served target), `--drafts`, `--drafts-no-ddd`, `--drafts-no-osd`.
 `--calibrate-bundle B` writes the validation-chosen eu threshold into B/bundle.json.
+
+`--bundle B` evaluates a served bundle as it is — a pretrained target (SmolLM2) and its drafts,
+nothing trained (`pretrained.py`): token labels teacher-forced up to `<<expr=`, EU* = the
+target's posterior over S low-rank instances, response labels and `p_wrong`; GSM8K data
+required; `--quick` is its 4 + 4 question size. With `--calibrate-bundle B` too, the eu threshold
+and the `p_wrong` fit (both from validation) are written into B/bundle.json.
 `--report DIR` runs nothing: it regenerates DIR/report.md and the README's tables from
 DIR/results.json, prints the tables, and with `--readme README.md` splices them in between the
 `<!-- eval-table:start -->` / `<!-- eval-table:end -->` markers.
@@ -41,6 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="GSM8K-format folder/JSONL, a datasets name, or 'synthetic' (default: ../shared/data/gsm8k "
         "when present, else synthetic; with --quick: synthetic)",
     )
+    parser.add_argument(
+        "--bundle",
+        default=None,
+        metavar="DIR",
+        help="evaluate this bundle's own (pretrained) target and drafts on GSM8K; trains nothing",
+    )
     parser.add_argument("--work", default=None, help="model folder cache (default OUT/models)")
     parser.add_argument("--ensemble", nargs="+", default=None, metavar="DIR", help="trained ensemble members")
     parser.add_argument("--drafts", nargs="+", default=None, metavar="DIR", help="OSD+DDD drafts (ours)")
@@ -56,6 +68,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         ("max-new-tokens", int),
         ("tokur-samples", int),
         ("osd", str),
+        ("reference-tokens", int),
+        ("posterior-samples", int),
+        ("posterior-noise", float),
+        ("posterior-rank", int),
+        ("posterior-layers", int),
+        ("tokur-noise", float),
     ):
         g.add_argument(f"--{name}", type=typ, default=None)
     parser.add_argument("--fpr", type=float, default=0.1, help="target false-positive rate of the flag")
@@ -69,7 +87,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--calibrate-only",
         action="store_true",
-        help="with --calibrate-bundle: calibrate that bundle's own target and drafts, nothing else",
+        help="calibrate only the bundle of --calibrate-bundle (default: the default bundle, "
+        "$EPISPEC_BUNDLE else bundles/smollm2) with its own target and drafts",
     )
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy machine)"
@@ -116,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.out:
         print("epispec eval: --out DIR is required (or --report DIR to regenerate tables).", file=sys.stderr)
         return 2
+    if args.bundle:
+        return run_bundle(args)
     import torch
 
     from measure.evaluation import pipeline, plots, recipe, report
@@ -148,9 +169,10 @@ def run(args: argparse.Namespace) -> int:
         draft_sets={"ours": args.drafts, "no_ddd": args.drafts_no_ddd, "no_osd": args.drafts_no_osd},
     )
     if args.calibrate_only:
-        if not args.calibrate_bundle:
-            print("epispec eval: --calibrate-only needs --calibrate-bundle DIR.", file=sys.stderr)
-            return 2
+        if not args.calibrate_bundle:  # the default bundle ($EPISPEC_BUNDLE, else bundles/smollm2)
+            from server.bundle import default_bundle_dir
+
+            args.calibrate_bundle = str(default_bundle_dir())
         try:
             calib = pipeline.calibrate_bundle(args.calibrate_bundle, opts.data, rec, args.fpr)
         except (ValueError, FileNotFoundError, ModelFolderError) as exc:
@@ -178,5 +200,64 @@ def run(args: argparse.Namespace) -> int:
         f"(RMSE ours {results['rmse']['ours']:.4f}, reduction vs best baseline "
         f"{100 * results['rmse_reduction_vs_best_baseline']:.1f}%, AUROC eu {results['auroc']['eu']:.3f} "
         f"tokur {results['auroc']['tokur']:.3f})"
+    )
+    return 0
+
+
+def run_bundle(args: argparse.Namespace) -> int:
+    """`epispec eval --bundle B`: the bundle's own models (`pretrained.py`)."""
+    import torch
+
+    from measure.evaluation import p_wrong, pretrained, report
+    from measure.evaluation.calibrate import write_threshold
+    from server.bundle import BundleError
+    from server.engine.models import ModelFolderError
+
+    data = _data(args.data, quick=False)
+    if data is None:
+        print(
+            "epispec eval: --bundle needs GSM8K data (--data DIR); the synthetic corpus has no chat "
+            "target's questions.",
+            file=sys.stderr,
+        )
+        return 2
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rec = pretrained.with_overrides(
+        pretrained.BUNDLE_QUICK if args.quick else pretrained.BUNDLE_FULL,
+        test_questions=args.test_questions,
+        val_questions=args.val_questions,
+        max_new_tokens=args.max_new_tokens,
+        tokur_samples=args.tokur_samples,
+        tokur_noise=args.tokur_noise,
+        reference_tokens=args.reference_tokens,
+        posterior_samples=args.posterior_samples,
+        posterior_noise=args.posterior_noise,
+        posterior_rank=args.posterior_rank,
+        posterior_layers=args.posterior_layers,
+    )
+    try:
+        results = pretrained.run(args.bundle, data, rec, args.bootstrap, args.fpr)
+        if args.calibrate_bundle:
+            if "threshold" in results["calibration"]:
+                results["calibration"]["written_to"] = str(
+                    write_threshold(args.calibrate_bundle, results["calibration"])
+                )
+            if results["_fit"] is not None:
+                results["p_wrong"]["written_to"] = str(p_wrong.write(args.calibrate_bundle, results["_fit"]))
+    except (ValueError, FileNotFoundError, ModelFolderError, BundleError) as exc:
+        print(f"epispec eval: {exc}", file=sys.stderr)
+        return 2
+    results["command"] = "epispec eval " + shlex.join(
+        sys.argv[2:] if sys.argv[1:2] == ["eval"] else sys.argv[1:]
+    )
+    report.write_json(results, out / "results.json")
+    (out / "report.md").write_text(report.bundle_markdown(results))
+    auroc = results.get("auroc") or {}
+    print(
+        f"wrote {out / 'results.json'} and {out / 'report.md'} (RMSE vs EU* ours {results['rmse']['ours']:.4f}, "
+        f"Spearman ours {results['spearman']['ours']:.3f}; {results['token_labels']['tokens']} labelled tokens, "
+        f"AUROC eu {auroc.get('eu', float('nan')):.3f}, tokur {auroc.get('tokur', float('nan')):.3f})"
     )
     return 0

@@ -41,7 +41,7 @@ CI_METRICS = ("rmse", "rmse_top_decile", "spearman", "pearson")  # each gets a b
 def add_derived(tokens: dict[str, np.ndarray], corrections: dict[str, Correction], val_mean: float) -> None:
     """Add the corrected eu and the two constants to a dict of test arrays, in place. Everything
     that parametrises them (`corrections`, `val_mean`) was fitted on validation."""
-    n = len(tokens["ensemble"])
+    n = len(tokens["ours.eu"])
     tokens["constant_zero"] = np.zeros(n)
     tokens["constant_val_mean"] = np.full(n, val_mean)
     for name, c in corrections.items():
@@ -66,14 +66,20 @@ def _point(est: dict[str, np.ndarray], truth: np.ndarray) -> dict[str, dict[str,
     return out
 
 
-def estimation(tokens: dict[str, np.ndarray], n_boot: int, seed: int = 0) -> dict:
-    """{metric: {method: value}} and {metric_ci95: {method: [lo, hi]}} for CI_METRICS;
+def present(tokens: dict[str, np.ndarray]) -> dict[str, str]:
+    """The methods of ESTIMATES whose arrays `tokens` has (a bundle's evaluation has no ablations)."""
+    return {m: k for m, k in ESTIMATES.items() if k in tokens}
+
+
+def estimation(tokens: dict[str, np.ndarray], n_boot: int, seed: int = 0, truth: str = "ensemble") -> dict:
+    """Every method present in `tokens` against the ground truth `tokens[truth]`:
+    {metric: {method: value}} and {metric_ci95: {method: [lo, hi]}} for CI_METRICS;
     scale_slope / scale_intercept (least squares EU* ≈ slope · estimate + intercept); and
     spearman_gap_vs_ours: Spearman(ours) − Spearman(method), {value, ci95}, from the same
     resampled tokens for both (a paired bootstrap), so "ours ranks better" is one interval.
     All CIs use the same n_boot resamples of the tokens (those of metrics.bootstrap_ci)."""
-    truth = tokens["ensemble"]
-    est = {m: tokens[k] for m, k in ESTIMATES.items()}
+    truth = tokens[truth]
+    est = {m: tokens[k] for m, k in present(tokens).items()}
     point = _point(est, truth)
     boot = [
         _point({m: e[idx] for m, e in est.items()}, truth[idx])
@@ -97,19 +103,21 @@ def estimation(tokens: dict[str, np.ndarray], n_boot: int, seed: int = 0) -> dic
     return out
 
 
-def rmse_by_condition(tokens: dict[str, np.ndarray]) -> dict[str, float]:
-    return {m: metrics.rmse(tokens[k], tokens["ensemble"]) for m, k in ESTIMATES.items()}
+def rmse_by_condition(tokens: dict[str, np.ndarray], truth: str = "ensemble") -> dict[str, float]:
+    return {m: metrics.rmse(tokens[k], tokens[truth]) for m, k in present(tokens).items()}
 
 
 def reductions(rmse: dict[str, float]) -> dict:
     """1 − RMSE(variant) / RMSE(best baseline), for ours and each correction; and against the
-    best perturbation baseline (TokUR, MC dropout)."""
-    best = min(BASELINES, key=rmse.get)
-    best_ext = min(("tokur", "mc_dropout"), key=rmse.get)
+    best perturbation baseline (TokUR, MC dropout); over the methods `rmse` has."""
+    best = min((m for m in BASELINES if m in rmse), key=rmse.get)
+    best_ext = min((m for m in ("tokur", "mc_dropout") if m in rmse), key=rmse.get)
     return {
         "rmse_reduction_vs_best_baseline": 1 - rmse["ours"] / rmse[best],
         "best_baseline": best,
         "rmse_reduction_vs_best_external_baseline": 1 - rmse["ours"] / rmse[best_ext],
         "best_external_baseline": best_ext,
-        "rmse_reduction_vs_best_baseline_by_variant": {v: 1 - rmse[v] / rmse[best] for v in OURS_VARIANTS},
+        "rmse_reduction_vs_best_baseline_by_variant": {
+            v: 1 - rmse[v] / rmse[best] for v in OURS_VARIANTS if v in rmse
+        },
     }

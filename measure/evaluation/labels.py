@@ -9,7 +9,8 @@ checked: a wrong but well-computed expression counts as correct.
                   tokens outside results, and annotations whose expression or result cannot be
                   parsed or that are never closed by `>>`, get no label
     answer label  1 when the number after the final `#### ` differs from the reference (or is
-                  missing), else 0
+                  missing), else 0; `response_wrong` falls back to the text's last number when
+                  there is no `####` (a chat model's prose answer)
 """
 
 from __future__ import annotations
@@ -126,4 +127,20 @@ def final_answer(text: str) -> Fraction | None:
 
 def answer_wrong(generated: str, reference: str) -> int:
     truth, got = final_answer(reference), final_answer(generated)
+    return int(truth is None or got is None or got != truth)
+
+
+def stated_answer(text: str) -> Fraction | None:
+    """The number after the last '#### ', else the last number of the text (a chat model states
+    its answer in prose), or None."""
+    got = final_answer(text)
+    if got is not None:
+        return got
+    numbers = _NUMBER.findall(text.replace("**", " "))
+    return parse_number(numbers[-1]) if numbers else None
+
+
+def response_wrong(generated: str, reference: str) -> int:
+    """answer label of a free response: `stated_answer(generated)` against the reference's `####`."""
+    truth, got = final_answer(reference), stated_answer(generated)
     return int(truth is None or got is None or got != truth)

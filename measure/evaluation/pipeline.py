@@ -103,10 +103,13 @@ def _choose_tokur(target, val_seqs, recipe, progress: bool) -> tuple[PerturbedTa
     }
 
 
-def _detection(tokens: dict, labels: np.ndarray, n_boot: int) -> dict:
+def detection(
+    tokens: dict, labels: np.ndarray, n_boot: int, scores: dict[str, str] = DETECTION_SCORES
+) -> dict:
+    """AUROC / AUPRC / PRR with bootstrap 95% CIs of each score (name -> key of `tokens`)."""
     out: dict = {m: {} for m in ("auroc", "auprc", "prr")}
     cis: dict = {m: {} for m in ("auroc", "auprc", "prr")}
-    for name, key in DETECTION_SCORES.items():
+    for name, key in scores.items():
         for m, fn in (("auroc", metrics.auroc), ("auprc", metrics.auprc), ("prr", metrics.prr)):
             r = metrics.with_ci(fn, tokens[key], labels, n=n_boot)
             out[m][name], cis[m][name] = r["value"], r["ci95"]
@@ -233,10 +236,10 @@ def run(opts: Options) -> dict:
     # 6) metrics
     est = estimation.estimation(both, opts.bootstrap)
     gen_tokens, gen_labels = _labelled(by_kind["generated"])
-    token_det = _detection(gen_tokens, gen_labels, opts.bootstrap)
+    token_det = detection(gen_tokens, gen_labels, opts.bootstrap)
     gen_seqs = [(s, d) for s, d in zip(test_seqs, test_scored, strict=True) if s.kind == "generated"]
     answer_scores = {k: np.array([d[k].mean() for _, d in gen_seqs]) for k in test_scored[0]}
-    answer_det = _detection(answer_scores, np.array([s.answer_wrong for s, _ in gen_seqs]), opts.bootstrap)
+    answer_det = detection(answer_scores, np.array([s.answer_wrong for s, _ in gen_seqs]), opts.bootstrap)
     val_tokens, val_labels = _labelled(val_by_kind["generated"])
     try:
         calib = calibrate(val_tokens["ours.eu"], val_labels, gen_tokens["ours.eu"], gen_labels, opts.fpr)

@@ -240,3 +240,81 @@ def markdown(r: dict, command: str, plots: list[str]) -> str:
         ]
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def bundle_markdown(r: dict) -> str:
+    """report.md of `epispec eval --bundle B` (`pretrained.py`'s results)."""
+    d, g, tl = r["data"], r["ground_truth"], r["token_labels"]
+    lines = [
+        f"# epispec evaluation of a bundle ({r['recipe']['name']})",
+        "",
+        f"Command: `{r['command']}`",
+        "",
+        f"Bundle `{r['models']['bundle']}`: target {r['models']['parameters']['target']:,} parameters"
+        f"{' (chat prompts)' if r['models']['chat'] else ''}, {len(r['models']['drafts'])} drafts of "
+        f"{r['models']['parameters']['draft']:,.0f}. Data: {d['source']} — {d['split_rule']}: "
+        f"{d['validation_questions']} validation and {d['test_questions']} test questions. "
+        f"Wall time {r['seconds']['total']:.0f} s.",
+        "",
+        f"EU* = mutual information of the target's posterior over S = {g['samples']} instances (low-rank "
+        f"r = {g['rank']} noise σ = {g['noise']} in the last K = {g['layers']} layers; seeds "
+        f"[{g['seeds'][0]}, {g['seeds'][1]}), disjoint from every OSD training draw): "
+        f"{_f(g['target_passes_per_token'], 2)} target passes per token ({g['rule']}).",
+        "",
+        f"## Estimates of EU*: {d['test_tokens']} test tokens (reference solutions, forced results)",
+        "",
+    ]
+    lines += estimation_table(r) + [""] + estimation_notes(r)
+    lines += ["", "## Hallucination detection: the target's results after `<<expr=` (token level)", ""]
+    if r["auroc"]:
+        lines += [
+            f"{tl['tokens']} labelled tokens ({tl['wrong']} wrong) of {tl['results']} results "
+            f"({tl['results_wrong']} wrong); a constant score has AUROC 0.5, AUPRC {_f(tl['base_rate'])}.",
+            "",
+        ]
+        lines += detection_table(r)
+    else:
+        lines.append("No labelled tokens.")
+    rl = r["response_level"]
+    lines += ["", f"Response level ({rl['responses']} responses; {rl['aggregation']}):", ""]
+    if rl.get("auroc"):
+        lines += ["| score | AUROC [95% CI] | AUPRC [95% CI] |", "|---|---|---|"]
+        for s in rl["auroc"]:
+            lines.append(
+                f"| {s} | {_vci(rl['auroc'][s], rl['auroc_ci95'][s])} | {_vci(rl['auprc'][s], rl['auprc_ci95'][s])} |"
+            )
+    lines += ["", "## p_wrong (validation fit, scored on test)", ""] + _p_wrong_lines(r["p_wrong"])
+    c = r["calibration"]
+    lines += ["", "## Calibrated flag threshold", ""]
+    if "error" in c:
+        lines.append(f"Not calibrated: {c['error']}")
+    else:
+        lines.append(
+            f"eu > {_f(c['threshold'], 4)} — {c['method']}. Test: precision {_f(c['test']['precision'])}, "
+            f"recall {_f(c['test']['recall'])} ({c['test']['flagged']} of {c['test']['tokens']} flagged)."
+        )
+    t = r["tokur"]
+    lines += [
+        "",
+        f"TokUR: S = {t['samples']}, σ = {t['noise']} (fixed by the recipe), rank {t['rank']}, every layer.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _p_wrong_lines(pw: dict) -> list[str]:
+    if "error" in pw:
+        return [f"No fit: {pw['error']}."]
+    fo = pw["fitted_on"]
+    lines = [
+        f"{fo['method']}: coef {pw['features']} = {[_g(c) for c in pw['coef']]}, intercept {_g(pw['intercept'])}.",
+        "",
+        "| split | responses | wrong | Brier | Brier of the base rate | log loss | AUROC |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for split in ("validation", "test"):
+        s = fo.get(split, {})
+        lines.append(
+            f"| {split} | {s.get('responses', 0)} | {s.get('wrong', 'n/a')} | {_f(s.get('brier'))} | "
+            f"{_f(s.get('brier_constant_base_rate'))} | {_f(s.get('log_loss'))} | {_f(s.get('auroc'))} |"
+        )
+    return lines

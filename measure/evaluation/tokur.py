@@ -26,14 +26,17 @@ class PerturbedTarget:
         self.mode, self.noise, self.rank = mode, noise, rank
 
     @torch.no_grad()
-    def member_logprobs(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[1, L] -> [L, S, V]"""
-        lps = [self.sampler.logprobs(self.seed * 1_000_003 + s, input_ids)[0] for s in range(self.samples)]
+    def member_logprobs(self, input_ids: torch.Tensor, positions: slice | None = None) -> torch.Tensor:
+        """[1, L] -> [L, S, V] (with `positions`: [L', S, V], the head run there only)"""
+        lps = [
+            self.sampler.logprobs(self.seed * 1_000_003 + s, input_ids, positions=positions)[0]
+            for s in range(self.samples)
+        ]
         return torch.stack(lps, dim=1)
 
-    def mutual_information(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[1, L] -> [L]"""
-        return mutual_information(self.member_logprobs(input_ids))
+    def mutual_information(self, input_ids: torch.Tensor, positions: slice | None = None) -> torch.Tensor:
+        """[1, L] -> [L] (with `positions`: [L'])"""
+        return mutual_information(self.member_logprobs(input_ids, positions))
 
     def describe(self) -> dict:
         return {

@@ -9,6 +9,7 @@ from fastapi import Request
 
 from server.api.errors import APIError
 from server.api.pump import Generations
+from server.bundle import PWrongFit
 from server.config import Settings
 from server.engine.types import Engine, FlagThresholds
 from server.metrics import Metrics
@@ -21,6 +22,7 @@ class ServerContext:
     settings: Settings
     metrics: Metrics
     thresholds: FlagThresholds = field(default_factory=FlagThresholds)
+    p_wrong: PWrongFit | None = None  # the bundle's fit; None: summaries carry no p_wrong
     engine: Engine | None = None
     generations: Generations | None = None
 

@@ -1,7 +1,8 @@
 """`POST /generate`: epispec's own API, the token events as they are.
 
 Non-streamed: `{"id", "model", "text", "tokens": [{token_id, text, logprob, bias, variance,
-eu, flagged[, top_logprobs]}], "summary": {mean_eu, max_eu, num_tokens, num_flagged, flagged},
+eu, flagged[, top_logprobs]}], "summary": {mean_eu, max_eu, num_tokens, num_flagged, flagged[,
+p_wrong]},
 "finish_reason", "usage", "stats"}`. Streamed (`"stream": true`): one SSE `data:` event per
 token with the token fields, then one final event `{"summary", "finish_reason", "usage",
 "stats"}`; an error after the stream started arrives as a final `{"error": {...}}` event.
@@ -65,10 +66,10 @@ async def generate(req: GenerateRequest, request: Request, ctx: ServerContext = 
     request_id = new_request_id("gen")
     items = ctx.generations.run("/generate", request_id, ids, params)
     if req.stream:
-        return EventStreamResponse(_events(items, top > 0))
+        return EventStreamResponse(_events(items, top > 0, Summary(ctx.p_wrong)))
 
     async def collect() -> dict:
-        tokens, summary = [], Summary()
+        tokens, summary = [], Summary(ctx.p_wrong)
         async with aclosing(items):
             async for item in items:
                 if isinstance(item, Finished):
@@ -88,8 +89,9 @@ async def generate(req: GenerateRequest, request: Request, ctx: ServerContext = 
     return await until_disconnected(request, collect())
 
 
-async def _events(items: AsyncIterator[GenerationItem], with_top: bool) -> AsyncIterator[bytes]:
-    summary = Summary()
+async def _events(
+    items: AsyncIterator[GenerationItem], with_top: bool, summary: Summary
+) -> AsyncIterator[bytes]:
     try:
         async for item in items:
             if isinstance(item, Finished):

@@ -3,7 +3,7 @@
 Uncertainty rides in extra fields that the unmodified `openai` client keeps (as attributes
 of the returned objects, or in `model_extra`):
 - `choices[i].uncertainty = {"tokens": [{token, token_id, eu, bias, variance, flagged}],
-  "summary": {mean_eu, max_eu, num_tokens, num_flagged, flagged}}` — in a stream, each chunk
+  "summary": {mean_eu, max_eu, num_tokens, num_flagged, flagged[, p_wrong]}}` — in a stream, each chunk
   carries its own tokens and the last chunk (with `finish_reason`) the summary;
 - chat `logprobs.content[j].uncertainty = {eu, bias, variance, flagged}` when logprobs are asked.
 Token strings are the text each token adds to the output, so they concatenate to it.
@@ -128,11 +128,11 @@ async def _respond(
     head = {"id": request_id, "created": int(time.time()), "model": ctx.engine.model_name}
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return EventStreamResponse(_stream(items, fmt, head, include_usage))
+        return EventStreamResponse(_stream(items, fmt, head, include_usage, Summary(ctx.p_wrong)))
 
     async def collect() -> dict:
         events: list[TokenEvent] = []
-        summary = Summary()
+        summary = Summary(ctx.p_wrong)
         async with aclosing(items):
             async for item in items:
                 if isinstance(item, Finished):
@@ -152,9 +152,9 @@ async def _respond(
 
 
 async def _stream(
-    items: AsyncIterator[GenerationItem], fmt: _Format, head: dict, include_usage: bool
+    items: AsyncIterator[GenerationItem], fmt: _Format, head: dict, include_usage: bool, summary: Summary
 ) -> AsyncIterator[bytes]:
-    summary, offset, first = Summary(), 0, True
+    offset, first = 0, True
     chunk = {**head, "object": fmt.chunk_object}
     try:
         async for item in items:

@@ -1,11 +1,17 @@
 """What a response reports besides its tokens: token usage, the response-level uncertainty
-summary, and numbers made JSON-safe."""
+summary, and numbers made JSON-safe.
+
+The summary is `{mean_eu, max_eu, num_tokens, num_flagged, flagged}` (eu in nats, over the
+response's tokens), plus `p_wrong` — the probability that the response is wrong, from the
+bundle's validation-fitted `p_wrong` (`server.bundle.PWrongFit`) — only when the served bundle
+has that fit (null when no token had an eu)."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
+from server.bundle import PWrongFit
 from server.engine.types import Finished, TokenEvent
 
 
@@ -16,8 +22,10 @@ def number(x: float | None) -> float | None:
 
 @dataclass
 class Summary:
-    """Response-level uncertainty: mean and max eu over tokens, flagged tokens."""
+    """Response-level uncertainty: mean and max eu over tokens, flagged tokens, and p_wrong when
+    `p_wrong` (the bundle's fit) is given."""
 
+    p_wrong: PWrongFit | None = None
     num_tokens: int = 0
     eu_sum: float = 0.0
     eu_count: int = 0
@@ -33,13 +41,16 @@ class Summary:
             self.max_eu = ev.eu if self.max_eu is None else max(self.max_eu, ev.eu)
 
     def as_dict(self) -> dict:
-        return {
+        out = {
             "mean_eu": self.eu_sum / self.eu_count if self.eu_count else None,
             "max_eu": self.max_eu,
             "num_tokens": self.num_tokens,
             "num_flagged": self.num_flagged,
             "flagged": self.num_flagged > 0,
         }
+        if self.p_wrong is not None:
+            out["p_wrong"] = self.p_wrong.probability(out)
+        return out
 
 
 def usage(fin: Finished) -> dict:

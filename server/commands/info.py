@@ -1,4 +1,4 @@
-"""`epispec info`: the active bundle's manifest (--bundle DIR, else $EPISPEC_BUNDLE, else the demo).
+"""`epispec info`: the active bundle's manifest (--bundle DIR, else $EPISPEC_BUNDLE, else the default bundle).
 
 Plain output is a short summary; `--json` prints the manifest with absolute paths and the bundle's
 size on disk: at least {"target": {"path", "parameters"}, "drafts": [{"path", "parameters", ...}],
@@ -16,7 +16,9 @@ from server.bundle import Bundle, BundleError, load_bundle
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bundle", help="bundle folder (default: $EPISPEC_BUNDLE or the demo bundle)")
+    parser.add_argument(
+        "--bundle", help="bundle folder (default: $EPISPEC_BUNDLE or the default bundle, bundles/smollm2)"
+    )
     parser.add_argument("--json", action="store_true", help="print the manifest as JSON")
 
 

@@ -26,7 +26,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         dest="drafts",
         help="draft model folder; repeat for an ensemble (M drafts)",
     )
-    g.add_argument("--bundle", help="bundle folder with bundle.json (default: the demo bundle)")
+    g.add_argument(
+        "--bundle", help="bundle folder with bundle.json (default: $EPISPEC_BUNDLE, else bundles/smollm2)"
+    )
     g.add_argument(
         "--engine",
         default="auto",

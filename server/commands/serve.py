@@ -2,7 +2,7 @@
 
 Settings come from these flags, else `EPISPEC_*` environment variables, else a config file
 (`--config FILE`), else defaults (`server/config.py`). With no model flags it serves the
-bundle in `EPISPEC_BUNDLE` or the demo bundle.
+bundle in `EPISPEC_BUNDLE` or the default bundle (`bundles/smollm2`).
 
 Lifecycle (`serve_app`): SIGTERM or SIGINT stops accepting connections, marks the app as
 draining (`/ready` 503, new generation requests 503), lets in-flight requests finish for up

@@ -145,7 +145,7 @@ def test_dockerfile_stages():
     base = dict(s["base"])
     assert re.fullmatch(r"\d+(:\d+)?", base["USER"]) and not base["USER"].startswith("0")
     assert "/health" in base["HEALTHCHECK"] and base["ENTRYPOINT"] == '["epispec"]'
-    assert "EPISPEC_BUNDLE=/app/demo/bundle" in base["ENV"] and "EPISPEC_HOST=0.0.0.0" in base["ENV"]
+    assert "EPISPEC_BUNDLE=/app/bundles/smollm2" in base["ENV"] and "EPISPEC_HOST=0.0.0.0" in base["ENV"]
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     for name in ("cpu", "gpu"):
         st = s[name]
@@ -155,13 +155,13 @@ def test_dockerfile_stages():
         assert ("pip uninstall -y torchvision torchaudio torchcodec" in runs) == (name == "cpu")
         assert not any(op == "USER" for op, _ in st)  # stays the base's non-root user
         copied = [a.split()[-2] for op, a in st if op == "COPY"]
-        assert "demo/bundle" in copied
+        assert {"demo/bundle", "bundles/smollm2"} <= set(copied)
         for src in copied:
             if src == "demo/bundle" and not (ROOT / src).exists():
                 continue  # trained by the demo's own task; `docker build` needs it
             assert (ROOT / src).exists(), src
     ignored = (ROOT / ".dockerignore").read_text().split()
-    assert not {"server", "drafts", "demo", "pyproject.toml"} & set(ignored)
+    assert not {"server", "drafts", "demo", "bundles", "pyproject.toml"} & set(ignored)
 
 
 @pytest.mark.skipif(

@@ -70,3 +70,27 @@ def test_models_are_given_or_a_bundle_not_both():
         resolve_models("t", [], "b")
     with pytest.raises(ValueError, match="needs --target"):
         resolve_models(None, ["d"], None)
+
+
+@pytest.mark.parametrize(
+    ("flags", "want"),
+    [
+        ("flags\t\t: fpu sse avx2 fma", "float32"),  # emulated bf16: float32 is faster
+        ("flags\t\t: fpu avx2 avx512f", "float32"),
+        ("flags\t\t: fpu avx512f avx512_bf16", None),  # native bf16: vLLM's own default
+        ("flags\t\t: fpu amx_bf16 amx_tile", None),
+    ],
+)
+def test_cpu_dtype_follows_native_bf16(flags, want):
+    from server.resolve import cpu_dtype
+
+    assert cpu_dtype(flags) == want
+
+
+def test_a_given_dtype_wins_and_the_reference_engine_gets_none(monkeypatch):
+    import server.resolve as resolve
+
+    monkeypatch.setattr(resolve, "cpu_dtype", lambda: "float32")
+    assert resolve.vllm_args({"dtype": "bfloat16"}) == {"dtype": "bfloat16"}
+    assert resolve.vllm_args({}) == {"dtype": "float32"}
+    assert resolve.vllm_args({}, "reference") == {}
