@@ -274,8 +274,22 @@ class VllmEngine:
         cfg["dtype"] = dtype
         per_token = kv_bytes_per_token([models.model_config(d) for d in drafts], getattr(torch, dtype))
         self.draft_kv_bytes_per_token = per_token
-        if gib is None:  # the proposer's default: max_num_seqs × max_model_len, never full
-            log.info("drafts' KV cache: %d bytes per token (%s)", per_token, dtype)
+        if gib is None:
+            # the proposer's default pool is max_num_seqs × max_model_len tokens (never full); on
+            # a CPU, where vLLM's KV cache size is known up front, no more than that cache holds
+            # (plus each request's block rounding and k spare positions): vLLM cannot run more
+            # tokens than it caches, except prompts shared through its prefix cache (then a row
+            # is parked, see vllm_proposer), and the pool stays bounded by the target's memory
+            cap = _cpu_target_kv_tokens(engine_kw)
+            if cap is not None:
+                seqs = AsyncEngineArgs(**engine_kw).create_engine_config().scheduler_config.max_num_seqs
+                cfg["kv_tokens"] = min(seqs * vllm_len, cap + seqs * (self.k + DEFAULT_BLOCK_SIZE))
+            log.info(
+                "drafts' KV cache: %d bytes per token (%s), a pool of %s tokens",
+                per_token,
+                dtype,
+                cfg.get("kv_tokens", "max_num_seqs × max_model_len"),
+            )
             return
         tokens = int(gib * (1 << 30)) // per_token
         resolved = AsyncEngineArgs(**engine_kw).create_engine_config()
@@ -392,3 +406,20 @@ class VllmEngine:
             accepted=accepted,
             eu_seconds=eu_seconds + proposer_eu_seconds,
         )
+
+
+def _cpu_target_kv_tokens(engine_kw: dict) -> int | None:
+    """Tokens vLLM-CPU's KV cache holds for the target (VLLM_CPU_KVCACHE_SPACE GiB over the
+    target's KV bytes per token in its dtype); None on a GPU or when the size is unknown."""
+    space = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+    if torch.cuda.is_available() or not space:
+        return None
+    cfg = models.model_config(engine_kw["model"])
+    name = str(engine_kw.get("dtype") or "auto").replace("torch.", "")
+    if name in ("auto", "half"):
+        name = {"auto": str(cfg.get("torch_dtype") or "float32"), "half": "float16"}[name]
+    dtype = getattr(torch, name, torch.float32)
+    if not isinstance(dtype, torch.dtype):
+        dtype = torch.float32
+    return int(float(space) * (1 << 30)) // kv_bytes_per_token([cfg], dtype)
+

@@ -29,7 +29,7 @@ variance, bias). It reads vLLM 0.32 internals (pinned):
 Bias source "logprobs": records ship q̄'s top-N and the API side computes `bias_topk`.
 
 The drafts' KV pool holds `kv_tokens` tokens (default: max_num_seqs × max_model_len, where no
-request can ever find it full). With a smaller budget `VllmEngine` caps vLLM's own KV cache so
+request can ever find it full; on a CPU `VllmEngine` caps that at the tokens vLLM's KV cache holds). With a smaller budget `VllmEngine` caps vLLM's own KV cache so
 that every request vLLM runs fits in the pool too (`draft_kv.target_kv_blocks`): when the pool
 would be full, vLLM's scheduler keeps requests waiting. Should a row still find it full (vLLM's
 prefix cache holds a shared prompt once, the drafts once per request), the row is parked: it
