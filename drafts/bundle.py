@@ -58,13 +58,17 @@ def write_bundle(
     dtype: str | None = None,
     force: bool = False,
     target_source=None,
+    num_speculative_tokens: int | None = None,
 ) -> dict:
     """Copy target and drafts into `out`, write bundle.json, return the manifest.
 
     `target_source` (a server.hub.Source): name the target by source instead of copying it;
     `target` may then be None (the source is prepared in the model cache and read from there).
+    `num_speculative_tokens`: the drafts' best k, recorded as `speculation` (serve's default).
     Raises ValueError or ModelFolderError for bad input (SourceError is a ValueError).
     """
+    if num_speculative_tokens is not None and num_speculative_tokens < 1:
+        raise ValueError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}.")
     if len(drafts) < 1:
         raise ValueError("A bundle needs at least one draft (M >= 1).")
     thresholds = Thresholds.model_validate(thresholds or {})  # ValueError naming a bad key
@@ -102,6 +106,7 @@ def write_bundle(
         training=aggregate_training([e["training"] for e in d_entries]),
         thresholds=thresholds,
         calibrated=bool(thresholds.as_dict()),
+        speculation={"num_speculative_tokens": num_speculative_tokens},
         versions=_versions(),
         bytes=sum(f.stat().st_size for f in root.rglob("*") if f.is_file()),
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

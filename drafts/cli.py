@@ -183,6 +183,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="convert weights to this dtype (default: keep)",
     )
     p.add_argument("--force", action="store_true", help="replace an existing bundle folder")
+    p.add_argument(
+        "--num-speculative-tokens",
+        type=int,
+        default=None,
+        metavar="K",
+        help="the drafts' best k (measure it with epispec bench), serve's default for this bundle",
+    )
 
     p = sub.add_parser("calc-accuracy", help="test loss and calculator accuracy of a model")
     _data_args(p)
@@ -381,6 +388,7 @@ def _bundle(args) -> dict:
         dtype=args.dtype,
         force=args.force,
         target_source=source,
+        num_speculative_tokens=args.num_speculative_tokens,
     )
     return {"bundle": args.out, "bytes": manifest["bytes"]}
 

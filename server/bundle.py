@@ -108,6 +108,15 @@ class Thresholds(BaseModel):
         return {k: v for k, v in self.model_dump().items() if v is not None}
 
 
+class Speculation(BaseModel):
+    """How the bundle's drafts speculate best: `num_speculative_tokens` (k, the tokens proposed
+    per round), chosen by measuring `epispec bench` on the bundle. A flag or setting wins."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_speculative_tokens: int | None = Field(None, ge=1, strict=True)
+
+
 P_WRONG_VERSION = 1
 P_WRONG_FEATURES = ("mean_eu", "max_eu")  # of the response summary (`server.api.usage.Summary`)
 
@@ -170,6 +179,7 @@ class Manifest(BaseModel):
     calibrated: bool = False
     thresholds_calibration: dict[str, Any] | None = None  # how thresholds.eu was chosen
     p_wrong: PWrongFit | None = None  # a response's probability of being wrong (absent: not served)
+    speculation: Speculation = Field(default_factory=Speculation)  # the drafts' best k, if measured
     versions: dict[str, Any] = Field(default_factory=dict)  # of epispec and the libraries
     bytes: int | None = None  # all files of the folder but the manifest
     created: str | None = None  # UTC, ISO 8601
@@ -242,6 +252,11 @@ class Bundle:
     def thresholds(self) -> dict[str, float]:
         """The calibrated thresholds that are set (keys eu, bias, variance)."""
         return self.spec.thresholds.as_dict()
+
+    @property
+    def num_speculative_tokens(self) -> int | None:
+        """The bundle's k (tokens proposed per round), when its manifest sets one."""
+        return self.spec.speculation.num_speculative_tokens
 
     @property
     def p_wrong(self) -> PWrongFit | None:

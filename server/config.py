@@ -43,7 +43,9 @@ class Settings(BaseSettings):
         None, description="bundle folder; default: $EPISPEC_BUNDLE, else bundles/smollm2"
     )
     engine: Literal["auto", "vllm", "reference"] = "auto"
-    num_speculative_tokens: int = Field(DEFAULT_NUM_SPECULATIVE_TOKENS, ge=1)
+    num_speculative_tokens: int | None = Field(
+        None, ge=1, description=f"default: the bundle's, else {DEFAULT_NUM_SPECULATIVE_TOKENS}"
+    )
     bias_source: BiasSource = DEFAULT_BIAS_SOURCE
     target_logprobs: int = Field(DEFAULT_TARGET_LOGPROBS, ge=-1)
     device: str = "auto"

@@ -13,7 +13,7 @@ from typing import Any
 
 from server.bundle import Bundle, load_bundle
 from server.engine.factory import EngineArgs
-from server.engine.types import DEFAULT_EU_THRESHOLD, FlagThresholds
+from server.engine.types import DEFAULT_EU_THRESHOLD, DEFAULT_NUM_SPECULATIVE_TOKENS, FlagThresholds
 
 # EngineArgs fields that settings and flags carry under the same names
 ENGINE_SETTINGS = (
@@ -95,13 +95,24 @@ def engine_args(given, vllm_flags: Mapping[str, Any]) -> tuple[EngineArgs, Bundl
     """EngineArgs (and the bundle they come from, if any) for `given`'s models and engine
     settings, with the vLLM pass-through flags among `vllm_flags`."""
     target, drafts, bundle = resolve_models(given.target, given.drafts, given.bundle)
+    settings = {k: getattr(given, k) for k in ENGINE_SETTINGS}
+    settings["num_speculative_tokens"] = num_speculative_tokens(given.num_speculative_tokens, bundle)
     return EngineArgs(
         target,
         drafts,
         model_name=getattr(given, "model_name", None),
         vllm_args=vllm_args(vllm_flags, given.engine),
-        **{k: getattr(given, k) for k in ENGINE_SETTINGS},
+        **settings,
     ), bundle
+
+
+def num_speculative_tokens(given: int | None, bundle: Bundle | None) -> int:
+    """k, the tokens the drafts propose per round: `given` (a flag or setting) where set, else
+    the bundle's `speculation.num_speculative_tokens`, else DEFAULT_NUM_SPECULATIVE_TOKENS."""
+    if given is not None:
+        return given
+    own = bundle.num_speculative_tokens if bundle is not None else None
+    return own if own is not None else DEFAULT_NUM_SPECULATIVE_TOKENS
 
 
 def resolve_thresholds(given, calibrated: Mapping[str, float] | None = None) -> FlagThresholds:

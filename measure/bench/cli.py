@@ -22,13 +22,13 @@ from pathlib import Path
 from measure.bench import report
 from measure.bench.runners import CONFIGS
 from measure.bench.workload import DEFAULT_PROMPTS, Workload, is_chat_target, load_questions
-from server.bundle import BundleError
+from server.bundle import Bundle, BundleError
 from server.engine.types import (
     BIAS_SOURCES,
     DEFAULT_NUM_SPECULATIVE_TOKENS,
     DEFAULT_TARGET_LOGPROBS,
 )
-from server.resolve import cpu_dtype, resolve_models
+from server.resolve import cpu_dtype, num_speculative_tokens, resolve_models
 
 # (prompts, max_tokens, requests per level, EU prompts)
 FULL = (128, 128, 64, 32)
@@ -61,7 +61,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     w.add_argument("--requests", type=int, help="requests per concurrency level (at least C)")
     w.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], metavar="C")
     w.add_argument("--eu-prompts", type=int, help="prompts whose EU is checked against exact values")
-    w.add_argument("--num-speculative-tokens", type=int, default=DEFAULT_NUM_SPECULATIVE_TOKENS, metavar="K")
+    w.add_argument(
+        "--num-speculative-tokens",
+        type=int,
+        metavar="K",
+        help="tokens proposed per round, by epispec and vLLM's draft_model (default: the bundle's "
+        f"speculation.num_speculative_tokens, else {DEFAULT_NUM_SPECULATIVE_TOKENS})",
+    )
     w.add_argument(
         "--prompt-format",
         choices=["auto", "plain", "chat"],
@@ -122,7 +128,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--plot", metavar="FILE", help="write a PNG plot")
 
 
-def _workload(args: argparse.Namespace, target: str) -> Workload:
+def _workload(args: argparse.Namespace, target: str, bundle: Bundle | None = None) -> Workload:
     n_prompts, max_tokens, requests, eu_prompts = QUICK if args.quick else FULL
     n_prompts = max(n_prompts, args.requests or 0, max(args.concurrency))
     chat = is_chat_target(target) if args.prompt_format == "auto" else args.prompt_format == "chat"
@@ -133,7 +139,7 @@ def _workload(args: argparse.Namespace, target: str) -> Workload:
         concurrencies=tuple(args.concurrency),
         requests_per_level=args.requests or requests,
         eu_prompts=eu_prompts if args.eu_prompts is None else args.eu_prompts,
-        num_speculative_tokens=args.num_speculative_tokens,
+        num_speculative_tokens=num_speculative_tokens(args.num_speculative_tokens, bundle),
         target_logprobs=args.target_logprobs,
         temperatures=tuple(args.temperatures),
     )
@@ -177,8 +183,8 @@ def run_config(spec: dict, folder: Path, timeout: float) -> tuple[dict | None, s
 def run(args: argparse.Namespace) -> int:
     started = time.time()
     try:
-        target, drafts, _ = resolve_models(args.target, args.draft, args.bundle)
-        workload = _workload(args, target)
+        target, drafts, bundle = resolve_models(args.target, args.draft, args.bundle)
+        workload = _workload(args, target, bundle)
     except (BundleError, FileNotFoundError, ValueError) as exc:
         print(f"epispec bench: {exc}", file=sys.stderr)
         return 2

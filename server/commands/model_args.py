@@ -38,9 +38,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--num-speculative-tokens",
         type=int,
-        default=DEFAULT_NUM_SPECULATIVE_TOKENS,
+        default=None,
         metavar="K",
-        help=f"tokens the drafts propose per round (default {DEFAULT_NUM_SPECULATIVE_TOKENS})",
+        help="tokens the drafts propose per round (default: the bundle's "
+        f"speculation.num_speculative_tokens, else {DEFAULT_NUM_SPECULATIVE_TOKENS})",
     )
     g.add_argument(
         "--bias-source",

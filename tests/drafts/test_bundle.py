@@ -66,6 +66,13 @@ def test_bf16_bundle_loads(tiny_models, tmp_path):
     assert size < 0.6 * (Path(tiny_models["target"]) / "model.safetensors").stat().st_size
 
 
+def test_the_bundles_k_is_recorded_and_read(tiny_models, tmp_path, bundle_dir):
+    assert load_bundle(bundle_dir).num_speculative_tokens is None  # not measured: serve's default
+    write_bundle(tiny_models["target"], tiny_models["drafts"][:1], tmp_path / "b", num_speculative_tokens=2)
+    b = load_bundle(tmp_path / "b")
+    assert b.num_speculative_tokens == 2 and b.manifest["speculation"] == {"num_speculative_tokens": 2}
+
+
 def test_bad_inputs(tiny_models, tmp_path, bundle_dir):
     t, d = tiny_models["target"], tiny_models["drafts"]
     with pytest.raises(ValueError, match="at least one draft"):
@@ -76,6 +83,8 @@ def test_bad_inputs(tiny_models, tmp_path, bundle_dir):
         write_bundle(t, d, bundle_dir)
     with pytest.raises(ValueError, match="Unknown threshold"):
         write_bundle(t, d, tmp_path / "c", thresholds={"entropy": 1.0})
+    with pytest.raises(ValueError, match="num_speculative_tokens must be >= 1"):
+        write_bundle(t, d, tmp_path / "e", num_speculative_tokens=0)
 
 
 def test_draft_with_another_tokenizer_is_refused(tiny_models, tmp_path):

@@ -3,6 +3,7 @@ through the same code, each threshold on its own (flag, else the bundle's, else 
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -94,3 +95,33 @@ def test_a_given_dtype_wins_and_the_reference_engine_gets_none(monkeypatch):
     assert resolve.vllm_args({"dtype": "bfloat16"}) == {"dtype": "bfloat16"}
     assert resolve.vllm_args({}) == {"dtype": "float32"}
     assert resolve.vllm_args({}, "reference") == {}
+
+
+def _bundle(root, speculation=None):
+    manifest = {"schema_version": 1, "target": {"path": "target"}}
+    if speculation is not None:
+        manifest["speculation"] = speculation
+    root.mkdir()
+    (root / "bundle.json").write_text(json.dumps(manifest))
+    return str(root)
+
+
+@pytest.mark.parametrize("command", ["serve", "generate"])
+@pytest.mark.parametrize(
+    ("speculation", "flags", "want"),
+    [
+        ({"num_speculative_tokens": 1}, (), 1),  # the bundle's measured k
+        ({"num_speculative_tokens": 1}, ("--num-speculative-tokens", "2"), 2),  # a flag wins
+        (None, (), 3),  # no speculation entry: the default
+    ],
+)
+def test_k_is_the_flag_else_the_bundles_else_the_default(tmp_path, command, speculation, flags, want):
+    eargs, bundle = engine_args(given(command, "--bundle", _bundle(tmp_path / "b", speculation), *flags), {})
+    assert bundle is not None and eargs.num_speculative_tokens == want
+
+
+def test_a_bad_speculation_entry_is_a_bundle_error(tmp_path):
+    from server.bundle import BundleError, load_bundle
+
+    with pytest.raises(BundleError, match="num_speculative_tokens"):
+        load_bundle(_bundle(tmp_path / "b", {"num_speculative_tokens": 0}))
