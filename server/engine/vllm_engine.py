@@ -303,7 +303,8 @@ class VllmEngine:
                 f"({need * per_token / (1 << 30):.3f} GiB): raise it or lower max_model_len / max_num_seqs."
             )
         cfg["kv_tokens"] = tokens
-        engine_kw["num_gpu_blocks_override"] = blocks
+        # vLLM's block pool keeps one block aside (its null block), which holds no tokens
+        engine_kw["num_gpu_blocks_override"] = blocks + 1
         log.info(
             "drafts' KV cache: %d bytes per token (%s), %.2f GiB holds %d tokens; vLLM's KV cache "
             "capped at %d blocks of %d tokens so every request it runs fits (more wait in its queue)",
