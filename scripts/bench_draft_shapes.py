@@ -9,7 +9,7 @@ cached) is timed for:
     hidden 576, 9/3 heads, MLP 1536, vocabulary 49,152), in each dtype;
   - each draft shape, as M separate transformers models run one after the other (`hf x M`), in
     each dtype, and in float32 as one stacked group through the proposer's own kernel
-    (`server.engine.draft_ensemble._DraftGroup`: weights stacked on an M axis, bmm per layer,
+    (`server.engine.draft_ensemble._DraftGroup`: weights stacked on an M axis, bmm per layer, paged KV,
     log-softmax over the vocabulary included) (`stacked`);
   - "shared head": M stacked 576-wide bodies whose output layer is the target's own tied
     embedding, so one [M·B, 576] x [576, V] matmul serves all drafts (weights read once): the
@@ -99,10 +99,14 @@ def stacked_step(models: list, batch: int, ctx: int, shared_head: torch.Tensor |
     `shared_head` [E, V], plus one [M·B, E] x [E, V] matmul and log-softmax (the drafts' own
     heads are then 64-token stand-ins)."""
     from server.engine.draft_ensemble import _DraftGroup
+    from server.engine.draft_kv import BlockPool
 
-    group = _DraftGroup(models, slots=batch, max_len=ctx + 64, device=torch.device("cpu"))
+    pool = BlockPool.for_tokens(batch * (ctx + 64))
+    group = _DraftGroup(models, pool, device=torch.device("cpu"))
+    for r in range(batch):
+        group.kv.zero(pool.ensure(str(r), ctx + 1))
+    slots = pool.table([str(r) for r in range(batch)], len(pool.blocks_of("0")), "cpu")  # [B, nb]
     tokens = torch.randint(0, 50, (batch, 1))
-    slots = torch.arange(batch)
     valid = torch.ones(batch, 1, dtype=torch.bool)
     out_index = (torch.arange(batch), torch.zeros(batch, dtype=torch.long))
     pos = torch.full((batch, 1), ctx)

@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     target_logprobs: int = Field(DEFAULT_TARGET_LOGPROBS, ge=-1)
     device: str = "auto"
     max_model_len: int | None = Field(None, ge=2)
+    draft_kv_gib: float | None = Field(None, gt=0, description="the drafts' KV cache budget (vllm engine)")
+    draft_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     model_name: str | None = Field(None, description="id served as `model`; default: target folder name")
     # further model flags given on the command line (vLLM passthrough), by argparse dest
     model_flags: dict[str, Any] = Field(default_factory=dict)

@@ -1,7 +1,8 @@
 """From settings to what runs: the models (given, or a bundle's), the engine's arguments and the
 flag thresholds. One path for `epispec serve` (its `Settings`) and `epispec generate` (its
 parsed flags): both name the same things the same way (target, drafts, bundle, engine,
-num_speculative_tokens, bias_source, target_logprobs, device, max_model_len, and
+num_speculative_tokens, bias_source, target_logprobs, device, max_model_len, draft_kv_gib,
+draft_dtype, and
 eu/bias/variance_threshold), so either can be passed where a function takes `given`.
 """
 
@@ -22,6 +23,8 @@ ENGINE_SETTINGS = (
     "target_logprobs",
     "device",
     "max_model_len",
+    "draft_kv_gib",
+    "draft_dtype",
 )
 # vLLM engine arguments passed through unchanged, in vLLM's own names (`--kv-cache-space` is
 # vLLM-CPU's VLLM_CPU_KVCACHE_SPACE)

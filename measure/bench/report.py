@@ -38,6 +38,10 @@ def machine() -> dict:
     }
 
 
+def _kib(v):
+    return None if v is None else v / 1024
+
+
 def _fmt(v, spec: str) -> str:
     return "–" if v is None else format(v, spec)
 
@@ -45,14 +49,17 @@ def _fmt(v, spec: str) -> str:
 def runs_table(runs: list[dict]) -> str:
     head = (
         "| config | T | C | out tok/s | TTFT p50 (ms) | ITL p50 (ms) | ITL p99 (ms) | acceptance "
-        "| draft passes/token | peak RSS (MiB) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| draft passes/token | peak RSS (MiB) | draft KV/request (KiB) | draft KV / tokens held |"
+        "\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     rows = [
         f"| {r['config']} | {r.get('temperature', 0.0):g} | {r['concurrency']} "
         f"| {_fmt(r['output_tokens_per_s'], '.1f')} "
         f"| {_fmt(_ms(r['ttft_p50_s']), '.1f')} | {_fmt(_ms(r['itl_p50_s']), '.2f')} "
         f"| {_fmt(_ms(r['itl_p99_s']), '.1f')} | {_fmt(r['acceptance_rate'], '.2f')} "
-        f"| {_fmt(r['draft_passes_per_token'], '.2f')} | {r['peak_rss_bytes'] / MiB:.0f} |"
+        f"| {_fmt(r['draft_passes_per_token'], '.2f')} | {r['peak_rss_bytes'] / MiB:.0f} "
+        f"| {_fmt(_kib(r.get('draft_kv_bytes_per_request')), '.0f')} "
+        f"| {_fmt(r.get('draft_kv_over_tokens_held'), '.2f')} |"
         for r in runs
     ]
     return "\n".join([head, *rows])

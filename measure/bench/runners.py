@@ -94,6 +94,17 @@ def level_row(
     return row
 
 
+def draft_kv_row(engine) -> dict:
+    """The drafts' KV cache at its largest during the level: bytes per request holding a slot,
+    and those bytes over (tokens held × bytes per token), the block rounding's overhead."""
+    held, tokens, live = engine.draft_kv_peak()
+    per_token = getattr(engine, "draft_kv_bytes_per_token", 0)
+    return {
+        "draft_kv_bytes_per_request": held / live if live else None,
+        "draft_kv_over_tokens_held": held / (tokens * per_token) if tokens and per_token else None,
+    }
+
+
 # --- vLLM directly: (a) and (b)
 
 
@@ -297,6 +308,8 @@ async def run_config(spec: dict) -> dict:
             prompts = [encode(p) for p in w.level_prompts(c)]
             before = dict(totals)
             rss.reset()
+            if config == "epispec":
+                engine.draft_kv_peak(reset=True)  # the level's own peak
             if prof:
                 prof.enable()
             timings, counters, wall = await run_level(
@@ -311,6 +324,8 @@ async def run_config(spec: dict) -> dict:
             runs.append(
                 level_row(config, c, timings, counters, wall, rss.peak, w.num_speculative_tokens, temperature)
             )
+            if config == "epispec":
+                runs[-1].update(draft_kv_row(engine))
             print(
                 f"[{config}] T={temperature} c={c}: {runs[-1]['output_tokens_per_s']:.1f} tok/s",
                 file=sys.stderr,

@@ -61,6 +61,22 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--device", default="auto", help="reference engine: cpu, cuda or auto")
     g.add_argument("--max-model-len", type=int, default=None, help="prompt + output token limit")
+    g.add_argument(
+        "--draft-kv-gib",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="vllm engine: memory for the drafts' KV cache; vLLM's own KV cache is capped so that "
+        "requests beyond it wait in vLLM's queue (default: max-num-seqs × max-model-len tokens, "
+        "never full; on CPU only pages in use are resident, on a GPU all of it is reserved)",
+    )
+    g.add_argument(
+        "--draft-dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="vllm engine: the drafts' weights and KV cache (default float32: on CPUs without "
+        "bf16 matmul units bf16 is ~10x slower; bfloat16 on GPUs)",
+    )
     v = parser.add_argument_group("vLLM engine arguments (passed through to vLLM)")
     v.add_argument("--tensor-parallel-size", type=int, default=None, metavar="N")
     v.add_argument("--pipeline-parallel-size", type=int, default=None, metavar="N")

@@ -1,9 +1,10 @@
-"""The draft ensemble as a batched proposer: M Llama-family drafts, one slot KV cache per draft.
+"""The draft ensemble as a batched proposer: M Llama-family drafts over one paged KV cache.
 
 Pure torch + transformers (no vLLM): `vllm_proposer.py` adapts vLLM's proposer call to
 `DraftEnsemble.propose`, and tests drive it directly.
 
-Every running request owns a *slot* (a row of each draft's preallocated KV cache). A propose
+Every running request owns a *slot*: its blocks of every draft's paged KV cache
+(`draft_kv.py`), taken as its history grows and returned when it ends. A propose
 round for a batch of requests, given each request's full token history h (n tokens) and the e
 tokens the target emitted this step (the last e of h):
 
@@ -19,6 +20,9 @@ tokens the target emitted this step (the last e of h):
 
 "Cropping" after a rejection is implicit: a slot's valid length is the number of its tokens
 that still stand; later writes overwrite the rest and the causal mask never reads past it.
+A row's blocks cover its history plus the k − 1 drafted tokens fed in 2); when the pool cannot
+supply them the row is *parked* for the round (`RowOutput.parked`: no proposal, no records, its
+blocks returned) and starts afresh, recomputing its history, in a later round.
 A draft forward pass (EngineStats.draft_forward_passes) is one batched step of all M drafts,
 counted per request: each request takes part in exactly one forward of 1) and in the k−1
 steps of 2), however many forwards 1) split the batch into (`RowOutput.draft_passes`).
@@ -33,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from server.engine.draft_kv import DEFAULT_BLOCK_SIZE, BlockPool, PagedKV, PoolFull, kv_bytes_per_token
 from server.engine.draft_vocab import DraftVocab, read_draft_vocab
 from server.engine.uncertainty import mixture_logprobs, variance
 
@@ -69,17 +74,18 @@ class RowOutput:
     proposed: int  # tokens proposed the previous round (what this step verified)
     accepted: int
     eu_seconds: float = 0.0  # this row's share of the step's variance/q̄-summary time
+    parked: bool = False  # the KV pool had no room for this row: no proposal, no records
 
 
 @dataclass
 class _Slot:
-    """A request's row of every draft's KV cache, and what the last round left in it.
+    """A request's place in the drafts' KV cache (its blocks are the pool's table under its
+    request id), and what the last round left in it.
 
     `valid` counts the history tokens whose keys/values stand in the cache; anything past it is
     stale and is overwritten by the next feed (the causal mask never reads past it). The methods
     are the rollback rules, applied in this order each round: `roll_back`, `rewind_for`, `drafted`."""
 
-    index: int
     valid: int = 0  # tokens of the history whose keys/values stand in the cache
     drafted_from: int = 0  # history length when the last proposal was made
     proposal: list[int] = field(default_factory=list)
@@ -148,10 +154,18 @@ class _Drafted:
 
 class _DraftGroup:
     """Same-shape Llama-family drafts evaluated together: their weights are stacked on a
-    leading M axis, so one batched step of the group is one set of batched matmuls."""
+    leading M axis, so one batched step of the group is one set of batched matmuls.
+
+    Weights and KV cache are in `dtype`; RMSNorm statistics, log-softmax and everything after
+    them are float32 (as transformers does for bf16/fp16 Llamas)."""
 
     def __init__(
-        self, lms: list, slots: int, max_len: int, device: torch.device, vocab: DraftVocab | None = None
+        self,
+        lms: list,
+        pool: BlockPool,
+        device: torch.device,
+        vocab: DraftVocab | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         cfg = lms[0].config
         # [V] long: the draft id each target id is read as (reduced vocabulary), else None
@@ -166,7 +180,7 @@ class _DraftGroup:
             ws = [get(lm) for lm in lms]
             if ws[0] is None:
                 return None
-            return torch.stack([w.detach().t() if t else w.detach() for w in ws]).to(device)
+            return torch.stack([w.detach().t() if t else w.detach() for w in ws]).to(device, dtype)
 
         self.embed = stack(lambda lm: lm.model.embed_tokens.weight)  # [M, V_d, E]
         self.head = stack(lambda lm: lm.lm_head.weight, t=True)  # [M, E, V_d]
@@ -200,19 +214,11 @@ class _DraftGroup:
             for n in ("q", "k", "v", "o"):  # Qwen2-style projection biases, where present
                 layer[f"{n}_bias"] = stack(get(f"self_attn.{n}_proj.bias"))
             self.layers.append(layer)
-        shape = (len(self.layers), self.m, slots, self.kv_heads, max_len, self.head_dim)
-        self.k_cache = torch.zeros(shape, device=device)  # [layers, M, slots, Hkv, L, D]
-        self.v_cache = torch.zeros(shape, device=device)
+        self.kv = PagedKV(len(self.layers), self.m, self.kv_heads, self.head_dim, pool, dtype, device)
 
-    def grow(self, slots: int) -> None:
-        """Widen the caches to `slots` rows, keeping the rows in use."""
-        extra = slots - self.k_cache.shape[2]
-        pad = torch.zeros(*self.k_cache.shape[:2], extra, *self.k_cache.shape[3:], device=self.k_cache.device)
-        self.k_cache = torch.cat([self.k_cache, pad], 2)
-        self.v_cache = torch.cat([self.v_cache, pad], 2)
-
-    def _rms(self, x, w):  # [M, ..., E], [M, E]
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+    def _rms(self, x, w):  # [M, ..., E], [M, E]; statistics in float32
+        dtype, x = x.dtype, x.float()
+        x = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
         return x * w.view(w.shape[0], *[1] * (x.dim() - 2), w.shape[-1])
 
     @staticmethod
@@ -223,9 +229,13 @@ class _DraftGroup:
             y = y + b[:, None, :]
         return y.view(m, bsz, t, -1)
 
-    def forward(self, tokens, pos, slots, valid, out_index) -> torch.Tensor:
-        """tokens (target ids)/pos/valid [B, T], slots [B], out_index (rows [P], cols [P])
-        -> log-probs over the drafts' vocabulary [P, M, V_d] (V_d = V without a reduced one)."""
+    def forward(self, tokens, pos, table, valid, out_index) -> torch.Tensor:
+        """tokens (target ids)/pos/valid [B, T], table [B, nb] (each row's blocks, covering its
+        positions up to pos.max()), out_index (rows [P], cols [P])
+        -> log-probs over the drafts' vocabulary [P, M, V_d] (V_d = V without a reduced one).
+
+        Attention is torch SDPA over the keys of the batch's blocks; without a mask where none
+        is needed (one row decoding one token, or one row's whole prompt: causal)."""
         M, (B, T) = self.m, tokens.shape
         H, Hkv, D = self.heads, self.kv_heads, self.head_dim
         if self.to_draft_ids is not None:
@@ -234,24 +244,28 @@ class _DraftGroup:
         cos, sin = self.rotary(h[0], pos)  # [B, T, D]
         cos, sin = cos[None, :, :, None], sin[None, :, :, None]  # [1, B, T, 1, D]
         n_keys = int(pos.max()) + 1
-        mask = torch.arange(n_keys, device=h.device)[None, None, :] <= pos[:, :, None]  # [B, T, K]
-        mask = mask[None, :, None].expand(M, B, 1, T, n_keys).reshape(M * B, 1, T, n_keys)
-        w_slot, w_pos = slots[:, None].expand(B, T)[valid], pos[valid]  # [Nv]
+        slots = self.kv.slots_of(table)[:, :n_keys]  # [B, K] cache slots of each row's keys
+        w_slots = slots.gather(1, pos)[valid]  # [Nv] where the fed tokens go
+        mask, causal = None, False
+        if B == 1 and T == n_keys:  # a whole prompt from position 0
+            causal = T > 1
+        elif B > 1 or T > 1:
+            mask = torch.arange(n_keys, device=h.device)[None, None, :] <= pos[:, :, None]  # [B, T, K]
+            mask = mask[None, :, None].expand(M, B, 1, T, n_keys).reshape(M * B, 1, T, n_keys)
         for i, ly in enumerate(self.layers):
             x = self._rms(h, ly["input_layernorm.weight"])
             q = self._linear(x, ly["self_attn.q_proj.weight"], ly["q_bias"]).view(M, B, T, H, D)
             k = self._linear(x, ly["self_attn.k_proj.weight"], ly["k_bias"]).view(M, B, T, Hkv, D)
             v = self._linear(x, ly["self_attn.v_proj.weight"], ly["v_bias"]).view(M, B, T, Hkv, D)
             q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-            self.k_cache[i][:, w_slot, :, w_pos] = k[:, valid].transpose(0, 1)  # [Nv, M, Hkv, D]
-            self.v_cache[i][:, w_slot, :, w_pos] = v[:, valid].transpose(0, 1)
-            keys = self.k_cache[i][:, slots, :, :n_keys].reshape(M * B, Hkv, n_keys, D)
-            vals = self.v_cache[i][:, slots, :, :n_keys].reshape(M * B, Hkv, n_keys, D)
+            self.kv.write(i, w_slots, k[:, valid], v[:, valid])  # [M, Nv, Hkv, D]
+            keys, vals = self.kv.read(i, slots)  # [M, B, K, Hkv, D]
             o = torch.nn.functional.scaled_dot_product_attention(
                 q.permute(0, 1, 3, 2, 4).reshape(M * B, H, T, D),
-                keys,
-                vals,
+                keys.view(M * B, n_keys, Hkv, D).transpose(1, 2),  # [M*B, Hkv, K, D]
+                vals.view(M * B, n_keys, Hkv, D).transpose(1, 2),
                 attn_mask=mask,
+                is_causal=causal,
                 scale=self.scaling,
                 enable_gqa=H != Hkv,
             )  # [M*B, H, T, D]
@@ -331,14 +345,15 @@ def _record(position: int, var: float, fields: tuple) -> Record:
 
 
 class DraftEnsemble:
-    """M drafts proposing k tokens per round for up to `slots` concurrent requests.
+    """M drafts proposing k tokens per round for concurrent requests of up to `max_len` tokens.
 
     Records carry q̄'s top-`top_n` (−1: all of it as ids/probs; 0: log q̄ itself, [V]).
 
-    Cache memory is 2·4 bytes × layers × M × Hkv × max_len × head_dim per slot; the caches
-    start with a few slots and double as concurrency grows, up to `slots`."""
-
-    INITIAL_SLOTS = 8
+    KV memory: `kv_bytes_per_token` bytes (2 × layers × Hkv × head_dim × the dtype's size, summed
+    over the drafts) for each token a request holds, in blocks of `block_size` tokens from a pool
+    of `kv_tokens` tokens (default `slots` × `max_len`: every one of `slots` requests at full
+    length). A request holds ⌈(history + k − 1) / block_size⌉ blocks. Weights and caches are in
+    `dtype` (float32 by default: on CPUs without bf16 matmul units bf16 is the slower one)."""
 
     def __init__(
         self,
@@ -349,6 +364,9 @@ class DraftEnsemble:
         max_len: int,
         top_n: int = 64,
         device: str | torch.device = "cpu",
+        kv_tokens: int | None = None,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         from server.engine.models import load_causal_lm
 
@@ -367,7 +385,7 @@ class DraftEnsemble:
             )
         self.vocab: DraftVocab | None = vocabs[0] if vocabs else None
         for p in paths:
-            lm = load_causal_lm(p, str(self.device), torch.float32)
+            lm = load_causal_lm(p, str(self.device), dtype)
             if (
                 not hasattr(lm, "model")
                 or not hasattr(lm.model, "rotary_emb")
@@ -379,32 +397,38 @@ class DraftEnsemble:
                 )
             groups.setdefault(_signature(lm), []).append(lm)
         # drafts of one shape run as one stacked group; the order of M does not matter
-        self.capacity, self.max_slots = min(slots, self.INITIAL_SLOTS), slots
-        self.drafts = [
-            _DraftGroup(lms, self.capacity, max_len, self.device, self.vocab) for lms in groups.values()
-        ]
-        self._free = list(range(self.capacity - 1, -1, -1))
+        self.pool = BlockPool.for_tokens(kv_tokens or slots * max_len, block_size)
+        self.drafts = [_DraftGroup(lms, self.pool, self.device, self.vocab, dtype) for lms in groups.values()]
+        self.kv_bytes_per_token = kv_bytes_per_token(
+            [lm.config for lms in groups.values() for lm in lms], dtype
+        )
         self._slots: dict[str, _Slot] = {}
 
     def num_states(self) -> int:
         """Requests holding a slot (0 when idle: aborts and finishes free their state)."""
         return len(self._slots)
 
-    def release(self, keep: set[str]) -> None:
-        """Free the slots of requests not in `keep` (finished or aborted)."""
-        for rid in [r for r in self._slots if r not in keep]:
-            self._free.append(self._slots.pop(rid).index)
+    def kv_bytes(self) -> int:
+        """Bytes of the pool's storage (reserved; on CPU only touched pages are resident)."""
+        return sum(d.kv.nbytes() for d in self.drafts)
 
-    def _take_slot(self) -> int:
-        if not self._free:
-            grown = min(2 * self.capacity, self.max_slots)
-            if grown == self.capacity:
-                raise RuntimeError(f"more than {self.max_slots} concurrent requests reached the drafts")
-            for d in self.drafts:
-                d.grow(grown)
-            self._free = list(range(grown - 1, self.capacity - 1, -1))
-            self.capacity = grown
-        return self._free.pop()
+    def kv_bytes_held(self, req_id: str | None = None) -> int:
+        """Bytes of the blocks held by `req_id` (by every request: None)."""
+        blocks = self.pool.blocks_in_use() if req_id is None else len(self.pool.blocks_of(req_id))
+        return blocks * self.pool.block_size * self.kv_bytes_per_token
+
+    def kv_tokens_held(self) -> int:
+        """Tokens whose keys and values stand in the cache, over every request."""
+        return sum(st.valid for st in self._slots.values())
+
+    def release(self, keep: set[str]) -> None:
+        """Free the slots (and KV blocks) of requests not in `keep` (finished or aborted)."""
+        for rid in [r for r in self._slots if r not in keep]:
+            self._drop(rid)
+
+    def _drop(self, rid: str) -> None:
+        del self._slots[rid]
+        self.pool.free(rid)
 
     @torch.inference_mode()
     def propose(self, rows: list[RowInput]) -> list[RowOutput]:
@@ -412,31 +436,43 @@ class DraftEnsemble:
         live = self._bookkeeping(rows, outs)
         if not live:
             return outs
-        slots = torch.tensor([lv.slot.index for lv in live], device=self.device)  # [B]
-        first = self._first_step(live, slots)
-        drafted = self._greedy_steps(live, slots, first)
+        nb = max(len(self.pool.blocks_of(lv.row.req_id)) for lv in live)
+        table = self.pool.table([lv.row.req_id for lv in live], nb, self.device)  # [B, nb]
+        first = self._first_step(live, table)
+        drafted = self._greedy_steps(live, table, first)
         self._assemble(live, first, drafted)
         return outs
 
     def _bookkeeping(self, rows: list[RowInput], outs: list[RowOutput]) -> list[_Live]:
         """The decoding rows: a slot for each (new requests take one), the previous round's
-        counts, the cache rolled back to the tokens that stand, and what step 1) must feed."""
+        counts, the cache rolled back to the tokens that stand, and what step 1) must feed.
+        Blocks go to requests already holding some first; a row the pool cannot hold is parked."""
         live = []
-        for r, out in zip(rows, outs, strict=True):
-            if r.num_emitted <= 0:
+        rows_out = [(r, o) for r, o in zip(rows, outs, strict=True) if r.num_emitted > 0]
+        rows_out.sort(key=lambda ro: ro[0].req_id not in self._slots)  # stable: running first
+        for r, out in rows_out:
+            n, e = len(r.history), r.num_emitted
+            try:  # positions up to n + k − 2 are written (the drafted tokens fed in step 2)
+                fresh = self.pool.ensure(r.req_id, min(n + self.k - 1, self.max_len))
+            except PoolFull:
+                if r.req_id in self._slots:
+                    self._drop(r.req_id)
+                out.parked = True
                 continue
+            for d in self.drafts:
+                d.kv.zero(fresh)
             st = self._slots.get(r.req_id)
             if st is None:
-                st = self._slots[r.req_id] = _Slot(self._take_slot())
-            n, e = len(r.history), r.num_emitted
+                st = self._slots[r.req_id] = _Slot()
             if st.proposal:
                 out.proposed, out.accepted = len(st.proposal), e - 1
             st.roll_back(n, e)
             missing = st.rewind_for(n, e)
             live.append(_Live(r, out, st, r.history[st.valid :], missing))
-        return live
+        order = {id(r): i for i, r in enumerate(rows)}
+        return sorted(live, key=lambda lv: order[id(lv.row)])
 
-    def _first_step(self, live: list[_Live], slots: torch.Tensor) -> _Scored:
+    def _first_step(self, live: list[_Live], table: torch.Tensor) -> _Scored:
         """1) Batched forwards over the uncached suffixes, one per feed-length group; the
         summaries of the positions that lack a record and of each row's newest token."""
         dev = self.device
@@ -465,7 +501,7 @@ class DraftEnsemble:
             )
             tokens, pos, valid = tokens.to(dev), pos.to(dev), valid.to(dev)
             parts.append(
-                torch.cat([d.forward(tokens, pos, slots[group], valid, idx) for d in self.drafts], 1)
+                torch.cat([d.forward(tokens, pos, table[group], valid, idx) for d in self.drafts], 1)
             )  # [P_g, M, V]
             order.extend(p_g)
         lp = torch.cat(parts)  # [P, M, V], back in out_rows order below
@@ -476,7 +512,7 @@ class DraftEnsemble:
         index = {(b, position): p_i for p_i, (b, position) in enumerate(zip(out_rows, out_pos, strict=True))}
         return _Scored(var, fields, greedy, index, time.perf_counter() - t0)
 
-    def _greedy_steps(self, live: list[_Live], slots: torch.Tensor, first: _Scored) -> _Drafted:
+    def _greedy_steps(self, live: list[_Live], table: torch.Tensor, first: _Scored) -> _Drafted:
         """2) The proposal: greedy on q̄ from step 1)'s newest position, then k−1 batched
         single-token steps."""
         dev, B = self.device, len(live)
@@ -493,7 +529,7 @@ class DraftEnsemble:
         for s in range(1, max(ks)):
             p_s = (n_hist + s - 1).clamp(max=self.max_len - 1).to(dev)[:, None]  # [B, 1]
             lp = torch.cat(
-                [d.forward(cur[:, None].to(dev), p_s, slots, ones, arange_b) for d in self.drafts], 1
+                [d.forward(cur[:, None].to(dev), p_s, table, ones, arange_b) for d in self.drafts], 1
             )  # [B, M, V]
             t0 = time.perf_counter()
             v_s, fields_s, greedy_s = summarize(lp, self.top_n, self.vocab)
@@ -541,7 +577,7 @@ class DraftEnsemble:
             out.draft_passes = drafted.steps
             out.eu_seconds = share
             if r.final:
-                self._free.append(self._slots.pop(r.req_id).index)
+                self._drop(r.req_id)
 
     def _host(self, t: torch.Tensor) -> torch.Tensor:
         """Top-N fields go to the host (they are shipped); log q̄ stays where it is used."""

@@ -55,14 +55,16 @@ class Publisher:
         self.address = address
         self._sock = None
 
-    def send(self, live: int, reqs: list[eu_wire.RequestRecords]) -> None:
+    def send(
+        self, live: int, reqs: list[eu_wire.RequestRecords], kv_bytes: int = 0, kv_tokens: int = 0
+    ) -> None:
         if self._sock is None:
             import zmq
 
             self._sock = zmq.Context.instance().socket(zmq.PUSH)
             self._sock.setsockopt(zmq.LINGER, 0)
             self._sock.connect(self.address)
-        self._sock.send(eu_wire.encode(live, reqs))
+        self._sock.send(eu_wire.encode(live, reqs, kv_bytes, kv_tokens))
 
 
 @dataclass
@@ -102,6 +104,8 @@ class Joiner:
         self._reqs: dict[str, _Request] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self.proposer_states = 0  # the proposer's live slot count, as of its last message
+        # the drafts' KV use at its largest since reset (bytes held, tokens held, live requests)
+        self.kv_peak = (0, 0, 0)
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="epispec-joiner", daemon=True)
         self._thread.start()
@@ -184,6 +188,8 @@ class Joiner:
         woken = []
         with self._lock:
             self.proposer_states = msg.live
+            if msg.kv_bytes > self.kv_peak[0]:
+                self.kv_peak = (msg.kv_bytes, msg.kv_tokens, msg.live)
             for req in msg.reqs:
                 r = self._reqs.get(external_id(req.req_id))
                 if r is None:

@@ -96,11 +96,14 @@ class RequestRecords(msgspec.Struct, array_like=True, frozen=True, forbid_unknow
 
 
 class Message(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fields=True):
-    """One engine step: the proposer's live slot count and every emitting request's records."""
+    """One engine step: the proposer's live slot count, every emitting request's records, and the
+    drafts' KV cache held after the step (bytes of blocks held, tokens whose keys stand)."""
 
     version: Literal[1]
     live: _Count
     reqs: Annotated[list[RequestRecords], msgspec.Meta(max_length=MAX_REQUESTS)]
+    kv_bytes: Annotated[int, msgspec.Meta(ge=0)] = 0
+    kv_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -114,9 +117,10 @@ def _finite_or_none(x) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def encode(live: int, reqs: list[RequestRecords]) -> bytes:
-    """A step's message: the proposer's live slot count and each emitting request's records."""
-    return _encoder.encode(Message(VERSION, int(live), list(reqs)))
+def encode(live: int, reqs: list[RequestRecords], kv_bytes: int = 0, kv_tokens: int = 0) -> bytes:
+    """A step's message: the proposer's live slot count, each emitting request's records, and the
+    drafts' KV bytes and tokens held."""
+    return _encoder.encode(Message(VERSION, int(live), list(reqs), int(kv_bytes), int(kv_tokens)))
 
 
 def decode(data: bytes, vocab_size: int | None = None) -> Message:

@@ -31,6 +31,8 @@ class EngineArgs:
     device: str = "auto"  # reference engine: cpu | cuda | auto
     model_name: str | None = None
     max_model_len: int | None = None
+    draft_kv_gib: float | None = None  # vllm engine: the drafts' KV cache budget (None: never full)
+    draft_dtype: str = "float32"  # vllm engine: the drafts' weights and KV cache
     # vLLM engine arguments passed through unchanged (tensor_parallel_size, dtype, ...)
     vllm_args: dict = field(default_factory=dict)
 
@@ -72,6 +74,8 @@ def build_engine(args: EngineArgs) -> Engine:
             model_name=args.model_name,
             max_model_len=args.max_model_len,
             bias_source=args.bias_source,
+            draft_kv_gib=args.draft_kv_gib,
+            draft_dtype=args.draft_dtype,
             vllm_args=dict(args.vllm_args),
         )
     import torch

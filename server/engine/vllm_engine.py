@@ -41,6 +41,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from server.engine import models, vllm_internals
 from server.engine.detokenize import IncrementalDetokenizer
 from server.engine.draft_ensemble import log_mix_from_record
+from server.engine.draft_kv import DEFAULT_BLOCK_SIZE, kv_bytes_per_token, target_kv_blocks
 from server.engine.emission import EmissionGate
 from server.engine.eu_channel import Joiner
 from server.engine.types import (
@@ -82,6 +83,8 @@ class VllmEngine:
         max_model_len: int | None = None,
         draft_top_n: int | None = None,
         bias_source: BiasSource = DEFAULT_BIAS_SOURCE,
+        draft_kv_gib: float | None = None,
+        draft_dtype: str = "float32",
         vllm_args: dict | None = None,
     ) -> None:
         vllm_internals.check_version()  # before vLLM starts: one sentence, not a dead worker
@@ -148,6 +151,7 @@ class VllmEngine:
                 }
             }
             engine_kw.setdefault("async_scheduling", False)
+            self._draft_kv_budget(engine_kw, drafts, draft_kv_gib, draft_dtype, vllm_len)
         self._bias_logprobs = bias_lp
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kw))
         self._running: set[str] = set()
@@ -234,6 +238,16 @@ class VllmEngine:
         """Requests holding a draft KV slot in the proposer, as of its last step's message."""
         return self.joiner.proposer_states if self.joiner else 0
 
+    def draft_kv_peak(self, reset: bool = False) -> tuple[int, int, int]:
+        """The drafts' KV use at its largest (by bytes) since the last reset, as of the proposer's
+        messages: (bytes of blocks held, tokens whose keys stand, requests holding a slot)."""
+        if not self.joiner:
+            return (0, 0, 0)
+        peak = self.joiner.kv_peak
+        if reset:
+            self.joiner.kv_peak = (0, 0, 0)
+        return peak
+
     def is_healthy(self) -> bool:
         return self._healthy and not self.llm.errored
 
@@ -245,6 +259,62 @@ class VllmEngine:
         self._running.clear()
 
     # --- helpers
+
+    def _draft_kv_budget(
+        self, engine_kw: dict, drafts: list[str], gib: float | None, dtype: str, vllm_len: int
+    ) -> None:
+        """The drafts' dtype and KV pool size into the proposer's settings; with a budget
+        (`gib`), vLLM's own KV cache is capped (num_gpu_blocks_override) so that every request it
+        admits fits in the pool: beyond that, requests wait in vLLM's queue (see
+        `draft_kv.target_kv_blocks`). Raises ValueError when the budget cannot hold one request
+        of max_model_len."""
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"draft_dtype must be float32, bfloat16 or float16, got '{dtype}'")
+        cfg = engine_kw["additional_config"]["epispec"]
+        cfg["dtype"] = dtype
+        per_token = kv_bytes_per_token([models.model_config(d) for d in drafts], getattr(torch, dtype))
+        self.draft_kv_bytes_per_token = per_token
+        if gib is None:
+            # the proposer's default pool is max_num_seqs × max_model_len tokens (never full); on
+            # a CPU, where vLLM's KV cache size is known up front, no more than that cache holds
+            # (plus each request's block rounding and k spare positions): vLLM cannot run more
+            # tokens than it caches, except prompts shared through its prefix cache (then a row
+            # is parked, see vllm_proposer), and the pool stays bounded by the target's memory
+            cap = _cpu_target_kv_tokens(engine_kw)
+            if cap is not None:
+                seqs = AsyncEngineArgs(**engine_kw).create_engine_config().scheduler_config.max_num_seqs
+                cfg["kv_tokens"] = min(seqs * vllm_len, cap + seqs * (self.k + DEFAULT_BLOCK_SIZE))
+            log.info(
+                "drafts' KV cache: %d bytes per token (%s), a pool of %s tokens",
+                per_token,
+                dtype,
+                cfg.get("kv_tokens", "max_num_seqs × max_model_len"),
+            )
+            return
+        tokens = int(gib * (1 << 30)) // per_token
+        resolved = AsyncEngineArgs(**engine_kw).create_engine_config()
+        seqs, block = resolved.scheduler_config.max_num_seqs, resolved.cache_config.block_size
+        blocks = target_kv_blocks(tokens, seqs, self.k, DEFAULT_BLOCK_SIZE, block)
+        if blocks * block < vllm_len:
+            need = vllm_len + seqs * (self.k + DEFAULT_BLOCK_SIZE)
+            raise ValueError(
+                f"draft_kv_gib {gib} holds {tokens} tokens of draft KV ({per_token} bytes per token); "
+                f"a request of max_model_len {vllm_len} with max_num_seqs {seqs} needs at least {need} "
+                f"({need * per_token / (1 << 30):.3f} GiB): raise it or lower max_model_len / max_num_seqs."
+            )
+        cfg["kv_tokens"] = tokens
+        # vLLM's block pool keeps one block aside (its null block), which holds no tokens
+        engine_kw["num_gpu_blocks_override"] = blocks + 1
+        log.info(
+            "drafts' KV cache: %d bytes per token (%s), %.2f GiB holds %d tokens; vLLM's KV cache "
+            "capped at %d blocks of %d tokens so every request it runs fits (more wait in its queue)",
+            per_token,
+            dtype,
+            gib,
+            tokens,
+            blocks,
+            block,
+        )
 
     def _vllm_params(self, prompt_token_ids: list[int], params: SamplingParams) -> VllmSamplingParams:
         """vLLM's parameters for the request. Raises InvalidRequest, naming the field, for what
@@ -337,3 +407,20 @@ class VllmEngine:
             accepted=accepted,
             eu_seconds=eu_seconds + proposer_eu_seconds,
         )
+
+
+def _cpu_target_kv_tokens(engine_kw: dict) -> int | None:
+    """Tokens vLLM-CPU's KV cache holds for the target (VLLM_CPU_KVCACHE_SPACE GiB over the
+    target's KV bytes per token in its dtype); None on a GPU or when the size is unknown."""
+    space = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+    if torch.cuda.is_available() or not space:
+        return None
+    cfg = models.model_config(engine_kw["model"])
+    name = str(engine_kw.get("dtype") or "auto").replace("torch.", "")
+    if name in ("auto", "half"):
+        name = {"auto": str(cfg.get("torch_dtype") or "float32"), "half": "float16"}[name]
+    dtype = getattr(torch, name, torch.float32)
+    if not isinstance(dtype, torch.dtype):
+        dtype = torch.float32
+    return int(float(space) * (1 << 30)) // kv_bytes_per_token([cfg], dtype)
+

@@ -3,7 +3,8 @@
 vLLM builds `EnsembleProposer(vllm_config)` inside the process that runs its model runner
 (the engine core, or the last pipeline rank's worker), calls `load_model(target)` once and
 `propose(...)` after every step's bookkeeping. Settings come from
-`vllm_config.additional_config["epispec"]` (drafts, channel address, top-N, slots).
+`vllm_config.additional_config["epispec"]` (drafts, channel address, top-N, bias source, the
+drafts' dtype and KV pool size in tokens).
 
 vLLM hands `propose` token histories by batch row, not request ids. The rows' request ids
 are the runner's `input_batch.req_ids`; the runner is the caller of `propose`, so it is read
@@ -26,10 +27,20 @@ variance, bias). It reads vLLM 0.32 internals (pinned):
     rows of such requests are no longer the raw target, so their bias is published as None
     (epispec itself never requests structured output).
 Bias source "logprobs": records ship q̄'s top-N and the API side computes `bias_topk`.
+
+The drafts' KV pool holds `kv_tokens` tokens (default: max_num_seqs × max_model_len, where no
+request can ever find it full; on a CPU `VllmEngine` caps that at the tokens vLLM's KV cache holds). With a smaller budget `VllmEngine` caps vLLM's own KV cache so
+that every request vLLM runs fits in the pool too (`draft_kv.target_kv_blocks`): when the pool
+would be full, vLLM's scheduler keeps requests waiting. Should a row still find it full (vLLM's
+prefix cache holds a shared prompt once, the drafts once per request), the row is parked: it
+is decoded without a proposal and its tokens get records with null variance and bias (null
+uncertainty, never an error), until blocks free up and its history is recomputed.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 
 import torch
@@ -39,6 +50,8 @@ from server.engine.draft_ensemble import DraftEnsemble, RowInput
 from server.engine.eu_channel import Publisher
 from server.engine.eu_wire import Record, RequestRecords
 from server.engine.uncertainty import kl
+
+log = logging.getLogger(__name__)
 
 
 class EnsembleProposer:
@@ -64,6 +77,18 @@ class EnsembleProposer:
             max_len=self.max_len,
             top_n=0 if self.worker_bias else self.cfg["top_n"],
             device=self.device,
+            kv_tokens=self.cfg.get("kv_tokens"),
+            dtype=getattr(torch, self.cfg.get("dtype", "float32")),
+        )
+        ens = self.ensemble
+        log.info(
+            "epispec drafts' KV cache: %d bytes per token, a pool of %d tokens (%.2f GiB, blocks of %d "
+            "tokens); %d max_model_len requests fit at once",
+            ens.kv_bytes_per_token,
+            ens.pool.capacity_tokens,
+            ens.kv_bytes() / (1 << 30),
+            ens.pool.block_size,
+            ens.pool.capacity_tokens // self.max_len,
         )
 
     def propose(
@@ -104,12 +129,17 @@ class EnsembleProposer:
                     ]
                     for o in outs
                 ]
+            for i, (r, o) in enumerate(zip(rows, outs, strict=True)):
+                if o.parked:  # no room in the drafts' KV pool: null uncertainty, not a stall
+                    n = len(r.history)
+                    recs[i] = [Record.exact(j, math.nan, None) for j in range(n - r.num_emitted, n)]
             reqs = [
                 RequestRecords(r.req_id, o.draft_passes, o.proposed, o.accepted, o.eu_seconds, rs)
                 for r, o, rs in zip(rows, outs, recs, strict=True)
                 if r.num_emitted
             ]
-            self.publisher.send(self.ensemble.num_states(), reqs)
+            ens = self.ensemble
+            self.publisher.send(ens.num_states(), reqs, ens.kv_bytes_held(), ens.kv_tokens_held())
         return [o.proposal for o in outs]
 
     def _biases(self, rows: list[RowInput], outs) -> list[list[float | None]]:

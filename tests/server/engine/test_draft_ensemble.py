@@ -79,27 +79,52 @@ def test_records_and_proposals_match_full_recompute(draft_set, top_n):
     assert ens.num_states() == 0  # every row was final in the last step
 
 
-def test_release_frees_slots_of_requests_gone_from_the_batch(tiny_models):
-    ens = DraftEnsemble(tiny_models["drafts"], k=2, slots=2, max_len=64)
+def test_release_frees_slots_and_blocks_of_requests_gone_from_the_batch(tiny_models):
+    ens = DraftEnsemble(tiny_models["drafts"], k=2, slots=2, max_len=64, block_size=4)
     ens.propose([RowInput("x", torch.tensor([1, 5, 6]), 1), RowInput("y", torch.tensor([1, 7]), 1)])
-    assert ens.num_states() == 2
+    assert ens.num_states() == 2 and ens.pool.blocks_in_use() == 2
     ens.release({"y"})  # x was aborted
-    assert ens.num_states() == 1
-    ens.propose([RowInput("z", torch.tensor([1, 9]), 1)])  # x's slot is reused
-    assert ens.num_states() == 2
+    assert ens.num_states() == 1 and ens.pool.blocks_of("x") == [] and ens.pool.blocks_in_use() == 1
+    ens.propose([RowInput("z", torch.tensor([1, 9]), 1)])  # x's block is reused
+    assert ens.num_states() == 2 and ens.pool.blocks_in_use() == 2
+    ens.propose([RowInput("z", torch.tensor([1, 9, 4]), 1, final=True)])  # z ends with this step
+    assert ens.num_states() == 1 and ens.pool.blocks_of("z") == []
+    ens.release(set())
+    assert ens.num_states() == 0 and ens.pool.blocks_in_use() == 0 and ens.kv_bytes_held() == 0
 
 
-def test_caches_grow_with_concurrency_and_keep_rows_in_use(tiny_models, drafts):
-    ens = DraftEnsemble(tiny_models["drafts"], k=2, slots=20, max_len=64, top_n=-1)
+def test_blocks_follow_tokens_held_and_rows_keep_their_keys(tiny_models, drafts):
+    """Requests take blocks as their histories grow, from wherever the pool has them; a row
+    whose blocks are not adjacent still reads its own keys (records equal a full recompute)."""
+    ens = DraftEnsemble(tiny_models["drafts"], k=2, slots=20, max_len=64, top_n=-1, block_size=4)
     first = ens.propose([RowInput("r0", torch.tensor([1, 5, 6]), 1)])[0]
-    rows = [RowInput(f"n{i}", torch.tensor([1, 7 + i]), 1) for i in range(2 * ens.INITIAL_SLOTS)]
-    ens.propose(rows)  # needs more slots than allocated: the caches double twice
-    assert ens.capacity == 20 and ens.num_states() == 2 * ens.INITIAL_SLOTS + 1
-    # r0's cached keys survived the growth: its next record equals a full recompute
+    assert len(ens.pool.blocks_of("r0")) == 1  # ⌈(3 + k − 1) / 4⌉
+    ens.propose([RowInput(f"n{i}", torch.tensor([1, 7 + i]), 1) for i in range(16)])
+    assert ens.num_states() == 17 and ens.pool.blocks_in_use() == 17
+    assert ens.kv_bytes_held("r0") == 4 * ens.kv_bytes_per_token
     h = [1, 5, 6, *first.proposal[:1], 9]
     out = ens.propose([RowInput("r0", torch.tensor(h), 2)])[0]
+    table = ens.pool.blocks_of("r0")
+    assert len(table) == 2 and table[1] != table[0] + 1  # ⌈(5 + 1) / 4⌉, the second taken last
     for rec in out.records:
         assert abs(float(variance(_exact(drafts, h[: rec.position]))) - rec.variance) < 1e-4
+    _assert_records_exact(drafts, h, out, 2)
+
+
+def test_a_full_pool_parks_a_row_which_later_resumes_exactly(tiny_models, drafts):
+    """With room for one request, a second one is parked (no proposal, no records, nothing
+    held) and, once the first is released, recomputes its history: exact records again."""
+    ens = DraftEnsemble(tiny_models["drafts"], k=2, slots=1, max_len=64, top_n=-1, kv_tokens=8, block_size=4)
+    ens.propose([RowInput("a", torch.tensor([1, 5, 6, 7, 8]), 1)])  # 2 blocks: the whole pool
+    a, b = [1, 5, 6, 7, 8, 9], [1, 20, 21]
+    outs = ens.propose([RowInput("a", torch.tensor(a), 1), RowInput("b", torch.tensor(b), 1)])
+    assert outs[1].parked and outs[1].proposal == [] and outs[1].records == []
+    assert not outs[0].parked and outs[0].proposal and ens.pool.blocks_of("b") == []
+    ens.release({"b"})  # a ends
+    b.append(22)
+    out = ens.propose([RowInput("b", torch.tensor(b), 1)])[0]
+    assert not out.parked
+    _assert_records_exact(drafts, b, out, 1)
 
 
 def test_feed_groups_keep_decode_rows_apart_from_long_feeds():
@@ -179,3 +204,64 @@ def test_new_long_prompt_next_to_decoding_rows_matches_separate_runs(tiny_models
             _assert_records_exact(drafts, hists[row.req_id], out, row.num_emitted)
             assert out.draft_passes == k
             proposals[row.req_id] = out.proposal
+
+
+def _run_rounds(ens, seed: int, accept: bool = True, steps: int = 4) -> list:
+    """Three requests over `steps` rounds (a random accepted prefix when `accept`), one of them
+    joining late with a 40-token prompt; every round's outputs."""
+    rng = random.Random(seed)
+    hists = {"a": [1, 5, 7, 9, 11], "b": [1, 20, 30], "c": [1] + [rng.randint(3, 300) for _ in range(39)]}
+    proposals = {r: [] for r in hists}
+    rounds = []
+    for step in range(steps):
+        rows = []
+        for rid, h in hists.items():
+            if rid == "c" and step < 2:
+                continue
+            p = proposals[rid]
+            new = (p[: rng.randint(0, len(p))] if accept else []) + [rng.randint(3, 300)]
+            h.extend(new)
+            rows.append(RowInput(rid, torch.tensor(h), len(new)))
+        outs = ens.propose(rows)
+        for row, out in zip(rows, outs, strict=True):
+            proposals[row.req_id] = out.proposal
+        rounds.append(outs)
+    return rounds
+
+
+def test_block_size_changes_nothing_but_memory(tiny_models):
+    """Blocks of 1, 16 and 256 tokens (one block: a contiguous cache) give identical outputs."""
+    runs = [
+        _run_rounds(
+            DraftEnsemble(tiny_models["drafts"], k=3, slots=4, max_len=256, top_n=-1, block_size=bs), 3
+        )
+        for bs in (1, 16, 256)
+    ]
+    for other in runs[1:]:
+        for outs, ref in zip(other, runs[0], strict=True):
+            for x, y in zip(outs, ref, strict=True):
+                assert x.proposal == y.proposal and [r.position for r in x.records] == [
+                    r.position for r in y.records
+                ]
+                for p, q in zip(x.records, y.records, strict=True):
+                    assert abs(p.variance - q.variance) < 1e-6 and torch.equal(p.ids, q.ids)
+                    assert (p.probs - q.probs).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_drafts_stay_close_to_float32(tiny_models, dtype):
+    """bf16/fp16 weights and caches (norms, log-softmax and the EU math in float32): every
+    record's variance within 0.02 nats + 5 % and q̄ within 0.02 of float32 (nothing is accepted,
+    so each ensemble's own proposal never enters the history)."""
+    ref = _run_rounds(DraftEnsemble(tiny_models["drafts"], k=3, slots=4, max_len=256, top_n=-1), 5, False)
+    half = _run_rounds(
+        DraftEnsemble(tiny_models["drafts"], k=3, slots=4, max_len=256, top_n=-1, dtype=dtype), 5, False
+    )
+    for outs, refs in zip(half, ref, strict=True):
+        for x, y in zip(outs, refs, strict=True):
+            for p, q in zip(x.records, y.records, strict=True):
+                assert abs(p.variance - q.variance) < 0.02 + 0.05 * q.variance
+                v = max(int(p.ids.max()), int(q.ids.max())) + 1
+                got = log_mix_from_record(p.ids, p.probs, v).exp()
+                want = log_mix_from_record(q.ids, q.probs, v).exp()
+                assert (got - want).abs().max() < 0.02

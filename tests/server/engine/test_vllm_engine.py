@@ -556,3 +556,51 @@ def test_tensor_parallel_2_on_one_numa_node_equals_tp_1(tiny_models, engine, loo
     finally:
         loop.run_until_complete(tp2.shutdown())
         os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+
+
+def test_a_draft_kv_budget_makes_requests_wait_not_fail(tiny_models, hf_models, loop):
+    """A draft KV budget of one max_model_len request (plus each slot's slack) caps vLLM's own
+    cache: 8 concurrent requests all finish, and every token's EU equals its teacher-forced
+    value (no row was parked: the requests beyond the budget waited in vLLM's queue)."""
+    from server.engine.draft_kv import kv_bytes_per_token
+    from server.engine.models import model_config
+    from server.engine.vllm_engine import VllmEngine
+
+    per_token = kv_bytes_per_token([model_config(d) for d in tiny_models["drafts"]])
+    tokens = 256 + 8 * (3 + 16) + 127  # max_model_len + max_num_seqs × (k + block) + rounding
+    engine = loop.run_until_complete(
+        _async(
+            lambda: VllmEngine(
+                tiny_models["target"],
+                tiny_models["drafts"],
+                num_speculative_tokens=3,
+                draft_kv_gib=tokens * per_token / (1 << 30),
+                vllm_args=dict(VLLM_ARGS),
+            )
+        )
+    )
+    try:
+        tok = engine.tokenizer
+
+        async def run_all():
+            return await asyncio.gather(
+                *[
+                    _collect(
+                        engine,
+                        f"budget{i}",
+                        _encode(tok, text),
+                        SamplingParams(max_tokens=40, temperature=0.9, seed=200 + i, ignore_eos=True),
+                    )
+                    for i, text in enumerate(PROMPTS)
+                ]
+            )
+
+        results = loop.run_until_complete(run_all())
+        for text, (events, fin) in zip(PROMPTS, results, strict=True):
+            assert fin is not None and fin.finish_reason == "length" and len(events) == 40
+            u, token_lp, _, _ = _teacher_forced(hf_models, _encode(tok, text), [e.token_id for e in events])
+            _assert_matches(events, u, token_lp)
+        held, _, live = engine.draft_kv_peak()
+        assert 0 < held <= tokens * per_token and live <= 8
+    finally:
+        loop.run_until_complete(engine.shutdown())
