@@ -423,4 +423,3 @@ def _cpu_target_kv_tokens(engine_kw: dict) -> int | None:
     if not isinstance(dtype, torch.dtype):
         dtype = torch.float32
     return int(float(space) * (1 << 30)) // kv_bytes_per_token([cfg], dtype)
-
