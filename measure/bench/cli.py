@@ -125,6 +125,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="cProfile each config's process (and epispec's proposer) into DIR; slows the run",
     )
     r.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    r.add_argument(
+        "--report",
+        metavar="FILE",
+        help="run nothing: print the tables of a --json FILE written earlier (and --plot it)",
+    )
+    r.add_argument(
+        "--readme",
+        metavar="FILE",
+        help="with --report: replace FILE's bench-table block with them (README.md)",
+    )
     r.add_argument("--plot", metavar="FILE", help="write a PNG plot")
 
 
@@ -180,7 +190,29 @@ def run_config(spec: dict, folder: Path, timeout: float) -> tuple[dict | None, s
     return json.loads(out_path.read_text()), None
 
 
+def regenerate(source: str, readme: str | None, plot: str | None) -> int:
+    """`--report`: the tables of a bench JSON, printed, spliced into `readme`, plotted."""
+    try:
+        doc = json.loads(Path(source).read_text())
+    except (OSError, ValueError) as exc:
+        print(f"epispec bench: --report {source}: {exc}", file=sys.stderr)
+        return 2
+    block = report.readme_block(doc, source)
+    if readme:
+        try:
+            Path(readme).write_text(report.BLOCK.splice(Path(readme).read_text(), block))
+        except (OSError, ValueError) as exc:
+            print(f"epispec bench: --readme {readme}: {exc}", file=sys.stderr)
+            return 2
+    if plot and doc["runs"]:
+        report.plot(doc, plot)
+    print(block, end="")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.report:
+        return regenerate(args.report, args.readme, args.plot)
     started = time.time()
     try:
         target, drafts, bundle = resolve_models(args.target, args.draft, args.bundle)

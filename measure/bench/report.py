@@ -13,6 +13,8 @@ import platform
 
 import psutil
 
+from measure.readme_block import ReadmeBlock
+
 MiB = 1 << 20
 
 # (name, numerator config, denominator config, metric, bound, concurrencies or None = all)
@@ -163,6 +165,33 @@ def markdown(doc: dict) -> str:
     for s in doc["skipped"]:
         parts.append(f"\nskipped {s['config']}: {s['reason']}")
     return "\n".join(parts)
+
+
+BLOCK = ReadmeBlock("bench-table")
+
+
+def readme_block(doc: dict, source: str) -> str:
+    """README.md's bench-table block for the results at `source` (a bench JSON path, as written
+    in the block): what ran, on what, and `markdown(doc)`."""
+    m, w, models = doc["machine"], doc["workload"], doc["models"]
+    drafts = models.get("draft_parameters") or []
+    lines = [
+        BLOCK.start,
+        f"<!-- generated from {source} by `epispec bench --report {source} --readme README.md`; "
+        "edit the code in measure/bench/report.py, not this block -->",
+        "",
+        f"`{doc['command']}` at commit {doc.get('revision') or '?'}: target {models.get('target_name')} "
+        f"({models.get('target_parameters', 0):,} parameters), {len(drafts)} drafts of "
+        f"{(drafts or [0])[0]:,}; k = {w['num_speculative_tokens']}, {w['prompts']} "
+        f"{'chat' if w.get('chat') else 'plain'} prompts, {w['max_tokens']} tokens each, "
+        f"{w['requests_per_level']} requests per level; {m['cpu']}, {m['cores']} cores, "
+        f"{m['memory_gib']} GiB, load average {m['load_average_at_start'][0]:.1f} at the start; "
+        f"{doc.get('wall_s', 0):.0f} s wall.",
+        "",
+        markdown(doc),
+        BLOCK.end,
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def plot(doc: dict, path: str) -> None:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
+
+from measure.readme_block import ReadmeBlock
 
 
 def clean(x):
@@ -47,7 +48,8 @@ def _g(x) -> str:
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.3g}"
 
 
-START, END = "<!-- eval-table:start -->", "<!-- eval-table:end -->"
+BLOCK = ReadmeBlock("eval-table")
+START, END = BLOCK.start, BLOCK.end
 
 
 def estimation_table(r: dict) -> list[str]:
@@ -137,27 +139,13 @@ def readme_block(r: dict, source: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-_BLOCK = re.compile(f"^{re.escape(START)}$.*?^{re.escape(END)}$", re.MULTILINE | re.DOTALL)
-
-
-def _find(text: str) -> re.Match:
-    """The one block whose markers stand on lines of their own (quoted markers in prose don't count)."""
-    found = list(_BLOCK.finditer(text))
-    if len(found) != 1:
-        raise ValueError(
-            f"expected one {START} … {END} block (markers on lines of their own), found {len(found)}"
-        )
-    return found[0]
-
-
 def splice(text: str, block: str) -> str:
     """`text` with its eval-table block (markers included) replaced by `block`."""
-    m = _find(text)
-    return text[: m.start()] + block.rstrip("\n") + text[m.end() :]
+    return BLOCK.splice(text, block)
 
 
 def current_block(text: str) -> str:
-    return _find(text).group(0) + "\n"
+    return BLOCK.current(text)
 
 
 def markdown(r: dict, command: str, plots: list[str]) -> str:

@@ -254,3 +254,47 @@ def test_engine_request_counts_stats_from_finished():
         "spec_rounds": 2,
         "eu_seconds": 0.5,
     }
+
+
+# --- the README's tables come from a committed results file
+
+
+def test_readme_bench_block_equals_the_report_of_the_committed_results():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    source = "docs/bench-smollm2.json"
+    expected = report.readme_block(json.loads((root / source).read_text()), source)
+    assert report.BLOCK.current((root / "README.md").read_text()) == expected, (
+        f"README.md's bench-table block is stale: run `epispec bench --report {source} --readme README.md`"
+    )
+
+
+def test_report_regenerates_the_block_and_names_a_bad_file(tmp_path, capsys):
+    from server.cli import main
+
+    doc = {
+        "command": "epispec bench --quick",
+        "revision": "abc1234",
+        "machine": {"cpu": "x86_64", "cores": 2, "memory_gib": 23.5, "load_average_at_start": [1.0]},
+        "models": {"target_name": "t", "target_parameters": 10, "draft_parameters": [2, 2]},
+        "workload": {"num_speculative_tokens": 1, "prompts": 4, "max_tokens": 8, "requests_per_level": 4},
+        "runs": [],
+        "eu_error": None,
+        "goals": [],
+        "skipped": [],
+        "wall_s": 12.0,
+    }
+    source = tmp_path / "bench.json"
+    source.write_text(json.dumps(doc))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{report.BLOCK.start}\nstale\n{report.BLOCK.end}\n\ntail\n")
+    assert main(["bench", "--report", str(source), "--readme", str(readme)]) == 0
+    block = report.readme_block(doc, str(source))
+    assert "k = 1" in block and "2 drafts of 2" in block and "12 s wall" in block
+    assert readme.read_text() == f"# x\n\n{block}\ntail\n" and capsys.readouterr().out == block
+    assert main(["bench", "--report", str(tmp_path / "missing.json")]) == 2
+    assert "--report" in capsys.readouterr().err
+    readme.write_text("no markers\n")
+    assert main(["bench", "--report", str(source), "--readme", str(readme)]) == 2
+    assert "bench-table" in capsys.readouterr().err
