@@ -182,7 +182,11 @@ def main() -> None:
     if args.drafts:
         import json
 
-        vocab = json.loads((Path(args.drafts[0]) / "config.json").read_text())["vocab_size"]
+        first = Path(args.drafts[0])
+        if (first / "draft_vocab.json").is_file():  # a reduced vocabulary: records carry target ids
+            vocab = json.loads((first / "draft_vocab.json").read_text())["target_vocab_size"]
+        else:
+            vocab = json.loads((first / "config.json").read_text())["vocab_size"]
         print("\n| dtype | records | |Δvariance| median | max | KL(q̄32‖q̄) median | max | proposals agree |")
         print("|---|---:|---:|---:|---:|---:|---:|")
         for name, n, v50, vmax, k50, kmax, agree in compare_dtypes(
