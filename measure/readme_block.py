@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,11 @@ class ReadmeBlock:
         """`text` with its block (markers included) replaced by `block`."""
         m = self.find(text)
         return text[: m.start()] + block.rstrip("\n") + text[m.end() :]
+
+    def write_into(self, path: str | Path, block: str) -> None:
+        """Replace the block in the file at `path`. OSError when it cannot be read or written,
+        ValueError when it has no block or more than one."""
+        Path(path).write_text(self.splice(Path(path).read_text(), block))
 
     def current(self, text: str) -> str:
         """The block in `text`, markers included, with a final newline."""

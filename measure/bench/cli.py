@@ -200,7 +200,7 @@ def regenerate(source: str, readme: str | None, plot: str | None) -> int:
     block = report.readme_block(doc, source)
     if readme:
         try:
-            Path(readme).write_text(report.BLOCK.splice(Path(readme).read_text(), block))
+            report.BLOCK.write_into(readme, block)
         except (OSError, ValueError) as exc:
             print(f"epispec bench: --readme {readme}: {exc}", file=sys.stderr)
             return 2

@@ -121,8 +121,8 @@ def regenerate(results_dir: str, readme: str | None) -> int:
     block = report.readme_block(results, str(path))
     if readme:
         try:
-            Path(readme).write_text(report.splice(Path(readme).read_text(), block))
-        except (FileNotFoundError, ValueError) as exc:
+            report.BLOCK.write_into(readme, block)
+        except (OSError, ValueError) as exc:
             print(f"epispec eval: --readme {readme}: {exc}", file=sys.stderr)
             return 2
     print(block, end="")
