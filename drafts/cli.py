@@ -159,6 +159,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="dtype of the teacher's forward passes (bfloat16 pays only with native bf16 matmul: "
         "on an AVX2-only CPU it ran ~10x slower than float32)",
     )
+    p.add_argument(
+        "--loss",
+        default="forward",
+        choices=["forward", "reverse"],
+        help="forward: KL(teacher || draft), mass-covering; reverse: KL(draft || teacher), "
+        "mode-seeking, the direction of the served bias KL(mixture || target)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=128, help="synthetic: continuation length")
     p.add_argument("--init", default=None, help="start every draft from this small model (same tokenizer)")
     _shape_args(p, 64, 1, 1, 176)
@@ -347,6 +354,7 @@ def _distill(args) -> dict:
         draft_vocab=args.draft_vocab,
         embed_init=args.embed_init,
         teacher_dtype=args.teacher_dtype,
+        loss=args.loss,
     )
     out = distill_drafts(
         texts,

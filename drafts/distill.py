@@ -3,7 +3,9 @@
 For draft m: its data is DDD partition m of the corpus (or all of it without DDD), optionally
 replaced by continuations sampled from the target for the partition's prompts; at every step a
 fresh stochastic instance of the target is drawn (OSD, `drafts.osd`) and the draft minimizes
-KL(teacher ‖ draft) over the full next-token distribution at every position.
+KL(teacher ‖ draft) over the full next-token distribution at every position (`loss="forward"`,
+mass-covering), or KL(draft ‖ teacher) (`loss="reverse"`, mode-seeking: the direction of the
+served bias term KL(q̄ ‖ p), so its distillation error is what the draft minimizes; issue #14).
 
 Each draft folder gets `training.json` (seed, shape or init model, settings, OSD mode and the
 number of distinct teacher instances drawn, DDD partition digest) and `partition.json` (the
@@ -56,22 +58,33 @@ class DistillSettings:
     embed_init: str = "random"  # or "target": the target's embedding of S, projected
     teacher_dtype: str = "float32"  # bfloat16 pays only on hardware with native bf16 matmul
     noise_layers: int = 0  # lowrank noise in the last K layers only (0: all); K > 0 caches the rest
+    loss: str = "forward"  # KL(teacher ‖ draft); "reverse": KL(draft ‖ teacher)
 
 
-def distill_loss(student, teacher: TeacherSampler, step_seed: int, batch: torch.Tensor) -> torch.Tensor:
-    """Mean over positions of KL(teacher instance ‖ student). batch [B, S+1]
+LOSSES = ("forward", "reverse")
 
-    A `ReducedStudent` (reduced vocabulary S) is compared with the teacher renormalized over S."""
+
+def distill_loss(
+    student, teacher: TeacherSampler, step_seed: int, batch: torch.Tensor, loss: str = "forward"
+) -> torch.Tensor:
+    """Mean over positions of KL(teacher instance ‖ student) (`loss="forward"`) or
+    KL(student ‖ teacher instance) (`"reverse"`), in nats. batch [B, S+1]
+
+    A `ReducedStudent` (reduced vocabulary S) is compared with the teacher renormalized over S.
+    Raises ValueError for another `loss`."""
+    if loss not in LOSSES:
+        raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, not '{loss}'.")
+    direction = kl if loss == "forward" else lambda log_p, log_q: kl(log_q, log_p)
     prefix = None
     if isinstance(batch, CachedBatch):  # the teacher's deterministic layers, computed once
         batch, prefix = batch.ids, batch.prefix
     x = batch[:, :-1]  # [B, S]
     if isinstance(student, ReducedStudent):
         log_p = teacher.logprobs(step_seed, x, student.vocab.target_ids, prefix)  # [B, S, V_d]
-        return kl(log_p, student(x)).mean()
+        return direction(log_p, student(x)).mean()
     log_p = teacher.logprobs(step_seed, x, prefix=prefix)  # [B, S, V]
     log_q = torch.log_softmax(student(input_ids=x).logits.float(), dim=-1)  # [B, S, V]
-    return kl(log_p, log_q).mean()
+    return direction(log_p, log_q).mean()
 
 
 def step_seed(seed: int, draft: int, step: int) -> int:
@@ -93,6 +106,8 @@ def distill_drafts(
     """Train settings.drafts drafts into out_dir/draft{m}; returns their folders.
 
     `docs` (source "responses"): the token ids of each text's document (`drafts.responses`)."""
+    if settings.loss not in LOSSES:
+        raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, not '{settings.loss}'.")
     if settings.source not in SOURCES:
         raise ValueError(f"--source must be one of {', '.join(SOURCES)}, not '{settings.source}'.")
     if (settings.source == "responses") != (docs is not None) or docs is not None and len(docs) != len(texts):
@@ -164,7 +179,7 @@ def distill_drafts(
             trained,
             it,
             lambda step, b, m=m, s=trained, t=teacher: distill_loss(
-                s, t, step_seed(seed, m, step), b.to(dev)
+                s, t, step_seed(seed, m, step), b.to(dev), settings.loss
             ),
             ts,
             run_dir=folder,
@@ -199,9 +214,7 @@ def distill_drafts(
                     "max_new_tokens": settings.max_new_tokens,
                     "teacher_dtype": settings.teacher_dtype,
                     "embed_init": settings.embed_init,
-                    "loss": "KL(teacher || draft), full vocabulary"
-                    if vocab is None
-                    else "KL(teacher renormalized over S || draft), S = the draft vocabulary",
+                    "loss": _describe_loss(settings.loss, vocab is not None),
                 },
                 "draft_vocab": None
                 if vocab is None
@@ -218,6 +231,12 @@ def distill_drafts(
         )
         finish_run(folder)
     return out
+
+
+def _describe_loss(loss: str, reduced: bool) -> str:
+    teacher = "teacher renormalized over S" if reduced else "teacher"
+    pair = f"{teacher} || draft" if loss == "forward" else f"draft || {teacher}"
+    return f"KL({pair}), " + ("S = the draft vocabulary" if reduced else "full vocabulary")
 
 
 def _json(obj) -> str:

@@ -22,7 +22,8 @@ from server.engine.models import ModelFolderError, check_compatible, load_causal
 SHAPE = LMShape(hidden=64, layers=1, heads=1, intermediate=128, max_positions=256)
 
 
-def test_loss_is_kl_of_the_teacher_renormalized_over_s(tiny_models, texts):
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_loss_is_kl_of_the_teacher_renormalized_over_s(tiny_models, texts, direction):
     tok = load_tokenizer(tiny_models["target"])
     target = load_causal_lm(tiny_models["target"])
     docs = encode_corpus(texts[:20], tok)
@@ -32,13 +33,29 @@ def test_loss_is_kl_of_the_teacher_renormalized_over_s(tiny_models, texts):
     student = ReducedStudent(build_reduced_draft(SHAPE, tok, vocab, 0, target, "target"), vocab)
     batch = torch.tensor([docs[0][:17]])  # [1, 17]
     teacher = TeacherSampler(target, "none")
-    loss = distill_loss(student, teacher, 0, batch)
+    loss = distill_loss(student, teacher, 0, batch, direction)
     with torch.no_grad():
         lp = torch.log_softmax(target(input_ids=batch[:, :-1]).logits, -1)[..., vocab.target_ids]
         p_s = torch.log_softmax(lp, -1)  # renormalized over S
         q = student(batch[:, :-1])
-        expected = (p_s.exp() * (p_s - q)).sum(-1).mean()
+        if direction == "forward":  # KL(teacher ‖ draft)
+            expected = (p_s.exp() * (p_s - q)).sum(-1).mean()
+        else:  # KL(draft ‖ teacher), the direction of the served bias
+            expected = (q.exp() * (q - p_s)).sum(-1).mean()
     assert abs(float(loss.detach()) - float(expected)) < 1e-5
+    if direction == "reverse":  # the two directions differ on an untrained draft
+        assert abs(float(distill_loss(student, teacher, 0, batch).detach()) - float(expected)) > 1e-3
+
+
+def test_an_unknown_loss_direction_is_refused(tiny_models, texts, tmp_path):
+    target = load_causal_lm(tiny_models["target"])
+    batch = torch.tensor([[1, 2, 3, 4]])
+    with pytest.raises(ValueError, match="--loss must be one of forward, reverse"):
+        distill_loss(None, TeacherSampler(target, "none"), 0, batch, "sideways")
+    with pytest.raises(ValueError, match="--loss must be one of"):
+        distill_drafts(
+            texts[:8], {}, tiny_models["target"], tmp_path, DistillSettings(drafts=2, loss="up"), SHAPE
+        )
 
 
 def test_reduced_drafts_from_responses_serve_in_the_ensemble(tiny_models, texts, tmp_path):
@@ -64,6 +81,7 @@ def test_reduced_drafts_from_responses_serve_in_the_ensemble(tiny_models, texts,
     check_compatible(tiny_models["target"], out)
     rec = json.loads((out[0] / "training.json").read_text())
     assert rec["draft_vocab"]["size"] == 48 and rec["loss"]["last"] < rec["loss"]["first"]
+    assert rec["settings"]["loss"] == "KL(teacher renormalized over S || draft), S = the draft vocabulary"
     assert not (out[0] / "tokenizer.json").exists()  # the draft's ids are S's, not the tokenizer's
     v0, v1 = read_draft_vocab(out[0]), read_draft_vocab(out[1])
     assert v0.same_as(v1)  # one S for the whole ensemble
