@@ -60,6 +60,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             bundle = load_bundle(settings.bundle, prepare=False)
         ctx.thresholds = settings.thresholds(bundle.thresholds if bundle else None)
         ctx.p_wrong = bundle.p_wrong if bundle else None
+        ctx.eu_correction = bundle.eu_correction if bundle else None
         ctx.engine = own
         metrics.watch_engine(own)
         ctx.generations = Generations(own, metrics)

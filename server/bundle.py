@@ -18,8 +18,9 @@ cache lacks it (`prepare=False` only says where it would be).
 Versions: `schema_version` 1 is the layout first written as `"format": 1`; such manifests load
 as they are. Keys this version does not know are kept (read, and written back unchanged), so a
 later version can add optional fields; a manifest of a newer schema_version is refused.
-Optional fields added since carry their own version: `p_wrong` (`PWrongFit`, version 1), so
-schema_version stays 1 and bundles without them load unchanged.
+Optional fields added since carry their own version: `p_wrong` (`PWrongFit`, version 1) and
+`eu_correction` (`EuCorrection`, version 1), so schema_version stays 1 and bundles without them
+load unchanged.
 """
 
 from __future__ import annotations
@@ -165,6 +166,61 @@ class PWrongFit(BaseModel):
         return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
 
 
+EU_CORRECTION_VERSION = 1
+EU_CORRECTION_PARAMS = {"offset": ("c",), "fit": ("a_bias", "b_variance", "c")}
+
+
+class EuCorrection(BaseModel):
+    """`eu_correction` in bundle.json: the drafts' eu mapped onto the scale of the ground truth
+    EU* (the target's mutual information over low-rank instances, `measure.evaluation.posterior`),
+    fitted by least squares against EU* on validation tokens — never test — by `epispec eval
+    --bundle B --calibrate-bundle B` (`measure.evaluation.correction`), in nats:
+
+        offset   eu_corrected = max(bias + variance − c, 0)
+        fit      eu_corrected = max(a_bias · bias + b_variance · variance + c, 0),  a, b ≥ 0
+
+    It removes the systematic part of bias (the drafts' distillation error, issue #14) as far as
+    a linear map does. The server returns it per token as `eu_corrected` beside the raw eu (eu =
+    bias + variance stays exact; flags use eu). `version` is this field's own (1: the two kinds
+    above); a later version is refused, as a newer schema is."""
+
+    model_config = ConfigDict(extra="allow")
+
+    version: int = EU_CORRECTION_VERSION
+    kind: str
+    params: dict[str, float]
+    fitted_on: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known(self) -> EuCorrection:
+        if self.version != EU_CORRECTION_VERSION or self.kind not in EU_CORRECTION_PARAMS:
+            raise ValueError(
+                f"eu_correction version {self.version} ({self.kind}) is not one this epispec reads "
+                f"(version {EU_CORRECTION_VERSION}, kind {' or '.join(EU_CORRECTION_PARAMS)}): upgrade epispec."
+            )
+        want = EU_CORRECTION_PARAMS[self.kind]
+        if sorted(self.params) != sorted(want) or not all(math.isfinite(v) for v in self.params.values()):
+            raise ValueError(
+                f"eu_correction '{self.kind}' needs finite params {list(want)}, got {self.params}"
+            )
+        if min(self.params.get("a_bias", 0.0), self.params.get("b_variance", 0.0)) < 0:
+            raise ValueError(f"eu_correction 'fit' needs a_bias, b_variance >= 0, got {self.params}")
+        return self
+
+    def raw(self, bias, variance):
+        """The linear map before clipping at 0; floats or arrays of one shape (nats)."""
+        p = self.params
+        if self.kind == "offset":
+            return bias + variance - p["c"]
+        return p["a_bias"] * bias + p["b_variance"] * variance + p["c"]
+
+    def apply(self, bias: float | None, variance: float | None) -> float | None:
+        """eu_corrected of one token (nats); None when bias or variance is missing or not finite."""
+        if bias is None or variance is None or not (math.isfinite(bias) and math.isfinite(variance)):
+            return None
+        return max(float(self.raw(bias, variance)), 0.0)
+
+
 class Manifest(BaseModel):
     """bundle.json. Written with every field; read with only `target` required."""
 
@@ -179,6 +235,7 @@ class Manifest(BaseModel):
     calibrated: bool = False
     thresholds_calibration: dict[str, Any] | None = None  # how thresholds.eu was chosen
     p_wrong: PWrongFit | None = None  # a response's probability of being wrong (absent: not served)
+    eu_correction: EuCorrection | None = None  # eu on EU*'s scale (absent: not served)
     speculation: Speculation = Field(default_factory=Speculation)  # the drafts' best k, if measured
     versions: dict[str, Any] = Field(default_factory=dict)  # of epispec and the libraries
     bytes: int | None = None  # all files of the folder but the manifest
@@ -262,6 +319,11 @@ class Bundle:
     def p_wrong(self) -> PWrongFit | None:
         """The bundle's fit of a response's probability of being wrong, if it has one."""
         return self.spec.p_wrong
+
+    @property
+    def eu_correction(self) -> EuCorrection | None:
+        """The bundle's validation-fitted map of eu onto EU*'s scale, if it has one."""
+        return self.spec.eu_correction
 
 
 def default_bundle_dir() -> Path:

@@ -8,8 +8,9 @@ Models are trained on the fly under DIR/models (reused when rerun) unless folder
 `--bundle B` evaluates a served bundle as it is — a pretrained target (SmolLM2) and its drafts,
 nothing trained (`pretrained.py`): token labels teacher-forced up to `<<expr=`, EU* = the
 target's posterior over S low-rank instances, response labels and `p_wrong`; GSM8K data
-required; `--quick` is its 4 + 4 question size. With `--calibrate-bundle B` too, the eu threshold
-and the `p_wrong` fit (both from validation) are written into B/bundle.json.
+required; `--quick` is its 4 + 4 question size. With `--calibrate-bundle B` too, the eu threshold,
+the `p_wrong` fit and the `eu_correction` of lower validation RMSE (all from validation) are
+written into B/bundle.json.
 `--report DIR` runs nothing: it regenerates DIR/report.md and the README's tables from
 DIR/results.json, prints the tables, and with `--readme README.md` splices them in between the
 `<!-- eval-table:start -->` / `<!-- eval-table:end -->` markers.
@@ -208,7 +209,7 @@ def run_bundle(args: argparse.Namespace) -> int:
     """`epispec eval --bundle B`: the bundle's own models (`pretrained.py`)."""
     import torch
 
-    from measure.evaluation import p_wrong, pretrained, report
+    from measure.evaluation import correction, p_wrong, pretrained, report
     from measure.evaluation.calibrate import write_threshold
     from server.bundle import BundleError
     from server.engine.models import ModelFolderError
@@ -246,6 +247,15 @@ def run_bundle(args: argparse.Namespace) -> int:
                 )
             if results["_fit"] is not None:
                 results["p_wrong"]["written_to"] = str(p_wrong.write(args.calibrate_bundle, results["_fit"]))
+            name, best = correction.best(results["_corrections"])
+            source = {
+                "bundle": str(args.bundle),
+                "ground_truth": results["ground_truth"],
+                "data": results["data"],
+            }
+            results["corrections"][name]["written_to"] = str(
+                correction.write(args.calibrate_bundle, name, best, source)
+            )
     except (ValueError, FileNotFoundError, ModelFolderError, BundleError) as exc:
         print(f"epispec eval: {exc}", file=sys.stderr)
         return 2

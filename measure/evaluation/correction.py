@@ -11,6 +11,10 @@ against EU* on validation only — `fit_corrections` never receives a test array
              every subset of {a, b} held at 0 (scipy is not a dependency of this package)
 
 Clipping at 0 never adds error: EU* is a mutual information, ≥ 0.
+
+`epispec eval --bundle B --calibrate-bundle B` writes the one with the lower validation RMSE into
+B/bundle.json as `eu_correction` (`server.bundle.EuCorrection`, versioned); the server then
+returns `eu_corrected` per token.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from itertools import combinations
 
 import numpy as np
 
+from server.bundle import EU_CORRECTION_VERSION, EuCorrection
+
 
 @dataclass(frozen=True)
 class Correction:
@@ -28,13 +34,23 @@ class Correction:
     validation_tokens: int
     validation_rmse: dict[str, float] = field(default_factory=dict)  # "before" (eu) and "after"
 
+    def served(self, source: dict | None = None) -> EuCorrection:
+        """The correction as bundle.json's `eu_correction`, which the server applies per token."""
+        return EuCorrection(
+            version=EU_CORRECTION_VERSION,  # given, so bundle.json (set fields only) carries it
+            kind=self.kind,
+            params=dict(self.params),
+            fitted_on={
+                **(source or {}),
+                "method": "least squares against EU* on validation tokens (never test)",
+                "validation_tokens": self.validation_tokens,
+                "validation_rmse": dict(self.validation_rmse),
+            },
+        )
+
     def apply(self, bias: np.ndarray, variance: np.ndarray) -> np.ndarray:
-        p = self.params
-        if self.kind == "offset":
-            raw = bias + variance - p["c"]
-        else:
-            raw = p["a_bias"] * bias + p["b_variance"] * variance + p["c"]
-        return np.maximum(raw, 0.0)
+        """[T], [T] -> [T] nats, as the server computes it token by token."""
+        return np.maximum(self.served().raw(bias, variance), 0.0)
 
     def describe(self) -> dict:
         return {
@@ -99,3 +115,20 @@ def fit_corrections(bias: np.ndarray, variance: np.ndarray, truth: np.ndarray) -
         rmse = {"before": _rmse(bias + variance, truth), "after": _rmse(c.apply(bias, variance), truth)}
         out[name] = Correction(c.kind, c.params, c.validation_tokens, rmse)
     return out
+
+
+def best(corrections: dict[str, Correction]) -> tuple[str, Correction]:
+    """The correction with the lowest validation RMSE after it is applied (ties: the first)."""
+    return min(corrections.items(), key=lambda kv: kv[1].validation_rmse.get("after", np.inf))
+
+
+def write(bundle_dir, name: str, correction: Correction, source: dict | None = None):
+    """Set `eu_correction` in bundle_dir/bundle.json to `correction` (other keys kept); `source`
+    (the evaluation's data and ground truth) is recorded in its `fitted_on`. -> the manifest's path"""
+    from measure.evaluation.report import clean
+    from server.bundle import read_manifest, write_manifest
+
+    manifest = read_manifest(bundle_dir)
+    served = correction.served({"correction": name, **(source or {})})
+    manifest.eu_correction = served.model_copy(update={"fitted_on": clean(served.fitted_on)})
+    return write_manifest(bundle_dir, manifest)

@@ -383,6 +383,7 @@ def run(
         "compute": compute(models, count_parameters(bundle.target), n_draft),
         "seconds": {"models": t_models - t_start, "total": time.perf_counter() - t_start},
         "_fit": fit,
+        "_corrections": corrections,
     }
 
 

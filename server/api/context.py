@@ -9,7 +9,7 @@ from fastapi import Request
 
 from server.api.errors import APIError
 from server.api.pump import Generations
-from server.bundle import PWrongFit
+from server.bundle import EuCorrection, PWrongFit
 from server.config import Settings
 from server.engine.types import Engine, FlagThresholds
 from server.metrics import Metrics
@@ -23,6 +23,7 @@ class ServerContext:
     metrics: Metrics
     thresholds: FlagThresholds = field(default_factory=FlagThresholds)
     p_wrong: PWrongFit | None = None  # the bundle's fit; None: summaries carry no p_wrong
+    eu_correction: EuCorrection | None = None  # the bundle's; None: tokens carry no eu_corrected
     engine: Engine | None = None
     generations: Generations | None = None
 

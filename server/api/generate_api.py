@@ -1,8 +1,8 @@
 """`POST /generate`: epispec's own API, the token events as they are.
 
 Non-streamed: `{"id", "model", "text", "tokens": [{token_id, text, logprob, bias, variance,
-eu, flagged[, top_logprobs]}], "summary": {mean_eu, max_eu, num_tokens, num_flagged, flagged[,
-p_wrong]},
+eu, flagged[, eu_corrected][, top_logprobs]}], "summary": {mean_eu, max_eu, num_tokens,
+num_flagged, flagged[, p_wrong]},
 "finish_reason", "usage", "stats"}`. Streamed (`"stream": true`): one SSE `data:` event per
 token with the token fields, then one final event `{"summary", "finish_reason", "usage",
 "stats"}`; an error after the stream started arrives as a final `{"error": {...}}` event.
@@ -21,17 +21,19 @@ from server.api.prompts import text_prompt_ids
 from server.api.pump import new_request_id, until_disconnected
 from server.api.schemas import GenerateRequest
 from server.api.sse import EventStreamResponse, event
-from server.api.usage import Summary, number, usage
+from server.api.usage import Summary, corrected, number, usage
 from server.api.validation import check_top_logprobs, effective_max_tokens, sampling_params
+from server.bundle import EuCorrection
 from server.engine.types import Finished, GenerationItem, TokenEvent
 
 router = APIRouter()
 
 
-def token_fields(ev: TokenEvent, with_top: bool) -> dict:
+def token_fields(ev: TokenEvent, with_top: bool, correction: EuCorrection | None = None) -> dict:
     out = ev.as_dict()
     for key in ("logprob", "bias", "variance", "eu"):
         out[key] = number(out[key])
+    out.update(corrected(ev, correction))
     if with_top:
         out["top_logprobs"] = [
             {"token_id": t.token_id, "text": t.text, "logprob": number(t.logprob)} for t in ev.top_logprobs
@@ -66,7 +68,7 @@ async def generate(req: GenerateRequest, request: Request, ctx: ServerContext = 
     request_id = new_request_id("gen")
     items = ctx.generations.run("/generate", request_id, ids, params)
     if req.stream:
-        return EventStreamResponse(_events(items, top > 0, Summary(ctx.p_wrong)))
+        return EventStreamResponse(_events(items, top > 0, Summary(ctx.p_wrong), ctx.eu_correction))
 
     async def collect() -> dict:
         tokens, summary = [], Summary(ctx.p_wrong)
@@ -84,13 +86,16 @@ async def generate(req: GenerateRequest, request: Request, ctx: ServerContext = 
                         **final_fields(item, summary),
                     }
                 summary.add(item)
-                tokens.append(token_fields(item, top > 0))
+                tokens.append(token_fields(item, top > 0, ctx.eu_correction))
 
     return await until_disconnected(request, collect())
 
 
 async def _events(
-    items: AsyncIterator[GenerationItem], with_top: bool, summary: Summary
+    items: AsyncIterator[GenerationItem],
+    with_top: bool,
+    summary: Summary,
+    correction: EuCorrection | None = None,
 ) -> AsyncIterator[bytes]:
     try:
         async for item in items:
@@ -101,7 +106,7 @@ async def _events(
                     yield event(final_fields(item, summary))
                 return
             summary.add(item)
-            yield event(token_fields(item, with_top))
+            yield event(token_fields(item, with_top, correction))
     except Exception as exc:  # never a broken stream without a word
         yield event(
             APIError(f"Streaming failed: {type(exc).__name__}.", status_code=500, type="server_error").body()

@@ -2,10 +2,12 @@
 
 Uncertainty rides in extra fields that the unmodified `openai` client keeps (as attributes
 of the returned objects, or in `model_extra`):
-- `choices[i].uncertainty = {"tokens": [{token, token_id, eu, bias, variance, flagged}],
+- `choices[i].uncertainty = {"tokens": [{token, token_id, eu, bias, variance[, eu_corrected], flagged}],
   "summary": {mean_eu, max_eu, num_tokens, num_flagged, flagged[, p_wrong]}}` — in a stream, each chunk
   carries its own tokens and the last chunk (with `finish_reason`) the summary;
-- chat `logprobs.content[j].uncertainty = {eu, bias, variance, flagged}` when logprobs are asked.
+- chat `logprobs.content[j].uncertainty = {eu, bias, variance[, eu_corrected], flagged}` when logprobs
+  are asked. `eu_corrected` (nats) is there when the served bundle has an `eu_correction`
+  (`server.bundle.EuCorrection`).
 Token strings are the text each token adds to the output, so they concatenate to it.
 """
 
@@ -23,35 +25,37 @@ from server.api.prompts import chat_prompt_ids, text_prompt_ids
 from server.api.pump import new_request_id, until_disconnected
 from server.api.schemas import PROMPT_FORMS, ChatCompletionRequest, CompletionRequest, OpenAIFields
 from server.api.sse import DONE, EventStreamResponse, event
-from server.api.usage import Summary, number, usage
+from server.api.usage import Summary, corrected, number, usage
 from server.api.validation import check_top_logprobs, effective_max_tokens, sampling_params
+from server.bundle import EuCorrection
 from server.engine.types import Finished, GenerationItem, TokenEvent
 
 router = APIRouter()
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the OpenAI API's and vLLM's default for /v1/completions
 
 
-def uncertainty(ev: TokenEvent) -> dict:
+def uncertainty(ev: TokenEvent, correction: EuCorrection | None = None) -> dict:
     return {
         "eu": number(ev.eu),
         "bias": number(ev.bias),
         "variance": number(ev.variance),
+        **corrected(ev, correction),
         "flagged": ev.flagged,
     }
 
 
-def uncertainty_token(ev: TokenEvent) -> dict:
-    return {"token": ev.text, "token_id": ev.token_id, **uncertainty(ev)}
+def uncertainty_token(ev: TokenEvent, correction: EuCorrection | None = None) -> dict:
+    return {"token": ev.text, "token_id": ev.token_id, **uncertainty(ev, correction)}
 
 
-def chat_logprob(ev: TokenEvent) -> dict:
+def chat_logprob(ev: TokenEvent, correction: EuCorrection | None = None) -> dict:
     def entry(text: str, lp: float) -> dict:
         return {"token": text, "logprob": number(lp), "bytes": list(text.encode())}
 
     return {
         **entry(ev.text, ev.logprob),
         "top_logprobs": [entry(t.text, t.logprob) for t in ev.top_logprobs],
-        "uncertainty": uncertainty(ev),
+        "uncertainty": uncertainty(ev, correction),
     }
 
 
@@ -77,8 +81,8 @@ def completion_logprobs(events: list[TokenEvent], offset: int = 0) -> dict:
 class _Format:
     """How one endpoint shapes its choices; `chat` picks between the two OpenAI shapes."""
 
-    def __init__(self, chat: bool, logprobs: bool) -> None:
-        self.chat, self.logprobs = chat, logprobs
+    def __init__(self, chat: bool, logprobs: bool, correction: EuCorrection | None = None) -> None:
+        self.chat, self.logprobs, self.correction = chat, logprobs, correction
         self.object = "chat.completion" if chat else "text_completion"
         self.chunk_object = "chat.completion.chunk" if chat else "text_completion"
 
@@ -88,7 +92,7 @@ class _Format:
         lp = None
         if self.logprobs:
             lp = (
-                {"content": [chat_logprob(ev) for ev in events]}
+                {"content": [chat_logprob(ev, self.correction) for ev in events]}
                 if self.chat
                 else completion_logprobs(events, text_offset)
             )
@@ -100,7 +104,7 @@ class _Format:
             **body,
             "logprobs": lp,
             "finish_reason": None,
-            "uncertainty": {"tokens": [uncertainty_token(ev) for ev in events]},
+            "uncertainty": {"tokens": [uncertainty_token(ev, self.correction) for ev in events]},
         }
 
 
@@ -200,7 +204,7 @@ async def completions(req: CompletionRequest, request: Request, ctx: ServerConte
         prompt = prompt[0]
     ids = text_prompt_ids(ctx.engine.tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
     top = check_top_logprobs(ctx, req.logprobs or 0, "logprobs")
-    fmt = _Format(chat=False, logprobs=req.logprobs is not None)
+    fmt = _Format(chat=False, logprobs=req.logprobs is not None, correction=ctx.eu_correction)
     return await _respond(
         ctx,
         request,
@@ -222,6 +226,6 @@ async def chat_completions(
     check_model(ctx, req.model)
     ids = chat_prompt_ids(ctx.engine.tokenizer, req.messages)
     top = check_top_logprobs(ctx, req.top_logprobs or 0, "top_logprobs") if req.logprobs else 0
-    fmt = _Format(chat=True, logprobs=req.logprobs)
+    fmt = _Format(chat=True, logprobs=req.logprobs, correction=ctx.eu_correction)
     max_tokens = req.max_completion_tokens or req.max_tokens
     return await _respond(ctx, request, req, fmt, "/v1/chat/completions", ids, max_tokens, top, "chatcmpl")

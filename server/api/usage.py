@@ -11,13 +11,21 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from server.bundle import PWrongFit
+from server.bundle import EuCorrection, PWrongFit
 from server.engine.types import Finished, TokenEvent
 
 
 def number(x: float | None) -> float | None:
     """JSON has no inf/nan: those become null."""
     return x if x is None or math.isfinite(x) else None
+
+
+def corrected(ev: TokenEvent, correction: EuCorrection | None) -> dict:
+    """`{"eu_corrected": nats}` — the bundle's validation-fitted map of eu onto the ground truth's
+    scale (`server.bundle.EuCorrection`) — or `{}` when the bundle has none."""
+    if correction is None:
+        return {}
+    return {"eu_corrected": number(correction.apply(ev.bias, ev.variance))}
 
 
 @dataclass

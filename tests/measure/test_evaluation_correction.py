@@ -107,3 +107,37 @@ def test_test_arrays_cannot_change_what_is_fitted():
 def test_fit_rejects_mismatched_arrays():
     with pytest.raises(ValueError, match="one shape"):
         fit_corrections(np.ones(3), np.ones(2), np.ones(3))
+
+
+def test_the_served_correction_is_the_fitted_one_and_round_trips_through_bundle_json(tmp_path):
+    import json
+
+    from measure.evaluation import correction
+    from server.bundle import BundleError, load_bundle, read_manifest
+
+    rng = np.random.default_rng(1)
+    bias, variance = rng.exponential(2.0, 50), rng.exponential(0.1, 50)
+    truth = 0.01 * bias + 0.5 * variance + rng.normal(0, 0.01, 50)
+    fits = fit_corrections(bias, variance, truth)
+    name, best = correction.best(fits)
+    assert name == min(fits, key=lambda n: fits[n].validation_rmse["after"])
+    (tmp_path / "bundle.json").write_text(json.dumps({"schema_version": 1, "target": {"path": "t"}, "x": 1}))
+    correction.write(tmp_path, name, best, {"questions": 3})
+    served = read_manifest(tmp_path).eu_correction
+    assert served.kind == best.kind and served.params == best.params
+    assert served.fitted_on["correction"] == name and served.fitted_on["questions"] == 3
+    assert json.loads((tmp_path / "bundle.json").read_text())["x"] == 1  # other keys kept
+    token = [served.apply(float(b), float(v)) for b, v in zip(bias, variance, strict=True)]
+    assert token == pytest.approx(best.apply(bias, variance), rel=1e-12, abs=1e-15)
+    assert served.apply(None, 0.1) is None and served.apply(float("nan"), 0.1) is None
+    for bad, words in (
+        ({"version": 2, "kind": "fit", "params": served.params}, "upgrade epispec"),
+        ({"version": 1, "kind": "scale", "params": {"c": 1.0}}, "upgrade epispec"),
+        ({"version": 1, "kind": "offset", "params": {"a_bias": 1.0}}, "needs finite params"),
+        ({"version": 1, "kind": "fit", "params": {"a_bias": -1.0, "b_variance": 0.0, "c": 0.0}}, ">= 0"),
+    ):
+        (tmp_path / "bundle.json").write_text(
+            json.dumps({"schema_version": 1, "target": {"path": "t"}, "eu_correction": bad})
+        )
+        with pytest.raises(BundleError, match=words):
+            load_bundle(tmp_path, prepare=False)
