@@ -180,7 +180,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a known pretrained target (`epispec models list`), named by source in "
         "bundle.json instead of copied; prepared in the model cache if missing",
     )
-    p.add_argument("--draft", action="append", default=[], metavar="DIR", required=True)
+    p.add_argument(
+        "--draft",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="DIR",
+        required=True,
+        help="draft folders, in order (`--draft A B`, or repeated: `--draft A --draft B`)",
+    )
     p.add_argument("--out", required=True)
     p.add_argument("--thresholds", default=None, help="JSON file of calibrated flag thresholds")
     p.add_argument(

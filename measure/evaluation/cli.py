@@ -13,7 +13,9 @@ the `p_wrong` fit and the `eu_correction` of lower validation RMSE (all from val
 written into B/bundle.json.
 `--report DIR` runs nothing: it regenerates DIR/report.md and the README's tables from
 DIR/results.json, prints the tables, and with `--readme README.md` splices them in between the
-`<!-- eval-table:start -->` / `<!-- eval-table:end -->` markers.
+`<!-- eval-table:start -->` / `<!-- eval-table:end -->` markers — for a bundle's results, its
+goal table between `<!-- eval-bundle-goals:start -->` / `<!-- eval-bundle-goals:end -->`
+(`goals.py`).
 """
 
 from __future__ import annotations
@@ -108,6 +110,11 @@ def _data(arg: str | None, quick: bool) -> str | None:
     return arg
 
 
+def is_bundle_results(results: dict) -> bool:
+    """Whether results.json is from `epispec eval --bundle B` (`pretrained.py`)."""
+    return str(results.get("recipe", {}).get("name", "")).startswith("bundle")
+
+
 def regenerate(results_dir: str, readme: str | None) -> int:
     from measure.evaluation import report
 
@@ -117,12 +124,18 @@ def regenerate(results_dir: str, readme: str | None) -> int:
     except (FileNotFoundError, json.JSONDecodeError) as exc:
         print(f"epispec eval: --report needs a readable {path}: {exc}", file=sys.stderr)
         return 2
-    plots = sorted(p.name for p in Path(results_dir).glob("*.png"))
-    (Path(results_dir) / "report.md").write_text(report.markdown(results, results["command"], plots))
-    block = report.readme_block(results, str(path))
+    if is_bundle_results(results):  # `epispec eval --bundle B`: its report and the goal table
+        from measure.evaluation import goals
+
+        (Path(results_dir) / "report.md").write_text(report.bundle_markdown(results))
+        block, where = goals.readme_block(results, str(path)), goals.BLOCK
+    else:
+        plots = sorted(p.name for p in Path(results_dir).glob("*.png"))
+        (Path(results_dir) / "report.md").write_text(report.markdown(results, results["command"], plots))
+        block, where = report.readme_block(results, str(path)), report.BLOCK
     if readme:
         try:
-            report.BLOCK.write_into(readme, block)
+            where.write_into(readme, block)
         except (OSError, ValueError) as exc:
             print(f"epispec eval: --readme {readme}: {exc}", file=sys.stderr)
             return 2

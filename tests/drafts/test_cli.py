@@ -143,7 +143,8 @@ def test_pipeline(corpus_file, tok_dir, tmp_path, capsys):
         "bundle",
         "--target",
         str(tmp_path / "t"),
-        *sum((["--draft", x] for x in d["drafts"]), []),
+        "--draft",  # one flag, several folders (a shell's draft{0,1})
+        *d["drafts"],
         "--out",
         str(tmp_path / "b"),
     )
