@@ -64,6 +64,12 @@ class DistillSettings:
 LOSSES = ("forward", "reverse")
 
 
+def check_loss(loss: str) -> None:
+    """ValueError naming --loss unless `loss` is one of LOSSES."""
+    if loss not in LOSSES:
+        raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, not '{loss}'.")
+
+
 def distill_loss(
     student, teacher: TeacherSampler, step_seed: int, batch: torch.Tensor, loss: str = "forward"
 ) -> torch.Tensor:
@@ -72,8 +78,7 @@ def distill_loss(
 
     A `ReducedStudent` (reduced vocabulary S) is compared with the teacher renormalized over S.
     Raises ValueError for another `loss`."""
-    if loss not in LOSSES:
-        raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, not '{loss}'.")
+    check_loss(loss)
     direction = kl if loss == "forward" else lambda log_p, log_q: kl(log_q, log_p)
     prefix = None
     if isinstance(batch, CachedBatch):  # the teacher's deterministic layers, computed once
@@ -106,8 +111,7 @@ def distill_drafts(
     """Train settings.drafts drafts into out_dir/draft{m}; returns their folders.
 
     `docs` (source "responses"): the token ids of each text's document (`drafts.responses`)."""
-    if settings.loss not in LOSSES:
-        raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, not '{settings.loss}'.")
+    check_loss(settings.loss)  # before the target loads, not at the first step
     if settings.source not in SOURCES:
         raise ValueError(f"--source must be one of {', '.join(SOURCES)}, not '{settings.source}'.")
     if (settings.source == "responses") != (docs is not None) or docs is not None and len(docs) != len(texts):

@@ -15,16 +15,13 @@ Goals (test split; everything fitted was fitted on validation):
 
 from __future__ import annotations
 
-import math
+from pathlib import Path
 
+from measure.evaluation.report import _ci, _f
 from measure.readme_block import ReadmeBlock
 
 BLOCK = ReadmeBlock("eval-bundle-goals")
 NAIVE = ("no_osd", "no_ddd", "single_draft")
-
-
-def _f(x, nd: int = 3) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{nd}f}"
 
 
 def _met(ok: bool | None) -> str:
@@ -102,15 +99,11 @@ def _gt(a, b, strict: bool = True) -> bool | None:
     return a > b if strict else a >= b
 
 
-def _ci(ci) -> str:
-    return f"[{_f(ci[0])}, {_f(ci[1])}]" if ci and None not in ci else ""
-
-
 def readme_block(r: dict, source: str) -> str:
     """The README's goal table for the bundle evaluation at `source` (its results.json path)."""
     lines = [
         BLOCK.start,
-        f"<!-- generated from {source} by `epispec eval --report {source.rsplit('/', 1)[0]} --readme "
+        f"<!-- generated from {source} by `epispec eval --report {Path(source).parent} --readme "
         "README.md`; edit measure/evaluation/goals.py, not this block -->",
         "",
         f"Issue #14's goals, `{r['command']}` ({r['seconds']['total']:.0f} s):",
