@@ -44,6 +44,7 @@ from server.engine.draft_ensemble import log_mix_from_record
 from server.engine.draft_kv import DEFAULT_BLOCK_SIZE, kv_bytes_per_token, target_kv_blocks
 from server.engine.emission import EmissionGate
 from server.engine.eu_channel import Joiner
+from server.engine.proposer_config import DRAFT_DTYPES, ProposerConfig
 from server.engine.types import (
     BIAS_SOURCES,
     DEFAULT_BIAS_SOURCE,
@@ -142,16 +143,16 @@ class VllmEngine:
                 "model": PROPOSER_CLASS,
                 "num_speculative_tokens": num_speculative_tokens,
             }
-            engine_kw["additional_config"] = {
-                "epispec": {
-                    "drafts": [str(d) for d in drafts],
-                    "channel": address,
-                    "top_n": top_n,
-                    "bias": bias_source,
-                }
-            }
             engine_kw.setdefault("async_scheduling", False)
-            self._draft_kv_budget(engine_kw, drafts, draft_kv_gib, draft_dtype, vllm_len)
+            kv_tokens = self._draft_kv_budget(engine_kw, drafts, draft_kv_gib, draft_dtype, vllm_len)
+            engine_kw["additional_config"] = ProposerConfig(
+                drafts=tuple(str(d) for d in drafts),
+                channel=address,
+                top_n=top_n,
+                bias=bias_source,
+                dtype=draft_dtype,
+                kv_tokens=kv_tokens,
+            ).to_additional_config()
         self._bias_logprobs = bias_lp
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kw))
         self._running: set[str] = set()
@@ -262,16 +263,15 @@ class VllmEngine:
 
     def _draft_kv_budget(
         self, engine_kw: dict, drafts: list[str], gib: float | None, dtype: str, vllm_len: int
-    ) -> None:
-        """The drafts' dtype and KV pool size into the proposer's settings; with a budget
+    ) -> int | None:
+        """The drafts' KV pool size in tokens (None: the proposer's default); with a budget
         (`gib`), vLLM's own KV cache is capped (num_gpu_blocks_override) so that every request it
         admits fits in the pool: beyond that, requests wait in vLLM's queue (see
         `draft_kv.target_kv_blocks`). Raises ValueError when the budget cannot hold one request
         of max_model_len."""
-        if dtype not in ("float32", "bfloat16", "float16"):
+        if dtype not in DRAFT_DTYPES:
             raise ValueError(f"draft_dtype must be float32, bfloat16 or float16, got '{dtype}'")
-        cfg = engine_kw["additional_config"]["epispec"]
-        cfg["dtype"] = dtype
+        kv_tokens = None
         per_token = kv_bytes_per_token([models.model_config(d) for d in drafts], getattr(torch, dtype))
         self.draft_kv_bytes_per_token = per_token
         if gib is None:
@@ -283,14 +283,14 @@ class VllmEngine:
             cap = _cpu_target_kv_tokens(engine_kw)
             if cap is not None:
                 seqs = AsyncEngineArgs(**engine_kw).create_engine_config().scheduler_config.max_num_seqs
-                cfg["kv_tokens"] = min(seqs * vllm_len, cap + seqs * (self.k + DEFAULT_BLOCK_SIZE))
+                kv_tokens = min(seqs * vllm_len, cap + seqs * (self.k + DEFAULT_BLOCK_SIZE))
             log.info(
                 "drafts' KV cache: %d bytes per token (%s), a pool of %s tokens",
                 per_token,
                 dtype,
-                cfg.get("kv_tokens", "max_num_seqs × max_model_len"),
+                kv_tokens or "max_num_seqs × max_model_len",
             )
-            return
+            return kv_tokens
         tokens = int(gib * (1 << 30)) // per_token
         resolved = AsyncEngineArgs(**engine_kw).create_engine_config()
         seqs, block = resolved.scheduler_config.max_num_seqs, resolved.cache_config.block_size
@@ -302,7 +302,6 @@ class VllmEngine:
                 f"a request of max_model_len {vllm_len} with max_num_seqs {seqs} needs at least {need} "
                 f"({need * per_token / (1 << 30):.3f} GiB): raise it or lower max_model_len / max_num_seqs."
             )
-        cfg["kv_tokens"] = tokens
         # vLLM's block pool keeps one block aside (its null block), which holds no tokens
         engine_kw["num_gpu_blocks_override"] = blocks + 1
         log.info(
@@ -315,6 +314,7 @@ class VllmEngine:
             blocks,
             block,
         )
+        return tokens
 
     def _vllm_params(self, prompt_token_ids: list[int], params: SamplingParams) -> VllmSamplingParams:
         """vLLM's parameters for the request. Raises InvalidRequest, naming the field, for what

@@ -2,9 +2,8 @@
 
 vLLM builds `EnsembleProposer(vllm_config)` inside the process that runs its model runner
 (the engine core, or the last pipeline rank's worker), calls `load_model(target)` once and
-`propose(...)` after every step's bookkeeping. Settings come from
-`vllm_config.additional_config["epispec"]` (drafts, channel address, top-N, bias source, the
-drafts' dtype and KV pool size in tokens).
+`propose(...)` after every step's bookkeeping. Settings come as one typed record
+(`proposer_config.ProposerConfig`) in vLLM's `additional_config`.
 
 vLLM hands `propose` token histories by batch row, not request ids. The rows' request ids
 are the runner's `input_batch.req_ids`; the runner is the caller of `propose`, so it is read
@@ -12,7 +11,7 @@ from the calling frame (vLLM 0.32's V1 runner; the version line is pinned). With
 proposer keeps one KV-cache slot per request and publishes each emitted position's record
 under its request id (see eu_channel.py).
 
-Bias source "worker" (`cfg["bias"]`): the target's raw logits of every position verified
+Bias source "worker" (`cfg.bias`): the target's raw logits of every position verified
 this step are still in vLLM's runner when `propose` runs, so the proposer computes the exact
 bias = KL(q̄ ‖ softmax(logits)) over the whole vocabulary here and publishes just (position,
 variance, bias). It reads vLLM 0.32 internals (pinned):
@@ -49,6 +48,7 @@ from server.engine import vllm_internals
 from server.engine.draft_ensemble import DraftEnsemble, RowInput
 from server.engine.eu_channel import Publisher
 from server.engine.eu_wire import Record, RequestRecords
+from server.engine.proposer_config import ProposerConfig
 from server.engine.uncertainty import kl
 
 log = logging.getLogger(__name__)
@@ -57,28 +57,28 @@ log = logging.getLogger(__name__)
 class EnsembleProposer:
     def __init__(self, vllm_config) -> None:
         vllm_internals.apply()  # the plugin's fix, also where VLLM_PLUGINS left the plugin out
-        cfg = vllm_config.additional_config["epispec"]
+        cfg = ProposerConfig.from_vllm_config(vllm_config)
         spec = vllm_config.speculative_config
         self.k = spec.num_speculative_tokens
         self.max_len = vllm_config.model_config.max_model_len
         self.slots = vllm_config.scheduler_config.max_num_seqs
         self.device = vllm_config.device_config.device
         self.cfg = cfg
-        self.worker_bias = cfg.get("bias", "logprobs") == "worker"
+        self.worker_bias = cfg.bias == "worker"
         self.ensemble: DraftEnsemble | None = None
-        self.publisher = Publisher(cfg["channel"]) if _is_publishing_rank() else None
+        self.publisher = Publisher(cfg.channel) if _is_publishing_rank() else None
 
     def load_model(self, *args, **kwargs) -> None:
         vllm_internals.self_test()  # an incompatible vLLM fails here, at start-up
         self.ensemble = DraftEnsemble(
-            self.cfg["drafts"],
+            list(self.cfg.drafts),
             k=self.k,
             slots=self.slots,
             max_len=self.max_len,
-            top_n=0 if self.worker_bias else self.cfg["top_n"],
+            top_n=0 if self.worker_bias else self.cfg.top_n,
             device=self.device,
-            kv_tokens=self.cfg.get("kv_tokens"),
-            dtype=getattr(torch, self.cfg.get("dtype", "float32")),
+            kv_tokens=self.cfg.kv_tokens,
+            dtype=getattr(torch, self.cfg.dtype),
         )
         ens = self.ensemble
         log.info(
