@@ -53,6 +53,9 @@ class FeatureSpec:
     def of_target(cls, cfg: dict) -> FeatureSpec:
         """The spec of a draft for a Llama-family target's config.json."""
         heads = int(cfg["num_attention_heads"])
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}  # transformers 5 | 4
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise FeatureDraftError(f"Feature drafts support the default rotary embedding, not {rope}.")
         return cls(
             hidden=int(cfg["hidden_size"]),
             heads=heads,
@@ -60,7 +63,7 @@ class FeatureSpec:
             head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
             intermediate=int(cfg["intermediate_size"]),
             rms_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-            rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            rope_theta=float(rope.get("rope_theta") or cfg.get("rope_theta") or 10000.0),
             max_positions=int(cfg.get("max_position_embeddings", 2048)),
         )
 

@@ -13,6 +13,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMS
 
 from server.engine.feature_draft import (
     FeatureDraftError,
+    FeatureSpec,
     load_feature_drafts,
     read_spec,
     shifted_features,
@@ -132,3 +133,12 @@ def test_sampled_output_follows_the_target_distribution(engine):
         events, _ = _run(engine, ids, max_tokens=3, temperature=0.9, top_p=0.95, seed=seed, ignore_eos=True)
         counts[(events[0].token_id, events[1].token_id)] += 1
     assert_pairs_follow_target(counts, engine.target, ids, 0.9, 0.95)
+
+
+def test_spec_reads_the_rotary_settings_of_either_config_format():
+    base = {"hidden_size": 64, "num_attention_heads": 1, "intermediate_size": 96}
+    new = FeatureSpec.of_target({**base, "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}})
+    old = FeatureSpec.of_target({**base, "rope_theta": 100000.0})
+    assert new.rope_theta == old.rope_theta == 100000.0 and new.head_dim == 64
+    with pytest.raises(FeatureDraftError, match="default rotary"):
+        FeatureSpec.of_target({**base, "rope_parameters": {"rope_theta": 1e4, "rope_type": "yarn"}})
