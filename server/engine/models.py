@@ -135,6 +135,15 @@ def load_drafts(paths: list[str | Path], target: str | Path, device: str = "cpu"
     return [load_draft(p, device, dtype) for p in paths]
 
 
+def draft_kv_config(path: str | Path) -> dict:
+    """What `draft_kv.kv_bytes_per_token` reads of a draft (its config.json; a feature draft's
+    one layer from its spec)."""
+    if is_feature_draft(path):
+        s = read_spec(path)
+        return {"num_hidden_layers": 1, "num_attention_heads": s.heads, "num_key_value_heads": s.kv_heads, "head_dim": s.head_dim}
+    return model_config(path)
+
+
 def eos_token_ids(path: str | Path, tokenizer) -> set[int]:
     """The ids that end generation: generation_config.json's, else config.json's, else the
     tokenizer's EOS (the order transformers uses). Both engines stop on exactly this set."""

@@ -44,7 +44,6 @@ from server.engine.draft_ensemble import log_mix_from_record
 from server.engine.draft_kv import DEFAULT_BLOCK_SIZE, kv_bytes_per_token, target_kv_blocks
 from server.engine.emission import EmissionGate
 from server.engine.eu_channel import Joiner
-from server.engine.feature_draft import is_feature_draft
 from server.engine.proposer_config import DRAFT_DTYPES, ProposerConfig
 from server.engine.types import (
     BIAS_SOURCES,
@@ -93,11 +92,6 @@ class VllmEngine:
         if bias_source not in BIAS_SOURCES:
             raise ValueError(f"bias_source must be one of {', '.join(BIAS_SOURCES)}, got '{bias_source}'")
         models.check_compatible(target, list(drafts))
-        if drafts and is_feature_draft(drafts[0]):  # the proposer does not read hidden states yet
-            raise ValueError(
-                "Feature drafts (that read the target's hidden states) are served by the reference "
-                "engine in this version (--engine reference); the vllm engine serves Llama drafts."
-            )
         self._tokenizer = models.load_tokenizer(target)
         self.model_name = model_name or Path(target).name
         self.num_drafts = len(drafts)
@@ -278,7 +272,7 @@ class VllmEngine:
         if dtype not in DRAFT_DTYPES:
             raise ValueError(f"draft_dtype must be float32, bfloat16 or float16, got '{dtype}'")
         kv_tokens = None
-        per_token = kv_bytes_per_token([models.model_config(d) for d in drafts], getattr(torch, dtype))
+        per_token = kv_bytes_per_token([models.draft_kv_config(d) for d in drafts], getattr(torch, dtype))
         self.draft_kv_bytes_per_token = per_token
         if gib is None:
             # the proposer's default pool is max_num_seqs × max_model_len tokens (never full); on

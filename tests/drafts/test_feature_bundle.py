@@ -1,11 +1,8 @@
-"""A bundle of feature drafts: written with their kind, parameters and dtype, loadable, served by
-the reference engine, refused by the vllm engine with a sentence."""
+"""A bundle of feature drafts: written with their kind, parameters and dtype, loadable, served."""
 
 from __future__ import annotations
 
 import json
-
-import pytest
 
 from drafts.bundle import write_bundle
 from server.bundle import load_bundle
@@ -27,12 +24,3 @@ def test_bundle_records_the_draft_kind_and_serves(tiny_models, feature_drafts, t
     eng = ReferenceEngine(b.target, b.drafts, num_speculative_tokens=2)
     items = list(eng.stream([1, 5, 7, 9], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)))
     assert all(e.eu is not None and e.eu >= 0 for e in items[:-1]) and len(items) == 7
-
-
-@pytest.mark.vllm
-def test_the_vllm_engine_refuses_feature_drafts_with_a_sentence(tiny_models, feature_drafts):
-    pytest.importorskip("vllm")
-    from server.engine.vllm_engine import VllmEngine
-
-    with pytest.raises(ValueError, match="served by the reference engine"):
-        VllmEngine(tiny_models["target"], feature_drafts)
