@@ -87,3 +87,27 @@ def test_a_prefix_cache_hit_serves_with_zero_features_counted(tiny_models, featu
             assert all(torch.isfinite(torch.tensor(r.variance)) for r in out.records) and out.proposal
     ens.release(set())
     assert ens.num_states() == 0 and not ens._feats
+
+
+def test_a_parked_row_resumes_and_keeps_the_features_it_was_handed(tiny_models, feature_drafts, models):
+    """With room for one request, a second is parked (no proposal, no records); its features stay
+    buffered, so when the first ends it recomputes its history from the target's own features:
+    exact records, nothing counted missing."""
+    target, fd = models
+    ens = DraftEnsemble(
+        feature_drafts, k=2, slots=1, max_len=64, top_n=0, kv_tokens=8, block_size=4, target=tiny_models["target"]
+    )
+    a, b = [1, 5, 6, 7, 8], [1, 20, 21]
+    fa, fb = _features(target, a[:-1]), _features(target, b[:-1])
+    ens.propose([RowInput("a", torch.tensor(a), 1, features=fa)])  # 2 blocks: the whole pool
+    a.append(9)
+    b_row = RowInput("b", torch.tensor(b), 1, features=fb)
+    fa2 = _features(target, a[:-1])[-1:]
+    outs = ens.propose([RowInput("a", torch.tensor(a), 1, features=fa2, feature_start=len(a) - 2), b_row])
+    assert outs[1].parked and outs[1].proposal == [] and outs[1].records == []
+    ens.release({"b"})  # a ends
+    b.append(22)
+    out = ens.propose([RowInput("b", torch.tensor(b), 1, features=_features(target, b)[-2:-1], feature_start=2)])[0]
+    assert not out.parked and out.missing_features == 0 and [r.position for r in out.records] == [3]
+    lp = forced_feature_logprobs(target, fd, b, 3)[-1]  # [M, V]
+    assert abs(float(variance(lp)) - out.records[0].variance) < 1e-4

@@ -126,3 +126,39 @@ def test_a_prefix_cache_hit_serves_with_eu_on_every_token(engine, hf, loop):
     assert all(e.eu is not None and e.eu == e.eu and e.eu >= 0 for e in warm)
     _assert_exact(cold, _exact(hf, ids, [e.token_id for e in cold]))
     assert engine.num_joiner_states() == 0
+
+
+def test_tensor_parallel_2_gives_the_same_tokens_and_eu(tiny_models, feature_drafts, engine, loop):
+    """TP = 2 on this CPU: every rank proposes from its own copy of the (replicated) final hidden
+    states, rank 0 publishes; tokens and EU equal TP = 1."""
+    import os
+
+    from server.engine import vllm_internals
+    from server.engine.vllm_engine import VllmEngine
+
+    if (os.cpu_count() or 1) < 2 or vllm_internals.cpu_thread_binding(2) is None:
+        pytest.skip("needs at least 2 cores on fewer NUMA nodes than ranks")
+    os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+    tp2 = loop.run_until_complete(
+        _async(
+            lambda: VllmEngine(
+                tiny_models["target"],
+                feature_drafts,
+                num_speculative_tokens=3,
+                vllm_args={**VLLM_ARGS, "tensor_parallel_size": 2},
+            )
+        )
+    )
+    try:
+        params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+        for i, text in enumerate(PROMPTS[:2]):
+            ids = _encode(engine.tokenizer, text)
+            one, _ = loop.run_until_complete(_collect(engine, f"tp1-{i}", ids, params))
+            two, _ = loop.run_until_complete(_collect(tp2, f"tp2-{i}", ids, params))
+            assert [e.token_id for e in two] == [e.token_id for e in one]
+            got = torch.tensor([[e.bias, e.variance] for e in two], dtype=torch.float64)
+            want = torch.tensor([[e.bias, e.variance] for e in one], dtype=torch.float64)
+            assert (got - want).abs().max() < 2e-3
+    finally:
+        loop.run_until_complete(tp2.shutdown())
+        os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
