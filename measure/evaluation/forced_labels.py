@@ -18,6 +18,10 @@ result itself (raw argmax, no sampling or logit processing) until `>>`, its end 
 
 The scored positions are the generated tokens (teacher forcing over prefix + generation gives
 exactly the distributions the greedy decode saw, `server.engine.teacher_forced`).
+
+`forced_tree` decodes every cut of one solution over one KV cache (the shared text is run once,
+the cache cropped back to each cut) and returns the cuts as one `tree.Tree`, which every score
+then runs in one forward.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from fractions import Fraction
 import torch
 
 from measure.evaluation.labels import _ANNOTATION, parse_number, safe_eval
+from measure.evaluation.tree import Tree, branch_on, common_prefix
 
 _LEADING_NUMBER = re.compile(r"\s*\$?-?(?:\d[\d,]*(?:\.\d+)?|\.\d+)%?")
 
@@ -135,3 +140,57 @@ def forced_results(
         result, wrong, labels = label_result(pieces, c.truth)
         out.append(ForcedResult(question, c, ids + gen, len(ids), pieces, result, wrong, labels))
     return out
+
+
+@torch.no_grad()
+def forced_tree(
+    question: int,
+    prompt_ids: list[int],
+    solution: str,
+    target,
+    tokenizer,
+    *,
+    max_tokens: int = 12,
+    stop_ids: set[int] | None = None,
+    max_cuts: int | None = None,
+) -> tuple[Tree, list[ForcedResult]]:
+    """`forced_results` of `solution` (its first `max_cuts` cuts, or all), decoded over one KV
+    cache, and the tree of their scored branches (one per result, in order; trunk = prompt + the
+    solution up to the last cut).
+
+    The cache holds a prefix of what was fed; for each cut it is cropped to the longest prefix it
+    shares with the cut's context (at least one token is fed anew, for the next-token logits)."""
+    from transformers import DynamicCache
+
+    stop = stop_ids if stop_ids is not None else {tokenizer.eos_token_id}
+    chosen = cuts(solution)[:max_cuts]
+    owns = [(c, prompt_ids + tokenizer(c.prefix, add_special_tokens=False)["input_ids"]) for c in chosen]
+    if not owns:
+        return Tree(list(prompt_ids)), []
+    trunk = max((o for _, o in owns), key=len)
+    cache, fed = DynamicCache(), []  # fed: the tokens whose keys and values the cache holds
+    results, branches = [], []
+    for c, own in owns:
+        keep = min(common_prefix(fed, own), len(own) - 1)
+        if len(fed) > keep:
+            cache.crop(keep - len(fed))  # drop the tokens after `keep`
+        fed, x = fed[:keep], own[keep:]
+        gen: list[int] = []
+        pieces: list[str] = []
+        for _ in range(max_tokens):
+            out = target(input_ids=torch.tensor([x]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+            fed += x
+            t = int(out.logits[0, -1].argmax())
+            if t in stop:
+                break
+            gen.append(t)
+            pieces.append(tokenizer.decode([t]))
+            if ">>" in "".join(pieces):
+                break
+            x = [t]
+        if not gen:
+            continue
+        result, wrong, labels = label_result(pieces, c.truth)
+        results.append(ForcedResult(question, c, own + gen, len(own), pieces, result, wrong, labels))
+        branches.append(branch_on(trunk, own, gen))
+    return Tree(trunk, branches), results
