@@ -58,7 +58,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             own = build_engine(eargs)
         elif settings.bundle:  # a given engine that serves the settings' bundle: its calibration
             bundle = load_bundle(settings.bundle, prepare=False)
-        ctx.thresholds = settings.thresholds(bundle.thresholds if bundle else None)
+        ctx.thresholds = settings.thresholds(
+            bundle.thresholds if bundle else None, bundle.p_error if bundle else None
+        )
         ctx.p_wrong = bundle.p_wrong if bundle else None
         ctx.eu_correction = bundle.eu_correction if bundle else None
         ctx.engine = own

@@ -19,6 +19,7 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from server.engine.p_error import PErrorRule
 from server.engine.types import (
     DEFAULT_BIAS_SOURCE,
     DEFAULT_NUM_SPECULATIVE_TOKENS,
@@ -97,10 +98,13 @@ class Settings(BaseSettings):
             raise ValueError("min_threshold must not exceed max_threshold")
         return self
 
-    def thresholds(self, bundle_thresholds: dict | None = None) -> FlagThresholds:
+    def thresholds(
+        self, bundle_thresholds: dict | None = None, p_error: PErrorRule | None = None
+    ) -> FlagThresholds:
         """Server-wide flag thresholds, each on its own: settings, else the bundle's calibration,
-        else the default (`server.resolve.resolve_thresholds`, shared with `epispec generate`)."""
-        return resolve_thresholds(self, bundle_thresholds)
+        else the default, and the bundle's p_error rule (`server.resolve.resolve_thresholds`,
+        shared with `epispec generate`)."""
+        return resolve_thresholds(self, bundle_thresholds, p_error)
 
     @classmethod
     def settings_customise_sources(

@@ -13,6 +13,7 @@ from typing import Any
 
 from server.bundle import Bundle, load_bundle
 from server.engine.factory import EngineArgs
+from server.engine.p_error import PErrorRule
 from server.engine.types import DEFAULT_EU_THRESHOLD, DEFAULT_NUM_SPECULATIVE_TOKENS, FlagThresholds
 
 # EngineArgs fields that settings and flags carry under the same names
@@ -115,11 +116,15 @@ def num_speculative_tokens(given: int | None, bundle: Bundle | None) -> int:
     return own if own is not None else DEFAULT_NUM_SPECULATIVE_TOKENS
 
 
-def resolve_thresholds(given, calibrated: Mapping[str, float] | None = None) -> FlagThresholds:
+def resolve_thresholds(
+    given, calibrated: Mapping[str, float] | None = None, p_error: PErrorRule | None = None
+) -> FlagThresholds:
     """The flag thresholds, each on its own: `given`'s eu/bias/variance_threshold where set, else
     the bundle's calibrated value (`calibrated`), else the default (eu: DEFAULT_EU_THRESHOLD;
-    bias and variance: none)."""
+    bias and variance: none). With the bundle's `p_error` rule, tokens carry p_error and are
+    flagged by it unless `given` sets a threshold of its own."""
     cal = calibrated or {}
+    explicit = any(getattr(given, f"{n}_threshold", None) is not None for n in ("eu", "bias", "variance"))
 
     def pick(name: str, default: float | None) -> float | None:
         own = getattr(given, f"{name}_threshold", None)
@@ -128,5 +133,9 @@ def resolve_thresholds(given, calibrated: Mapping[str, float] | None = None) -> 
         return float(cal[name]) if cal.get(name) is not None else default
 
     return FlagThresholds(
-        eu=pick("eu", DEFAULT_EU_THRESHOLD), bias=pick("bias", None), variance=pick("variance", None)
+        eu=pick("eu", DEFAULT_EU_THRESHOLD),
+        bias=pick("bias", None),
+        variance=pick("variance", None),
+        p_error=p_error,
+        by_p_error=not explicit,
     )

@@ -25,7 +25,7 @@ from server.api.prompts import chat_prompt_ids, text_prompt_ids
 from server.api.pump import new_request_id, until_disconnected
 from server.api.schemas import PROMPT_FORMS, ChatCompletionRequest, CompletionRequest, OpenAIFields
 from server.api.sse import DONE, EventStreamResponse, event
-from server.api.usage import Summary, corrected, number, usage
+from server.api.usage import Summary, calibrated, corrected, number, usage
 from server.api.validation import check_top_logprobs, effective_max_tokens, sampling_params
 from server.bundle import EuCorrection
 from server.engine.types import Finished, GenerationItem, TokenEvent
@@ -40,6 +40,7 @@ def uncertainty(ev: TokenEvent, correction: EuCorrection | None = None) -> dict:
         "bias": number(ev.bias),
         "variance": number(ev.variance),
         **corrected(ev, correction),
+        **calibrated(ev),
         "flagged": ev.flagged,
     }
 

@@ -4,6 +4,8 @@ request. Each refusal is an `APIError` (400) that names the field."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from server.api.context import ServerContext
 from server.api.errors import APIError
 from server.api.schemas import SamplingFields
@@ -74,7 +76,7 @@ def thresholds_for(ctx: ServerContext, req: SamplingFields) -> FlagThresholds:
                 code="threshold_out_of_bounds",
             )
         values[name] = getattr(base, name) if v is None else v
-    return FlagThresholds(**values)
+    return replace(base, **values, by_p_error=False)  # the request's thresholds flag, not p_error
 
 
 def sampling_params(

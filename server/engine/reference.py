@@ -172,6 +172,7 @@ class ReferenceEngine:
                     reason = "stop"
                     break
                 bias, var, eu = unc if unc is not None else (None, None, None)
+                p_error, flagged = params.thresholds.judge(bias, var, eu, lp)
                 event = TokenEvent(
                     token_id=tok,
                     text=detok.add(tok),
@@ -179,8 +180,9 @@ class ReferenceEngine:
                     bias=bias,
                     variance=var,
                     eu=eu,
-                    flagged=params.thresholds.flags(bias, var, eu),
+                    flagged=flagged,
                     top_logprobs=top,
+                    p_error=p_error,
                 )
                 yield from gate.push(event, detok.pending)
                 if gate.reason is not None:

@@ -379,15 +379,18 @@ class VllmEngine:
                 var = rec.variance_or_nan()
                 eu = bias + var
                 spent = time.perf_counter() - start
+        logprob = float(lps[tok].logprob)
+        p_error, flagged = params.thresholds.judge(bias, var, eu, logprob)
         return TokenEvent(
             token_id=tok,
             text=detok.add(tok),
-            logprob=float(lps[tok].logprob),
+            logprob=logprob,
             bias=bias,
             variance=var,
             eu=eu,
-            flagged=params.thresholds.flags(bias, var, eu),
+            flagged=flagged,
             top_logprobs=self._top(lps, params.logprobs),
+            p_error=p_error,
         ), spent
 
     def _top(self, lps: dict, n: int) -> tuple[TopLogprob, ...]:
