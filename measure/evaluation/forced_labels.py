@@ -96,25 +96,29 @@ def label_result(pieces: list[str], truth: str) -> tuple[str, int, list[int | No
 
 @torch.no_grad()
 def greedy_until_close(
-    target, tokenizer, ids: list[int], max_tokens: int, stop_ids: set[int]
+    target, tokenizer, ids: list[int], max_tokens: int, stop_ids: set[int], cache=None, cached: int = 0
 ) -> tuple[list[int], list[str]]:
     """The target's argmax continuation of `ids` (raw logits, KV-cached) until its text contains
-    `>>`, a token of `stop_ids` (not kept) or `max_tokens` tokens. -> (token ids, their texts)"""
-    out = model_out = None
+    `>>`, a token of `stop_ids` (not kept) or `max_tokens` tokens. -> (token ids, their texts)
+
+    With `cache` (a transformers cache holding the keys and values of ids[:cached], cached <
+    len(ids)) only the rest is fed; the cache then holds every token fed, a prefix of ids + gen."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache() if cache is None else cache
     gen: list[int] = []
     pieces: list[str] = []
-    x = torch.tensor([ids])  # [1, L]
+    x = ids[cached:]
     for _ in range(max_tokens):
-        model_out = target(input_ids=x, past_key_values=out, use_cache=True)
-        out = model_out.past_key_values
-        t = int(model_out.logits[0, -1].argmax())
+        out = target(input_ids=torch.tensor([x]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        t = int(out.logits[0, -1].argmax())
         if t in stop_ids:
             break
         gen.append(t)
         pieces.append(tokenizer.decode([t]))
         if ">>" in "".join(pieces):
             break
-        x = torch.tensor([[t]])  # [1, 1]
+        x = [t]
     return gen, pieces
 
 
@@ -174,20 +178,8 @@ def forced_tree(
         keep = min(common_prefix(fed, own), len(own) - 1)
         if len(fed) > keep:
             cache.crop(keep - len(fed))  # drop the tokens after `keep`
-        fed, x = fed[:keep], own[keep:]
-        gen: list[int] = []
-        pieces: list[str] = []
-        for _ in range(max_tokens):
-            out = target(input_ids=torch.tensor([x]), past_key_values=cache, use_cache=True, logits_to_keep=1)
-            fed += x
-            t = int(out.logits[0, -1].argmax())
-            if t in stop:
-                break
-            gen.append(t)
-            pieces.append(tokenizer.decode([t]))
-            if ">>" in "".join(pieces):
-                break
-            x = [t]
+        gen, pieces = greedy_until_close(target, tokenizer, own, max_tokens, stop, cache, keep)
+        fed = (own + gen)[: cache.get_seq_length()]
         if not gen:
             continue
         result, wrong, labels = label_result(pieces, c.truth)

@@ -101,16 +101,27 @@ def _gt(a, b, strict: bool = True) -> bool | None:
 
 def readme_block(r: dict, source: str) -> str:
     """The README's goal table for the bundle evaluation at `source` (its results.json path)."""
-    lines = [
-        BLOCK.start,
+    comment = (
         f"<!-- generated from {source} by `epispec eval --report {Path(source).parent} --readme "
-        "README.md`; edit measure/evaluation/goals.py, not this block -->",
+        "README.md`; edit measure/evaluation/goals.py, not this block -->"
+    )
+    title = f"Issue #14's goals, `{r['command']}` ({r['seconds']['total']:.0f} s):"
+    return table_block(BLOCK, comment, title, rows(r))
+
+
+def table_block(
+    block: ReadmeBlock, comment: str, title: str, goal_rows: list[tuple[str, str, str, str]]
+) -> str:
+    """A generated goal table: markers, the generating comment, a title, one row per goal."""
+    lines = [
+        block.start,
+        comment,
         "",
-        f"Issue #14's goals, `{r['command']}` ({r['seconds']['total']:.0f} s):",
+        title,
         "",
         "| goal | measured (test) | bound | |",
         "|---|---|---|---|",
-        *(f"| {g} | {m} | {b} | {ok} |" for g, m, b, ok in rows(r)),
-        BLOCK.end,
+        *(f"| {g} | {m} | {b} | {ok} |" for g, m, b, ok in goal_rows),
+        block.end,
     ]
     return "\n".join(lines) + "\n"

@@ -14,6 +14,7 @@ import pytest
 from server.app import create_app
 from server.config import Settings
 from tests.server.api.live import LiveServer
+from tests.server.api.test_p_wrong import _bundle
 
 # a rule over all four features; flagged is checked against p_error > threshold token by token
 P_ERROR = {
@@ -30,18 +31,6 @@ def formula(eu: float, bias: float, variance: float, logprob: float) -> float:
     c = P_ERROR["coef"]
     z = P_ERROR["intercept"] + c[0] * eu + c[1] * bias + c[2] * variance + c[3] * logprob
     return 1 / (1 + math.exp(-z))
-
-
-def _bundle(folder, tiny_models, **extra):
-    folder.mkdir()
-    manifest = {
-        "schema_version": 1,
-        "target": {"path": tiny_models["target"]},
-        "drafts": [{"path": d} for d in tiny_models["drafts"]],
-        **extra,
-    }
-    (folder / "bundle.json").write_text(json.dumps(manifest))
-    return str(folder)
 
 
 @pytest.fixture(scope="module")
