@@ -19,9 +19,9 @@ result itself (raw argmax, no sampling or logit processing) until `>>`, its end 
 The scored positions are the generated tokens (teacher forcing over prefix + generation gives
 exactly the distributions the greedy decode saw, `server.engine.teacher_forced`).
 
-`forced_tree` decodes every cut of one solution over one KV cache (the shared text is run once,
-the cache cropped back to each cut) and returns the cuts as one `tree.Tree`, which every score
-then runs in one forward.
+`forced_tree` decodes the cuts of one solution over one KV cache (the shared text is run once,
+the cache cropped back to each cut) and returns them as one `tree.Tree`, which every score then
+runs in one forward.
 """
 
 from __future__ import annotations
@@ -122,30 +122,6 @@ def greedy_until_close(
     return gen, pieces
 
 
-def forced_results(
-    question: int,
-    prompt_ids: list[int],
-    solution: str,
-    target,
-    tokenizer,
-    *,
-    max_tokens: int = 12,
-    stop_ids: set[int] | None = None,
-) -> list[ForcedResult]:
-    """Every cut of `solution` after `prompt_ids`, with the target's labelled greedy result.
-    Cuts where the target writes nothing (its first token ends the turn) are left out."""
-    stop = stop_ids if stop_ids is not None else {tokenizer.eos_token_id}
-    out = []
-    for c in cuts(solution):
-        ids = prompt_ids + tokenizer(c.prefix, add_special_tokens=False)["input_ids"]
-        gen, pieces = greedy_until_close(target, tokenizer, ids, max_tokens, stop)
-        if not gen:
-            continue
-        result, wrong, labels = label_result(pieces, c.truth)
-        out.append(ForcedResult(question, c, ids + gen, len(ids), pieces, result, wrong, labels))
-    return out
-
-
 @torch.no_grad()
 def forced_tree(
     question: int,
@@ -158,9 +134,10 @@ def forced_tree(
     stop_ids: set[int] | None = None,
     max_cuts: int | None = None,
 ) -> tuple[Tree, list[ForcedResult]]:
-    """`forced_results` of `solution` (its first `max_cuts` cuts, or all), decoded over one KV
-    cache, and the tree of their scored branches (one per result, in order; trunk = prompt + the
-    solution up to the last cut).
+    """The cuts of `solution` (its first `max_cuts`, or all) after `prompt_ids`, each with the
+    target's labelled greedy result, decoded over one KV cache; cuts where the target writes
+    nothing (its first token ends the turn) are left out. And the tree of their scored branches
+    (one per result, in order; trunk = prompt + the solution up to the last cut).
 
     The cache holds a prefix of what was fed; for each cut it is cropped to the longest prefix it
     shares with the cut's context (at least one token is fed anew, for the next-token logits)."""
