@@ -95,7 +95,14 @@ def test_a_parked_row_resumes_and_keeps_the_features_it_was_handed(tiny_models, 
     exact records, nothing counted missing."""
     target, fd = models
     ens = DraftEnsemble(
-        feature_drafts, k=2, slots=1, max_len=64, top_n=0, kv_tokens=8, block_size=4, target=tiny_models["target"]
+        feature_drafts,
+        k=2,
+        slots=1,
+        max_len=64,
+        top_n=0,
+        kv_tokens=8,
+        block_size=4,
+        target=tiny_models["target"],
     )
     a, b = [1, 5, 6, 7, 8], [1, 20, 21]
     fa, fb = _features(target, a[:-1]), _features(target, b[:-1])
@@ -107,7 +114,9 @@ def test_a_parked_row_resumes_and_keeps_the_features_it_was_handed(tiny_models, 
     assert outs[1].parked and outs[1].proposal == [] and outs[1].records == []
     ens.release({"b"})  # a ends
     b.append(22)
-    out = ens.propose([RowInput("b", torch.tensor(b), 1, features=_features(target, b)[-2:-1], feature_start=2)])[0]
+    out = ens.propose(
+        [RowInput("b", torch.tensor(b), 1, features=_features(target, b)[-2:-1], feature_start=2)]
+    )[0]
     assert not out.parked and out.missing_features == 0 and [r.position for r in out.records] == [3]
     lp = forced_feature_logprobs(target, fd, b, 3)[-1]  # [M, V]
     assert abs(float(variance(lp)) - out.records[0].variance) < 1e-4

@@ -75,7 +75,9 @@ async def _collect(engine, rid, ids, params):
 @torch.inference_mode()
 def _exact(hf, ids, tokens):
     full = [*ids, *tokens]
-    return decompose(forced_feature_logprobs(hf[0], hf[1], full, len(ids)), forced_logprobs(hf[0], full, len(ids)))
+    return decompose(
+        forced_feature_logprobs(hf[0], hf[1], full, len(ids)), forced_logprobs(hf[0], full, len(ids))
+    )
 
 
 def _assert_exact(events, u, tol=2e-3):
@@ -109,7 +111,9 @@ def test_sampled_pairs_follow_the_target_distribution(engine, hf, loop):
 
         return await asyncio.gather(*[one(s) for s in range(800)])
 
-    counts = collections.Counter(tuple(e.token_id for e in ev[:2]) for ev, _ in loop.run_until_complete(run_all()))
+    counts = collections.Counter(
+        tuple(e.token_id for e in ev[:2]) for ev, _ in loop.run_until_complete(run_all())
+    )
     assert_pairs_follow_target(counts, hf[0], ids, 0.9, 0.95)
 
 
