@@ -55,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--prompts",
         default=str(DEFAULT_PROMPTS),
         metavar="FILE",
-        help="JSONL with a 'question' field (default: GSM8K test)",
+        help="JSONL (or .jsonl.gz) with a 'question' field (default: GSM8K test, shipped in data/gsm8k)",
     )
     w.add_argument("--max-tokens", type=int, help="output tokens per request (ignore_eos)")
     w.add_argument("--requests", type=int, help="requests per concurrency level (at least C)")

@@ -26,7 +26,8 @@ import shlex
 import sys
 from pathlib import Path
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "gsm8k"
+from drafts.corpus import GSM8K as DEFAULT_DATA  # shipped with the project (data/gsm8k/README.md)
+from drafts.corpus import split_file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,8 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data",
         default=None,
-        help="GSM8K-format folder/JSONL, a datasets name, or 'synthetic' (default: ../shared/data/gsm8k "
-        "when present, else synthetic; with --quick: synthetic)",
+        help="GSM8K-format folder/JSONL, a datasets name, or 'synthetic' (default: GSM8K as shipped in "
+        "data/gsm8k; with --quick: synthetic)",
     )
     parser.add_argument(
         "--bundle",
@@ -106,7 +107,7 @@ def _data(arg: str | None, quick: bool) -> str | None:
     if arg == "synthetic" or (arg is None and quick):
         return None
     if arg is None:
-        return str(DEFAULT_DATA.resolve()) if (DEFAULT_DATA / "test.jsonl").is_file() else None
+        return str(DEFAULT_DATA) if split_file(DEFAULT_DATA, "test").is_file() else None
     return arg
 
 
