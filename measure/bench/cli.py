@@ -133,7 +133,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument(
         "--readme",
         metavar="FILE",
-        help="with --report: replace FILE's bench-table block with them (README.md)",
+        help="with --report: replace FILE's bench-table block with them (docs/benchmark.md)",
     )
     r.add_argument("--plot", metavar="FILE", help="write a PNG plot")
 

@@ -11,8 +11,8 @@ target's posterior over S low-rank instances, response labels and `p_wrong`; GSM
 required; `--quick` is its 4 + 4 question size. With `--calibrate-bundle B` too, the eu threshold,
 the `p_wrong` fit and the `eu_correction` of lower validation RMSE (all from validation) are
 written into B/bundle.json.
-`--report DIR` runs nothing: it regenerates DIR/report.md and the README's tables from
-DIR/results.json, prints the tables, and with `--readme README.md` splices them in between the
+`--report DIR` runs nothing: it regenerates DIR/report.md and the documentation's tables from
+DIR/results.json, prints the tables, and with `--readme docs/evaluation.md` splices them in between the
 `<!-- eval-table:start -->` / `<!-- eval-table:end -->` markers — for a bundle's results, its
 goal table between `<!-- eval-bundle-goals:start -->` / `<!-- eval-bundle-goals:end -->`
 (`goals.py`).
@@ -37,13 +37,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--report",
         default=None,
         metavar="DIR",
-        help="regenerate DIR/report.md and the README tables from DIR/results.json; run nothing",
+        help="regenerate DIR/report.md and the docs' tables from DIR/results.json; run nothing",
     )
     parser.add_argument(
         "--readme",
         default=None,
         metavar="PATH",
-        help="with --report: splice the tables into PATH between the eval-table markers",
+        help="with --report: splice the tables into PATH between the eval-table markers "
+        "(eval-bundle-goals for a bundle's results; docs/evaluation.md)",
     )
     parser.add_argument(
         "--data",
