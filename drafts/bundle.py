@@ -19,6 +19,7 @@ import torch
 from drafts.folder import MODEL_FILES, PARTITION, TOKENIZER_FILES
 from drafts.training import read_record
 from server.bundle import Manifest, Thresholds, write_manifest
+from server.engine.feature_draft import is_feature_draft, read_spec
 from server.engine.models import (
     ModelFolderError,
     check_compatible,
@@ -127,6 +128,14 @@ def _entry(root: Path, rel: str) -> dict:
     record = read_record(folder)
     record.pop("hashes", None)
     (record.get("ddd") or {}).pop("hashes", None)
+    if is_feature_draft(folder):
+        return {
+            "path": rel,
+            "kind": "feature",
+            "parameters": read_spec(folder).parameters(),
+            "dtype": _safetensors_dtype(folder),
+            "training": record,
+        }
     return {
         "path": rel,
         "parameters": count_parameters(folder),
@@ -164,10 +173,20 @@ def _convert(folder: Path, dt: torch.dtype, name: str) -> None:
     path = folder / "model.safetensors"
     tensors = {k: (v.to(dt) if v.is_floating_point() else v) for k, v in load_file(str(path)).items()}
     save_file(tensors, str(path), metadata={"format": "pt"})
+    if not (folder / "config.json").is_file():  # a feature draft: the dtype is its weights'
+        return
     cfg = json.loads((folder / "config.json").read_text())
     cfg["dtype"] = name
     cfg.pop("torch_dtype", None)
     (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def _safetensors_dtype(folder: Path) -> str | None:
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as st:
+        names = list(st.keys())
+        return str(st.get_tensor(names[0]).dtype).replace("torch.", "") if names else None
 
 
 def _versions() -> dict:

@@ -168,6 +168,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-new-tokens", type=int, default=128, help="synthetic: continuation length")
     p.add_argument("--init", default=None, help="start every draft from this small model (same tokenizer)")
+    p.add_argument(
+        "--kind",
+        default="llama",
+        choices=["llama", "feature"],
+        help="llama: independent small Llamas; feature: EAGLE-style drafts that read the target's "
+        "hidden states (one decoder layer each, initialised from the target's last; "
+        "docs/feature-drafts.md). feature uses --noise, --rank, --noise-layers (default 2 for "
+        "it), --no-ddd, --draft-vocab and the training options; not --source synthetic",
+    )
+    p.add_argument(
+        "--feature-weight", type=float, default=0.1, help="feature drafts: weight of the feature regression"
+    )
+    p.add_argument(
+        "--heldout-every",
+        type=int,
+        default=20,
+        help="feature drafts: hold every N-th document out of training, for the held-out fit (0: none)",
+    )
     _shape_args(p, 64, 1, 1, 176)
     _train_args(p, lr=3e-3)
 
@@ -336,6 +354,8 @@ def _respond(args) -> dict:
 
 
 def _distill(args) -> dict:
+    if args.kind == "feature":
+        return _distill_features(args)
     from drafts.distill import DistillSettings, distill_drafts
 
     docs = None
@@ -374,6 +394,43 @@ def _distill(args) -> dict:
         _options(args),
         seed=args.seed,
         docs=docs,
+    )
+    return {"drafts": [str(d) for d in out]}
+
+
+def _distill_features(args) -> dict:
+    from drafts.feature_distill import FeatureSettings, distill_feature_drafts
+
+    if args.source == "synthetic" or args.osd != "lowrank" or args.loss != "forward" or args.init:
+        raise ValueError(
+            "--kind feature trains with OSD lowrank, the forward KL, from scratch, on --source "
+            "responses or corpus (not --source synthetic, --osd other than lowrank, --loss reverse, --init)."
+        )
+    if args.source == "responses":
+        from drafts.corpus import describe_corpus
+        from drafts.responses import read_responses, response_docs
+
+        records = read_responses(args.data)[: args.limit or None]
+        texts, docs = [r["question"] for r in records], response_docs(records)
+        corpus = describe_corpus(args.data, "responses", texts)
+    else:
+        from drafts.lm import encode_corpus
+        from server.engine.models import load_tokenizer
+
+        texts, corpus = _corpus(args)
+        docs = encode_corpus(texts, load_tokenizer(args.target))
+    settings = FeatureSettings(
+        drafts=args.drafts,
+        noise=args.noise,
+        rank=args.rank,
+        noise_layers=args.noise_layers or 2,
+        ddd=not args.no_ddd,
+        draft_vocab=args.draft_vocab,
+        feature_weight=args.feature_weight,
+        heldout_every=args.heldout_every,
+    )
+    out = distill_feature_drafts(
+        texts, docs, corpus, args.target, args.out, settings, _options(args), seed=args.seed
     )
     return {"drafts": [str(d) for d in out]}
 

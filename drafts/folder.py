@@ -7,6 +7,8 @@ epispec's own records beside it:
 - `partition.json` (`PARTITION`, drafts): the hashes of the documents of its DDD partition
 - `draft_vocab.json` (`DRAFT_VOCAB`, reduced drafts): the target id of each draft id; its reader
   and schema are the server's (`server/engine/draft_vocab.py`), which serves such drafts
+- `feature_draft.json` (`FEATURE_DRAFT`, feature drafts, which have no `config.json`): the draft's
+  shape and what it reads of the target; its reader is `server/engine/feature_draft.py`
 - `checkpoint.pt` (`CHECKPOINT`) and `teacher_prefix.pt` (`TEACHER_PREFIX`): training state of an
   unfinished run, removed when it finishes; never copied into a bundle
 
@@ -17,6 +19,7 @@ A bundle (`drafts/bundle.py`) copies `MODEL_FILES` of each model and the target'
 from __future__ import annotations
 
 from server.engine.draft_vocab import FILE as DRAFT_VOCAB
+from server.engine.feature_draft import SPEC_FILE as FEATURE_DRAFT
 
 RECORD = "training.json"
 PARTITION = "partition.json"
@@ -32,6 +35,7 @@ TOKENIZER_FILES = (
 # what a model folder needs at serving time (no checkpoints, no optimizer state)
 MODEL_FILES = (
     "config.json",
+    FEATURE_DRAFT,
     "generation_config.json",
     "model.safetensors",
     *TOKENIZER_FILES,

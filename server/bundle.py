@@ -31,7 +31,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -76,6 +76,7 @@ class TargetEntry(_Entry):
 
 class DraftEntry(_Entry):
     path: str
+    kind: Literal["llama", "feature"] = "llama"  # feature: reads the target's hidden states
     partition: str | None = None  # the draft's DDD partition.json, relative to the bundle folder
 
 

@@ -37,7 +37,9 @@ import torch
 from server.engine import models
 from server.engine.detokenize import IncrementalDetokenizer
 from server.engine.emission import EmissionGate
+from server.engine.feature_draft import is_feature_draft, load_feature_drafts
 from server.engine.speculative import sample, sampling_probs, verify
+from server.engine.stacked_layers import causal_attend
 from server.engine.types import (
     DEFAULT_NUM_SPECULATIVE_TOKENS,
     EngineStats,
@@ -66,10 +68,18 @@ class _Model:
     cache: object = None
     seen: int = 0  # tokens whose keys/values are in the cache
 
-    def feed(self, tokens: list[int], device: str) -> torch.Tensor:
-        """Run the tokens not yet cached; returns raw logits of their positions. [L, V]"""
+    features: list[torch.Tensor] = field(default_factory=list)  # [E] each: final hidden states kept
+
+    def feed(self, tokens: list[int], device: str, keep_features: bool = False) -> torch.Tensor:
+        """Run the tokens not yet cached; returns raw logits of their positions. [L, V]
+        With `keep_features`, their final (normed) hidden states are appended to `features`."""
         new = torch.tensor([tokens[self.seen :]], device=device)  # [1, L]
-        out = self.lm(input_ids=new, past_key_values=self.cache, use_cache=True)
+        out = self.lm(
+            input_ids=new, past_key_values=self.cache, use_cache=True, output_hidden_states=keep_features
+        )
+        if keep_features:
+            del self.features[self.seen :]
+            self.features.extend(out.hidden_states[-1][0].float())  # L x [E]
         self.cache = out.past_key_values
         self.seen = len(tokens)
         return out.logits[0].float()  # [L, V]
@@ -78,6 +88,7 @@ class _Model:
         if self.seen > length:
             self.cache.crop(length - self.seen)  # negative: drop that many trailing tokens
             self.seen = length
+            del self.features[length:]
 
 
 @dataclass
@@ -108,9 +119,15 @@ class ReferenceEngine:
         self._tokenizer = models.load_tokenizer(target)
         self.device = device
         self.target = models.load_causal_lm(target, device, dtype)
-        self.drafts = [models.load_draft(d, device, dtype) for d in drafts]
-        self.k = num_speculative_tokens if self.drafts else 0
-        self.num_drafts = len(self.drafts)
+        # feature drafts (read the target's hidden states) run stacked; others as causal LMs
+        self.feature = (
+            load_feature_drafts(list(drafts), target, device, dtype)
+            if drafts and is_feature_draft(drafts[0])
+            else None
+        )
+        self.drafts = [] if self.feature else [models.load_draft(d, device, dtype) for d in drafts]
+        self.num_drafts = len(drafts)
+        self.k = num_speculative_tokens if self.num_drafts else 0
         self.model_name = model_name or Path(target).name
         self.max_model_len = min(max_model_len or 1 << 30, models.max_model_len(target))
         self.vocab_size = self.target.config.vocab_size
@@ -139,6 +156,9 @@ class ReferenceEngine:
         gate = EmissionGate(params)
         n_prompt = len(prompt_token_ids)
         reason = "length"
+        if self.feature is not None and n_prompt > 1:  # the drafts' first step reads the prompt's features
+            with torch.inference_mode():
+                seq.target.feed(seq.tokens[:-1], self.device, keep_features=True)
         while gate.reason is None:
             generated = len(seq.tokens) - n_prompt
             room = min(params.max_tokens - generated, self.max_model_len - len(seq.tokens))
@@ -180,14 +200,19 @@ class ReferenceEngine:
         draft_lp: list[torch.Tensor] = []
         proposal: list[int] = []
         q_probs: list[torch.Tensor] = []
+        own: torch.Tensor | None = None  # [M, i, E] feature drafts' predicted features this round
         for _ in range(k):
-            lp = self._draft_step(seq, seq.tokens + proposal)  # [M, V]
+            if self.feature is None:
+                lp = self._draft_step(seq, seq.tokens + proposal)  # [M, V]
+            else:
+                lp, own = self._feature_step(seq, seq.tokens + proposal, own)
             q = sampling_probs(mixture_logprobs(lp), T, top_p)  # [V]
             proposal.append(int(q.argmax()) if T == 0 else int(sample(q, gen)))
             draft_lp.append(lp)
             q_probs.append(q)
         # 2) the target scores k+1 positions in one pass
-        logits = seq.target.feed(seq.tokens + proposal, self.device)[-(k + 1) :]  # [k+1, V]
+        logits = seq.target.feed(seq.tokens + proposal, self.device, self.feature is not None)[-(k + 1) :]
+        # [k+1, V]
         seq.stats.target_forward_passes += 1
         p_raw = torch.log_softmax(logits, -1)  # [k+1, V]
         p_tilde = sampling_probs(logits, T, top_p)  # [k+1, V]
@@ -201,8 +226,10 @@ class ReferenceEngine:
         emitted = proposal[:n] + [nxt]
         # 4) EU of each emitted position; the bonus position needs one more draft step
         unc = [None] * len(emitted)
-        if self.drafts:
-            if n == k:
+        if self.feature is not None:  # every emitted position from the target's own features
+            draft_lp = [self._feature_step(seq, seq.tokens + proposal[:i])[0] for i in range(n + 1)]
+        if self.num_drafts:
+            if n == k and self.feature is None:
                 draft_lp.append(self._draft_step(seq, seq.tokens + proposal))
             t0 = time.perf_counter()  # EU's own cost (the bonus step is one the next round needs)
             u = decompose(torch.stack(draft_lp[: n + 1]), p_raw[: n + 1])  # [n+1, M, V], [n+1, V]
@@ -222,6 +249,30 @@ class ReferenceEngine:
         seq.stats.draft_forward_passes += 1
         last = [m.feed(tokens, self.device)[-1] for m in seq.drafts]  # M x [V]
         return torch.log_softmax(torch.stack(last), -1)
+
+    def _feature_step(
+        self, seq: _Sequence, tokens: list[int], own: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feature drafts' raw log-probs at the next position of `tokens` ([M, V]) and their
+        predicted features there, appended to `own` ([M, i+1, E]). Input features are the
+        target's where it has computed them, then `own` (later steps of a round); the whole
+        sequence is recomputed (exact and simple: this engine is the reference)."""
+        seq.stats.draft_forward_passes += 1
+        f = self.feature
+        n_true = min(len(tokens) - 1, len(seq.target.features))
+        true = torch.stack(seq.target.features[:n_true]) if n_true else f.embed.new_zeros(0, f.spec.hidden)
+        feats = torch.cat([f.embed.new_zeros(1, f.spec.hidden), true])[None].expand(
+            f.m, 1, -1, -1
+        )  # [M, 1, 1+n_true, E]
+        if own is not None:
+            feats = torch.cat([feats, own[:, None, : len(tokens) - 1 - n_true]], 2)
+        T = len(tokens)
+        x = torch.tensor([tokens], device=self.device)  # [1, T]
+        pos = torch.arange(T, device=self.device)[None]  # [1, T]
+        lq, g = f(x, feats[:, :, :T], pos, causal_attend(f.scale), (torch.tensor([0]), torch.tensor([T - 1])))
+        lq = lq[0] if f.vocab is None else f.vocab.expand(lq[0])  # [M, V]
+        own = g if own is None else torch.cat([own, g], 1)  # [M, i+1, E]
+        return lq, own
 
     def _top(self, logprobs: torch.Tensor, n: int) -> tuple[TopLogprob, ...]:
         if n <= 0:

@@ -272,7 +272,7 @@ class VllmEngine:
         if dtype not in DRAFT_DTYPES:
             raise ValueError(f"draft_dtype must be float32, bfloat16 or float16, got '{dtype}'")
         kv_tokens = None
-        per_token = kv_bytes_per_token([models.model_config(d) for d in drafts], getattr(torch, dtype))
+        per_token = kv_bytes_per_token([models.draft_kv_config(d) for d in drafts], getattr(torch, dtype))
         self.draft_kv_bytes_per_token = per_token
         if gib is None:
             # the proposer's default pool is max_num_seqs × max_model_len tokens (never full); on

