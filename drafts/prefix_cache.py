@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-FILE = "teacher_prefix.pt"
+from drafts.folder import TEACHER_PREFIX as FILE
 
 
 @dataclass(frozen=True)
