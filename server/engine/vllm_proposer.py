@@ -70,7 +70,7 @@ class EnsembleProposer:
         self.worker_bias = cfg.bias == "worker"
         self.ensemble: DraftEnsemble | None = None
         self.missing_features = 0  # feature drafts: positions fed a zero feature, in all
-        self.publisher = Publisher(cfg.channel) if _is_publishing_rank() else None
+        self.publisher = Publisher(cfg.channel, cfg.channel_keys) if _is_publishing_rank() else None
 
     def load_model(self, *args, **kwargs) -> None:
         vllm_internals.self_test()  # an incompatible vLLM fails here, at start-up
