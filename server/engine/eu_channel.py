@@ -91,12 +91,14 @@ def open_joiner(channel: str, vocab_size: int | None, vllm_args: Mapping) -> Joi
 
 class Publisher:
     """The proposer's end: connects lazily (the engine-core process is spawned after start-up),
-    as the CURVE client `keys` describe (`ChannelKeys.publisher_keys`) where given."""
+    as the CURVE client `keys` describe (`ChannelKeys.publisher_keys`) where given. Every message
+    carries `faults`, the proposer's failed steps so far."""
 
     def __init__(self, address: str, keys: Mapping[str, str] | None = None) -> None:
         self.address = address
         self._keys = dict(keys) if keys else None
         self._sock = None
+        self.faults = 0
         self.unsent = 0  # messages dropped because the joiner could not take them
 
     def __repr__(self) -> str:
@@ -115,7 +117,7 @@ class Publisher:
             sock.connect(self.address)
             self._sock = sock
         try:  # never block vLLM's step on the channel
-            self._sock.send(eu_wire.encode(live, reqs, kv_bytes, kv_tokens), zmq.NOBLOCK)
+            self._sock.send(eu_wire.encode(live, reqs, kv_bytes, kv_tokens, self.faults), zmq.NOBLOCK)
         except zmq.Again:
             self.unsent += 1
             if math.log10(self.unsent).is_integer():
@@ -158,6 +160,7 @@ class Joiner:
         self.keys = keys
         self.dropped = 0  # malformed messages received and dropped
         self.rejected = 0  # peers refused at the CURVE handshake: nothing of theirs was read
+        self.proposer_faults = 0  # the proposer's failed steps, as of its last message
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.PULL)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -307,6 +310,7 @@ class Joiner:
         woken = []
         with self._lock:
             self.proposer_states = msg.live
+            self.proposer_faults = msg.faults
             if msg.kv_bytes > self.kv_peak[0]:
                 self.kv_peak = (msg.kv_bytes, msg.kv_tokens, msg.live)
             for req in msg.reqs:
