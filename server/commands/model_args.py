@@ -77,6 +77,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="vllm engine: the drafts' weights and KV cache (default float32: on CPUs without "
         "bf16 matmul units bf16 is ~10x slower; bfloat16 on GPUs)",
     )
+    g.add_argument(
+        "--eu-channel",
+        default="ipc",
+        metavar="ADDRESS",
+        help="vllm engine: the side channel that brings the proposer's records to this process: "
+        "ipc (default; a private socket on this machine) or tcp://HOST:PORT, bound here and "
+        "authenticated with CURVE keys made at start-up, for workers on other machines "
+        "(docs/reliability.md)",
+    )
     v = parser.add_argument_group("vLLM engine arguments (passed through to vLLM)")
     v.add_argument("--tensor-parallel-size", type=int, default=None, metavar="N")
     v.add_argument("--pipeline-parallel-size", type=int, default=None, metavar="N")

@@ -43,7 +43,7 @@ from server.engine.detokenize import IncrementalDetokenizer
 from server.engine.draft_ensemble import log_mix_from_record
 from server.engine.draft_kv import DEFAULT_BLOCK_SIZE, kv_bytes_per_token, target_kv_blocks
 from server.engine.emission import EmissionGate
-from server.engine.eu_channel import Joiner
+from server.engine.eu_channel import Joiner, open_joiner
 from server.engine.proposer_config import DRAFT_DTYPES, ProposerConfig
 from server.engine.types import (
     BIAS_SOURCES,
@@ -87,6 +87,7 @@ class VllmEngine:
         draft_kv_gib: float | None = None,
         draft_dtype: str = "float32",
         vllm_args: dict | None = None,
+        eu_channel: str = "ipc",
     ) -> None:
         vllm_internals.check_version()  # before vLLM starts: one sentence, not a dead worker
         if bias_source not in BIAS_SOURCES:
@@ -135,8 +136,9 @@ class VllmEngine:
             **args,
         )
         if drafts:
-            self.joiner = Joiner(vocab_size=self.vocab_size)  # a private 0700 directory
-            address = self.joiner.address
+            # ipc:// in a private 0700 directory, or tcp:// with CURVE keys made here (eu_transport)
+            self.joiner = open_joiner(eu_channel, self.vocab_size, args)
+            address = self.joiner.connect_address
             top_n = -1 if target_logprobs < 0 else (draft_top_n or DEFAULT_DRAFT_TOP_N)  # logprobs
             engine_kw["speculative_config"] = {
                 "method": "custom_class",
@@ -152,6 +154,7 @@ class VllmEngine:
                 bias=bias_source,
                 dtype=draft_dtype,
                 kv_tokens=kv_tokens,
+                channel_keys=self.joiner.publisher_keys(),
             ).to_additional_config()
         self._bias_logprobs = bias_lp
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kw))

@@ -54,6 +54,7 @@ from server.engine.proposer_config import ProposerConfig
 from server.engine.uncertainty import kl
 
 log = logging.getLogger(__name__)
+FAULT_LOG_EVERY = 100  # a failing proposer logs its 1st fault, then one in every 100
 
 
 class EnsembleProposer:
@@ -70,7 +71,8 @@ class EnsembleProposer:
         self.worker_bias = cfg.bias == "worker"
         self.ensemble: DraftEnsemble | None = None
         self.missing_features = 0  # feature drafts: positions fed a zero feature, in all
-        self.publisher = Publisher(cfg.channel) if _is_publishing_rank() else None
+        self.publisher = Publisher(cfg.channel, cfg.channel_keys) if _is_publishing_rank() else None
+        self.faults = 0  # steps whose proposal failed (see propose)
 
     def load_model(self, *args, **kwargs) -> None:
         vllm_internals.self_test()  # an incompatible vLLM fails here, at start-up
@@ -97,6 +99,40 @@ class EnsembleProposer:
         )
 
     def propose(
+        self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None, **kwargs
+    ) -> list[list[int]]:
+        """The step's proposals; a failure stays inside the step instead of ending vLLM's engine
+        core: its rows decode on without proposals, their tokens get null-uncertainty records
+        (published, so the API does not wait for them), every draft slot is dropped (the next
+        step recomputes from the histories), and the fault is counted on the side channel and
+        logged (the 1st, then one in every FAULT_LOG_EVERY)."""
+        try:
+            return self._propose(
+                sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings, **kwargs
+            )
+        except Exception:
+            self.faults += 1
+            if self.faults % FAULT_LOG_EVERY == 1:
+                log.exception(
+                    "epispec proposer: a step failed (%d so far); decoding on without drafts", self.faults
+                )
+            if self.ensemble is not None:
+                self.ensemble.release(set())
+            if self.publisher is not None:
+                req_ids = list(vllm_internals.current_step().runner.input_batch.req_ids)[
+                    : len(sampled_token_ids)
+                ]
+                reqs = []
+                for i, rid in enumerate(req_ids):
+                    n, e = int(num_tokens_no_spec[i]), len(sampled_token_ids[i])
+                    if e:
+                        nulls = [Record.exact(j, math.nan, None) for j in range(n - e, n)]
+                        reqs.append(RequestRecords(rid, 0, 0, 0, 0.0, nulls))
+                self.publisher.faults = self.faults
+                self.publisher.send(0, reqs)
+            return [[] for _ in sampled_token_ids]
+
+    def _propose(
         self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None, **kwargs
     ) -> list[list[int]]:
         step = vllm_internals.current_step()
