@@ -296,6 +296,12 @@ class ReferenceEngine:
         params.validate()
         if not prompt_token_ids:
             raise InvalidRequest("prompt_token_ids must not be empty", "prompt")
+        if params.json_output is not None:  # no grammar here: refuse rather than return prose
+            raise InvalidRequest(
+                "the reference engine cannot constrain output to JSON; serve with the vllm "
+                "engine for response_format json_object or json_schema",
+                "response_format",
+            )
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
