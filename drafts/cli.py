@@ -353,6 +353,16 @@ def _respond(args) -> dict:
     )
 
 
+def _responses(args) -> tuple[list[str], list[list[int]], dict]:
+    """(questions, documents of token ids, the corpus record) of a responses file (--data)."""
+    from drafts.corpus import describe_corpus
+    from drafts.responses import read_responses, response_docs
+
+    records = read_responses(args.data)[: args.limit or None]
+    texts = [r["question"] for r in records]
+    return texts, response_docs(records), describe_corpus(args.data, "responses", texts)
+
+
 def _distill(args) -> dict:
     if args.kind == "feature":
         return _distill_features(args)
@@ -360,12 +370,7 @@ def _distill(args) -> dict:
 
     docs = None
     if args.source == "responses":
-        from drafts.corpus import describe_corpus
-        from drafts.responses import read_responses, response_docs
-
-        records = read_responses(args.data)[: args.limit or None]
-        texts, docs = [r["question"] for r in records], response_docs(records)
-        corpus = describe_corpus(args.data, "responses", texts)
+        texts, docs, corpus = _responses(args)
     else:
         texts, corpus = _corpus(args)
     settings = DistillSettings(
@@ -407,12 +412,7 @@ def _distill_features(args) -> dict:
             "responses or corpus (not --source synthetic, --osd other than lowrank, --loss reverse, --init)."
         )
     if args.source == "responses":
-        from drafts.corpus import describe_corpus
-        from drafts.responses import read_responses, response_docs
-
-        records = read_responses(args.data)[: args.limit or None]
-        texts, docs = [r["question"] for r in records], response_docs(records)
-        corpus = describe_corpus(args.data, "responses", texts)
+        texts, docs, corpus = _responses(args)
     else:
         from drafts.lm import encode_corpus
         from server.engine.models import load_tokenizer

@@ -24,9 +24,9 @@ variance, bias). It reads vLLM 0.32 internals (pinned):
     prefills) and samples through the rejection sampler, which indexes copies of the rows and
     never writes to `logits`. Without metadata, vLLM's plain `Sampler` would scale and mask
     `logits` in place (temperature, top-p/k, penalties): the proposer refuses that case.
-  - a structured-output grammar bitmask is applied to `logits` in place before sampling; the
-    rows of such requests are no longer the raw target, so their bias is published as None
-    (epispec itself never requests structured output).
+  - a structured-output grammar bitmask (response_format) is applied to the runner's `logits`
+    in place before sampling; the step capture keeps a copy taken before it, so the bias of
+    such rows is exact against the raw target too.
 Bias source "logprobs": records ship q̄'s top-N and the API side computes `bias_topk`.
 
 The drafts' KV pool holds `kv_tokens` tokens (default: max_num_seqs × max_model_len, where no
@@ -214,8 +214,6 @@ class EnsembleProposer:
                 f"{ends[-1]} sampled positions: {vllm_internals.VERSION_HINT}."
             )
         first = [ends[i] - drafted[i] - 1 for i in range(len(rows))]  # request i's first row
-        grammar = step.grammar_output
-        masked = set(grammar.structured_output_request_ids) if grammar is not None else set()
         index, log_mix, where = [], [], []  # logits row, log q̄ [V], (row, record) of each record
         for i, (r, o) in enumerate(zip(rows, outs, strict=True)):
             n0 = len(r.history) - r.num_emitted  # position of the first emitted token
@@ -225,10 +223,9 @@ class EnsembleProposer:
                     f"{drafted[i] + 1} logits rows: {vllm_internals.VERSION_HINT}."
                 )
             for j, rec in enumerate(o.records):
-                if r.req_id not in masked:
-                    index.append(first[i] + rec.position - n0)
-                    log_mix.append(rec.log_mix)
-                    where.append((i, j))
+                index.append(first[i] + rec.position - n0)
+                log_mix.append(rec.log_mix)
+                where.append((i, j))
         out = [[None] * len(o.records) for o in outs]
         if index:
             idx = torch.tensor(index, device=logits.device)
