@@ -47,7 +47,7 @@ import time
 import torch
 
 from server.engine import vllm_internals
-from server.engine.draft_ensemble import DraftEnsemble, RowInput
+from server.engine.draft_ensemble import DraftEnsemble, LogMix, RowInput, TopN
 from server.engine.eu_channel import Publisher
 from server.engine.eu_wire import Record, RequestRecords
 from server.engine.proposer_config import ProposerConfig
@@ -81,7 +81,7 @@ class EnsembleProposer:
             k=self.k,
             slots=self.slots,
             max_len=self.max_len,
-            top_n=0 if self.worker_bias else self.cfg.top_n,
+            summary=LogMix() if self.worker_bias else TopN(None if self.cfg.top_n < 0 else self.cfg.top_n),
             device=self.device,
             kv_tokens=self.cfg.kv_tokens,
             dtype=getattr(torch, self.cfg.dtype),
