@@ -38,6 +38,7 @@ VLLM_PASSTHROUGH = (
     "max_num_seqs",
     "enforce_eager",
     "kv_cache_space",
+    "enable_prefix_caching",
 )
 
 

@@ -108,6 +108,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     v.add_argument("--enforce-eager", action="store_true", default=None, help="no CUDA graphs / compilation")
     v.add_argument(
+        "--no-prefix-caching",
+        dest="enable_prefix_caching",
+        action="store_false",
+        default=None,
+        help="turn vLLM's prefix cache off: every prompt is computed afresh (slower for shared "
+        "prompts; feature drafts then get the target's hidden state at every position)",
+    )
+    v.add_argument(
         "--kv-cache-space",
         type=int,
         default=None,
