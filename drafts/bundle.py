@@ -16,10 +16,9 @@ from pathlib import Path
 
 import torch
 
-from drafts.distill import PARTITION
-from drafts.training import RECORD, read_record
+from drafts.folder import MODEL_FILES, PARTITION, TOKENIZER_FILES
+from drafts.training import read_record
 from server.bundle import Manifest, Thresholds, write_manifest
-from server.engine.draft_vocab import FILE as DRAFT_VOCAB
 from server.engine.feature_draft import is_feature_draft, read_spec
 from server.engine.models import (
     ModelFolderError,
@@ -27,27 +26,6 @@ from server.engine.models import (
     count_parameters,
     load_tokenizer,
     model_config,
-)
-
-# what a model folder needs at serving time (no checkpoints, no optimizer state)
-MODEL_FILES = (
-    "config.json",
-    "feature_draft.json",
-    "generation_config.json",
-    "model.safetensors",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    RECORD,
-    PARTITION,
-    DRAFT_VOCAB,
-)
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
 )
 
 

@@ -29,7 +29,7 @@ import torch
 
 from drafts import ddd
 from drafts.osd import TeacherSampler, _layers
-from drafts.prefix_cache import pack_windows
+from drafts.prefix_cache import pack_windows, shuffled_indices
 from drafts.reduced import coverage
 from drafts.training import RunOptions, finish_run, loss_summary, resolve_device, train_loop, write_record
 from server.engine.draft_vocab import DraftVocab, vocab_digest
@@ -140,15 +140,8 @@ def feature_loss(
 
 
 def _batches(ids, prefix, f, batch_size: int, rng: random.Random):
-    n = len(ids)
-    if n < batch_size:
-        raise ValueError(f"{n} windows cannot fill one batch of {batch_size}; lower --batch-size.")
-    while True:
-        order = list(range(n))
-        rng.shuffle(order)
-        for i in range(0, n - batch_size + 1, batch_size):
-            idx = torch.tensor(order[i : i + batch_size])
-            yield _Batch(ids[idx], prefix[idx], f[idx])
+    for idx in shuffled_indices(len(ids), batch_size, rng):
+        yield _Batch(ids[idx], prefix[idx], f[idx])
 
 
 @dataclass

@@ -16,9 +16,10 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from server.engine.eu_transport import parse_channel
 from server.engine.p_error import PErrorRule
 from server.engine.types import (
     DEFAULT_BIAS_SOURCE,
@@ -54,6 +55,9 @@ class Settings(BaseSettings):
     draft_kv_gib: float | None = Field(None, gt=0, description="the drafts' KV cache budget (vllm engine)")
     draft_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     model_name: str | None = Field(None, description="id served as `model`; default: target folder name")
+    eu_channel: str = Field(
+        "ipc", description="the proposer's side channel: ipc (one machine) or tcp://HOST:PORT (CURVE)"
+    )
     # further model flags given on the command line (vLLM passthrough), by argparse dest
     model_flags: dict[str, Any] = Field(default_factory=dict)
 
@@ -87,6 +91,12 @@ class Settings(BaseSettings):
     # per-request threshold overrides must lie within these bounds
     min_threshold: float = Field(0.0, ge=0)
     max_threshold: float = Field(100.0, gt=0)
+
+    @field_validator("eu_channel")
+    @classmethod
+    def _channel(cls, value: str) -> str:
+        parse_channel(value)  # its ValueError is the sentence
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

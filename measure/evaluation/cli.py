@@ -12,12 +12,12 @@ upper bound, TokUR, the arithmetic response set, p_error and p_wrong; GSM8K data
 `--quick` is its 4 + 4-problem size. With `--calibrate-bundle B` too, the eu threshold, the
 `p_wrong` and `p_error` fits and the `eu_correction` of lower validation RMSE (all from
 validation) are written into B/bundle.json.
-`--report DIR` runs nothing: it regenerates DIR/report.md and the README's tables from
-DIR/results.json, prints the tables, and with `--readme README.md` splices them in between the
+`--report DIR` runs nothing: it regenerates DIR/report.md and the documentation's tables from
+DIR/results.json, prints the tables, and with `--readme docs/evaluation.md` splices them in between the
 `<!-- eval-table:start -->` / `<!-- eval-table:end -->` markers — for an earlier bundle run's
 results, its goal table between `<!-- eval-bundle-goals:start -->` / `<!-- eval-bundle-goals:end -->`
 (`goals.py`); for a bundle run at scale, the `eval-scale-tables` and `eval-scale-goals` blocks of
-the file given to `--readme` (`scale_report.py`).
+the file given to `--readme` (docs/evaluation-at-scale.md, `scale_report.py`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ import shlex
 import sys
 from pathlib import Path
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "gsm8k"
+from drafts.corpus import GSM8K as DEFAULT_DATA  # shipped with the project (data/gsm8k/README.md)
+from drafts.corpus import split_file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,19 +39,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--report",
         default=None,
         metavar="DIR",
-        help="regenerate DIR/report.md and the README tables from DIR/results.json; run nothing",
+        help="regenerate DIR/report.md and the docs' tables from DIR/results.json; run nothing",
     )
     parser.add_argument(
         "--readme",
         default=None,
         metavar="PATH",
-        help="with --report: splice the tables into PATH between the eval-table markers",
+        help="with --report: splice the tables into PATH between the eval-table markers "
+        "(eval-bundle-goals for a bundle's results; docs/evaluation.md)",
     )
     parser.add_argument(
         "--data",
         default=None,
-        help="GSM8K-format folder/JSONL, a datasets name, or 'synthetic' (default: ../shared/data/gsm8k "
-        "when present, else synthetic; with --quick: synthetic)",
+        help="GSM8K-format folder/JSONL, a datasets name, or 'synthetic' (default: GSM8K as shipped in "
+        "data/gsm8k; with --quick: synthetic)",
     )
     parser.add_argument(
         "--bundle",
@@ -112,7 +114,7 @@ def _data(arg: str | None, quick: bool) -> str | None:
     if arg == "synthetic" or (arg is None and quick):
         return None
     if arg is None:
-        return str(DEFAULT_DATA.resolve()) if (DEFAULT_DATA / "test.jsonl").is_file() else None
+        return str(DEFAULT_DATA) if split_file(DEFAULT_DATA, "test").is_file() else None
     return arg
 
 

@@ -44,19 +44,62 @@ from server.engine.feature_draft import is_feature_draft, load_feature_drafts
 from server.engine.uncertainty import mixture_logprobs, variance
 
 
+@dataclass(frozen=True)
+class TopN:
+    """Records ship q̄'s `n` most probable tokens as ids and probabilities (None: all of q̄, for
+    an exact `bias_topk` on the API side)."""
+
+    n: int | None = 64
+
+
+@dataclass(frozen=True)
+class LogMix:
+    """Records keep log q̄ itself over the target's vocabulary ([V], on the drafts' device), for
+    a bias computed in the same process (bias source "worker")."""
+
+
+QSummary = TopN | LogMix  # what a record keeps of q̄
+
+
 @dataclass
 class Record:
     """What the EU of one emitted position needs from the drafts, as tensors in the proposer's
-    process (the proposer turns it into the side channel's `eu_wire.Record`).
-
-    `ids`/`probs` are q̄'s top-N token ids and probabilities (N = V: all of q̄, exact bias);
-    with top_n = 0 they are None and `log_mix` is q̄ itself, for a bias computed in process."""
+    process (the proposer turns it into the side channel's `eu_wire.Record`): `ids`/`probs`
+    under `TopN`, `log_mix` under `LogMix`, the other None."""
 
     position: int  # index of the token in the request's history
     variance: float
     ids: torch.Tensor | None  # [N] int32
     probs: torch.Tensor | None  # [N] float32
-    log_mix: torch.Tensor | None = None  # [V] float32 log q̄ (top_n = 0), on the drafts' device
+    log_mix: torch.Tensor | None = None  # [V] float32 log q̄, on the drafts' device
+
+
+@dataclass
+class QFields:
+    """q̄'s summary at a batch of positions (any leading shape [...]): ids, probs [..., N] under
+    `TopN`, or log_mix [..., V] under `LogMix`."""
+
+    ids: torch.Tensor | None = None
+    probs: torch.Tensor | None = None
+    log_mix: torch.Tensor | None = None
+
+    def map(self, fn) -> QFields:
+        """`fn` applied to each present tensor (indexing, stacking's inputs, moving)."""
+        return QFields(*(None if t is None else fn(t) for t in (self.ids, self.probs, self.log_mix)))
+
+    @staticmethod
+    def stack(parts: list[QFields], dim: int) -> QFields:
+        first = parts[0]
+        return QFields(
+            *(
+                None if getattr(first, n) is None else torch.stack([getattr(p, n) for p in parts], dim)
+                for n in ("ids", "probs", "log_mix")
+            )
+        )
+
+    def record(self, position: int, var: float) -> Record:
+        """One position's record (its fields indexed down to that position)."""
+        return Record(position, var, self.ids, self.probs, self.log_mix)
 
 
 @dataclass
@@ -150,7 +193,7 @@ class _Scored:
     """Step 1)'s summaries (see `summarize`) of every position it read."""
 
     var: torch.Tensor  # [P]
-    fields: tuple  # each [P, ...]
+    fields: QFields  # [P, ...]
     greedy: torch.Tensor  # [P] long, target ids
     index: dict[tuple[int, int], int]  # (live row b, position of the token) -> p
     seconds: float  # time spent summarizing
@@ -163,7 +206,7 @@ class _Drafted:
 
     proposal: list[list[int]]  # [B][S]
     var: list[list[float]]  # [B][S]
-    fields: list[torch.Tensor]  # each [B, S, ...]
+    fields: QFields  # [B, S, ...]
     ks: list[int]  # tokens each row may propose (room in the drafts' caches)
     steps: int  # batched ensemble steps taken (1 + S − 1)
     seconds: float
@@ -185,38 +228,31 @@ def _feed_groups(lengths: list[int], short: int) -> list[list[int]]:
     return [g for g in groups if g]
 
 
-def summarize(draft_lp: torch.Tensor, top_n: int, vocab: DraftVocab | None = None):
+def summarize(draft_lp: torch.Tensor, summary: QSummary, vocab: DraftVocab | None = None):
     """Per position: exact variance, the record's fields of q̄, q̄'s greedy token.
-    [P, M, V_d] -> [P], fields, [P] long (target ids)
+    [P, M, V_d] -> [P], QFields [P, ...], [P] long (target ids)
 
-    fields: (ids [P, N] int32 target ids, probs [P, N]) of q̄'s top-N (top_n < 0: N = V_d), or
-    (log q̄ [P, V],) over the target's vocabulary for top_n = 0. With a reduced vocabulary
+    fields: ids [P, N] int32 target ids and probs [P, N] of q̄'s top-N (`TopN`; n None: N = V_d),
+    or log q̄ [P, V] over the target's vocabulary (`LogMix`). With a reduced vocabulary
     (V_d < V) everything is computed over S and mapped: q̄ is 0 outside S."""
     log_mix = mixture_logprobs(draft_lp)  # [P, V_d]
     var = variance(draft_lp, log_mix)  # [P]
     greedy = log_mix.argmax(-1)  # [P] draft ids
     if vocab is not None:
         greedy = vocab.to_target(greedy)
-    if top_n == 0:
-        return var, (log_mix if vocab is None else vocab.expand(log_mix),), greedy
-    n = min(top_n, log_mix.shape[-1]) if top_n > 0 else log_mix.shape[-1]
+    if isinstance(summary, LogMix):
+        return var, QFields(log_mix=log_mix if vocab is None else vocab.expand(log_mix)), greedy
+    n = log_mix.shape[-1] if summary.n is None else min(summary.n, log_mix.shape[-1])
     probs, ids = log_mix.exp().topk(n, dim=-1)  # [P, N]
     if vocab is not None:
         ids = vocab.to_target(ids)
-    return var, (ids.to(torch.int32), probs), greedy
-
-
-def _record(position: int, var: float, fields: tuple) -> Record:
-    """A record from one position's fields (see `summarize`)."""
-    if len(fields) == 1:
-        return Record(position, var, None, None, fields[0])
-    return Record(position, var, *fields)
+    return var, QFields(ids=ids.to(torch.int32), probs=probs), greedy
 
 
 class DraftEnsemble:
     """M drafts proposing k tokens per round for concurrent requests of up to `max_len` tokens.
 
-    Records carry q̄'s top-`top_n` (−1: all of it as ids/probs; 0: log q̄ itself, [V]).
+    Records keep what `summary` says of q̄: its top-N (`TopN`) or log q̄ itself (`LogMix`).
 
     KV memory: `kv_bytes_per_token` bytes (2 × layers × Hkv × head_dim × the dtype's size, summed
     over the drafts) for each token a request holds, in blocks of `block_size` tokens from a pool
@@ -231,7 +267,7 @@ class DraftEnsemble:
         k: int,
         slots: int,
         max_len: int,
-        top_n: int = 64,
+        summary: QSummary = TopN(),
         device: str | torch.device = "cpu",
         kv_tokens: int | None = None,
         block_size: int = DEFAULT_BLOCK_SIZE,
@@ -239,7 +275,14 @@ class DraftEnsemble:
         target: str | Path | None = None,
     ) -> None:
         self.device = torch.device(device)
-        self.k, self.top_n, self.max_len = k, top_n, max_len
+        if (
+            not isinstance(summary, TopN | LogMix)
+            or isinstance(summary, TopN)
+            and summary.n is not None
+            and summary.n < 1
+        ):
+            raise ValueError(f"summary must be TopN(n >= 1 or None) or LogMix(), not {summary!r}.")
+        self.k, self.summary, self.max_len = k, summary, max_len
         self.pool = BlockPool.for_tokens(kv_tokens or slots * max_len, block_size)
         self._slots: dict[str, _Slot] = {}
         self._feats: dict[str, tuple[int, torch.Tensor]] = {}  # req -> (first position, [F, E])
@@ -438,7 +481,7 @@ class DraftEnsemble:
             lp = lp[back]
             g = g[:, back] if g is not None else None
         t0 = time.perf_counter()
-        var, fields, greedy = summarize(lp, self.top_n, self.vocab)
+        var, fields, greedy = summarize(lp, self.summary, self.vocab)
         index = {(b, position): p_i for p_i, (b, position) in enumerate(zip(out_rows, out_pos, strict=True))}
         return _Scored(var, fields, greedy, index, time.perf_counter() - t0, g)
 
@@ -450,7 +493,7 @@ class DraftEnsemble:
         n_hist = torch.tensor([len(lv.row.history) for lv in live])
         ks = [min(self.k, self.max_len - int(n) - 1) for n in n_hist]  # room in the drafts' caches
         step_var = [first.var[last_idx]]  # each [B]
-        step_fields = [tuple(t[last_idx] for t in first.fields)]  # each: fields of [B, ...]
+        step_fields = [first.fields.map(lambda t: t[last_idx])]  # each [B, ...]
         cur = first.greedy[last_idx].to(dev)  # [B] target ids
         own = first.g[:, last_idx.to(dev), None] if first.g is not None else None  # [M, B, 1, E]
         proposal = [cur]
@@ -464,7 +507,7 @@ class DraftEnsemble:
             if own is not None:
                 own = res[0][1][:, :, None]  # [M, B, 1, E]: each draft's own predicted feature
             t0 = time.perf_counter()
-            v_s, fields_s, greedy_s = summarize(lp, self.top_n, self.vocab)
+            v_s, fields_s, greedy_s = summarize(lp, self.summary, self.vocab)
             seconds += time.perf_counter() - t0
             step_var.append(v_s)
             step_fields.append(fields_s)
@@ -473,7 +516,7 @@ class DraftEnsemble:
         return _Drafted(
             proposal=torch.stack(proposal, 1).tolist(),  # [B, S]
             var=torch.stack(step_var, 1).tolist(),  # [B, S]
-            fields=[self._host(torch.stack(ts, 1)) for ts in zip(*step_fields, strict=True)],  # [B, S, ...]
+            fields=self._host(QFields.stack(step_fields, 1)),  # [B, S, ...]
             ks=ks,
             steps=1 + max(0, max(ks) - 1),
             seconds=seconds,
@@ -483,7 +526,7 @@ class DraftEnsemble:
         """3) Each row's output: the records of its emitted positions (pending from the last
         round, else from step 1)), its new proposal and the pending records of that, counts."""
         var_l = first.var.tolist()
-        fields_c = [self._host(t) for t in first.fields]
+        fields_c = self._host(first.fields)
         share = (first.seconds + drafted.seconds) / len(live)
         for b, lv in enumerate(live):
             r, st, out = lv.row, lv.slot, lv.out
@@ -492,7 +535,7 @@ class DraftEnsemble:
                 rec = st.pending.get(j)
                 if rec is None and (b, j) in first.index:
                     p_i = first.index[(b, j)]
-                    rec = _record(j, var_l[p_i], tuple(t[p_i] for t in fields_c))
+                    rec = fields_c.map(lambda t, p_i=p_i: t[p_i]).record(j, var_l[p_i])
                 if rec is not None:
                     out.records.append(rec)
             k_b = max(0, drafted.ks[b])
@@ -501,7 +544,7 @@ class DraftEnsemble:
                 n,
                 proposal,
                 {
-                    n + s: _record(n + s, drafted.var[b][s], tuple(t[b, s] for t in drafted.fields))
+                    n + s: drafted.fields.map(lambda t, b=b, s=s: t[b, s]).record(n + s, drafted.var[b][s])
                     for s in range(k_b)
                 },
             )
@@ -511,9 +554,9 @@ class DraftEnsemble:
             if r.final:
                 self._drop(r.req_id)
 
-    def _host(self, t: torch.Tensor) -> torch.Tensor:
+    def _host(self, f: QFields) -> QFields:
         """Top-N fields go to the host (they are shipped); log q̄ stays where it is used."""
-        return t.cpu() if self.top_n else t
+        return f.map(lambda t: t.cpu()) if isinstance(self.summary, TopN) else f
 
 
 def log_mix_from_record(rec_ids: torch.Tensor, rec_probs: torch.Tensor, vocab: int) -> torch.Tensor:

@@ -5,11 +5,11 @@ position, and the target's embedding of the current token x_t, and predicts the 
 feature and next token (Li et al., EAGLE, arXiv 2401.15077):
 
     h_t = fc([f_{t−1}; e(x_t)])                       [E]   (2E -> E, with bias)
-    g_t = norm(layer(h_≤t))                           [E]   (one Llama decoder layer, its own norm)
+    g_t = layer(h_≤t)                                 [E]   (one Llama decoder layer, residual)
     q_m(x_{t+1} | x_≤t) = softmax(g_t · W_S)          [V_d] (the target's tied embedding rows of S)
 
 The embedding and the output head are the target's own (read from its folder, never stored with
-the draft); a draft folder holds only fc, the layer and the norm (`feature_draft.json`,
+the draft); a draft folder holds only fc and the layer (`feature_draft.json`,
 `model.safetensors`, `draft_vocab.json` for S). The M drafts of a bundle share their inputs and
 differ by OSD instance and DDD partition (`drafts.feature_distill`). At later steps of a round
 the draft's own g_t stands in for the feature the target has not computed yet (EAGLE's
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from server.engine.draft_vocab import DraftVocab, read_draft_vocab
-from server.engine.stacked_layers import LAYER_WEIGHTS, Attend, decoder_layer, linear, rms
+from server.engine.stacked_layers import LAYER_WEIGHTS, Attend, decoder_layer, linear
 
 SPEC_FILE = "feature_draft.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -82,7 +82,6 @@ class FeatureSpec:
             "layer.mlp.gate_proj.weight": (E, inter),
             "layer.mlp.up_proj.weight": (E, inter),
             "layer.mlp.down_proj.weight": (inter, E),
-            "norm.weight": (E,),
         }
 
     def parameters(self) -> int:
@@ -200,7 +199,7 @@ class FeatureDrafts(torch.nn.Module):
             h = h.flatten(1, 2)  # [M, P, E]
         else:
             h = h[:, out[0], out[1]]  # [M, P, E]
-        g = rms(h, self.weight("norm.weight"), s.rms_eps)  # [M, P, E]
+        g = h  # [M, P, E]: in the space of f (the target's normed feature), which the head reads
         lp = torch.log_softmax(torch.matmul(g, self.head).float(), -1)  # [M, P, V_d]
         return lp.transpose(0, 1), g
 
@@ -210,25 +209,28 @@ class FeatureDrafts(torch.nn.Module):
 
 
 def init_weights(spec: FeatureSpec, target, m: int, seed: int) -> dict[str, torch.Tensor]:
-    """M drafts' starting weights, [M, *shape]: the layer a copy of the target's last decoder
-    layer, fc = [I·0.5 | I·0.5]-ish plus seeded noise (each draft its own), the norm the target's
-    final norm."""
+    """M drafts' starting weights, [M, *shape], chosen so that each draft starts as "the target's
+    prediction one step behind" and learns the correction: fc passes f_{t−1} through (identity on
+    the feature half, seeded noise on the embedding half: each draft its own), and the layer, a
+    copy of the target's last decoder layer, starts as the identity (o_proj and down_proj zero,
+    the zero-initialised residual branches of e.g. GPT-2 and ReZero)."""
     s = spec
     last = target.model.layers[-1]
     state = {k: v.detach().float() for k, v in last.state_dict().items()}
     g = torch.Generator().manual_seed(seed)
+    E = s.hidden
     out: dict[str, list[torch.Tensor]] = {k: [] for k in s.shapes()}
     for _ in range(m):
         for name in LAYER_WEIGHTS:
             w = state[name]
-            out["layer." + name].append(w.t().contiguous() if w.dim() == 2 else w.clone())
-        E = s.hidden
-        fc = torch.randn(2 * E, E, generator=g) * (0.02 / (2 * E) ** 0.5 * 10)
-        fc[:E] += torch.eye(E) * 0.5
-        fc[E:] += torch.eye(E) * 0.5
+            w = w.t().contiguous() if w.dim() == 2 else w.clone()
+            if name in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
+                w = torch.zeros_like(w)
+            out["layer." + name].append(w)
+        fc = torch.randn(2 * E, E, generator=g) * (0.02 / (2 * E) ** 0.5)
+        fc[:E] += torch.eye(E)
         out["fc.weight"].append(fc)
         out["fc.bias"].append(torch.zeros(E))
-        out["norm.weight"].append(target.model.norm.weight.detach().float().clone())
     return {k: torch.stack(v) for k, v in out.items()}
 
 

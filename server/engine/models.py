@@ -140,7 +140,12 @@ def draft_kv_config(path: str | Path) -> dict:
     one layer from its spec)."""
     if is_feature_draft(path):
         s = read_spec(path)
-        return {"num_hidden_layers": 1, "num_attention_heads": s.heads, "num_key_value_heads": s.kv_heads, "head_dim": s.head_dim}
+        return {
+            "num_hidden_layers": 1,
+            "num_attention_heads": s.heads,
+            "num_key_value_heads": s.kv_heads,
+            "head_dim": s.head_dim,
+        }
     return model_config(path)
 
 

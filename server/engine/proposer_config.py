@@ -9,7 +9,7 @@ unknown key is an error at start-up, not a silent default in the worker.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 from server.engine.types import BIAS_SOURCES, DEFAULT_BIAS_SOURCE, BiasSource
 
@@ -27,7 +27,8 @@ class ProposerConfig:
     bias: "worker" (exact KL(q̄ ‖ p) from the step's raw logits, in the worker) or "logprobs"
     dtype: the drafts' weights and KV cache
     kv_tokens: the drafts' KV pool in tokens (None: max_num_seqs × max_model_len)
-    channel_keys: the side channel's authentication material, if any (never logged)"""
+    channel_keys: the side channel's CURVE keys for a tcp:// channel (`ChannelKeys.publisher_keys`;
+        left out of the repr, never logged)"""
 
     drafts: tuple[str, ...]
     channel: str
@@ -35,7 +36,7 @@ class ProposerConfig:
     bias: BiasSource = DEFAULT_BIAS_SOURCE
     dtype: str = "float32"
     kv_tokens: int | None = None
-    channel_keys: dict | None = None
+    channel_keys: dict | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.drafts:

@@ -14,12 +14,14 @@ recomputed. One round (docs/design.md §2):
        position gets one extra draft step, which the next round would otherwise run anyway
     5) crop every cache to the tokens that stand
 
-A failed step (an exception in a forward pass: out of memory, a device error, a bug) kills the
-engine, as a dead vLLM engine core does: that stream and every other one in flight end with
-`EngineDeadError` at their next step, new requests are refused with it, and `is_healthy()`
-turns False, upon which the server answers 503 and `epispec serve` exits non-zero for a
-supervisor to restart it. Nothing tells a fault confined to one sequence from one that left
-the models or the device in a bad state, so no step is trusted after one fails.
+A failed step (an exception in a forward pass: a bug, an out-of-memory on a long prompt, a
+device error) fails its own request: that stream ends with `StepFailed`, the others go on.
+Each sequence has KV caches of its own, so nothing of the failed one is used again; what the
+models share are their weights and the device, which the engine then checks with a one-token
+forward pass of every model (`_still_works`). Only if that fails too is the engine dead, as a
+dead vLLM engine core is: every stream ends with `EngineDeadError` at its next step, new
+requests are refused with it, and `is_healthy()` turns False, upon which the server answers
+503 and `epispec serve` exits non-zero for a supervisor to restart it.
 """
 
 from __future__ import annotations
@@ -53,6 +55,11 @@ from server.engine.types import (
 from server.engine.uncertainty import decompose, mixture_logprobs
 
 log = logging.getLogger(__name__)
+
+
+class StepFailed(RuntimeError):
+    """A step of this request failed; the engine serves on (the error event reads
+    "Generation failed: StepFailed.", the details go to the server's log)."""
 
 
 class EngineDeadError(RuntimeError):
@@ -291,6 +298,12 @@ class ReferenceEngine:
         params.validate()
         if not prompt_token_ids:
             raise InvalidRequest("prompt_token_ids must not be empty", "prompt")
+        if params.json_output is not None:  # no grammar here: refuse rather than return prose
+            raise InvalidRequest(
+                "the reference engine cannot constrain output to JSON; serve with the vllm "
+                "engine for response_format json_object or json_schema",
+                "response_format",
+            )
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
@@ -304,16 +317,11 @@ class ReferenceEngine:
 
         def step():
             with self._step_lock:
-                self._check_alive()  # a stream that waited on the lock while another failed
+                self._check_alive()  # a stream that waited on the lock while the engine died
                 try:
                     return next(it, None)
                 except Exception as exc:
-                    if self._failure is None:
-                        self._failure = f"{type(exc).__name__}: {exc}"
-                        log.error(
-                            "the reference engine failed a step (%s); it runs no more", type(exc).__name__
-                        )
-                    raise EngineDeadError(f"the engine failed a step: {self._failure}") from exc
+                    raise self._failed_step(exc) from exc
 
         try:
             while True:
@@ -338,6 +346,32 @@ class ReferenceEngine:
 
     def is_healthy(self) -> bool:
         return self._failure is None
+
+    def _failed_step(self, exc: Exception) -> Exception:
+        """What the failed step's request raises: StepFailed, or EngineDeadError where the models
+        fail a one-token forward pass too (the device or the weights are broken, not the request)."""
+        if self._still_works():
+            log.error(
+                "the reference engine failed a step of one request (%s); serving on", type(exc).__name__
+            )
+            return StepFailed(f"a step of this request failed: {type(exc).__name__}: {exc}")
+        self._failure = f"{type(exc).__name__}: {exc}"
+        log.error(
+            "the reference engine failed a step (%s) and a check after it; it runs no more",
+            type(exc).__name__,
+        )
+        return EngineDeadError(f"the engine failed a step: {self._failure}")
+
+    def _still_works(self) -> bool:
+        """One forward pass of one token through every model, without a cache."""
+        try:
+            with torch.inference_mode():
+                ids = torch.zeros((1, 1), dtype=torch.long, device=self.device)  # [1, 1]
+                for lm in [self.target, *self.drafts]:
+                    lm(input_ids=ids)
+        except Exception:  # noqa: BLE001 (any failure means the models cannot serve)
+            return False
+        return True
 
     def _check_alive(self) -> None:
         if self._failure is not None:

@@ -80,6 +80,14 @@ class InvalidRequest(ValueError):
 
 
 @dataclass(frozen=True)
+class JsonOutput:
+    """Constrain the output to JSON by a grammar: an object matching `schema` (a JSON Schema),
+    or any JSON object when `schema` is None. Engines that cannot constrain refuse it."""
+
+    schema: dict | None = None
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """What one request asks of the engine. Validation of client input happens in the API layer;
     `validate()` applies the same ranges in every engine (raises InvalidRequest)."""
@@ -93,6 +101,7 @@ class SamplingParams:
     logprobs: int = 0  # how many top log-probs of the (processed) target to return per token
     thresholds: FlagThresholds = field(default_factory=FlagThresholds)
     stop_on_uncertainty: bool = False
+    json_output: JsonOutput | None = None  # the OpenAI API's response_format
 
     def validate(self) -> None:
         if self.max_tokens < 1:

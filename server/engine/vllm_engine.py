@@ -35,7 +35,7 @@ os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 from vllm import SamplingParams as VllmSamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
-from vllm.sampling_params import RequestOutputKind
+from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from server.engine import models, vllm_internals
@@ -43,7 +43,7 @@ from server.engine.detokenize import IncrementalDetokenizer
 from server.engine.draft_ensemble import log_mix_from_record
 from server.engine.draft_kv import DEFAULT_BLOCK_SIZE, kv_bytes_per_token, target_kv_blocks
 from server.engine.emission import EmissionGate
-from server.engine.eu_channel import Joiner
+from server.engine.eu_channel import Joiner, open_joiner
 from server.engine.proposer_config import DRAFT_DTYPES, ProposerConfig
 from server.engine.types import (
     BIAS_SOURCES,
@@ -87,6 +87,7 @@ class VllmEngine:
         draft_kv_gib: float | None = None,
         draft_dtype: str = "float32",
         vllm_args: dict | None = None,
+        eu_channel: str = "ipc",
     ) -> None:
         vllm_internals.check_version()  # before vLLM starts: one sentence, not a dead worker
         if bias_source not in BIAS_SOURCES:
@@ -135,8 +136,9 @@ class VllmEngine:
             **args,
         )
         if drafts:
-            self.joiner = Joiner(vocab_size=self.vocab_size)  # a private 0700 directory
-            address = self.joiner.address
+            # ipc:// in a private 0700 directory, or tcp:// with CURVE keys made here (eu_transport)
+            self.joiner = open_joiner(eu_channel, self.vocab_size, args)
+            address = self.joiner.connect_address
             top_n = -1 if target_logprobs < 0 else (draft_top_n or DEFAULT_DRAFT_TOP_N)  # logprobs
             engine_kw["speculative_config"] = {
                 "method": "custom_class",
@@ -152,6 +154,7 @@ class VllmEngine:
                 bias=bias_source,
                 dtype=draft_dtype,
                 kv_tokens=kv_tokens,
+                channel_keys=self.joiner.publisher_keys(),
             ).to_additional_config()
         self._bias_logprobs = bias_lp
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kw))
@@ -332,8 +335,22 @@ class VllmEngine:
         n_lp = params.logprobs  # 0 still returns the sampled token's own log-prob
         if self._bias_logprobs is not None:
             n_lp = -1 if self._bias_logprobs < 0 else max(self._bias_logprobs, n_lp)
+        js, structured = params.json_output, None
+        if js is not None:
+            if self.joiner and self.bias_source == "logprobs":
+                # the target's top-K would be grammar-masked: the drafts' mass on forbidden tokens
+                # would make every bias huge or infinite, and every token flagged
+                raise InvalidRequest(
+                    "response_format needs the worker bias source (this server runs --bias-source logprobs)",
+                    "response_format",
+                )
+            structured = (
+                StructuredOutputsParams(json=js.schema)
+                if js.schema is not None
+                else StructuredOutputsParams(json_object=True)
+            )
         try:
-            return VllmSamplingParams(
+            vp = VllmSamplingParams(
                 n=1,
                 max_tokens=room,
                 temperature=params.temperature,
@@ -343,11 +360,26 @@ class VllmEngine:
                 logprobs=n_lp,
                 output_kind=RequestOutputKind.DELTA,
                 detokenize=False,
+                structured_outputs=structured,
             )
         except (ValueError, VLLMClientError) as exc:  # vLLM's own checks of the request
             message = str(exc)
             param = getattr(exc, "parameter", None) or message.split(" ", 1)[0]
             raise InvalidRequest(message, param if param in _PARAMS else None) from exc
+        if structured is not None:  # a schema no backend compiles is the client's 400, not a failed stream
+            cfg = self.llm.vllm_config
+            try:
+                vp.verify(
+                    cfg.model_config,
+                    cfg.speculative_config,
+                    cfg.structured_outputs_config,
+                    self.llm.input_processor.tokenizer,
+                )
+            except (ValueError, VLLMClientError) as exc:
+                raise InvalidRequest(
+                    f"the response_format cannot be compiled into a grammar: {exc}", "response_format"
+                ) from exc
+        return vp
 
     async def _event(
         self,

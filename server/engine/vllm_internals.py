@@ -117,7 +117,8 @@ class Step:
         computed this step, requests in batch order (`query_start`)
     query_start: [num_reqs + 1] request i's tokens are rows [query_start[i], query_start[i+1])
     seq_lens: [num_reqs] tokens of request i computed after this step (its last row's position + 1)
-    grammar_output: structured-output bitmasks applied to `logits` in place (None: none)"""
+    grammar_output: the step's structured-output bitmasks (None: none); `logits` is a copy taken
+        before vLLM applies them in place, so it stays the raw target"""
 
     runner: Any
     logits: torch.Tensor | None
@@ -159,7 +160,9 @@ def capture_step(sample_tokens):
             attn = state.spec_decode_common_attn_metadata
             _STEP.step = Step(
                 runner=self,
-                logits=state.logits,
+                # a grammar bitmask is applied to the logits in place before sampling: keep the
+                # raw target (one [num_sampled, V] copy, only on steps with structured output)
+                logits=state.logits.clone() if grammar_output is not None else state.logits,
                 spec_decode_metadata=state.spec_decode_metadata,
                 hidden_states=state.hidden_states,
                 query_start=None if attn is None else attn.query_start_loc_cpu.numpy(),

@@ -24,9 +24,9 @@ variance, bias). It reads vLLM 0.32 internals (pinned):
     prefills) and samples through the rejection sampler, which indexes copies of the rows and
     never writes to `logits`. Without metadata, vLLM's plain `Sampler` would scale and mask
     `logits` in place (temperature, top-p/k, penalties): the proposer refuses that case.
-  - a structured-output grammar bitmask is applied to `logits` in place before sampling; the
-    rows of such requests are no longer the raw target, so their bias is published as None
-    (epispec itself never requests structured output).
+  - a structured-output grammar bitmask (response_format) is applied to the runner's `logits`
+    in place before sampling; the step capture keeps a copy taken before it, so the bias of
+    such rows is exact against the raw target too.
 Bias source "logprobs": records ship q̄'s top-N and the API side computes `bias_topk`.
 
 The drafts' KV pool holds `kv_tokens` tokens (default: max_num_seqs × max_model_len, where no
@@ -47,13 +47,14 @@ import time
 import torch
 
 from server.engine import vllm_internals
-from server.engine.draft_ensemble import DraftEnsemble, RowInput
+from server.engine.draft_ensemble import DraftEnsemble, LogMix, RowInput, TopN
 from server.engine.eu_channel import Publisher
 from server.engine.eu_wire import Record, RequestRecords
 from server.engine.proposer_config import ProposerConfig
 from server.engine.uncertainty import kl
 
 log = logging.getLogger(__name__)
+FAULT_LOG_EVERY = 100  # a failing proposer logs its 1st fault, then one in every 100
 
 
 class EnsembleProposer:
@@ -70,7 +71,8 @@ class EnsembleProposer:
         self.worker_bias = cfg.bias == "worker"
         self.ensemble: DraftEnsemble | None = None
         self.missing_features = 0  # feature drafts: positions fed a zero feature, in all
-        self.publisher = Publisher(cfg.channel) if _is_publishing_rank() else None
+        self.publisher = Publisher(cfg.channel, cfg.channel_keys) if _is_publishing_rank() else None
+        self.faults = 0  # steps whose proposal failed (see propose)
 
     def load_model(self, *args, **kwargs) -> None:
         vllm_internals.self_test()  # an incompatible vLLM fails here, at start-up
@@ -79,7 +81,7 @@ class EnsembleProposer:
             k=self.k,
             slots=self.slots,
             max_len=self.max_len,
-            top_n=0 if self.worker_bias else self.cfg.top_n,
+            summary=LogMix() if self.worker_bias else TopN(None if self.cfg.top_n < 0 else self.cfg.top_n),
             device=self.device,
             kv_tokens=self.cfg.kv_tokens,
             dtype=getattr(torch, self.cfg.dtype),
@@ -97,6 +99,40 @@ class EnsembleProposer:
         )
 
     def propose(
+        self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None, **kwargs
+    ) -> list[list[int]]:
+        """The step's proposals; a failure stays inside the step instead of ending vLLM's engine
+        core: its rows decode on without proposals, their tokens get null-uncertainty records
+        (published, so the API does not wait for them), every draft slot is dropped (the next
+        step recomputes from the histories), and the fault is counted on the side channel and
+        logged (the 1st, then one in every FAULT_LOG_EVERY)."""
+        try:
+            return self._propose(
+                sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings, **kwargs
+            )
+        except Exception:
+            self.faults += 1
+            if self.faults % FAULT_LOG_EVERY == 1:
+                log.exception(
+                    "epispec proposer: a step failed (%d so far); decoding on without drafts", self.faults
+                )
+            if self.ensemble is not None:
+                self.ensemble.release(set())
+            if self.publisher is not None:
+                req_ids = list(vllm_internals.current_step().runner.input_batch.req_ids)[
+                    : len(sampled_token_ids)
+                ]
+                reqs = []
+                for i, rid in enumerate(req_ids):
+                    n, e = int(num_tokens_no_spec[i]), len(sampled_token_ids[i])
+                    if e:
+                        nulls = [Record.exact(j, math.nan, None) for j in range(n - e, n)]
+                        reqs.append(RequestRecords(rid, 0, 0, 0, 0.0, nulls))
+                self.publisher.faults = self.faults
+                self.publisher.send(0, reqs)
+            return [[] for _ in sampled_token_ids]
+
+    def _propose(
         self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None, **kwargs
     ) -> list[list[int]]:
         step = vllm_internals.current_step()
@@ -178,8 +214,6 @@ class EnsembleProposer:
                 f"{ends[-1]} sampled positions: {vllm_internals.VERSION_HINT}."
             )
         first = [ends[i] - drafted[i] - 1 for i in range(len(rows))]  # request i's first row
-        grammar = step.grammar_output
-        masked = set(grammar.structured_output_request_ids) if grammar is not None else set()
         index, log_mix, where = [], [], []  # logits row, log q̄ [V], (row, record) of each record
         for i, (r, o) in enumerate(zip(rows, outs, strict=True)):
             n0 = len(r.history) - r.num_emitted  # position of the first emitted token
@@ -189,10 +223,9 @@ class EnsembleProposer:
                     f"{drafted[i] + 1} logits rows: {vllm_internals.VERSION_HINT}."
                 )
             for j, rec in enumerate(o.records):
-                if r.req_id not in masked:
-                    index.append(first[i] + rec.position - n0)
-                    log_mix.append(rec.log_mix)
-                    where.append((i, j))
+                index.append(first[i] + rec.position - n0)
+                log_mix.append(rec.log_mix)
+                where.append((i, j))
         out = [[None] * len(o.records) for o in outs]
         if index:
             idx = torch.tensor(index, device=logits.device)

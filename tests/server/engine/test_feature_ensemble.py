@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-from server.engine.draft_ensemble import DraftEnsemble, RowInput
+from server.engine.draft_ensemble import DraftEnsemble, LogMix, RowInput, TopN
 from server.engine.feature_draft import load_feature_drafts
 from server.engine.models import load_causal_lm
 from server.engine.teacher_forced import forced_feature_logprobs
@@ -52,10 +52,12 @@ def _simulate(ens, target, hists, steps, rng, withhold=()):
         yield rows, outs
 
 
-@pytest.mark.parametrize("top_n", [-1, 0])
-def test_records_equal_teacher_forced_feature_drafts(tiny_models, feature_drafts, models, top_n):
+@pytest.mark.parametrize("summary", [TopN(None), LogMix()])
+def test_records_equal_teacher_forced_feature_drafts(tiny_models, feature_drafts, models, summary):
     target, fd = models
-    ens = DraftEnsemble(feature_drafts, k=3, slots=4, max_len=256, top_n=top_n, target=tiny_models["target"])
+    ens = DraftEnsemble(
+        feature_drafts, k=3, slots=4, max_len=256, summary=summary, target=tiny_models["target"]
+    )
     hists = {"a": [1, 5, 7, 9, 11], "b": [1, 20, 30], "c": [1, 44, 45, 46, 47, 48, 49]}
     for rows, outs in _simulate(ens, target, hists, 5, random.Random(0)):
         for row, out in zip(rows, outs, strict=True):
@@ -68,7 +70,7 @@ def test_records_equal_teacher_forced_feature_drafts(tiny_models, feature_drafts
                 q = mixture_logprobs(lp).exp()
                 got = (
                     rec.log_mix.exp()
-                    if top_n == 0
+                    if isinstance(summary, LogMix)
                     else torch.zeros_like(q).index_put_((rec.ids.long(),), rec.probs)
                 )
                 assert (got - q).abs().max() < 1e-5
@@ -78,7 +80,9 @@ def test_records_equal_teacher_forced_feature_drafts(tiny_models, feature_drafts
 
 def test_a_prefix_cache_hit_serves_with_zero_features_counted(tiny_models, feature_drafts, models):
     target, _ = models
-    ens = DraftEnsemble(feature_drafts, k=2, slots=2, max_len=128, top_n=0, target=tiny_models["target"])
+    ens = DraftEnsemble(
+        feature_drafts, k=2, slots=2, max_len=128, summary=LogMix(), target=tiny_models["target"]
+    )
     hists = {"hit": [1, 5, 7, 9, 11, 13, 15], "cold": [1, 5, 7, 9, 11, 13, 15]}
     outs = [o for _, o in _simulate(ens, target, hists, 3, random.Random(1), withhold={"hit"})]
     assert outs[0][0].missing_features == 6 and outs[0][1].missing_features == 0  # f_0 … f_5 withheld
@@ -95,7 +99,14 @@ def test_a_parked_row_resumes_and_keeps_the_features_it_was_handed(tiny_models, 
     exact records, nothing counted missing."""
     target, fd = models
     ens = DraftEnsemble(
-        feature_drafts, k=2, slots=1, max_len=64, top_n=0, kv_tokens=8, block_size=4, target=tiny_models["target"]
+        feature_drafts,
+        k=2,
+        slots=1,
+        max_len=64,
+        summary=LogMix(),
+        kv_tokens=8,
+        block_size=4,
+        target=tiny_models["target"],
     )
     a, b = [1, 5, 6, 7, 8], [1, 20, 21]
     fa, fb = _features(target, a[:-1]), _features(target, b[:-1])
@@ -107,7 +118,9 @@ def test_a_parked_row_resumes_and_keeps_the_features_it_was_handed(tiny_models, 
     assert outs[1].parked and outs[1].proposal == [] and outs[1].records == []
     ens.release({"b"})  # a ends
     b.append(22)
-    out = ens.propose([RowInput("b", torch.tensor(b), 1, features=_features(target, b)[-2:-1], feature_start=2)])[0]
+    out = ens.propose(
+        [RowInput("b", torch.tensor(b), 1, features=_features(target, b)[-2:-1], feature_start=2)]
+    )[0]
     assert not out.parked and out.missing_features == 0 and [r.position for r in out.records] == [3]
     lp = forced_feature_logprobs(target, fd, b, 3)[-1]  # [M, V]
     assert abs(float(variance(lp)) - out.records[0].variance) < 1e-4

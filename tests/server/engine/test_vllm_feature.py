@@ -17,9 +17,10 @@ from server.engine.feature_draft import load_feature_drafts  # noqa: E402
 from server.engine.models import load_causal_lm  # noqa: E402
 from server.engine.reference import ReferenceEngine  # noqa: E402
 from server.engine.teacher_forced import forced_feature_logprobs, forced_logprobs  # noqa: E402
-from server.engine.types import Finished, SamplingParams  # noqa: E402
+from server.engine.types import SamplingParams  # noqa: E402
 from server.engine.uncertainty import decompose  # noqa: E402
 from tests.sampling_check import assert_pairs_follow_target  # noqa: E402
+from tests.server.engine.test_vllm_engine import _async, _collect, _encode  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -32,10 +33,6 @@ def loop():
     lp = asyncio.new_event_loop()
     yield lp
     lp.close()
-
-
-async def _async(fn):
-    return fn()
 
 
 @pytest.fixture(scope="module")
@@ -58,24 +55,12 @@ def hf(tiny_models, feature_drafts):
     return load_causal_lm(tiny_models["target"]), load_feature_drafts(feature_drafts, tiny_models["target"])
 
 
-def _encode(tok, text):
-    return [tok.bos_token_id, *tok(text, add_special_tokens=False)["input_ids"]]
-
-
-async def _collect(engine, rid, ids, params):
-    events, fin = [], None
-    async for item in engine.generate(rid, ids, params):
-        if isinstance(item, Finished):
-            fin = item
-        else:
-            events.append(item)
-    return events, fin
-
-
 @torch.inference_mode()
 def _exact(hf, ids, tokens):
     full = [*ids, *tokens]
-    return decompose(forced_feature_logprobs(hf[0], hf[1], full, len(ids)), forced_logprobs(hf[0], full, len(ids)))
+    return decompose(
+        forced_feature_logprobs(hf[0], hf[1], full, len(ids)), forced_logprobs(hf[0], full, len(ids))
+    )
 
 
 def _assert_exact(events, u, tol=2e-3):
@@ -109,7 +94,9 @@ def test_sampled_pairs_follow_the_target_distribution(engine, hf, loop):
 
         return await asyncio.gather(*[one(s) for s in range(800)])
 
-    counts = collections.Counter(tuple(e.token_id for e in ev[:2]) for ev, _ in loop.run_until_complete(run_all()))
+    counts = collections.Counter(
+        tuple(e.token_id for e in ev[:2]) for ev, _ in loop.run_until_complete(run_all())
+    )
     assert_pairs_follow_target(counts, hf[0], ids, 0.9, 0.95)
 
 
