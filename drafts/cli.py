@@ -195,6 +195,13 @@ def _distill_parser(sub) -> None:
         "--feature-weight", type=float, default=0.1, help="feature drafts: weight of the feature regression"
     )
     p.add_argument(
+        "--ridge",
+        type=float,
+        default=1.0,
+        metavar="LAMBDA",
+        help="feature drafts: λ of fc's least-squares init onto the target's last-layer input (0: none)",
+    )
+    p.add_argument(
         "--heldout-every",
         type=int,
         default=20,
@@ -446,6 +453,7 @@ def _distill_features(args) -> dict:
         draft_vocab=args.draft_vocab,
         feature_weight=args.feature_weight,
         heldout_every=args.heldout_every,
+        ridge=args.ridge,
     )
     out = distill_feature_drafts(
         texts, docs, corpus, args.target, args.out, settings, _options(args), seed=args.seed

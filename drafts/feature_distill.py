@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -38,12 +39,15 @@ from server.engine.feature_draft import (
     FeatureSpec,
     init_weights,
     load_feature_drafts,
+    ridge_fc,
     save_feature_draft,
     shifted_features,
 )
 from server.engine.models import load_causal_lm, load_tokenizer, model_config
 from server.engine.stacked_layers import causal_attend
 from server.engine.uncertainty import kl
+
+log = logging.getLogger(__name__)
 
 FEATURES_FILE = "teacher_features.pt"
 HELDOUT_FILE = "heldout.json"
@@ -59,6 +63,8 @@ class FeatureSettings:
     draft_vocab: int = 8192  # |S|; 0: the target's whole vocabulary
     feature_weight: float = 0.1  # λ of the feature regression
     heldout_every: int = 20  # every n-th document is held out of training (0: none)
+    heldout_tokens: int = 8000  # held-out tokens of the fit at init and after training (0: none)
+    ridge: float = 1.0  # λ of fc's least-squares init (0: fc passes f_{t−1} through instead)
     prefix_bf16: bool = True  # the cached target pass in bf16 (autocast): ~2x faster with bf16 matmul units
 
 
@@ -93,35 +99,51 @@ def target_features(
     bf16: bool,
     progress: bool,
     batch_size: int = 8,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prefix [N, S, E], f [N, S, E]) of every window's inputs: the hidden states entering the
-    first noisy layer and the deterministic target's final normed features, from `folder` when
-    already computed (resumable)."""
+) -> dict[str, torch.Tensor]:
+    """Every window's cached target pass, from `folder` when already computed (resumable):
+    "prefix" [N, S, E], the hidden states entering the first noisy layer; "features" [N, S, E],
+    the deterministic target's final normed features f; and the least-squares statistics of
+    x_t = [f_{t−1}; e(x_t); 1] against r_t, the residual stream entering the last layer:
+    "xtx" [2E+1, 2E+1], "xty" [2E+1, E] (float64), for `ridge_fc`."""
     from tqdm import tqdm
 
-    key = hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16] + f":{teacher.prefix_layers}:{bf16}"
+    key = hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16] + f":{teacher.prefix_layers}:{bf16}:r"
     path = folder / FEATURES_FILE
     if path.exists():
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if saved.get("key") == key:
-            return saved["prefix"], saved["features"]
+            return saved
     target, n_layers = teacher.target, len(teacher.target.model.layers)
-    prefixes, feats = [], []
-    for i in tqdm(
-        range(0, len(windows), batch_size), desc="target features", unit="batch", disable=not progress
-    ):
-        x = windows[i : i + batch_size, :-1]  # [b, S]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            pre = teacher.prefix(x)  # [b, S, E]
-        pre = pre.float()
-        with _layers(target, teacher.prefix_layers, n_layers, final_norm=True):
-            f = target.model(inputs_embeds=pre, use_cache=False).last_hidden_state  # [b, S, E]
-        prefixes.append(pre.to(torch.bfloat16))  # half the memory; the teacher's K layers run in float32
-        feats.append(f.float())
-    prefix, features = torch.cat(prefixes), torch.cat(feats)
+    embed = target.get_input_embeddings().weight.detach().float()  # [V, E]
+    last_in: list[torch.Tensor] = []
+    hook = target.model.layers[-1].register_forward_pre_hook(
+        lambda _m, args, kwargs: last_in.append(args[0] if args else kwargs["hidden_states"]),
+        with_kwargs=True,
+    )
+    prefixes, feats, xtx, xty = [], [], 0.0, 0.0
+    try:
+        for i in tqdm(
+            range(0, len(windows), batch_size), desc="target features", unit="batch", disable=not progress
+        ):
+            x = windows[i : i + batch_size, :-1]  # [b, S]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                pre = teacher.prefix(x)  # [b, S, E]
+            pre = pre.float()
+            last_in.clear()
+            with _layers(target, teacher.prefix_layers, n_layers, final_norm=True):
+                f = target.model(inputs_embeds=pre, use_cache=False).last_hidden_state  # [b, S, E]
+            r = last_in[-1].flatten(0, 1).double()  # [b·S, E]
+            xs = torch.cat([shifted_features(f), embed[x], torch.ones(*x.shape, 1)], -1)  # [b, S, 2E+1]
+            xs = xs.flatten(0, 1).double()
+            xtx, xty = xtx + xs.T @ xs, xty + xs.T @ r
+            prefixes.append(pre.to(torch.bfloat16))  # half the memory; the teacher's K layers run in float32
+            feats.append(f.float())
+    finally:
+        hook.remove()
+    saved = {"key": key, "prefix": torch.cat(prefixes), "features": torch.cat(feats), "xtx": xtx, "xty": xty}
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save({"key": key, "prefix": prefix, "features": features}, path)
-    return prefix, features
+    torch.save(saved, path)
+    return saved
 
 
 def feature_loss(
@@ -208,13 +230,15 @@ def distill_feature_drafts(
         rng = random.Random(seed + m)
         windows = pack_windows(part_docs, opts.seq_len, rng)  # [N, S+1]
         t0 = time.perf_counter()
-        prefix, f = target_features(
-            teacher, windows, folder, bf16=settings.prefix_bf16, progress=opts.progress
-        )
+        cached = target_features(teacher, windows, folder, bf16=settings.prefix_bf16, progress=opts.progress)
+        prefix, f = cached["prefix"], cached["features"]
         feature_seconds = time.perf_counter() - t0
         n_steps = opts.steps or max(1, int(len(windows) * opts.epochs) // opts.batch_size)
-        weights = init_weights(spec, target, 1, seed + 100 + m)
+        fc = ridge_fc(cached["xtx"], cached["xty"], settings.ridge) if settings.ridge > 0 else None
+        weights = init_weights(spec, target, 1, seed + 100 + m, fc)
         drafts = FeatureDrafts(spec, weights, target.get_input_embeddings().weight.detach().float(), vocab)
+        held_docs = [docs[i] for i in held_idx]
+        fits = {"init": fit_on(drafts, target, held_docs, settings.heldout_tokens)} if held_docs else {}
         ts = opts.settings(n_steps, seed + m)
         part = ddd.describe(train_texts, idx, m, settings.drafts, settings.ddd)
         t1 = time.perf_counter()
@@ -235,6 +259,9 @@ def distill_feature_drafts(
             },
         )
         train_seconds = time.perf_counter() - t1
+        if held_docs:
+            fits["trained"] = fit_on(drafts, target, held_docs, settings.heldout_tokens)
+            log.info("feature draft%d held-out fit: %s", m, fits)
         save_feature_draft(folder, spec, drafts.draft_state(0), getattr(torch, opts.dtype))
         if vocab is not None:
             vocab.save(folder)
@@ -269,7 +296,14 @@ def distill_feature_drafts(
                 "osd": teacher.describe(),
                 "ddd": part,
                 "corpus": corpus,
-                "heldout": {"every": settings.heldout_every, "documents": len(held_idx)},
+                "heldout": {"every": settings.heldout_every, "documents": len(held_idx), "fit": fits},
+                "init": {
+                    "layer": "the target's last decoder layer and final norm",
+                    "fc": "the target's features only"
+                    if fc is None
+                    else "ridge: [f_{t−1}; e(x_t)] -> the last layer's input",
+                    "ridge_lambda": settings.ridge,
+                },
                 "seconds": {
                     "target_features": round(feature_seconds, 1),
                     "training": round(train_seconds, 1),
@@ -284,14 +318,18 @@ def distill_feature_drafts(
     return out
 
 
-@torch.no_grad()
 def heldout_fit(
     draft_dirs: list[Path], target_dir: str | Path, docs: list[list[int]], max_tokens: int = 20000
 ) -> dict:
     """Each draft's and the mixture's top-1 agreement with the target and KL(q ‖ p) (nats) on
     held-out documents, teacher-forced: q from the target's own features, as served."""
     target = load_causal_lm(target_dir, dtype=torch.float32)
-    drafts = load_feature_drafts(draft_dirs, target_dir)
+    return fit_on(load_feature_drafts(draft_dirs, target_dir), target, docs, max_tokens)
+
+
+@torch.no_grad()
+def fit_on(drafts: FeatureDrafts, target, docs: list[list[int]], max_tokens: int = 20000) -> dict:
+    """`heldout_fit` of drafts in memory (the first max_tokens tokens of docs, 1,024 a document)."""
     agree = torch.zeros(drafts.m + 1)
     kls = torch.zeros(drafts.m + 1)
     n = 0

@@ -5,7 +5,7 @@ position, and the target's embedding of the current token x_t, and predicts the 
 feature and next token (Li et al., EAGLE, arXiv 2401.15077):
 
     h_t = fc([f_{t−1}; e(x_t)])                       [E]   (2E -> E, with bias)
-    g_t = layer(h_≤t)                                 [E]   (one Llama decoder layer, residual)
+    g_t = norm(layer(h_≤t))                           [E]   (one Llama decoder layer, then RMSNorm)
     q_m(x_{t+1} | x_≤t) = softmax(g_t · W_S)          [V_d] (the target's tied embedding rows of S)
 
 The embedding and the output head are the target's own (read from its folder, never stored with
@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 
 from server.engine.draft_vocab import DraftVocab, read_draft_vocab
-from server.engine.stacked_layers import LAYER_WEIGHTS, Attend, decoder_layer, linear
+from server.engine.stacked_layers import LAYER_WEIGHTS, Attend, decoder_layer, linear, rms
 
 SPEC_FILE = "feature_draft.json"
 WEIGHTS_FILE = "model.safetensors"
-FORMAT = 1
+FORMAT = 2  # 2: the output RMSNorm (norm.weight) after the layer
 
 
 class FeatureDraftError(ValueError):
@@ -82,6 +82,7 @@ class FeatureSpec:
             "layer.mlp.gate_proj.weight": (E, inter),
             "layer.mlp.up_proj.weight": (E, inter),
             "layer.mlp.down_proj.weight": (inter, E),
+            "norm.weight": (E,),
         }
 
     def parameters(self) -> int:
@@ -199,7 +200,7 @@ class FeatureDrafts(torch.nn.Module):
             h = h.flatten(1, 2)  # [M, P, E]
         else:
             h = h[:, out[0], out[1]]  # [M, P, E]
-        g = h  # [M, P, E]: in the space of f (the target's normed feature), which the head reads
+        g = rms(h, self.weight("norm.weight"), s.rms_eps)  # [M, P, E]: normed, as f is
         lp = torch.log_softmax(torch.matmul(g, self.head).float(), -1)  # [M, P, V_d]
         return lp.transpose(0, 1), g
 
@@ -208,30 +209,41 @@ class FeatureDrafts(torch.nn.Module):
         return {k.replace("__", "."): v.detach()[m].contiguous() for k, v in self.w.items()}
 
 
-def init_weights(spec: FeatureSpec, target, m: int, seed: int) -> dict[str, torch.Tensor]:
-    """M drafts' starting weights, [M, *shape], chosen so that each draft starts as "the target's
-    prediction one step behind" and learns the correction: fc passes f_{t−1} through (identity on
-    the feature half, seeded noise on the embedding half: each draft its own), and the layer, a
-    copy of the target's last decoder layer, starts as the identity (o_proj and down_proj zero,
-    the zero-initialised residual branches of e.g. GPT-2 and ReZero)."""
+def init_weights(
+    spec: FeatureSpec, target, m: int, seed: int, fc: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """M drafts' starting weights, [M, *shape]: the layer and the output norm are copies of the
+    target's last decoder layer and final norm, so that a draft is the target's last layer run on
+    h_t = fc([f_{t−1}; e(x_t)]), an estimate of the residual stream entering that layer.
+
+    fc [2E + 1, E] (weight rows, then the bias) is that estimate's least-squares fit
+    (`ridge_fc`), shared by the M drafts; each draft adds its own seeded noise of 1e-3 of fc's
+    scale. Without it (tiny test drafts) fc passes f_{t−1} through, plus seeded noise."""
     s = spec
-    last = target.model.layers[-1]
-    state = {k: v.detach().float() for k, v in last.state_dict().items()}
+    state = {k: v.detach().float() for k, v in target.model.layers[-1].state_dict().items()}
+    norm = target.model.norm.weight.detach().float()
     g = torch.Generator().manual_seed(seed)
     E = s.hidden
+    if fc is None:
+        fc = torch.zeros(2 * E + 1, E)
+        fc[:E] = torch.eye(E)
+    scale = fc[: 2 * E].std() * 1e-3 if fc[: 2 * E].std() > 0 else 0.02 / (2 * E) ** 0.5
     out: dict[str, list[torch.Tensor]] = {k: [] for k in s.shapes()}
     for _ in range(m):
         for name in LAYER_WEIGHTS:
             w = state[name]
-            w = w.t().contiguous() if w.dim() == 2 else w.clone()
-            if name in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
-                w = torch.zeros_like(w)
-            out["layer." + name].append(w)
-        fc = torch.randn(2 * E, E, generator=g) * (0.02 / (2 * E) ** 0.5)
-        fc[:E] += torch.eye(E)
-        out["fc.weight"].append(fc)
-        out["fc.bias"].append(torch.zeros(E))
+            out["layer." + name].append(w.t().contiguous() if w.dim() == 2 else w.clone())
+        out["norm.weight"].append(norm.clone())
+        out["fc.weight"].append(fc[: 2 * E] + torch.randn(2 * E, E, generator=g) * scale)
+        out["fc.bias"].append(fc[2 * E].clone())
     return {k: torch.stack(v) for k, v in out.items()}
+
+
+def ridge_fc(xtx: torch.Tensor, xty: torch.Tensor, lam: float) -> torch.Tensor:
+    """The ridge solution W [I, O] of Y ≈ W·x from sufficient statistics xtx = XᵀX [I, I] and
+    xty = XᵀY [I, O] (float64; the last input column the constant 1), λ on every weight."""
+    a = xtx + lam * torch.eye(xtx.shape[0], dtype=xtx.dtype)
+    return torch.linalg.solve(a, xty).float()
 
 
 def save_feature_draft(folder: str | Path, spec: FeatureSpec, state: dict[str, torch.Tensor], dtype) -> Path:

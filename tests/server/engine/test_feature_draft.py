@@ -9,7 +9,7 @@ import collections
 import pytest
 import torch
 from transformers import LlamaConfig
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
 from server.engine.feature_draft import (
     FeatureDraftError,
@@ -30,7 +30,7 @@ PROMPT = "Question: Ann has 3 apples and buys 4 more. How many apples does Ann h
 
 
 def _by_hand(folder: str, embed: torch.Tensor, x: torch.Tensor, f_prev: torch.Tensor) -> torch.Tensor:
-    """One draft's log-probs [T, V] through transformers' LlamaDecoderLayer and rotary embedding,
+    """One draft's log-probs [T, V] through transformers' LlamaDecoderLayer, RMSNorm and rotary embedding,
     loaded with the draft's weights (linear weights stored [in, out])."""
     from safetensors.torch import load_file
 
@@ -60,7 +60,9 @@ def _by_hand(folder: str, embed: torch.Tensor, x: torch.Tensor, f_prev: torch.Te
         h, attention_mask=mask, position_ids=pos, position_embeddings=LlamaRotaryEmbedding(cfg)(h, pos)
     )
     out = out[0] if isinstance(out, tuple) else out
-    return torch.log_softmax(out[0] @ embed.T, -1)  # [T, V]
+    norm = LlamaRMSNorm(s.hidden, eps=s.rms_eps)
+    norm.weight.data = w["norm.weight"]
+    return torch.log_softmax(norm(out[0]) @ embed.T, -1)  # [T, V]
 
 
 @torch.inference_mode()
