@@ -16,36 +16,16 @@ from pathlib import Path
 
 import torch
 
-from drafts.distill import PARTITION
-from drafts.training import RECORD, read_record
+from drafts.folder import MODEL_FILES, PARTITION, TOKENIZER_FILES
+from drafts.training import read_record
 from server.bundle import Manifest, Thresholds, write_manifest
-from server.engine.draft_vocab import FILE as DRAFT_VOCAB
+from server.engine.feature_draft import is_feature_draft, read_spec
 from server.engine.models import (
     ModelFolderError,
     check_compatible,
     count_parameters,
     load_tokenizer,
     model_config,
-)
-
-# what a model folder needs at serving time (no checkpoints, no optimizer state)
-MODEL_FILES = (
-    "config.json",
-    "generation_config.json",
-    "model.safetensors",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    RECORD,
-    PARTITION,
-    DRAFT_VOCAB,
-)
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
 )
 
 
@@ -148,6 +128,14 @@ def _entry(root: Path, rel: str) -> dict:
     record = read_record(folder)
     record.pop("hashes", None)
     (record.get("ddd") or {}).pop("hashes", None)
+    if is_feature_draft(folder):
+        return {
+            "path": rel,
+            "kind": "feature",
+            "parameters": read_spec(folder).parameters(),
+            "dtype": _safetensors_dtype(folder),
+            "training": record,
+        }
     return {
         "path": rel,
         "parameters": count_parameters(folder),
@@ -185,10 +173,20 @@ def _convert(folder: Path, dt: torch.dtype, name: str) -> None:
     path = folder / "model.safetensors"
     tensors = {k: (v.to(dt) if v.is_floating_point() else v) for k, v in load_file(str(path)).items()}
     save_file(tensors, str(path), metadata={"format": "pt"})
+    if not (folder / "config.json").is_file():  # a feature draft: the dtype is its weights'
+        return
     cfg = json.loads((folder / "config.json").read_text())
     cfg["dtype"] = name
     cfg.pop("torch_dtype", None)
     (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def _safetensors_dtype(folder: Path) -> str | None:
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as st:
+        names = list(st.keys())
+        return str(st.get_tensor(names[0]).dtype).replace("torch.", "") if names else None
 
 
 def _versions() -> dict:

@@ -64,12 +64,22 @@ def _shape_args(p: argparse.ArgumentParser, hidden: int, layers: int, heads: int
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="drafts_command", metavar="SUBCOMMAND", required=True)
+    _tokenizer_parser(sub)
+    _targets_parser(sub)
+    _respond_parser(sub)
+    _distill_parser(sub)
+    _bundle_parser(sub)
+    _calc_parser(sub)
 
+
+def _tokenizer_parser(sub) -> None:
     p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
     _data_args(p)
     p.add_argument("--vocab-size", type=int, default=2048)
     p.add_argument("--out", required=True)
 
+
+def _targets_parser(sub) -> None:
     for name, help_text in (("target", "train a target LM"), ("ensemble", "train N seeded targets")):
         p = sub.add_parser(name, help=help_text)
         _data_args(p)
@@ -82,6 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         _shape_args(p, 256, 4, 4, 704)
         _train_args(p, lr=3e-3)
 
+
+def _respond_parser(sub) -> None:
     p = sub.add_parser("respond", help="the target's chat responses to the corpus's questions (vLLM)")
     _data_args(p)
     p.add_argument("--target", required=True, help="target folder")
@@ -103,6 +115,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-gib", type=int, default=4, help="vLLM-CPU KV cache space (GiB)")
     p.add_argument("--no-progress", action="store_true")
 
+
+def _distill_parser(sub) -> None:
     p = sub.add_parser("distill", help="train M drafts from a target (OSD + DDD)")
     _data_args(p)
     p.add_argument("--target", required=True, help="target folder (the teacher)")
@@ -168,9 +182,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-new-tokens", type=int, default=128, help="synthetic: continuation length")
     p.add_argument("--init", default=None, help="start every draft from this small model (same tokenizer)")
+    p.add_argument(
+        "--kind",
+        default="llama",
+        choices=["llama", "feature"],
+        help="llama: independent small Llamas; feature: EAGLE-style drafts that read the target's "
+        "hidden states (one decoder layer each, initialised from the target's last; "
+        "docs/feature-drafts.md). feature uses --noise, --rank, --noise-layers (default 2 for "
+        "it), --no-ddd, --draft-vocab and the training options; not --source synthetic",
+    )
+    p.add_argument(
+        "--feature-weight", type=float, default=0.1, help="feature drafts: weight of the feature regression"
+    )
+    p.add_argument(
+        "--heldout-every",
+        type=int,
+        default=20,
+        help="feature drafts: hold every N-th document out of training, for the held-out fit (0: none)",
+    )
     _shape_args(p, 64, 1, 1, 176)
     _train_args(p, lr=3e-3)
 
+
+def _bundle_parser(sub) -> None:
     p = sub.add_parser("bundle", help="write a bundle folder")
     t = p.add_mutually_exclusive_group(required=True)
     t.add_argument("--target", help="target model folder (copied into the bundle)")
@@ -206,6 +240,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the drafts' best k (measure it with epispec bench), serve's default for this bundle",
     )
 
+
+def _calc_parser(sub) -> None:
     p = sub.add_parser("calc-accuracy", help="test loss and calculator accuracy of a model")
     _data_args(p)
     p.set_defaults(split="test")
@@ -335,17 +371,24 @@ def _respond(args) -> dict:
     )
 
 
+def _responses(args) -> tuple[list[str], list[list[int]], dict]:
+    """(questions, documents of token ids, the corpus record) of a responses file (--data)."""
+    from drafts.corpus import describe_corpus
+    from drafts.responses import read_responses, response_docs
+
+    records = read_responses(args.data)[: args.limit or None]
+    texts = [r["question"] for r in records]
+    return texts, response_docs(records), describe_corpus(args.data, "responses", texts)
+
+
 def _distill(args) -> dict:
+    if args.kind == "feature":
+        return _distill_features(args)
     from drafts.distill import DistillSettings, distill_drafts
 
     docs = None
     if args.source == "responses":
-        from drafts.corpus import describe_corpus
-        from drafts.responses import read_responses, response_docs
-
-        records = read_responses(args.data)[: args.limit or None]
-        texts, docs = [r["question"] for r in records], response_docs(records)
-        corpus = describe_corpus(args.data, "responses", texts)
+        texts, docs, corpus = _responses(args)
     else:
         texts, corpus = _corpus(args)
     settings = DistillSettings(
@@ -374,6 +417,38 @@ def _distill(args) -> dict:
         _options(args),
         seed=args.seed,
         docs=docs,
+    )
+    return {"drafts": [str(d) for d in out]}
+
+
+def _distill_features(args) -> dict:
+    from drafts.feature_distill import FeatureSettings, distill_feature_drafts
+
+    if args.source == "synthetic" or args.osd != "lowrank" or args.loss != "forward" or args.init:
+        raise ValueError(
+            "--kind feature trains with OSD lowrank, the forward KL, from scratch, on --source "
+            "responses or corpus (not --source synthetic, --osd other than lowrank, --loss reverse, --init)."
+        )
+    if args.source == "responses":
+        texts, docs, corpus = _responses(args)
+    else:
+        from drafts.lm import encode_corpus
+        from server.engine.models import load_tokenizer
+
+        texts, corpus = _corpus(args)
+        docs = encode_corpus(texts, load_tokenizer(args.target))
+    settings = FeatureSettings(
+        drafts=args.drafts,
+        noise=args.noise,
+        rank=args.rank,
+        noise_layers=args.noise_layers or 2,
+        ddd=not args.no_ddd,
+        draft_vocab=args.draft_vocab,
+        feature_weight=args.feature_weight,
+        heldout_every=args.heldout_every,
+    )
+    out = distill_feature_drafts(
+        texts, docs, corpus, args.target, args.out, settings, _options(args), seed=args.seed
     )
     return {"drafts": [str(d) for d in out]}
 

@@ -1,5 +1,8 @@
-"""Text corpora: JSONL files (GSM8K format or a `text` field), `datasets` names, and a synthetic
-arithmetic corpus in GSM8K's style for tests and offline demos.
+"""Text corpora: JSONL files (GSM8K format or a `text` field; gzipped or not), `datasets` names,
+and a synthetic arithmetic corpus in GSM8K's style for tests and offline demos.
+
+GSM8K itself (MIT licence) ships with the project in `data/gsm8k/` (`GSM8K`): `train.jsonl.gz`,
+`test.jsonl.gz` and its LICENSE, the default data of `epispec bench` and `epispec eval`.
 
 GSM8K lines are `{"question": ..., "answer": "... <<48/2=24>>24 ...\n#### 72"}`; a document is
 `format_example(question, answer)` so that the model learns the question/answer layout and the
@@ -8,10 +11,15 @@ calculator annotations.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import random
 from pathlib import Path
+from typing import TextIO
+
+# GSM8K's train and test splits as shipped with the project (data/gsm8k/README.md)
+GSM8K = Path(__file__).resolve().parents[1] / "data" / "gsm8k"
 
 QUESTION_PREFIX = "Question: "
 ANSWER_PREFIX = "\nAnswer: "
@@ -25,14 +33,30 @@ def format_example(question: str, answer: str) -> str:
     return format_prompt(question) + answer.strip()
 
 
+def open_text(path: str | Path) -> TextIO:
+    """A text file for reading, gunzipped on the fly when its name ends in `.gz`."""
+    return (
+        gzip.open(path, "rt", encoding="utf-8") if str(path).endswith(".gz") else open(path, encoding="utf-8")
+    )
+
+
+def split_file(folder: str | Path, split: str) -> Path:
+    """A folder's `{split}.jsonl`, else its `{split}.jsonl.gz` (the plain name when neither exists)."""
+    plain = Path(folder) / f"{split}.jsonl"
+    gz = plain.with_name(plain.name + ".gz")
+    return gz if not plain.exists() and gz.exists() else plain
+
+
 def load_records(source: str | Path, split: str = "train") -> list[dict]:
-    """Records from a JSONL file, a folder holding `{split}.jsonl`, or a `datasets` name."""
+    """Records from a JSONL file (`.jsonl.gz` too), a folder holding `{split}.jsonl` or
+    `{split}.jsonl.gz`, or a `datasets` name."""
     path = Path(source)
     if path.is_dir():
-        path = path / f"{split}.jsonl"
+        path = split_file(path, split)
     if path.exists():
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    elif path.suffix in (".jsonl", ".json") or str(source).startswith((".", "/")):
+        with open_text(path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    elif path.suffix in (".jsonl", ".json", ".gz") or str(source).startswith((".", "/")):
         raise FileNotFoundError(f"Corpus file '{source}' does not exist.")
     else:
         records = _load_dataset(str(source), split)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from drafts import ddd
+from drafts.folder import PARTITION
 from drafts.lm import LMShape, batches, build_lm, encode_corpus, save_lm
 from drafts.osd import TeacherSampler
 from drafts.prefix_cache import CachedBatch, cached_batches, drop, pack_windows, teacher_prefix
@@ -39,7 +40,6 @@ from drafts.training import (
 from server.engine.models import check_compatible, count_parameters, load_causal_lm, load_tokenizer
 from server.engine.uncertainty import kl
 
-PARTITION = "partition.json"
 SOURCES = ("corpus", "synthetic", "responses")
 
 

@@ -92,7 +92,7 @@ class TeacherSampler:
     @torch.no_grad()
     def prefix(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Hidden states entering the first noisy layer (no noise drawn). [B, S] -> [B, S, E]"""
-        with _layers(self.target, 0, self.prefix_layers, final_norm=False):
+        with layer_range(self.target, 0, self.prefix_layers, final_norm=False):
             return self.target.model(input_ids=input_ids, use_cache=False).last_hidden_state
 
     @torch.no_grad()
@@ -127,7 +127,7 @@ class TeacherSampler:
                 if prefix is None:
                     return self._forward(self.target, input_ids, columns, positions=positions)
                 n = len(self.target.model.layers)
-                with _layers(self.target, self.prefix_layers, n, final_norm=True):
+                with layer_range(self.target, self.prefix_layers, n, final_norm=True):
                     return self._forward(
                         self.target, None, columns, inputs_embeds=prefix, positions=positions
                     )
@@ -179,7 +179,7 @@ class TeacherSampler:
 
 
 @contextmanager
-def _layers(model, start: int, stop: int, *, final_norm: bool):
+def layer_range(model, start: int, stop: int, *, final_norm: bool):
     """Run `model.model` over decoder layers [start, stop) only (and without its final norm when
     `final_norm` is False): fed `inputs_embeds` = the hidden states entering layer `start`, the
     model's own causal mask and rotary positions apply unchanged."""

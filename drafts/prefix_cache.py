@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-FILE = "teacher_prefix.pt"
+from drafts.folder import TEACHER_PREFIX as FILE
 
 
 @dataclass(frozen=True)
@@ -73,17 +73,22 @@ def teacher_prefix(
     return prefix
 
 
-def cached_batches(windows: torch.Tensor, prefix: torch.Tensor, batch_size: int, rng: random.Random):
-    """Endless batches of windows with their prefixes, reshuffled every epoch."""
-    n = len(windows)
+def shuffled_indices(n: int, batch_size: int, rng: random.Random):
+    """Endless batches of indices into n windows, reshuffled every epoch (the remainder of an
+    epoch dropped). Raises ValueError where n cannot fill one batch."""
     if n < batch_size:
         raise ValueError(f"{n} windows cannot fill one batch of {batch_size}; lower --batch-size.")
     while True:
         order = list(range(n))
         rng.shuffle(order)
         for i in range(0, n - batch_size + 1, batch_size):
-            idx = torch.tensor(order[i : i + batch_size])
-            yield CachedBatch(windows[idx], prefix[idx])
+            yield torch.tensor(order[i : i + batch_size])
+
+
+def cached_batches(windows: torch.Tensor, prefix: torch.Tensor, batch_size: int, rng: random.Random):
+    """Endless batches of windows with their prefixes, reshuffled every epoch."""
+    for idx in shuffled_indices(len(windows), batch_size, rng):
+        yield CachedBatch(windows[idx], prefix[idx])
 
 
 def drop(folder: Path) -> None:

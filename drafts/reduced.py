@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from drafts.folder import TOKENIZER_FILES
 from drafts.lm import LMShape, build_lm
 from server.engine.draft_vocab import DraftVocab, most_frequent, vocab_digest
 
@@ -88,7 +89,6 @@ def full_vocabulary_copy(draft: str | Path, target: str | Path, out: str | Path)
 
     from transformers import LlamaForCausalLM
 
-    from drafts.bundle import TOKENIZER_FILES
     from server.engine.draft_vocab import read_draft_vocab
     from server.engine.models import load_causal_lm
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-CHECKPOINT = "checkpoint.pt"
+from drafts.folder import CHECKPOINT, RECORD
 
 
 @dataclass(frozen=True)
@@ -176,9 +176,6 @@ def loss_summary(losses: list[float], window: int = 20) -> dict:
         return {"steps": 0}
     w = max(1, min(window, len(losses) // 2 or 1))
     return {"steps": len(losses), "first": sum(losses[:w]) / w, "last": sum(losses[-w:]) / w}
-
-
-RECORD = "training.json"
 
 
 def write_record(model_dir: str | Path, record: dict) -> Path:

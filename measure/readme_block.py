@@ -1,7 +1,8 @@
-"""Generated blocks in README.md: text between `<!-- NAME:start -->` and `<!-- NAME:end -->`
+"""Generated blocks in the documentation: text between `<!-- NAME:start -->` and `<!-- NAME:end -->`
 (markers on lines of their own), written by a command from a results file and checked by a test
-to be current. Used by `epispec eval --report` (eval-table) and `epispec bench --report`
-(bench-table)."""
+to be current. Used by `epispec bench --report` (bench-table, docs/benchmark.md), `epispec eval
+--report` (eval-table and eval-bundle-goals, docs/evaluation.md) and `python -m measure.status`
+(status, README.md)."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ caches, read with `git show`) serve the same random drafts and the same rounds: 
 and a random next token (seeded). Old and new alternate round by round (both see the same load
 from other processes); per shape and B the table gives the median of the per-round time
 ratios new / old, whether every proposal was equal, and the largest record differences
-(variance, q̄ probabilities; top_n = −1: all of q̄).
+(variance, q̄ probabilities; TopN(None): all of q̄).
 
 dtypes (`--drafts`: trained drafts, e.g. the tests' tiny ones): the same rounds with nothing
 accepted (so each ensemble's own proposal never enters the history) through float32 and each
@@ -96,12 +96,16 @@ def q_bar(rec, vocab: int) -> torch.Tensor:
 
 
 def compare_old_new(paths, vocab, batches, n_rounds, old_rev, k):
-    from server.engine.draft_ensemble import DraftEnsemble
+    from server.engine.draft_ensemble import DraftEnsemble, TopN
 
     old = old_module(old_rev)
     for batch in batches:
-        kw = dict(k=k, slots=batch, max_len=512, top_n=-1)
-        ens_new, ens_old = DraftEnsemble(paths, **kw), old.DraftEnsemble(paths, **kw)
+        kw = dict(k=k, slots=batch, max_len=512)
+        # the old revision names "all of q̄" top_n=-1
+        ens_new, ens_old = (
+            DraftEnsemble(paths, **kw, summary=TopN(None)),
+            old.DraftEnsemble(paths, **kw, top_n=-1),
+        )
         gen = rounds(batch, n_rounds, vocab, seed=batch, accept=True)
         rows, ratios, same, dvar, dq = next(gen), [], True, 0.0, 0.0
         for r in range(n_rounds + 1):
@@ -127,9 +131,9 @@ def compare_old_new(paths, vocab, batches, n_rounds, old_rev, k):
 
 
 def compare_dtypes(paths, vocab, dtypes, batch, n_rounds, k):
-    from server.engine.draft_ensemble import DraftEnsemble
+    from server.engine.draft_ensemble import DraftEnsemble, TopN
 
-    kw = dict(k=k, slots=batch, max_len=512, top_n=-1)
+    kw = dict(k=k, slots=batch, max_len=512, summary=TopN(None))
     ref = DraftEnsemble(paths, **kw)
     for name in dtypes:
         ens = DraftEnsemble(paths, **kw, dtype=getattr(torch, name))

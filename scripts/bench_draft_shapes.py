@@ -9,7 +9,7 @@ cached) is timed for:
     hidden 576, 9/3 heads, MLP 1536, vocabulary 49,152), in each dtype;
   - each draft shape, as M separate transformers models run one after the other (`hf x M`), in
     each dtype, and in float32 as one stacked group through the proposer's own kernel
-    (`server.engine.draft_ensemble._DraftGroup`: weights stacked on an M axis, bmm per layer, paged KV,
+    (`server.engine.draft_kernels.LlamaGroup`: weights stacked on an M axis, bmm per layer, paged KV,
     log-softmax over the vocabulary included) (`stacked`);
   - "shared head": M stacked 576-wide bodies whose output layer is the target's own tied
     embedding, so one [M·B, 576] x [576, V] matmul serves all drafts (weights read once): the
@@ -98,11 +98,11 @@ def stacked_step(models: list, batch: int, ctx: int, shared_head: torch.Tensor |
     """A closure: the proposer's stacked group (float32), one batched step of all M drafts; with
     `shared_head` [E, V], plus one [M·B, E] x [E, V] matmul and log-softmax (the drafts' own
     heads are then 64-token stand-ins)."""
-    from server.engine.draft_ensemble import _DraftGroup
+    from server.engine.draft_kernels import LlamaGroup
     from server.engine.draft_kv import BlockPool
 
     pool = BlockPool.for_tokens(batch * (ctx + 64))
-    group = _DraftGroup(models, pool, device=torch.device("cpu"))
+    group = LlamaGroup(models, pool, device=torch.device("cpu"))
     for r in range(batch):
         group.kv.zero(pool.ensure(str(r), ctx + 1))
     slots = pool.table([str(r) for r in range(batch)], len(pool.blocks_of("0")), "cpu")  # [B, nb]
@@ -114,7 +114,7 @@ def stacked_step(models: list, batch: int, ctx: int, shared_head: torch.Tensor |
 
     @torch.no_grad()
     def step():
-        group.forward(tokens, pos, slots, valid, out_index)
+        group.forward(tokens, None, pos, slots, valid, out_index)
         if shared_head is not None:
             torch.log_softmax(x @ shared_head, -1)
 

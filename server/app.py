@@ -25,6 +25,7 @@ from server.api.admission import AdmissionLimit
 from server.api.auth import ApiKeyGuard
 from server.api.context import ServerContext
 from server.api.errors import install_error_handlers
+from server.api.json_body import JsonBody
 from server.api.limits import BodySizeLimit
 from server.api.pump import Generations
 from server.bundle import Bundle, load_bundle
@@ -58,7 +59,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             own = build_engine(eargs)
         elif settings.bundle:  # a given engine that serves the settings' bundle: its calibration
             bundle = load_bundle(settings.bundle, prepare=False)
-        ctx.thresholds = settings.thresholds(bundle.thresholds if bundle else None)
+        ctx.thresholds = settings.thresholds(
+            bundle.thresholds if bundle else None, bundle.p_error if bundle else None
+        )
         ctx.p_wrong = bundle.p_wrong if bundle else None
         ctx.eu_correction = bundle.eu_correction if bundle else None
         ctx.engine = own
@@ -87,6 +90,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.state.metrics = metrics  # the registry's holder, also reachable as ctx.metrics
     install_error_handlers(app)
     app.include_router(api_router())
+    app.add_middleware(JsonBody)  # innermost: the routes read every POST body as JSON
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(
         AdmissionLimit,

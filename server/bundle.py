@@ -18,9 +18,9 @@ cache lacks it (`prepare=False` only says where it would be).
 Versions: `schema_version` 1 is the layout first written as `"format": 1`; such manifests load
 as they are. Keys this version does not know are kept (read, and written back unchanged), so a
 later version can add optional fields; a manifest of a newer schema_version is refused.
-Optional fields added since carry their own version: `p_wrong` (`PWrongFit`, version 1) and
-`eu_correction` (`EuCorrection`, version 1), so schema_version stays 1 and bundles without them
-load unchanged.
+Optional fields added since carry their own version: `p_wrong` (`PWrongFit`, version 1),
+`eu_correction` (`EuCorrection`, version 1) and `p_error` (`PErrorFit`, version 1), so
+schema_version stays 1 and bundles without them load unchanged.
 """
 
 from __future__ import annotations
@@ -31,9 +31,11 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from server.engine.p_error import P_ERROR_FEATURES, PErrorRule
 
 MANIFEST = "bundle.json"
 SCHEMA_VERSION = 1
@@ -76,6 +78,7 @@ class TargetEntry(_Entry):
 
 class DraftEntry(_Entry):
     path: str
+    kind: Literal["llama", "feature"] = "llama"  # feature: reads the target's hidden states
     partition: str | None = None  # the draft's DDD partition.json, relative to the bundle folder
 
 
@@ -166,6 +169,59 @@ class PWrongFit(BaseModel):
         return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
 
 
+P_ERROR_VERSION = 1
+
+
+class PErrorFit(BaseModel):
+    """`p_error` in bundle.json: per token, the probability that it is wrong (`server.engine.p_error`),
+
+        p_error = 1 / (1 + exp(−(intercept + Σ_i coef_i · x_i))),   x_i among eu, bias, variance, logprob
+
+    a logistic fit on validation tokens with known correctness (calculator results of GSM8K
+    *train* problems), by `epispec eval --bundle B --calibrate-bundle B`
+    (`measure.evaluation.p_error`). Served per token as `p_error`; a token is flagged when
+    p_error > `threshold` unless eu/bias/variance thresholds are set explicitly. `version` is
+    this field's own (1: logistic over P_ERROR_FEATURES); a later version is refused."""
+
+    model_config = ConfigDict(extra="allow")
+
+    version: int = P_ERROR_VERSION
+    kind: str = "logistic"
+    features: list[str]
+    coef: list[float]
+    intercept: float
+    threshold: float
+    fitted_on: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known(self) -> PErrorFit:
+        if self.version != P_ERROR_VERSION or self.kind != "logistic":
+            raise ValueError(
+                f"p_error version {self.version} ({self.kind}) is not one this epispec reads "
+                f"(version {P_ERROR_VERSION}, logistic): upgrade epispec."
+            )
+        bad = [f for f in self.features if f not in P_ERROR_FEATURES]
+        if (
+            bad
+            or not self.features
+            or len(set(self.features)) != len(self.features)
+            or len(self.coef) != len(self.features)
+        ):
+            raise ValueError(
+                f"p_error needs distinct features among {list(P_ERROR_FEATURES)} and one coef each; got "
+                f"features {self.features} and {len(self.coef)} coef."
+            )
+        if not all(math.isfinite(v) for v in (*self.coef, self.intercept)) or not 0 < self.threshold < 1:
+            raise ValueError(
+                f"p_error needs finite coef and intercept and a threshold in (0, 1), got {self.threshold}"
+            )
+        return self
+
+    def rule(self) -> PErrorRule:
+        """The formula the engines evaluate per token."""
+        return PErrorRule(tuple(self.features), tuple(self.coef), self.intercept, self.threshold)
+
+
 EU_CORRECTION_VERSION = 1
 EU_CORRECTION_PARAMS = {"offset": ("c",), "fit": ("a_bias", "b_variance", "c")}
 
@@ -236,6 +292,7 @@ class Manifest(BaseModel):
     thresholds_calibration: dict[str, Any] | None = None  # how thresholds.eu was chosen
     p_wrong: PWrongFit | None = None  # a response's probability of being wrong (absent: not served)
     eu_correction: EuCorrection | None = None  # eu on EU*'s scale (absent: not served)
+    p_error: PErrorFit | None = None  # a token's probability of being wrong (absent: not served)
     speculation: Speculation = Field(default_factory=Speculation)  # the drafts' best k, if measured
     versions: dict[str, Any] = Field(default_factory=dict)  # of epispec and the libraries
     bytes: int | None = None  # all files of the folder but the manifest
@@ -319,6 +376,11 @@ class Bundle:
     def p_wrong(self) -> PWrongFit | None:
         """The bundle's fit of a response's probability of being wrong, if it has one."""
         return self.spec.p_wrong
+
+    @property
+    def p_error(self) -> PErrorRule | None:
+        """The bundle's per-token p_error rule, if it has one."""
+        return self.spec.p_error.rule() if self.spec.p_error is not None else None
 
     @property
     def eu_correction(self) -> EuCorrection | None:

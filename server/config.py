@@ -16,9 +16,11 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from server.engine.eu_transport import parse_channel
+from server.engine.p_error import PErrorRule
 from server.engine.types import (
     DEFAULT_BIAS_SOURCE,
     DEFAULT_NUM_SPECULATIVE_TOKENS,
@@ -53,6 +55,9 @@ class Settings(BaseSettings):
     draft_kv_gib: float | None = Field(None, gt=0, description="the drafts' KV cache budget (vllm engine)")
     draft_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     model_name: str | None = Field(None, description="id served as `model`; default: target folder name")
+    eu_channel: str = Field(
+        "ipc", description="the proposer's side channel: ipc (one machine) or tcp://HOST:PORT (CURVE)"
+    )
     # further model flags given on the command line (vLLM passthrough), by argparse dest
     model_flags: dict[str, Any] = Field(default_factory=dict)
 
@@ -87,6 +92,12 @@ class Settings(BaseSettings):
     min_threshold: float = Field(0.0, ge=0)
     max_threshold: float = Field(100.0, gt=0)
 
+    @field_validator("eu_channel")
+    @classmethod
+    def _channel(cls, value: str) -> str:
+        parse_channel(value)  # its ValueError is the sentence
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         if self.target and self.bundle:
@@ -97,10 +108,13 @@ class Settings(BaseSettings):
             raise ValueError("min_threshold must not exceed max_threshold")
         return self
 
-    def thresholds(self, bundle_thresholds: dict | None = None) -> FlagThresholds:
+    def thresholds(
+        self, bundle_thresholds: dict | None = None, p_error: PErrorRule | None = None
+    ) -> FlagThresholds:
         """Server-wide flag thresholds, each on its own: settings, else the bundle's calibration,
-        else the default (`server.resolve.resolve_thresholds`, shared with `epispec generate`)."""
-        return resolve_thresholds(self, bundle_thresholds)
+        else the default, and the bundle's p_error rule (`server.resolve.resolve_thresholds`,
+        shared with `epispec generate`)."""
+        return resolve_thresholds(self, bundle_thresholds, p_error)
 
     @classmethod
     def settings_customise_sources(

@@ -46,7 +46,11 @@ Metrics (PromQL examples use a 5m window):
   (requests holding engine state), and for the vllm engine `epispec_eu_joiner_states` and
   `epispec_eu_proposer_states` gauges (requests holding side-channel or draft-slot state; all
   three are 0 when idle) and `epispec_eu_channel_dropped_messages_total` (malformed side-channel
-  messages dropped; anything but 0 deserves a look).
+  messages dropped; anything but 0 deserves a look), `epispec_eu_channel_rejected_peers_total`
+  (handshakes refused on a tcp:// channel: a peer without the proposer's CURVE key; each
+  reconnect counts) and `epispec_eu_proposer_faults_total` (proposer steps that failed and
+  decoded on without proposals, their tokens with null uncertainty).
+  `increase(epispec_eu_proposer_faults_total[5m]) > 0` is worth an alert.
 - Requests refused for overload (429, `server/api/admission.py`) count in
   `epispec_requests_total{status="overloaded"}`.
 
@@ -176,6 +180,16 @@ class Metrics:
                 "epispec_eu_channel_dropped_messages",
                 "Malformed side-channel messages dropped.",
                 value=joiner.dropped,
+            )
+            yield CounterMetricFamily(
+                "epispec_eu_channel_rejected_peers",
+                "Side-channel handshakes refused (a peer without the proposer's CURVE key).",
+                value=joiner.rejected,
+            )
+            yield CounterMetricFamily(
+                "epispec_eu_proposer_faults",
+                "Proposer steps that failed: decoded on without proposals, null uncertainty.",
+                value=joiner.proposer_faults,
             )
 
     def collect(self) -> Iterator[Metric]:

@@ -2,7 +2,7 @@
 flag thresholds. One path for `epispec serve` (its `Settings`) and `epispec generate` (its
 parsed flags): both name the same things the same way (target, drafts, bundle, engine,
 num_speculative_tokens, bias_source, target_logprobs, device, max_model_len, draft_kv_gib,
-draft_dtype, and
+draft_dtype, eu_channel, and
 eu/bias/variance_threshold), so either can be passed where a function takes `given`.
 """
 
@@ -13,6 +13,7 @@ from typing import Any
 
 from server.bundle import Bundle, load_bundle
 from server.engine.factory import EngineArgs
+from server.engine.p_error import PErrorRule
 from server.engine.types import DEFAULT_EU_THRESHOLD, DEFAULT_NUM_SPECULATIVE_TOKENS, FlagThresholds
 
 # EngineArgs fields that settings and flags carry under the same names
@@ -25,9 +26,11 @@ ENGINE_SETTINGS = (
     "max_model_len",
     "draft_kv_gib",
     "draft_dtype",
+    "eu_channel",
 )
-# vLLM engine arguments passed through unchanged, in vLLM's own names (`--kv-cache-space` is
-# vLLM-CPU's VLLM_CPU_KVCACHE_SPACE; `--no-prefix-caching` sets enable_prefix_caching False)
+# vLLM engine arguments passed through unchanged, in vLLM's own names (`--kv-cache-space`, GiB,
+# becomes kv_cache_memory_bytes in vllm_launch.plan; `--no-prefix-caching` sets
+# enable_prefix_caching False)
 VLLM_PASSTHROUGH = (
     "tensor_parallel_size",
     "pipeline_parallel_size",
@@ -111,11 +114,15 @@ def num_speculative_tokens(given: int | None, bundle: Bundle | None) -> int:
     return own if own is not None else DEFAULT_NUM_SPECULATIVE_TOKENS
 
 
-def resolve_thresholds(given, calibrated: Mapping[str, float] | None = None) -> FlagThresholds:
+def resolve_thresholds(
+    given, calibrated: Mapping[str, float] | None = None, p_error: PErrorRule | None = None
+) -> FlagThresholds:
     """The flag thresholds, each on its own: `given`'s eu/bias/variance_threshold where set, else
     the bundle's calibrated value (`calibrated`), else the default (eu: DEFAULT_EU_THRESHOLD;
-    bias and variance: none)."""
+    bias and variance: none). With the bundle's `p_error` rule, tokens carry p_error and are
+    flagged by it unless `given` sets a threshold of its own."""
     cal = calibrated or {}
+    explicit = any(getattr(given, f"{n}_threshold", None) is not None for n in ("eu", "bias", "variance"))
 
     def pick(name: str, default: float | None) -> float | None:
         own = getattr(given, f"{name}_threshold", None)
@@ -124,5 +131,9 @@ def resolve_thresholds(given, calibrated: Mapping[str, float] | None = None) -> 
         return float(cal[name]) if cal.get(name) is not None else default
 
     return FlagThresholds(
-        eu=pick("eu", DEFAULT_EU_THRESHOLD), bias=pick("bias", None), variance=pick("variance", None)
+        eu=pick("eu", DEFAULT_EU_THRESHOLD),
+        bias=pick("bias", None),
+        variance=pick("variance", None),
+        p_error=p_error,
+        by_p_error=not explicit,
     )

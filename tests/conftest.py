@@ -46,3 +46,11 @@ def few_threads():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def feature_drafts(tiny_models, tmp_path_factory) -> list[str]:
+    """Three tiny feature drafts (`tests/feature_drafts.py`) for the tiny target."""
+    from tests.feature_drafts import build_feature_drafts
+
+    return build_feature_drafts(tiny_models["target"], tmp_path_factory.mktemp("feature_drafts"))

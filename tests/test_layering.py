@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -99,16 +100,23 @@ def test_the_server_runs_without_the_measure_extra():
     }
 
 
-def _module_graph(folder: str) -> dict[str, set[str]]:
-    """Module -> the modules of `folder` it imports (at the top or inside a function)."""
+def packages() -> list[str]:
+    """The project's packages, as pyproject.toml ships them (`include = ["server*", ...]`)."""
+    found = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    return sorted(pattern.rstrip("*") for pattern in found["include"])
+
+
+def _module_graph(folders: list[str]) -> dict[str, set[str]]:
+    """Module -> the modules of `folders` it imports (at the top or inside a function)."""
 
     def name(path: Path) -> str:
         parts = path.relative_to(ROOT).with_suffix("").parts
         return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
-    known = {name(p) for p in modules(folder)}
+    paths = [p for folder in folders for p in modules(folder)]
+    known = {name(p) for p in paths}
     graph = {}
-    for path in modules(folder):
+    for path in paths:
         named = imports(path)
         # `from a.b import c`: the module a.b.c where it is one, else a.b
         graph[name(path)] = {
@@ -117,8 +125,13 @@ def _module_graph(folder: str) -> dict[str, set[str]]:
     return graph
 
 
-def test_no_import_cycles_in_the_server():
-    graph = _module_graph("server")
+def test_every_package_is_checked():
+    assert packages() == ["drafts", "measure", "server"]
+
+
+def test_no_import_cycles_in_any_package():
+    """One graph over every package, so a cycle across packages counts too."""
+    graph = _module_graph(packages())
     cycles = []
 
     def visit(node: str, path: list[str]) -> None:

@@ -55,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--prompts",
         default=str(DEFAULT_PROMPTS),
         metavar="FILE",
-        help="JSONL with a 'question' field (default: GSM8K test)",
+        help="JSONL (or .jsonl.gz) with a 'question' field (default: GSM8K test, shipped in data/gsm8k)",
     )
     w.add_argument("--max-tokens", type=int, help="output tokens per request (ignore_eos)")
     w.add_argument("--requests", type=int, help="requests per concurrency level (at least C)")
@@ -144,7 +144,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument(
         "--readme",
         metavar="FILE",
-        help="with --report: replace FILE's bench-table block with them (README.md)",
+        help="with --report: replace FILE's bench-table block with them (docs/benchmark.md)",
     )
     r.add_argument("--plot", metavar="FILE", help="write a PNG plot")
 

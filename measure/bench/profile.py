@@ -24,8 +24,6 @@ import pstats
 import time
 from pathlib import Path
 
-from server.engine import vllm_internals
-
 PROFILE_DIR_ENV = "EPISPEC_BENCH_PROFILE_DIR"
 PROPOSER = "measure.bench.profile.ProfiledProposer"
 DUMP_EVERY_S = 0.5
@@ -66,11 +64,10 @@ class ProfiledProposer(_proposer_base()):
         self._last_dump = time.perf_counter()
 
     def propose(self, *args, **kwargs):
-        runner = vllm_internals.caller_runner()
         t0 = time.perf_counter()
         self._prof.enable()
         try:
-            return _call_from(runner, super().propose, args, kwargs)
+            return super().propose(*args, **kwargs)
         finally:
             self._prof.disable()
             t1 = time.perf_counter()
@@ -80,9 +77,3 @@ class ProfiledProposer(_proposer_base()):
             if t1 - self._last_dump > DUMP_EVERY_S:
                 save(self._prof, self._folder, "proposer", self._stats)
                 self._last_dump = t1
-
-
-def _call_from(self, fn, args, kwargs):
-    """Call `fn` from a frame whose `self` is vLLM's model runner: the base proposer reads the
-    runner from its caller's frame, which this wrapper would otherwise hide."""
-    return fn(*args, **kwargs)

@@ -212,16 +212,17 @@ def markdown(doc: dict) -> str:
 
 
 BLOCK = ReadmeBlock("bench-table")
+DOC = "docs/benchmark.md"  # the file that carries the committed results' block
 
 
 def readme_block(doc: dict, source: str) -> str:
-    """README.md's bench-table block for the results at `source` (a bench JSON path, as written
-    in the block): what ran, on what, and `markdown(doc)`."""
+    """The bench-table block (docs/benchmark.md) for the results at `source` (a bench JSON path,
+    as written in the block): what ran, on what, and `markdown(doc)`."""
     m, w, models = doc["machine"], doc["workload"], doc["models"]
     drafts = models.get("draft_parameters") or []
     lines = [
         BLOCK.start,
-        f"<!-- generated from {source} by `epispec bench --report {source} --readme README.md`; "
+        f"<!-- generated from {source} by `epispec bench --report {source} --readme {DOC}`; "
         "edit the code in measure/bench/report.py, not this block -->",
         "",
         f"`{doc['command']}` at commit {doc.get('revision') or '?'}: target {models.get('target_name')} "

@@ -1,4 +1,5 @@
-"""The benchmark's prompts: GSM8K test questions, read as JSONL (one `{"question": ...}` a line).
+"""The benchmark's prompts: GSM8K test questions, read as JSONL (one `{"question": ...}` a line,
+gzipped or not; by default the test split shipped in data/gsm8k/).
 
 The prompt format must equal `drafts.corpus.format_prompt` (the drafts were distilled on it);
 `server` never imports `drafts`, so a test compares the two.
@@ -10,10 +11,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from drafts.corpus import GSM8K, open_text
 from server.engine.types import DEFAULT_NUM_SPECULATIVE_TOKENS, DEFAULT_TARGET_LOGPROBS
 
-# ../shared/data/gsm8k/test.jsonl beside the repository (docs/design.md §6)
-DEFAULT_PROMPTS = Path(__file__).resolve().parents[3] / "shared" / "data" / "gsm8k" / "test.jsonl"
+DEFAULT_PROMPTS = GSM8K / "test.jsonl.gz"  # shipped with the project (data/gsm8k/README.md)
 
 
 def format_prompt(question: str) -> str:
@@ -29,7 +30,7 @@ def load_questions(path: str | Path = DEFAULT_PROMPTS, n: int | None = None, cha
             f"Prompt file '{path}' does not exist: pass --prompts FILE (JSONL with a 'question' field)."
         )
     out = []
-    with path.open() as f:
+    with open_text(path) as f:
         for line in f:
             if line.strip():
                 record = json.loads(line)

@@ -6,16 +6,18 @@ Models are trained on the fly under DIR/models (reused when rerun) unless folder
 `--calibrate-bundle B` writes the validation-chosen eu threshold into B/bundle.json.
 
 `--bundle B` evaluates a served bundle as it is — a pretrained target (SmolLM2) and its drafts,
-nothing trained (`pretrained.py`): token labels teacher-forced up to `<<expr=`, EU* = the
-target's posterior over S low-rank instances, response labels and `p_wrong`; GSM8K data
-required; `--quick` is its 4 + 4 question size. With `--calibrate-bundle B` too, the eu threshold,
-the `p_wrong` fit and the `eu_correction` of lower validation RMSE (all from validation) are
-written into B/bundle.json.
-`--report DIR` runs nothing: it regenerates DIR/report.md and the README's tables from
-DIR/results.json, prints the tables, and with `--readme README.md` splices them in between the
-`<!-- eval-table:start -->` / `<!-- eval-table:end -->` markers — for a bundle's results, its
-goal table between `<!-- eval-bundle-goals:start -->` / `<!-- eval-bundle-goals:end -->`
-(`goals.py`).
+nothing trained (`pretrained.py`, docs/evaluation-at-scale.md): token labels teacher-forced up to
+`<<expr=` on GSM8K test problems (validation: train problems), EU* and a second ground truth, the
+upper bound, TokUR, the arithmetic response set, p_error and p_wrong; GSM8K data required;
+`--quick` is its 4 + 4-problem size. With `--calibrate-bundle B` too, the eu threshold, the
+`p_wrong` and `p_error` fits and the `eu_correction` of lower validation RMSE (all from
+validation) are written into B/bundle.json.
+`--report DIR` runs nothing: it regenerates DIR/report.md and the documentation's tables from
+DIR/results.json, prints the tables, and with `--readme docs/evaluation.md` splices them in between the
+`<!-- eval-table:start -->` / `<!-- eval-table:end -->` markers — for an earlier bundle run's
+results, its goal table between `<!-- eval-bundle-goals:start -->` / `<!-- eval-bundle-goals:end -->`
+(`goals.py`); for a bundle run at scale, the `eval-scale-tables` and `eval-scale-goals` blocks of
+the file given to `--readme` (docs/evaluation-at-scale.md, `scale_report.py`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import shlex
 import sys
 from pathlib import Path
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "gsm8k"
+from drafts.corpus import GSM8K as DEFAULT_DATA  # shipped with the project (data/gsm8k/README.md)
+from drafts.corpus import split_file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,19 +39,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--report",
         default=None,
         metavar="DIR",
-        help="regenerate DIR/report.md and the README tables from DIR/results.json; run nothing",
+        help="regenerate DIR/report.md and the docs' tables from DIR/results.json; run nothing",
     )
     parser.add_argument(
         "--readme",
         default=None,
         metavar="PATH",
-        help="with --report: splice the tables into PATH between the eval-table markers",
+        help="with --report: splice the tables into PATH between the eval-table markers "
+        "(eval-bundle-goals for a bundle's results; docs/evaluation.md)",
     )
     parser.add_argument(
         "--data",
         default=None,
-        help="GSM8K-format folder/JSONL, a datasets name, or 'synthetic' (default: ../shared/data/gsm8k "
-        "when present, else synthetic; with --quick: synthetic)",
+        help="GSM8K-format folder/JSONL, a datasets name, or 'synthetic' (default: GSM8K as shipped in "
+        "data/gsm8k; with --quick: synthetic)",
     )
     parser.add_argument(
         "--bundle",
@@ -71,12 +75,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         ("max-new-tokens", int),
         ("tokur-samples", int),
         ("osd", str),
-        ("reference-tokens", int),
         ("posterior-samples", int),
         ("posterior-noise", float),
         ("posterior-rank", int),
         ("posterior-layers", int),
         ("tokur-noise", float),
+        ("truth2-samples", int),
+        ("truth2-noise", float),
+        ("responses-val", int),
+        ("responses-test", int),
+        ("max-cuts", int),
     ):
         g.add_argument(f"--{name}", type=typ, default=None)
     parser.add_argument("--fpr", type=float, default=0.1, help="target false-positive rate of the flag")
@@ -106,7 +114,7 @@ def _data(arg: str | None, quick: bool) -> str | None:
     if arg == "synthetic" or (arg is None and quick):
         return None
     if arg is None:
-        return str(DEFAULT_DATA.resolve()) if (DEFAULT_DATA / "test.jsonl").is_file() else None
+        return str(DEFAULT_DATA) if split_file(DEFAULT_DATA, "test").is_file() else None
     return arg
 
 
@@ -124,7 +132,25 @@ def regenerate(results_dir: str, readme: str | None) -> int:
     except (FileNotFoundError, json.JSONDecodeError) as exc:
         print(f"epispec eval: --report needs a readable {path}: {exc}", file=sys.stderr)
         return 2
-    if is_bundle_results(results):  # `epispec eval --bundle B`: its report and the goal table
+    from measure.evaluation import scale_report
+
+    if scale_report.is_scale_results(results):  # `epispec eval --bundle B` at scale: two blocks
+        plots = sorted(p.name for p in Path(results_dir).glob("*.png"))
+        (Path(results_dir) / "report.md").write_text(scale_report.markdown(results, plots))
+        blocks = [
+            (scale_report.tables_block(results, str(path)), scale_report.TABLES),
+            (scale_report.goals_block(results, str(path)), scale_report.GOALS),
+        ]
+        if readme:
+            try:
+                for block, where in blocks:
+                    where.write_into(readme, block)
+            except (OSError, ValueError) as exc:
+                print(f"epispec eval: --readme {readme}: {exc}", file=sys.stderr)
+                return 2
+        print("".join(b for b, _ in blocks), end="")
+        return 0
+    if is_bundle_results(results):  # an earlier `epispec eval --bundle B`: its report and the goal table
         from measure.evaluation import goals
 
         (Path(results_dir) / "report.md").write_text(report.bundle_markdown(results))
@@ -219,10 +245,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_bundle(args: argparse.Namespace) -> int:
-    """`epispec eval --bundle B`: the bundle's own models (`pretrained.py`)."""
+    """`epispec eval --bundle B`: the bundle's own models at scale (`pretrained.py`)."""
     import torch
 
-    from measure.evaluation import correction, p_wrong, pretrained, report
+    from measure.evaluation import correction, p_error, p_wrong, pretrained, report, scale_plots, scale_report
     from measure.evaluation.calibrate import write_threshold
     from server.bundle import BundleError
     from server.engine.models import ModelFolderError
@@ -245,42 +271,49 @@ def run_bundle(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         tokur_samples=args.tokur_samples,
         tokur_noise=args.tokur_noise,
-        reference_tokens=args.reference_tokens,
         posterior_samples=args.posterior_samples,
         posterior_noise=args.posterior_noise,
         posterior_rank=args.posterior_rank,
         posterior_layers=args.posterior_layers,
+        truth2_samples=args.truth2_samples,
+        truth2_noise=args.truth2_noise,
+        responses_val=args.responses_val,
+        responses_test=args.responses_test,
+        max_cuts=args.max_cuts,
     )
     try:
         results = pretrained.run(args.bundle, data, rec, args.bootstrap, args.fpr)
         if args.calibrate_bundle:
+            target = args.calibrate_bundle
             if "threshold" in results["calibration"]:
-                results["calibration"]["written_to"] = str(
-                    write_threshold(args.calibrate_bundle, results["calibration"])
-                )
+                results["calibration"]["written_to"] = str(write_threshold(target, results["calibration"]))
             if results["_fit"] is not None:
-                results["p_wrong"]["written_to"] = str(p_wrong.write(args.calibrate_bundle, results["_fit"]))
+                results["p_wrong"]["written_to"] = str(p_wrong.write(target, results["_fit"]))
+            if results["_p_error"] is not None:
+                results["p_error"]["written_to"] = str(p_error.write(target, results["_p_error"]))
             name, best = correction.best(results["_corrections"])
             source = {
                 "bundle": str(args.bundle),
                 "ground_truth": results["ground_truth"],
                 "data": results["data"],
             }
-            results["corrections"][name]["written_to"] = str(
-                correction.write(args.calibrate_bundle, name, best, source)
-            )
+            results["corrections"][name]["written_to"] = str(correction.write(target, name, best, source))
     except (ValueError, FileNotFoundError, ModelFolderError, BundleError) as exc:
         print(f"epispec eval: {exc}", file=sys.stderr)
         return 2
     results["command"] = "epispec eval " + shlex.join(
         sys.argv[2:] if sys.argv[1:2] == ["eval"] else sys.argv[1:]
     )
+    files = scale_plots.write(results, out)
     report.write_json(results, out / "results.json")
-    (out / "report.md").write_text(report.bundle_markdown(results))
+    # from the JSON data (NaN as null), as `--report` regenerates it
+    (out / "report.md").write_text(scale_report.markdown(report.clean(results), files))
     auroc = results.get("auroc") or {}
+    tl = results["token_labels"]
     print(
-        f"wrote {out / 'results.json'} and {out / 'report.md'} (RMSE vs EU* ours {results['rmse']['ours']:.4f}, "
-        f"Spearman ours {results['spearman']['ours']:.3f}; {results['token_labels']['tokens']} labelled tokens, "
-        f"AUROC eu {auroc.get('eu', float('nan')):.3f}, tokur {auroc.get('tokur', float('nan')):.3f})"
+        f"wrote {out / 'results.json'}, {out / 'report.md'} and {len(files)} plots ({tl['tokens']} labelled "
+        f"tokens of {tl['problems']} problems, AUROC eu {auroc.get('eu', float('nan')):.3f}, p_error "
+        f"{auroc.get('p_error', float('nan')):.3f}, tokur {auroc.get('tokur', float('nan')):.3f}; "
+        f"{results['seconds']['total']:.0f} s)"
     )
     return 0

@@ -8,9 +8,12 @@ Methods (per-token key in the scored arrays):
     tokur, mc_dropout             mutual information of S perturbed target copies
     constant_zero                 0 on every token
     constant_val_mean             the mean of EU* over the validation tokens, on every token
+    upper_bound                   M instances of EU*'s own family (a bundle's evaluation)
+    eu_star, truth2               a bundle's two ground truths, each scored against the other
 
-"Baselines" are all methods but ours and its corrections: the trivial constants count, so an
-estimator that always says 0 sets the bar `rmse_reduction_vs_best_baseline` is measured against.
+"Baselines" are all methods but ours, its corrections and the references (the upper bound and the
+ground truths): the trivial constants count, so an estimator that always says 0 sets the bar
+`rmse_reduction_vs_best_baseline` is measured against. The ground truth itself is never a method.
 """
 
 from __future__ import annotations
@@ -32,9 +35,13 @@ ESTIMATES = {
     "mc_dropout": "mc_dropout",
     "constant_zero": "constant_zero",
     "constant_val_mean": "constant_val_mean",
+    "upper_bound": "upper_bound",
+    "eu_star": "eu_star",
+    "truth2": "truth2",
 }
 OURS_VARIANTS = ("ours", "ours_offset", "ours_fit")
-BASELINES = tuple(m for m in ESTIMATES if m not in OURS_VARIANTS)
+REFERENCES = ("upper_bound", "eu_star", "truth2")
+BASELINES = tuple(m for m in ESTIMATES if m not in OURS_VARIANTS + REFERENCES)
 CI_METRICS = ("rmse", "rmse_top_decile", "spearman", "pearson")  # each gets a bootstrap 95% CI
 
 
@@ -71,19 +78,26 @@ def present(tokens: dict[str, np.ndarray]) -> dict[str, str]:
     return {m: k for m, k in ESTIMATES.items() if k in tokens}
 
 
-def estimation(tokens: dict[str, np.ndarray], n_boot: int, seed: int = 0, truth: str = "ensemble") -> dict:
+def estimation(
+    tokens: dict[str, np.ndarray],
+    n_boot: int,
+    seed: int = 0,
+    truth: str = "ensemble",
+    groups: np.ndarray | None = None,
+) -> dict:
     """Every method present in `tokens` against the ground truth `tokens[truth]`:
     {metric: {method: value}} and {metric_ci95: {method: [lo, hi]}} for CI_METRICS;
     scale_slope / scale_intercept (least squares EU* ≈ slope · estimate + intercept); and
     spearman_gap_vs_ours: Spearman(ours) − Spearman(method), {value, ci95}, from the same
     resampled tokens for both (a paired bootstrap), so "ours ranks better" is one interval.
-    All CIs use the same n_boot resamples of the tokens (those of metrics.bootstrap_ci)."""
+    All CIs use the same n_boot resamples of the tokens (those of metrics.bootstrap_ci), of whole
+    clusters with `groups` (a cluster id per token)."""
+    est = {m: tokens[k] for m, k in present(tokens).items() if k != truth}
     truth = tokens[truth]
-    est = {m: tokens[k] for m, k in present(tokens).items()}
     point = _point(est, truth)
     boot = [
         _point({m: e[idx] for m, e in est.items()}, truth[idx])
-        for idx in metrics.resamples(len(truth), n_boot, seed)
+        for idx in metrics.resamples(len(truth), n_boot, seed, groups)
     ]
 
     def ci(metric: str, m: str) -> list[float]:
@@ -104,7 +118,7 @@ def estimation(tokens: dict[str, np.ndarray], n_boot: int, seed: int = 0, truth:
 
 
 def rmse_by_condition(tokens: dict[str, np.ndarray], truth: str = "ensemble") -> dict[str, float]:
-    return {m: metrics.rmse(tokens[k], tokens[truth]) for m, k in present(tokens).items()}
+    return {m: metrics.rmse(tokens[k], tokens[truth]) for m, k in present(tokens).items() if k != truth}
 
 
 def reductions(rmse: dict[str, float]) -> dict:

@@ -18,6 +18,10 @@ result itself (raw argmax, no sampling or logit processing) until `>>`, its end 
 
 The scored positions are the generated tokens (teacher forcing over prefix + generation gives
 exactly the distributions the greedy decode saw, `server.engine.teacher_forced`).
+
+`forced_tree` decodes the cuts of one solution over one KV cache (the shared text is run once,
+the cache cropped back to each cut) and returns them as one `tree.Tree`, which every score then
+runs in one forward.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from fractions import Fraction
 import torch
 
 from measure.evaluation.labels import _ANNOTATION, parse_number, safe_eval
+from measure.evaluation.tree import Tree, branch_on, common_prefix
 
 _LEADING_NUMBER = re.compile(r"\s*\$?-?(?:\d[\d,]*(?:\.\d+)?|\.\d+)%?")
 
@@ -91,29 +96,34 @@ def label_result(pieces: list[str], truth: str) -> tuple[str, int, list[int | No
 
 @torch.no_grad()
 def greedy_until_close(
-    target, tokenizer, ids: list[int], max_tokens: int, stop_ids: set[int]
+    target, tokenizer, ids: list[int], max_tokens: int, stop_ids: set[int], cache=None, cached: int = 0
 ) -> tuple[list[int], list[str]]:
     """The target's argmax continuation of `ids` (raw logits, KV-cached) until its text contains
-    `>>`, a token of `stop_ids` (not kept) or `max_tokens` tokens. -> (token ids, their texts)"""
-    out = model_out = None
+    `>>`, a token of `stop_ids` (not kept) or `max_tokens` tokens. -> (token ids, their texts)
+
+    With `cache` (a transformers cache holding the keys and values of ids[:cached], cached <
+    len(ids)) only the rest is fed; the cache then holds every token fed, a prefix of ids + gen."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache() if cache is None else cache
     gen: list[int] = []
     pieces: list[str] = []
-    x = torch.tensor([ids])  # [1, L]
+    x = ids[cached:]
     for _ in range(max_tokens):
-        model_out = target(input_ids=x, past_key_values=out, use_cache=True)
-        out = model_out.past_key_values
-        t = int(model_out.logits[0, -1].argmax())
+        out = target(input_ids=torch.tensor([x]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        t = int(out.logits[0, -1].argmax())
         if t in stop_ids:
             break
         gen.append(t)
         pieces.append(tokenizer.decode([t]))
         if ">>" in "".join(pieces):
             break
-        x = torch.tensor([[t]])  # [1, 1]
+        x = [t]
     return gen, pieces
 
 
-def forced_results(
+@torch.no_grad()
+def forced_tree(
     question: int,
     prompt_ids: list[int],
     solution: str,
@@ -122,16 +132,34 @@ def forced_results(
     *,
     max_tokens: int = 12,
     stop_ids: set[int] | None = None,
-) -> list[ForcedResult]:
-    """Every cut of `solution` after `prompt_ids`, with the target's labelled greedy result.
-    Cuts where the target writes nothing (its first token ends the turn) are left out."""
+    max_cuts: int | None = None,
+) -> tuple[Tree, list[ForcedResult]]:
+    """The cuts of `solution` (its first `max_cuts`, or all) after `prompt_ids`, each with the
+    target's labelled greedy result, decoded over one KV cache; cuts where the target writes
+    nothing (its first token ends the turn) are left out. And the tree of their scored branches
+    (one per result, in order; trunk = prompt + the solution up to the last cut).
+
+    The cache holds a prefix of what was fed; for each cut it is cropped to the longest prefix it
+    shares with the cut's context (at least one token is fed anew, for the next-token logits)."""
+    from transformers import DynamicCache
+
     stop = stop_ids if stop_ids is not None else {tokenizer.eos_token_id}
-    out = []
-    for c in cuts(solution):
-        ids = prompt_ids + tokenizer(c.prefix, add_special_tokens=False)["input_ids"]
-        gen, pieces = greedy_until_close(target, tokenizer, ids, max_tokens, stop)
+    chosen = cuts(solution)[:max_cuts]
+    owns = [(c, prompt_ids + tokenizer(c.prefix, add_special_tokens=False)["input_ids"]) for c in chosen]
+    if not owns:
+        return Tree(list(prompt_ids)), []
+    trunk = max((o for _, o in owns), key=len)
+    cache, fed = DynamicCache(), []  # fed: the tokens whose keys and values the cache holds
+    results, branches = [], []
+    for c, own in owns:
+        keep = min(common_prefix(fed, own), len(own) - 1)
+        if len(fed) > keep:
+            cache.crop(keep - len(fed))  # drop the tokens after `keep`
+        gen, pieces = greedy_until_close(target, tokenizer, own, max_tokens, stop, cache, keep)
+        fed = (own + gen)[: cache.get_seq_length()]
         if not gen:
             continue
         result, wrong, labels = label_result(pieces, c.truth)
-        out.append(ForcedResult(question, c, ids + gen, len(ids), pieces, result, wrong, labels))
-    return out
+        results.append(ForcedResult(question, c, own + gen, len(own), pieces, result, wrong, labels))
+        branches.append(branch_on(trunk, own, gen))
+    return Tree(trunk, branches), results

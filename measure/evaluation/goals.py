@@ -1,7 +1,8 @@
 """Issue #14's goals, judged on the results of `epispec eval --bundle B` (`pretrained.py`): one row
-per goal with the measured figure, the bound and whether it is met — the README block between
-`<!-- eval-bundle-goals:start -->` and `<!-- eval-bundle-goals:end -->`, a function of
-results.json alone (`epispec eval --report DIR --readme README.md` writes it; a test checks it).
+per goal with the measured figure, the bound and whether it is met — the block of
+docs/evaluation.md between `<!-- eval-bundle-goals:start -->` and `<!-- eval-bundle-goals:end -->`,
+a function of results.json alone (`epispec eval --report DIR --readme docs/evaluation.md` writes
+it; a test checks it).
 
 Goals (test split; everything fitted was fitted on validation):
 - RMSE against EU*: ours ≥ 37 % below the naive-draft baselines present (single_draft on a
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from measure.evaluation.report import _ci, _f
+from measure.evaluation.report import DOC, _ci, _f
 from measure.readme_block import ReadmeBlock
 
 BLOCK = ReadmeBlock("eval-bundle-goals")
@@ -100,17 +101,28 @@ def _gt(a, b, strict: bool = True) -> bool | None:
 
 
 def readme_block(r: dict, source: str) -> str:
-    """The README's goal table for the bundle evaluation at `source` (its results.json path)."""
-    lines = [
-        BLOCK.start,
+    """The goal table (docs/evaluation.md) for the bundle evaluation at `source` (its results.json path)."""
+    comment = (
         f"<!-- generated from {source} by `epispec eval --report {Path(source).parent} --readme "
-        "README.md`; edit measure/evaluation/goals.py, not this block -->",
+        f"{DOC}`; edit measure/evaluation/goals.py, not this block -->"
+    )
+    title = f"Issue #14's goals, `{r['command']}` ({r['seconds']['total']:.0f} s):"
+    return table_block(BLOCK, comment, title, rows(r))
+
+
+def table_block(
+    block: ReadmeBlock, comment: str, title: str, goal_rows: list[tuple[str, str, str, str]]
+) -> str:
+    """A generated goal table: markers, the generating comment, a title, one row per goal."""
+    lines = [
+        block.start,
+        comment,
         "",
-        f"Issue #14's goals, `{r['command']}` ({r['seconds']['total']:.0f} s):",
+        title,
         "",
         "| goal | measured (test) | bound | |",
         "|---|---|---|---|",
-        *(f"| {g} | {m} | {b} | {ok} |" for g, m, b, ok in rows(r)),
-        BLOCK.end,
+        *(f"| {g} | {m} | {b} | {ok} |" for g, m, b, ok in goal_rows),
+        block.end,
     ]
     return "\n".join(lines) + "\n"

@@ -11,6 +11,10 @@ pair as 1/2, PRR averages over the random order of tied items, AUPRC steps at di
            remaining error mass; 1 = oracle order, 0 = random order
     RMSE   sqrt(mean((estimate − truth)²))
 
+Bootstrap CIs resample items, or with `groups` (one cluster id per item: the problem a token
+comes from) whole clusters with replacement, every item of a drawn cluster kept — tokens of one
+problem are not independent, and resampling them one by one makes intervals too narrow.
+
 Estimates of EU against the ground truth EU* (`truth`): RMSE alone cannot rank them when EU* is
 small (a constant 0 scores about as well as anything), so also
 
@@ -146,20 +150,39 @@ def precision_recall_at(scores, labels, threshold: float) -> dict:
 
 
 def bootstrap_ci(
-    metric: Callable[..., float], *arrays, n: int = 1000, level: float = 0.95, seed: int = 0
+    metric: Callable[..., float],
+    *arrays,
+    n: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    groups=None,
 ) -> tuple[float, float]:
-    """Percentile interval of `metric(*resampled arrays)` over n resamples of the items.
-    Resamples where the metric is undefined (NaN) are skipped."""
+    """Percentile interval of `metric(*resampled arrays)` over n resamples of the items (of the
+    clusters, with `groups`). Resamples where the metric is undefined (NaN) are skipped."""
     arrs = [np.asarray(a) for a in arrays]
-    vals = [metric(*(a[idx] for a in arrs)) for idx in resamples(len(arrs[0]), n, seed)]
+    vals = [metric(*(a[idx] for a in arrs)) for idx in resamples(len(arrs[0]), n, seed, groups)]
     return percentile_interval(vals, level)
 
 
-def resamples(size: int, n: int, seed: int = 0):
-    """n bootstrap index arrays [size]; the same seed gives the same resamples to every metric."""
+def resamples(size: int, n: int, seed: int = 0, groups=None):
+    """n bootstrap index arrays; the same seed gives the same resamples to every metric. Without
+    `groups`: items drawn with replacement, [size] each. With `groups` [size] (a cluster id per
+    item): clusters drawn with replacement, as many as there are, each contributing all its
+    items (so a resample's length varies); with one item per cluster, the item resamples."""
     rng = np.random.default_rng(seed)
+    if groups is None:
+        for _ in range(n):
+            yield rng.integers(0, size, size)
+        return
+    g = np.asarray(groups)
+    if g.shape != (size,):
+        raise ValueError(f"groups must hold one cluster id per item ({size}), got shape {g.shape}")
+    _, inverse = np.unique(g, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    members = np.split(order, np.cumsum(np.bincount(inverse))[:-1])  # items of each cluster
+    k = len(members)
     for _ in range(n):
-        yield rng.integers(0, size, size)
+        yield np.concatenate([members[c] for c in rng.integers(0, k, k)])
 
 
 def percentile_interval(values, level: float = 0.95) -> tuple[float, float]:
@@ -172,6 +195,6 @@ def percentile_interval(values, level: float = 0.95) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def with_ci(metric: Callable[..., float], *arrays, n: int = 1000, seed: int = 0) -> dict:
-    lo, hi = bootstrap_ci(metric, *arrays, n=n, seed=seed)
+def with_ci(metric: Callable[..., float], *arrays, n: int = 1000, seed: int = 0, groups=None) -> dict:
+    lo, hi = bootstrap_ci(metric, *arrays, n=n, seed=seed, groups=groups)
     return {"value": metric(*arrays), "ci95": [lo, hi]}

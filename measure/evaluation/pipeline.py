@@ -104,14 +104,19 @@ def _choose_tokur(target, val_seqs, recipe, progress: bool) -> tuple[PerturbedTa
 
 
 def detection(
-    tokens: dict, labels: np.ndarray, n_boot: int, scores: dict[str, str] = DETECTION_SCORES
+    tokens: dict,
+    labels: np.ndarray,
+    n_boot: int,
+    scores: dict[str, str] = DETECTION_SCORES,
+    groups: np.ndarray | None = None,
 ) -> dict:
-    """AUROC / AUPRC / PRR with bootstrap 95% CIs of each score (name -> key of `tokens`)."""
+    """AUROC / AUPRC / PRR with bootstrap 95% CIs of each score (name -> key of `tokens`); with
+    `groups` (a cluster id per item) the bootstrap resamples clusters (`metrics.resamples`)."""
     out: dict = {m: {} for m in ("auroc", "auprc", "prr")}
     cis: dict = {m: {} for m in ("auroc", "auprc", "prr")}
     for name, key in scores.items():
         for m, fn in (("auroc", metrics.auroc), ("auprc", metrics.auprc), ("prr", metrics.prr)):
-            r = metrics.with_ci(fn, tokens[key], labels, n=n_boot)
+            r = metrics.with_ci(fn, tokens[key], labels, n=n_boot, groups=groups)
             out[m][name], cis[m][name] = r["value"], r["ci95"]
     return {
         **out,

@@ -64,7 +64,7 @@ def write_plots(results: dict, out: Path) -> list[str]:
     plt = _plt()
     arrays = results["_arrays"]
     files = []
-    names = list(ESTIMATES)
+    names = [n for n in ESTIMATES if n in results["rmse"]]
     colour = _colours(names)
 
     panels = [

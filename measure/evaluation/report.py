@@ -1,8 +1,10 @@
 """results.json (NaN written as null) and the Markdown made from it: DIR/report.md, and the block
-of tables that README.md carries between `<!-- eval-table:start -->` and `<!-- eval-table:end -->`.
+of tables that docs/evaluation.md carries between `<!-- eval-table:start -->` and
+`<!-- eval-table:end -->`.
 
-Both are functions of results.json alone, so `epispec eval --report DIR [--readme README.md]`
-regenerates them from a finished run (and a test checks that the README's block is current).
+Both are functions of results.json alone, so `epispec eval --report DIR [--readme
+docs/evaluation.md]` regenerates them from a finished run (and a test checks that the block is
+current).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ def _g(x) -> str:
 
 BLOCK = ReadmeBlock("eval-table")
 START, END = BLOCK.start, BLOCK.end
+DOC = "docs/evaluation.md"  # the file that carries the committed results' blocks (this and goals.py's)
 
 
 def estimation_table(r: dict) -> list[str]:
@@ -117,12 +120,13 @@ def detection_table(r: dict, compute: bool = True) -> list[str]:
 
 
 def readme_block(r: dict, source: str) -> str:
-    """The README's tables for the results at `source` (a results.json path, as written in the block)."""
+    """The eval-table block (docs/evaluation.md) for the results at `source` (a results.json path,
+    as written in the block)."""
     d, tl = r["data"], r["token_labels"]
     lines = [
         START,
         f"<!-- generated from {source} by `epispec eval --report {Path(source).parent} --readme "
-        "README.md`; edit the code in measure/evaluation/report.py, not this block -->",
+        f"{DOC}`; edit the code in measure/evaluation/report.py, not this block -->",
         "",
         f"`{r['command']}` — {d['source']} data, {sum(d['test_tokens'].values()):,} test tokens "
         f"({d['test_questions']} questions), {sum(d['validation_tokens'].values()):,} validation tokens "

@@ -80,6 +80,8 @@ def from_validation(exc: RequestValidationError) -> APIError:
             code="invalid_json",
         )
     param = param_name(err.get("loc", ()))
+    if param is None and tuple(err.get("loc", ())) == ("body",):  # `null`, a list, a string...
+        return APIError("The request body must be a JSON object.", code="invalid_body")
     if err.get("type") == "missing" and param:
         return APIError(f"'{param}' is required.", param=param, code="missing_field")
     msg = err.get("msg", "invalid value").removeprefix("Value error, ")
@@ -93,9 +95,9 @@ def _count_rejected(request: Request, status_code: int) -> None:
         metrics.requests.labels(endpoint=getattr(route, "path", "?"), status="rejected").inc()
 
 
-def error_response(request: Request, err: APIError) -> JSONResponse:
+def error_response(request: Request, err: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
     _count_rejected(request, err.status_code)
-    return err.response()
+    return err.response(headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -110,7 +112,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return error_response(request, APIError(str(exc.detail), status_code=exc.status_code, type=kind))
+        err = APIError(str(exc.detail), status_code=exc.status_code, type=kind)
+        return error_response(request, err, exc.headers)  # a 405's Allow header, for one
 
     @app.exception_handler(Exception)
     async def _server(request: Request, exc: Exception) -> JSONResponse:

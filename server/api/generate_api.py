@@ -1,7 +1,7 @@
 """`POST /generate`: epispec's own API, the token events as they are.
 
 Non-streamed: `{"id", "model", "text", "tokens": [{token_id, text, logprob, bias, variance,
-eu, flagged[, eu_corrected][, top_logprobs]}], "summary": {mean_eu, max_eu, num_tokens,
+eu, flagged[, p_error][, eu_corrected][, top_logprobs]}], "summary": {mean_eu, max_eu, num_tokens,
 num_flagged, flagged[, p_wrong]},
 "finish_reason", "usage", "stats"}`. Streamed (`"stream": true`): one SSE `data:` event per
 token with the token fields, then one final event `{"summary", "finish_reason", "usage",

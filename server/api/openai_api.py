@@ -9,6 +9,9 @@ of the returned objects, or in `model_extra`):
   are asked. `eu_corrected` (nats) is there when the served bundle has an `eu_correction`
   (`server.bundle.EuCorrection`).
 Token strings are the text each token adds to the output, so they concatenate to it.
+`finish_reason` keeps the spec's values (strict clients reject others): a stop on uncertainty is
+`"stop"` with `stop_reason: "uncertainty"` (vLLM's field for why a choice stopped; null otherwise).
+What is honoured and refused: docs/openai-compat.md.
 """
 
 from __future__ import annotations
@@ -25,10 +28,10 @@ from server.api.prompts import chat_prompt_ids, text_prompt_ids
 from server.api.pump import new_request_id, until_disconnected
 from server.api.schemas import PROMPT_FORMS, ChatCompletionRequest, CompletionRequest, OpenAIFields
 from server.api.sse import DONE, EventStreamResponse, event
-from server.api.usage import Summary, corrected, number, usage
+from server.api.usage import Summary, calibrated, corrected, number, usage
 from server.api.validation import check_top_logprobs, effective_max_tokens, sampling_params
 from server.bundle import EuCorrection
-from server.engine.types import Finished, GenerationItem, TokenEvent
+from server.engine.types import Finished, FinishReason, GenerationItem, TokenEvent
 
 router = APIRouter()
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the OpenAI API's and vLLM's default for /v1/completions
@@ -40,6 +43,7 @@ def uncertainty(ev: TokenEvent, correction: EuCorrection | None = None) -> dict:
         "bias": number(ev.bias),
         "variance": number(ev.variance),
         **corrected(ev, correction),
+        **calibrated(ev),
         "flagged": ev.flagged,
     }
 
@@ -78,6 +82,13 @@ def completion_logprobs(events: list[TokenEvent], offset: int = 0) -> dict:
     }
 
 
+def finish_fields(reason: FinishReason) -> dict:
+    """The spec's `finish_reason` and our `stop_reason` saying why, for a finished choice."""
+    if reason == "uncertainty":
+        return {"finish_reason": "stop", "stop_reason": "uncertainty"}
+    return {"finish_reason": reason, "stop_reason": None}
+
+
 class _Format:
     """How one endpoint shapes its choices; `chat` picks between the two OpenAI shapes."""
 
@@ -104,6 +115,7 @@ class _Format:
             **body,
             "logprobs": lp,
             "finish_reason": None,
+            "stop_reason": None,
             "uncertainty": {"tokens": [uncertainty_token(ev, self.correction) for ev in events]},
         }
 
@@ -115,17 +127,10 @@ async def _respond(
     fmt: _Format,
     endpoint: str,
     ids: list[int],
-    max_tokens: int | None,
+    max_tokens: int,
     top: int,
     prefix: str,
-    default_max_tokens: int | None = None,
 ):
-    problem = req.unsupported()
-    if problem:
-        raise APIError(f"Unsupported option: {problem[1]}.", param=problem[0], code="unsupported")
-    max_tokens = effective_max_tokens(
-        ctx, ids, max_tokens, "messages" if fmt.chat else "prompt", default_max_tokens
-    )
     params = sampling_params(ctx, req, max_tokens, top)
     request_id = new_request_id(prefix)
     items = ctx.generations.run(endpoint, request_id, ids, params)
@@ -146,7 +151,7 @@ async def _respond(
                     if fmt.chat:
                         del choice["delta"]
                         choice["message"] = {"role": "assistant", "content": "".join(e.text for e in events)}
-                    choice["finish_reason"] = item.finish_reason
+                    choice.update(finish_fields(item.finish_reason))
                     choice["uncertainty"]["summary"] = summary.as_dict()
                     return {**head, "object": fmt.object, "choices": [choice], "usage": usage(item)}
                 summary.add(item)
@@ -167,7 +172,7 @@ async def _stream(
                     yield event(engine_failure(item).body())
                     break
                 last = fmt.choice([], offset, first)
-                last.update(finish_reason=item.finish_reason, logprobs=None)
+                last.update(finish_fields(item.finish_reason), logprobs=None)
                 last["uncertainty"]["summary"] = summary.as_dict()
                 yield event({**chunk, "choices": [last], **({"usage": None} if include_usage else {})})
                 if include_usage:
@@ -192,9 +197,16 @@ async def _stream(
     yield DONE
 
 
+def check_supported(req: OpenAIFields) -> None:
+    problem = req.unsupported()
+    if problem:
+        raise APIError(f"Unsupported option: {problem[1]}.", param=problem[0], code="unsupported")
+
+
 @router.post("/v1/completions")
 async def completions(req: CompletionRequest, request: Request, ctx: ServerContext = Depends(ready_context)):
     check_model(ctx, req.model)
+    check_supported(req)
     prompt = req.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
         if len(prompt) != 1:
@@ -204,19 +216,9 @@ async def completions(req: CompletionRequest, request: Request, ctx: ServerConte
         prompt = prompt[0]
     ids = text_prompt_ids(ctx.engine.tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
     top = check_top_logprobs(ctx, req.logprobs or 0, "logprobs")
+    max_tokens = effective_max_tokens(ctx, ids, req.max_tokens, "prompt", COMPLETIONS_DEFAULT_MAX_TOKENS)
     fmt = _Format(chat=False, logprobs=req.logprobs is not None, correction=ctx.eu_correction)
-    return await _respond(
-        ctx,
-        request,
-        req,
-        fmt,
-        "/v1/completions",
-        ids,
-        req.max_tokens,
-        top,
-        "cmpl",
-        COMPLETIONS_DEFAULT_MAX_TOKENS,
-    )
+    return await _respond(ctx, request, req, fmt, "/v1/completions", ids, max_tokens, top, "cmpl")
 
 
 @router.post("/v1/chat/completions")
@@ -224,8 +226,10 @@ async def chat_completions(
     req: ChatCompletionRequest, request: Request, ctx: ServerContext = Depends(ready_context)
 ):
     check_model(ctx, req.model)
+    check_supported(req)
     ids = chat_prompt_ids(ctx.engine.tokenizer, req.messages)
     top = check_top_logprobs(ctx, req.top_logprobs or 0, "top_logprobs") if req.logprobs else 0
+    given = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    max_tokens = effective_max_tokens(ctx, ids, getattr(req, given), "messages", max_tokens_param=given)
     fmt = _Format(chat=True, logprobs=req.logprobs, correction=ctx.eu_correction)
-    max_tokens = req.max_completion_tokens or req.max_tokens
     return await _respond(ctx, request, req, fmt, "/v1/chat/completions", ids, max_tokens, top, "chatcmpl")

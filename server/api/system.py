@@ -1,5 +1,5 @@
 """Probes and descriptions: `/health` (liveness, never behind the API key), `/ready`,
-`/metrics` (Prometheus text) and `/v1/models`."""
+`/metrics` (Prometheus text), `/v1/models` and `/v1/models/{id}`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import asdict
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from server.api.context import ServerContext, ready_context
+from server.api.context import ServerContext, check_model, ready_context
 
 router = APIRouter()
 
@@ -49,20 +49,25 @@ async def metrics(request: Request) -> Response:
     return Response(m.render(), media_type=m.content_type)
 
 
-@router.get("/v1/models")
-async def models(ctx: ServerContext = Depends(ready_context)) -> dict:
+def model_card(ctx: ServerContext) -> dict:
     e = ctx.engine
     return {
-        "object": "list",
-        "data": [
-            {
-                "id": e.model_name,
-                "object": "model",
-                "created": int(time.time()),
-                "owned_by": "epispec",
-                "max_model_len": e.max_model_len,
-                "engine": e.name,
-                "num_drafts": e.num_drafts,
-            }
-        ],
+        "id": e.model_name,
+        "object": "model",
+        "created": int(time.time()),
+        "owned_by": "epispec",
+        "max_model_len": e.max_model_len,
+        "engine": e.name,
+        "num_drafts": e.num_drafts,
     }
+
+
+@router.get("/v1/models")
+async def models(ctx: ServerContext = Depends(ready_context)) -> dict:
+    return {"object": "list", "data": [model_card(ctx)]}
+
+
+@router.get("/v1/models/{model_id:path}")  # ids may hold a slash (org/name)
+async def model(model_id: str, ctx: ServerContext = Depends(ready_context)) -> dict:
+    check_model(ctx, model_id)
+    return model_card(ctx)

@@ -28,6 +28,12 @@ def corrected(ev: TokenEvent, correction: EuCorrection | None) -> dict:
     return {"eu_corrected": number(correction.apply(ev.bias, ev.variance))}
 
 
+def calibrated(ev: TokenEvent) -> dict:
+    """`{"p_error": probability}` — the bundle's calibrated probability that the token is wrong
+    (`server.engine.p_error`) — or `{}` when the bundle has no p_error rule."""
+    return {} if ev.p_error is None else {"p_error": number(ev.p_error)}
+
+
 @dataclass
 class Summary:
     """Response-level uncertainty: mean and max eu over tokens, flagged tokens, and p_wrong when

@@ -1,8 +1,10 @@
 """Request checks that need the engine or the settings: prompt length against the context,
-`max_tokens`, top log-probs, threshold bounds; and the engine's `SamplingParams` from a
+`max_tokens` (or `max_completion_tokens`), top log-probs, threshold bounds; and the engine's `SamplingParams` from a
 request. Each refusal is an `APIError` (400) that names the field."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from server.api.context import ServerContext
 from server.api.errors import APIError
@@ -16,9 +18,10 @@ def effective_max_tokens(
     max_tokens: int | None,
     prompt_param: str,
     default: int | None = None,
+    max_tokens_param: str = "max_tokens",
 ) -> int:
     """max_tokens to use (when the request gives none: `default`, else the server's
-    `default_max_tokens`), or a 400 naming the prompt or max_tokens."""
+    `default_max_tokens`), or a 400 naming the prompt or the field that gave max_tokens."""
     engine = ctx.engine
     limit = engine.max_model_len
     if not prompt_ids:
@@ -41,9 +44,9 @@ def effective_max_tokens(
         return min(default or ctx.settings.default_max_tokens, room)
     if max_tokens > room:
         raise APIError(
-            f"max_tokens is {max_tokens}, but with a prompt of {len(prompt_ids)} tokens this model "
-            f"({limit} tokens in all) can generate at most {room}.",
-            param="max_tokens",
+            f"{max_tokens_param} is {max_tokens}, but with a prompt of {len(prompt_ids)} tokens this "
+            f"model ({limit} tokens in all) can generate at most {room}.",
+            param=max_tokens_param,
             code="context_length_exceeded",
         )
     return max_tokens
@@ -74,7 +77,7 @@ def thresholds_for(ctx: ServerContext, req: SamplingFields) -> FlagThresholds:
                 code="threshold_out_of_bounds",
             )
         values[name] = getattr(base, name) if v is None else v
-    return FlagThresholds(**values)
+    return replace(base, **values, by_p_error=False)  # the request's thresholds flag, not p_error
 
 
 def sampling_params(
@@ -90,4 +93,5 @@ def sampling_params(
         thresholds=thresholds_for(ctx, req),
         stop_on_uncertainty=req.stop_on_uncertainty,
         ignore_eos=req.ignore_eos,
+        json_output=req.json_output(),
     )

@@ -52,7 +52,9 @@ def run(args: argparse.Namespace) -> int:
             top_p=args.top_p,
             seed=args.seed,
             stop=tuple(args.stop),
-            thresholds=resolve_thresholds(args, bundle.thresholds if bundle else None),
+            thresholds=resolve_thresholds(
+                args, bundle.thresholds if bundle else None, bundle.p_error if bundle else None
+            ),
         )
         params.validate()
         if args.html is not None and not args.html.parent.is_dir():

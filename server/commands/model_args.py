@@ -77,6 +77,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="vllm engine: the drafts' weights and KV cache (default float32: on CPUs without "
         "bf16 matmul units bf16 is ~10x slower; bfloat16 on GPUs)",
     )
+    g.add_argument(
+        "--eu-channel",
+        default="ipc",
+        metavar="ADDRESS",
+        help="vllm engine: the side channel that brings the proposer's records to this process: "
+        "ipc (default; a private socket on this machine) or tcp://HOST:PORT, bound here and "
+        "authenticated with CURVE keys made at start-up, for workers on other machines "
+        "(docs/reliability.md)",
+    )
     v = parser.add_argument_group("vLLM engine arguments (passed through to vLLM)")
     v.add_argument("--tensor-parallel-size", type=int, default=None, metavar="N")
     v.add_argument("--pipeline-parallel-size", type=int, default=None, metavar="N")
@@ -104,19 +113,20 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     v.add_argument("--enforce-eager", action="store_true", default=None, help="no CUDA graphs / compilation")
     v.add_argument(
+        "--no-prefix-caching",
+        dest="enable_prefix_caching",
+        action="store_false",
+        default=None,
+        help="turn vLLM's prefix cache off: every prompt is computed afresh, so an answer does not "
+        "depend on which prompts came before it (docs/determinism.md); slower for shared prompts; "
+        "feature drafts then get the target's hidden state at every position",
+    )
+    v.add_argument(
         "--kv-cache-space",
         type=int,
         default=None,
         metavar="GIB",
-        help="CPU KV cache size in GiB (vLLM-CPU's VLLM_CPU_KVCACHE_SPACE; default 4)",
-    )
-    v.add_argument(
-        "--no-prefix-caching",
-        action="store_false",
-        default=None,
-        dest="enable_prefix_caching",
-        help="vLLM recomputes every prompt instead of reusing cached blocks of earlier ones, so an "
-        "answer does not depend on which prompts came before it (docs/determinism.md)",
+        help="CPU KV cache size in GiB (vLLM's kv_cache_memory_bytes; default: VLLM_CPU_KVCACHE_SPACE, else 4)",
     )
 
 

@@ -37,24 +37,69 @@ from pathlib import Path
 
 import torch
 
-from server.engine.draft_kv import DEFAULT_BLOCK_SIZE, BlockPool, PagedKV, PoolFull, kv_bytes_per_token
+from server.engine.draft_kernels import FeatureGroup, LlamaGroup, signature
+from server.engine.draft_kv import DEFAULT_BLOCK_SIZE, BlockPool, PoolFull, kv_bytes_per_token
 from server.engine.draft_vocab import DraftVocab, read_draft_vocab
+from server.engine.feature_draft import is_feature_draft, load_feature_drafts
 from server.engine.uncertainty import mixture_logprobs, variance
+
+
+@dataclass(frozen=True)
+class TopN:
+    """Records ship q̄'s `n` most probable tokens as ids and probabilities (None: all of q̄, for
+    an exact `bias_topk` on the API side)."""
+
+    n: int | None = 64
+
+
+@dataclass(frozen=True)
+class LogMix:
+    """Records keep log q̄ itself over the target's vocabulary ([V], on the drafts' device), for
+    a bias computed in the same process (bias source "worker")."""
+
+
+QSummary = TopN | LogMix  # what a record keeps of q̄
 
 
 @dataclass
 class Record:
     """What the EU of one emitted position needs from the drafts, as tensors in the proposer's
-    process (the proposer turns it into the side channel's `eu_wire.Record`).
-
-    `ids`/`probs` are q̄'s top-N token ids and probabilities (N = V: all of q̄, exact bias);
-    with top_n = 0 they are None and `log_mix` is q̄ itself, for a bias computed in process."""
+    process (the proposer turns it into the side channel's `eu_wire.Record`): `ids`/`probs`
+    under `TopN`, `log_mix` under `LogMix`, the other None."""
 
     position: int  # index of the token in the request's history
     variance: float
     ids: torch.Tensor | None  # [N] int32
     probs: torch.Tensor | None  # [N] float32
-    log_mix: torch.Tensor | None = None  # [V] float32 log q̄ (top_n = 0), on the drafts' device
+    log_mix: torch.Tensor | None = None  # [V] float32 log q̄, on the drafts' device
+
+
+@dataclass
+class QFields:
+    """q̄'s summary at a batch of positions (any leading shape [...]): ids, probs [..., N] under
+    `TopN`, or log_mix [..., V] under `LogMix`."""
+
+    ids: torch.Tensor | None = None
+    probs: torch.Tensor | None = None
+    log_mix: torch.Tensor | None = None
+
+    def map(self, fn) -> QFields:
+        """`fn` applied to each present tensor (indexing, stacking's inputs, moving)."""
+        return QFields(*(None if t is None else fn(t) for t in (self.ids, self.probs, self.log_mix)))
+
+    @staticmethod
+    def stack(parts: list[QFields], dim: int) -> QFields:
+        first = parts[0]
+        return QFields(
+            *(
+                None if getattr(first, n) is None else torch.stack([getattr(p, n) for p in parts], dim)
+                for n in ("ids", "probs", "log_mix")
+            )
+        )
+
+    def record(self, position: int, var: float) -> Record:
+        """One position's record (its fields indexed down to that position)."""
+        return Record(position, var, self.ids, self.probs, self.log_mix)
 
 
 @dataclass
@@ -63,6 +108,10 @@ class RowInput:
     history: torch.Tensor  # [n] long: prompt + output tokens so far, the emitted ones included
     num_emitted: int  # tokens the target emitted this step (accepted + 1); 0 = not decoding
     final: bool = False  # the request ends with this step: free its slot after recording
+    # feature drafts: the target's final hidden states of the positions it computed this step,
+    # features[i] of position feature_start + i (a prefill chunk too, where num_emitted is 0)
+    features: torch.Tensor | None = None  # [F, E]
+    feature_start: int = 0
 
 
 @dataclass
@@ -75,6 +124,7 @@ class RowOutput:
     accepted: int
     eu_seconds: float = 0.0  # this row's share of the step's variance/q̄-summary time
     parked: bool = False  # the KV pool had no room for this row: no proposal, no records
+    missing_features: int = 0  # positions fed with a zero feature (no hidden state from the target)
 
 
 @dataclass
@@ -90,12 +140,16 @@ class _Slot:
     drafted_from: int = 0  # history length when the last proposal was made
     proposal: list[int] = field(default_factory=list)
     pending: dict[int, Record] = field(default_factory=dict)  # position -> record
+    # feature drafts: a drafted token's keys were computed from a predicted feature, not the
+    # target's, so only the history stands after a round, and only the first drafted
+    # position's record (read from the target's own feature) is kept
+    features: bool = False
 
     def roll_back(self, n: int, emitted: int) -> None:
         """After the target verified the last proposal (history now n tokens, the last `emitted`
         of them new): of the drafted tokens only the accepted ones that were fed stand (the last
         drafted token is never fed); and at least the newest token must be fed."""
-        if self.proposal:
+        if self.proposal and not self.features:
             fed_drafts = len(self.proposal) - 1
             self.valid = min(self.valid, self.drafted_from + min(emitted - 1, fed_drafts))
         self.valid = min(self.valid, n - 1)
@@ -112,8 +166,12 @@ class _Slot:
     def drafted(self, n: int, proposal: list[int], pending: dict[int, Record]) -> None:
         """A new proposal drafted from a history of n tokens: every drafted token but the last
         was fed, so n + k − 1 tokens stand; `pending` holds the records of its k positions."""
-        self.proposal, self.pending = proposal, pending
         self.drafted_from = n
+        if self.features:
+            self.proposal, self.pending = proposal, {j: r for j, r in pending.items() if j == n}
+            self.valid = n
+            return
+        self.proposal, self.pending = proposal, pending
         self.valid = n + max(0, len(proposal) - 1)
 
 
@@ -127,6 +185,7 @@ class _Live:
     slot: _Slot
     feed: torch.Tensor  # [T_b] long
     missing: list[int]  # positions j − 1 (see `_Slot.rewind_for`)
+    feats: torch.Tensor | None = None  # [T_b, E] feature drafts: f_{t−1} of each fed token t
 
 
 @dataclass
@@ -134,10 +193,11 @@ class _Scored:
     """Step 1)'s summaries (see `summarize`) of every position it read."""
 
     var: torch.Tensor  # [P]
-    fields: tuple  # each [P, ...]
+    fields: QFields  # [P, ...]
     greedy: torch.Tensor  # [P] long, target ids
     index: dict[tuple[int, int], int]  # (live row b, position of the token) -> p
     seconds: float  # time spent summarizing
+    g: torch.Tensor | None = None  # [M, P, E] feature drafts' predicted features
 
 
 @dataclass
@@ -146,136 +206,10 @@ class _Drafted:
 
     proposal: list[list[int]]  # [B][S]
     var: list[list[float]]  # [B][S]
-    fields: list[torch.Tensor]  # each [B, S, ...]
+    fields: QFields  # [B, S, ...]
     ks: list[int]  # tokens each row may propose (room in the drafts' caches)
     steps: int  # batched ensemble steps taken (1 + S − 1)
     seconds: float
-
-
-class _DraftGroup:
-    """Same-shape Llama-family drafts evaluated together: their weights are stacked on a
-    leading M axis, so one batched step of the group is one set of batched matmuls.
-
-    Weights and KV cache are in `dtype`; RMSNorm statistics, log-softmax and everything after
-    them are float32 (as transformers does for bf16/fp16 Llamas)."""
-
-    def __init__(
-        self,
-        lms: list,
-        pool: BlockPool,
-        device: torch.device,
-        vocab: DraftVocab | None = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> None:
-        cfg = lms[0].config
-        # [V] long: the draft id each target id is read as (reduced vocabulary), else None
-        self.to_draft_ids = None if vocab is None else vocab.to_draft_ids.to(device)
-        attn0 = lms[0].model.layers[0].self_attn
-        self.m, self.eps = len(lms), cfg.rms_norm_eps
-        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.head_dim, self.scaling = attn0.head_dim, attn0.scaling
-        self.rotary = lms[0].model.rotary_emb
-
-        def stack(get, t=False):  # [M, ...]; t: Linear weight [O, I] -> [I, O] for bmm
-            ws = [get(lm) for lm in lms]
-            if ws[0] is None:
-                return None
-            return torch.stack([w.detach().t() if t else w.detach() for w in ws]).to(device, dtype)
-
-        self.embed = stack(lambda lm: lm.model.embed_tokens.weight)  # [M, V_d, E]
-        self.head = stack(lambda lm: lm.lm_head.weight, t=True)  # [M, E, V_d]
-        self.norm = stack(lambda lm: lm.model.norm.weight)  # [M, E]
-        self.layers = []
-        for i in range(cfg.num_hidden_layers):
-
-            def get(path, i=i):
-                def f(lm):
-                    obj = lm.model.layers[i]
-                    for name in path.split("."):
-                        obj = getattr(obj, name, None)
-                    return obj
-
-                return f
-
-            layer = {
-                n: stack(get(n), t=n.endswith("_proj.weight"))
-                for n in (
-                    "input_layernorm.weight",
-                    "post_attention_layernorm.weight",
-                    "self_attn.q_proj.weight",
-                    "self_attn.k_proj.weight",
-                    "self_attn.v_proj.weight",
-                    "self_attn.o_proj.weight",
-                    "mlp.gate_proj.weight",
-                    "mlp.up_proj.weight",
-                    "mlp.down_proj.weight",
-                )
-            }
-            for n in ("q", "k", "v", "o"):  # Qwen2-style projection biases, where present
-                layer[f"{n}_bias"] = stack(get(f"self_attn.{n}_proj.bias"))
-            self.layers.append(layer)
-        self.kv = PagedKV(len(self.layers), self.m, self.kv_heads, self.head_dim, pool, dtype, device)
-
-    def _rms(self, x, w):  # [M, ..., E], [M, E]; statistics in float32
-        dtype, x = x.dtype, x.float()
-        x = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
-        return x * w.view(w.shape[0], *[1] * (x.dim() - 2), w.shape[-1])
-
-    @staticmethod
-    def _linear(x, w, b=None):  # [M, B, T, I] @ [M, I, O] (+ [M, O]) -> [M, B, T, O]
-        m, bsz, t, _ = x.shape
-        y = torch.bmm(x.reshape(m, bsz * t, -1), w)
-        if b is not None:
-            y = y + b[:, None, :]
-        return y.view(m, bsz, t, -1)
-
-    def forward(self, tokens, pos, table, valid, out_index) -> torch.Tensor:
-        """tokens (target ids)/pos/valid [B, T], table [B, nb] (each row's blocks, covering its
-        positions up to pos.max()), out_index (rows [P], cols [P])
-        -> log-probs over the drafts' vocabulary [P, M, V_d] (V_d = V without a reduced one).
-
-        Attention is torch SDPA over the keys of the batch's blocks; without a mask where none
-        is needed (one row decoding one token, or one row's whole prompt: causal)."""
-        M, (B, T) = self.m, tokens.shape
-        H, Hkv, D = self.heads, self.kv_heads, self.head_dim
-        if self.to_draft_ids is not None:
-            tokens = self.to_draft_ids[tokens]  # [B, T] draft ids
-        h = self.embed[:, tokens]  # [M, B, T, E]
-        cos, sin = self.rotary(h[0], pos)  # [B, T, D]
-        cos, sin = cos[None, :, :, None], sin[None, :, :, None]  # [1, B, T, 1, D]
-        n_keys = int(pos.max()) + 1
-        slots = self.kv.slots_of(table)[:, :n_keys]  # [B, K] cache slots of each row's keys
-        w_slots = slots.gather(1, pos)[valid]  # [Nv] where the fed tokens go
-        mask, causal = None, False
-        if B == 1 and T == n_keys:  # a whole prompt from position 0
-            causal = T > 1
-        elif B > 1 or T > 1:
-            mask = torch.arange(n_keys, device=h.device)[None, None, :] <= pos[:, :, None]  # [B, T, K]
-            mask = mask[None, :, None].expand(M, B, 1, T, n_keys).reshape(M * B, 1, T, n_keys)
-        for i, ly in enumerate(self.layers):
-            x = self._rms(h, ly["input_layernorm.weight"])
-            q = self._linear(x, ly["self_attn.q_proj.weight"], ly["q_bias"]).view(M, B, T, H, D)
-            k = self._linear(x, ly["self_attn.k_proj.weight"], ly["k_bias"]).view(M, B, T, Hkv, D)
-            v = self._linear(x, ly["self_attn.v_proj.weight"], ly["v_bias"]).view(M, B, T, Hkv, D)
-            q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-            self.kv.write(i, w_slots, k[:, valid], v[:, valid])  # [M, Nv, Hkv, D]
-            keys, vals = self.kv.read(i, slots)  # [M, B, K, Hkv, D]
-            o = torch.nn.functional.scaled_dot_product_attention(
-                q.permute(0, 1, 3, 2, 4).reshape(M * B, H, T, D),
-                keys.view(M * B, n_keys, Hkv, D).transpose(1, 2),  # [M*B, Hkv, K, D]
-                vals.view(M * B, n_keys, Hkv, D).transpose(1, 2),
-                attn_mask=mask,
-                is_causal=causal,
-                scale=self.scaling,
-                enable_gqa=H != Hkv,
-            )  # [M*B, H, T, D]
-            o = o.view(M, B, H, T, D).permute(0, 1, 3, 2, 4).reshape(M, B, T, H * D)
-            h = h + self._linear(o, ly["self_attn.o_proj.weight"], ly["o_bias"])
-            x = self._rms(h, ly["post_attention_layernorm.weight"])
-            g = torch.nn.functional.silu(self._linear(x, ly["mlp.gate_proj.weight"]))
-            h = h + self._linear(g * self._linear(x, ly["mlp.up_proj.weight"]), ly["mlp.down_proj.weight"])
-        h = self._rms(h[:, out_index[0], out_index[1]], self.norm)  # [M, P, E]
-        return torch.log_softmax(torch.bmm(h, self.head).float(), -1).transpose(0, 1)  # [P, M, V_d]
 
 
 def _feed_groups(lengths: list[int], short: int) -> list[list[int]]:
@@ -294,60 +228,31 @@ def _feed_groups(lengths: list[int], short: int) -> list[list[int]]:
     return [g for g in groups if g]
 
 
-def _rotate_half(x):
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def _signature(lm) -> tuple:
-    """Drafts with equal signatures can share a stacked group."""
-    c = lm.config
-    return (
-        c.hidden_size,
-        c.intermediate_size,
-        c.num_hidden_layers,
-        c.num_attention_heads,
-        c.num_key_value_heads,
-        c.vocab_size,
-        getattr(c, "rope_theta", None),
-        str(getattr(c, "rope_scaling", None)),
-        c.rms_norm_eps,
-        lm.model.layers[0].self_attn.q_proj.bias is not None,
-    )
-
-
-def summarize(draft_lp: torch.Tensor, top_n: int, vocab: DraftVocab | None = None):
+def summarize(draft_lp: torch.Tensor, summary: QSummary, vocab: DraftVocab | None = None):
     """Per position: exact variance, the record's fields of q̄, q̄'s greedy token.
-    [P, M, V_d] -> [P], fields, [P] long (target ids)
+    [P, M, V_d] -> [P], QFields [P, ...], [P] long (target ids)
 
-    fields: (ids [P, N] int32 target ids, probs [P, N]) of q̄'s top-N (top_n < 0: N = V_d), or
-    (log q̄ [P, V],) over the target's vocabulary for top_n = 0. With a reduced vocabulary
+    fields: ids [P, N] int32 target ids and probs [P, N] of q̄'s top-N (`TopN`; n None: N = V_d),
+    or log q̄ [P, V] over the target's vocabulary (`LogMix`). With a reduced vocabulary
     (V_d < V) everything is computed over S and mapped: q̄ is 0 outside S."""
     log_mix = mixture_logprobs(draft_lp)  # [P, V_d]
     var = variance(draft_lp, log_mix)  # [P]
     greedy = log_mix.argmax(-1)  # [P] draft ids
     if vocab is not None:
         greedy = vocab.to_target(greedy)
-    if top_n == 0:
-        return var, (log_mix if vocab is None else vocab.expand(log_mix),), greedy
-    n = min(top_n, log_mix.shape[-1]) if top_n > 0 else log_mix.shape[-1]
+    if isinstance(summary, LogMix):
+        return var, QFields(log_mix=log_mix if vocab is None else vocab.expand(log_mix)), greedy
+    n = log_mix.shape[-1] if summary.n is None else min(summary.n, log_mix.shape[-1])
     probs, ids = log_mix.exp().topk(n, dim=-1)  # [P, N]
     if vocab is not None:
         ids = vocab.to_target(ids)
-    return var, (ids.to(torch.int32), probs), greedy
-
-
-def _record(position: int, var: float, fields: tuple) -> Record:
-    """A record from one position's fields (see `summarize`)."""
-    if len(fields) == 1:
-        return Record(position, var, None, None, fields[0])
-    return Record(position, var, *fields)
+    return var, QFields(ids=ids.to(torch.int32), probs=probs), greedy
 
 
 class DraftEnsemble:
     """M drafts proposing k tokens per round for concurrent requests of up to `max_len` tokens.
 
-    Records carry q̄'s top-`top_n` (−1: all of it as ids/probs; 0: log q̄ itself, [V]).
+    Records keep what `summary` says of q̄: its top-N (`TopN`) or log q̄ itself (`LogMix`).
 
     KV memory: `kv_bytes_per_token` bytes (2 × layers × Hkv × head_dim × the dtype's size, summed
     over the drafts) for each token a request holds, in blocks of `block_size` tokens from a pool
@@ -362,16 +267,43 @@ class DraftEnsemble:
         k: int,
         slots: int,
         max_len: int,
-        top_n: int = 64,
+        summary: QSummary = TopN(),
         device: str | torch.device = "cpu",
         kv_tokens: int | None = None,
         block_size: int = DEFAULT_BLOCK_SIZE,
         dtype: torch.dtype = torch.float32,
+        target: str | Path | None = None,
     ) -> None:
+        self.device = torch.device(device)
+        if (
+            not isinstance(summary, TopN | LogMix)
+            or isinstance(summary, TopN)
+            and summary.n is not None
+            and summary.n < 1
+        ):
+            raise ValueError(f"summary must be TopN(n >= 1 or None) or LogMix(), not {summary!r}.")
+        self.k, self.summary, self.max_len = k, summary, max_len
+        self.pool = BlockPool.for_tokens(kv_tokens or slots * max_len, block_size)
+        self._slots: dict[str, _Slot] = {}
+        self._feats: dict[str, tuple[int, torch.Tensor]] = {}  # req -> (first position, [F, E])
+        self.features = bool(paths) and is_feature_draft(paths[0])
+        if self.features:
+            if target is None:
+                raise ValueError(
+                    "Feature drafts need the target's folder (its embedding is their input and head)."
+                )
+            fd = load_feature_drafts(list(paths), target, self.device, dtype)
+            self.vocab: DraftVocab | None = fd.vocab
+            self.drafts = [FeatureGroup(fd, self.pool, self.device, dtype)]
+            s = fd.spec
+            kv = {"num_hidden_layers": 1, "num_attention_heads": s.heads, "num_key_value_heads": s.kv_heads}
+            self.kv_bytes_per_token = kv_bytes_per_token([{**kv, "head_dim": s.head_dim}] * fd.m, dtype)
+            return
+        self._load_llama(paths, dtype)
+
+    def _load_llama(self, paths: list[str | Path], dtype: torch.dtype) -> None:
         from server.engine.models import load_causal_lm
 
-        self.device = torch.device(device)
-        self.k, self.top_n, self.max_len = k, top_n, max_len
         groups: dict[tuple, list] = {}
         vocabs = [read_draft_vocab(p) for p in paths]
         if (
@@ -383,7 +315,7 @@ class DraftEnsemble:
                 "The drafts must all use the target's vocabulary, or all the same "
                 "reduced vocabulary (draft_vocab.json)."
             )
-        self.vocab: DraftVocab | None = vocabs[0] if vocabs else None
+        self.vocab = vocabs[0] if vocabs else None
         for p in paths:
             lm = load_causal_lm(p, str(self.device), dtype)
             if (
@@ -395,14 +327,12 @@ class DraftEnsemble:
                     f"Draft '{p}' is not a Llama-family model (the proposer needs "
                     "embed_tokens, rotary_emb, SiLU MLPs and Llama decoder layers)."
                 )
-            groups.setdefault(_signature(lm), []).append(lm)
+            groups.setdefault(signature(lm), []).append(lm)
         # drafts of one shape run as one stacked group; the order of M does not matter
-        self.pool = BlockPool.for_tokens(kv_tokens or slots * max_len, block_size)
-        self.drafts = [_DraftGroup(lms, self.pool, self.device, self.vocab, dtype) for lms in groups.values()]
+        self.drafts = [LlamaGroup(lms, self.pool, self.device, self.vocab, dtype) for lms in groups.values()]
         self.kv_bytes_per_token = kv_bytes_per_token(
             [lm.config for lms in groups.values() for lm in lms], dtype
         )
-        self._slots: dict[str, _Slot] = {}
 
     def num_states(self) -> int:
         """Requests holding a slot (0 when idle: aborts and finishes free their state)."""
@@ -425,6 +355,8 @@ class DraftEnsemble:
         """Free the slots (and KV blocks) of requests not in `keep` (finished or aborted)."""
         for rid in [r for r in self._slots if r not in keep]:
             self._drop(rid)
+        for rid in [r for r in self._feats if r not in keep]:
+            del self._feats[rid]
 
     def _drop(self, rid: str) -> None:
         del self._slots[rid]
@@ -433,6 +365,8 @@ class DraftEnsemble:
     @torch.inference_mode()
     def propose(self, rows: list[RowInput]) -> list[RowOutput]:
         outs = [RowOutput([], [], 0, 0, 0) for _ in rows]
+        if self.features:
+            self._keep_features(rows)
         live = self._bookkeeping(rows, outs)
         if not live:
             return outs
@@ -463,14 +397,46 @@ class DraftEnsemble:
                 d.kv.zero(fresh)
             st = self._slots.get(r.req_id)
             if st is None:
-                st = self._slots[r.req_id] = _Slot()
+                st = self._slots[r.req_id] = _Slot(features=self.features)
             if st.proposal:
                 out.proposed, out.accepted = len(st.proposal), e - 1
             st.roll_back(n, e)
             missing = st.rewind_for(n, e)
-            live.append(_Live(r, out, st, r.history[st.valid :], missing))
+            lv = _Live(r, out, st, r.history[st.valid :], missing)
+            if self.features:
+                lv.feats, out.missing_features = self._features_for(r.req_id, st.valid, n)
+            live.append(lv)
         order = {id(r): i for i, r in enumerate(rows)}
         return sorted(live, key=lambda lv: order[id(lv.row)])
+
+    def _keep_features(self, rows: list[RowInput]) -> None:
+        """Append each row's new target features to its request's buffer (prefill chunks too)."""
+        for r in rows:
+            if r.features is None or not len(r.features):
+                continue
+            old = self._feats.get(r.req_id)
+            new = r.features.to(self.device, torch.float32)  # [F, E]
+            if old is not None and old[0] + len(old[1]) == r.feature_start:  # contiguous: extend
+                self._feats[r.req_id] = (old[0], torch.cat([old[1], new]))
+            else:  # a recompute (preemption) starts over
+                self._feats[r.req_id] = (r.feature_start, new)
+
+    def _features_for(self, rid: str, valid: int, n: int) -> tuple[torch.Tensor, int]:
+        """f_{t−1} for the fed tokens t ∈ [valid, n), and how many were not available (zeros: a
+        position vLLM served from its prefix cache, or one before a parked row's recompute). The
+        buffer keeps position n − 2 on: what the next round can read. -> [n − valid, E], count"""
+        start, buf = self._feats.get(rid, (0, None))
+        E = self.drafts[0].drafts.spec.hidden
+        out = torch.zeros(n - valid, E, device=self.device)  # [T_b, E]
+        want = torch.arange(valid - 1, n - 1)  # positions of the features read
+        have = (want >= start) & (want < start + (0 if buf is None else len(buf)))
+        if buf is not None and bool(have.any()):
+            out[have.to(self.device)] = buf[(want[have] - start).to(self.device)]
+        missing = int((~have).sum()) - int(valid == 0)  # position −1 has no feature by definition
+        if buf is not None:
+            keep = max(0, n - 2 - start)  # n − 2 too: a rewind by one position (no proposal) reads it
+            self._feats[rid] = (start + keep, buf[keep:])
+        return out, max(0, missing)
 
     def _first_step(self, live: list[_Live], table: torch.Tensor) -> _Scored:
         """1) Batched forwards over the uncached suffixes, one per feed-length group; the
@@ -482,17 +448,20 @@ class DraftEnsemble:
                 out_rows.append(b)
                 out_cols.append(p - lv.slot.valid)
                 out_pos.append(p + 1)  # the record is for the token at p + 1
-        parts, order = [], []  # per group: log-probs [P_g, M, V]; the global indices of its P_g
+        parts, order, g_parts = [], [], []  # per group: log-probs [P_g, M, V]; the global indices of its P_g
         for group in _feed_groups([len(lv.feed) for lv in live], self.k + 1):
             local = {b: g for g, b in enumerate(group)}
             p_g = [p_i for p_i, b in enumerate(out_rows) if b in local]
             T = max(len(live[b].feed) for b in group)
             tokens = torch.zeros(len(group), T, dtype=torch.long)
+            feats = torch.zeros(len(group), T, live[0].feats.shape[-1], device=dev) if self.features else None
             valid = torch.zeros(len(group), T, dtype=torch.bool)
             pos = torch.zeros(len(group), T, dtype=torch.long)
             for g, b in enumerate(group):
                 f, start = live[b].feed, live[b].slot.valid
                 tokens[g, : len(f)] = f
+                if feats is not None:
+                    feats[g, : len(f)] = live[b].feats
                 valid[g, : len(f)] = True
                 pos[g, : len(f)] = torch.arange(start, start + len(f))
             idx = (
@@ -500,17 +469,21 @@ class DraftEnsemble:
                 torch.tensor([out_cols[p_i] for p_i in p_g], device=dev),
             )
             tokens, pos, valid = tokens.to(dev), pos.to(dev), valid.to(dev)
-            parts.append(
-                torch.cat([d.forward(tokens, pos, table[group], valid, idx) for d in self.drafts], 1)
-            )  # [P_g, M, V]
+            res = [d.forward(tokens, feats, pos, table[group], valid, idx) for d in self.drafts]
+            parts.append(torch.cat([lp for lp, _ in res], 1))  # [P_g, M, V]
+            if self.features:
+                g_parts.append(res[0][1])  # [M, P_g, E]
             order.extend(p_g)
         lp = torch.cat(parts)  # [P, M, V], back in out_rows order below
+        g = torch.cat(g_parts, 1) if self.features else None  # [M, P, E]
         if order != sorted(order):
-            lp = lp[torch.tensor(order).argsort().to(dev)]
+            back = torch.tensor(order).argsort().to(dev)
+            lp = lp[back]
+            g = g[:, back] if g is not None else None
         t0 = time.perf_counter()
-        var, fields, greedy = summarize(lp, self.top_n, self.vocab)
+        var, fields, greedy = summarize(lp, self.summary, self.vocab)
         index = {(b, position): p_i for p_i, (b, position) in enumerate(zip(out_rows, out_pos, strict=True))}
-        return _Scored(var, fields, greedy, index, time.perf_counter() - t0)
+        return _Scored(var, fields, greedy, index, time.perf_counter() - t0, g)
 
     def _greedy_steps(self, live: list[_Live], table: torch.Tensor, first: _Scored) -> _Drafted:
         """2) The proposal: greedy on q̄ from step 1)'s newest position, then k−1 batched
@@ -520,19 +493,21 @@ class DraftEnsemble:
         n_hist = torch.tensor([len(lv.row.history) for lv in live])
         ks = [min(self.k, self.max_len - int(n) - 1) for n in n_hist]  # room in the drafts' caches
         step_var = [first.var[last_idx]]  # each [B]
-        step_fields = [tuple(t[last_idx] for t in first.fields)]  # each: fields of [B, ...]
+        step_fields = [first.fields.map(lambda t: t[last_idx])]  # each [B, ...]
         cur = first.greedy[last_idx].to(dev)  # [B] target ids
+        own = first.g[:, last_idx.to(dev), None] if first.g is not None else None  # [M, B, 1, E]
         proposal = [cur]
         ones = torch.ones(B, 1, dtype=torch.bool, device=dev)
         arange_b = (torch.arange(B, device=dev), torch.zeros(B, dtype=torch.long, device=dev))
         seconds = 0.0
         for s in range(1, max(ks)):
             p_s = (n_hist + s - 1).clamp(max=self.max_len - 1).to(dev)[:, None]  # [B, 1]
-            lp = torch.cat(
-                [d.forward(cur[:, None].to(dev), p_s, table, ones, arange_b) for d in self.drafts], 1
-            )  # [B, M, V]
+            res = [d.forward(cur[:, None].to(dev), own, p_s, table, ones, arange_b) for d in self.drafts]
+            lp = torch.cat([lp_d for lp_d, _ in res], 1)  # [B, M, V]
+            if own is not None:
+                own = res[0][1][:, :, None]  # [M, B, 1, E]: each draft's own predicted feature
             t0 = time.perf_counter()
-            v_s, fields_s, greedy_s = summarize(lp, self.top_n, self.vocab)
+            v_s, fields_s, greedy_s = summarize(lp, self.summary, self.vocab)
             seconds += time.perf_counter() - t0
             step_var.append(v_s)
             step_fields.append(fields_s)
@@ -541,7 +516,7 @@ class DraftEnsemble:
         return _Drafted(
             proposal=torch.stack(proposal, 1).tolist(),  # [B, S]
             var=torch.stack(step_var, 1).tolist(),  # [B, S]
-            fields=[self._host(torch.stack(ts, 1)) for ts in zip(*step_fields, strict=True)],  # [B, S, ...]
+            fields=self._host(QFields.stack(step_fields, 1)),  # [B, S, ...]
             ks=ks,
             steps=1 + max(0, max(ks) - 1),
             seconds=seconds,
@@ -551,7 +526,7 @@ class DraftEnsemble:
         """3) Each row's output: the records of its emitted positions (pending from the last
         round, else from step 1)), its new proposal and the pending records of that, counts."""
         var_l = first.var.tolist()
-        fields_c = [self._host(t) for t in first.fields]
+        fields_c = self._host(first.fields)
         share = (first.seconds + drafted.seconds) / len(live)
         for b, lv in enumerate(live):
             r, st, out = lv.row, lv.slot, lv.out
@@ -560,7 +535,7 @@ class DraftEnsemble:
                 rec = st.pending.get(j)
                 if rec is None and (b, j) in first.index:
                     p_i = first.index[(b, j)]
-                    rec = _record(j, var_l[p_i], tuple(t[p_i] for t in fields_c))
+                    rec = fields_c.map(lambda t, p_i=p_i: t[p_i]).record(j, var_l[p_i])
                 if rec is not None:
                     out.records.append(rec)
             k_b = max(0, drafted.ks[b])
@@ -569,7 +544,7 @@ class DraftEnsemble:
                 n,
                 proposal,
                 {
-                    n + s: _record(n + s, drafted.var[b][s], tuple(t[b, s] for t in drafted.fields))
+                    n + s: drafted.fields.map(lambda t, b=b, s=s: t[b, s]).record(n + s, drafted.var[b][s])
                     for s in range(k_b)
                 },
             )
@@ -579,9 +554,9 @@ class DraftEnsemble:
             if r.final:
                 self._drop(r.req_id)
 
-    def _host(self, t: torch.Tensor) -> torch.Tensor:
+    def _host(self, f: QFields) -> QFields:
         """Top-N fields go to the host (they are shipped); log q̄ stays where it is used."""
-        return t.cpu() if self.top_n else t
+        return f.map(lambda t: t.cpu()) if isinstance(self.summary, TopN) else f
 
 
 def log_mix_from_record(rec_ids: torch.Tensor, rec_probs: torch.Tensor, vocab: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ the joiner files it and `VllmEngine` reads it. One message per engine step, from
 a MessagePack array
 
     [VERSION, live, [[req_id, passes, proposed, accepted, eu_seconds,
-                      [[position, variance, bias, ids, probs], ...]], ...]]
+                      [[position, variance, bias, ids, probs], ...]], ...], kv_bytes, kv_tokens, faults]
 
 with `bias` None when it could not be computed (or when the record carries q̄'s top-N in
 `ids`/`probs`: little-endian int32 and float32 buffers of equal length), `variance` None when
@@ -96,14 +96,16 @@ class RequestRecords(msgspec.Struct, array_like=True, frozen=True, forbid_unknow
 
 
 class Message(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fields=True):
-    """One engine step: the proposer's live slot count, every emitting request's records, and the
-    drafts' KV cache held after the step (bytes of blocks held, tokens whose keys stand)."""
+    """One engine step: the proposer's live slot count, every emitting request's records, the
+    drafts' KV cache held after the step (bytes of blocks held, tokens whose keys stand), and
+    the proposer's failed steps so far (each decoded on without proposals, null uncertainty)."""
 
     version: Literal[1]
     live: _Count
     reqs: Annotated[list[RequestRecords], msgspec.Meta(max_length=MAX_REQUESTS)]
     kv_bytes: Annotated[int, msgspec.Meta(ge=0)] = 0
     kv_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0
+    faults: _Count = 0
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -117,10 +119,14 @@ def _finite_or_none(x) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def encode(live: int, reqs: list[RequestRecords], kv_bytes: int = 0, kv_tokens: int = 0) -> bytes:
-    """A step's message: the proposer's live slot count, each emitting request's records, and the
-    drafts' KV bytes and tokens held."""
-    return _encoder.encode(Message(VERSION, int(live), list(reqs), int(kv_bytes), int(kv_tokens)))
+def encode(
+    live: int, reqs: list[RequestRecords], kv_bytes: int = 0, kv_tokens: int = 0, faults: int = 0
+) -> bytes:
+    """A step's message: the proposer's live slot count, each emitting request's records, the
+    drafts' KV bytes and tokens held, and the proposer's failed steps so far."""
+    return _encoder.encode(
+        Message(VERSION, int(live), list(reqs), int(kv_bytes), int(kv_tokens), int(faults))
+    )
 
 
 def decode(data: bytes, vocab_size: int | None = None) -> Message:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass, field
 
+from server.engine.eu_transport import check_placement, parse_channel
 from server.engine.types import (
     DEFAULT_BIAS_SOURCE,
     DEFAULT_NUM_SPECULATIVE_TOKENS,
@@ -33,8 +34,15 @@ class EngineArgs:
     max_model_len: int | None = None
     draft_kv_gib: float | None = None  # vllm engine: the drafts' KV cache budget (None: never full)
     draft_dtype: str = "float32"  # vllm engine: the drafts' weights and KV cache
+    eu_channel: str = "ipc"  # vllm engine: the side channel, "ipc" or tcp://HOST:PORT (eu_transport)
     # vLLM engine arguments passed through unchanged (tensor_parallel_size, dtype, ...)
     vllm_args: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # a bad side channel or one the placement cannot reach: refused before any model loads
+        channel = parse_channel(self.eu_channel)
+        if self.drafts and self.engine != "reference":
+            check_placement(channel, self.vllm_args)
 
 
 def vllm_available() -> bool:
@@ -77,6 +85,7 @@ def build_engine(args: EngineArgs) -> Engine:
             draft_kv_gib=args.draft_kv_gib,
             draft_dtype=args.draft_dtype,
             vllm_args=dict(args.vllm_args),
+            eu_channel=args.eu_channel,
         )
     import torch
 

@@ -20,6 +20,7 @@ from server.engine.draft_vocab import (
     read_draft_vocab,
     vocab_digest,
 )
+from server.engine.feature_draft import FeatureDraftError, is_feature_draft, load_feature_drafts, read_spec
 
 
 class ModelFolderError(ValueError):
@@ -53,6 +54,9 @@ def check_compatible(target: str | Path, drafts: list[str | Path]) -> None:
     t_cfg = model_config(target)
     t_vocab = load_tokenizer(target).get_vocab()
     for d in drafts:
+        if is_feature_draft(d):  # reads the target's own embedding: its hidden size must match
+            _check_feature(target, t_cfg, d, t_vocab)
+            continue
         d_cfg = model_config(d)
         try:
             reduced = read_draft_vocab(d)
@@ -74,6 +78,26 @@ def check_compatible(target: str | Path, drafts: list[str | Path]) -> None:
                     f"Draft '{d}' has a different tokenizer from the target '{target}' "
                     f"({diff} vocabulary entries differ): drafts must share the target's tokenizer."
                 )
+
+
+def _check_feature(target, t_cfg: dict, d, t_vocab: dict) -> None:
+    try:
+        spec = read_spec(d)
+        reduced = read_draft_vocab(d)
+    except (FeatureDraftError, DraftVocabError) as exc:
+        raise ModelFolderError(f"Draft '{d}': {exc}") from exc
+    if spec.hidden != t_cfg.get("hidden_size"):
+        raise ModelFolderError(
+            f"Feature draft '{d}' reads hidden states of size {spec.hidden}; the target '{target}' "
+            f"has {t_cfg.get('hidden_size')}: it was trained for another target."
+        )
+    if reduced is not None and (
+        reduced.target_vocab_size != t_cfg.get("vocab_size")
+        or reduced.tokenizer_digest not in (None, vocab_digest(t_vocab))
+    ):
+        raise ModelFolderError(
+            f"Feature draft '{d}' has a vocabulary S of another tokenizer than the target '{target}'."
+        )
 
 
 def _check_reduced(target, t_cfg: dict, d, d_cfg: dict, reduced: DraftVocab, t_vocab: dict) -> None:
@@ -100,6 +124,29 @@ def load_draft(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch
     lm = load_causal_lm(path, device, dtype)
     reduced = read_draft_vocab(path)
     return lm if reduced is None else FullVocabularyDraft(lm, reduced).eval()
+
+
+def load_drafts(paths: list[str | Path], target: str | Path, device: str = "cpu", dtype=torch.float32):
+    """A bundle's drafts for teacher forcing and the reference engine: stacked `FeatureDrafts`
+    when they are feature drafts (they need the target's folder), else a list of causal LMs
+    (`load_draft`). See `teacher_forced.forced_draft_logprobs`."""
+    if paths and is_feature_draft(paths[0]):
+        return load_feature_drafts(list(paths), target, device, dtype)
+    return [load_draft(p, device, dtype) for p in paths]
+
+
+def draft_kv_config(path: str | Path) -> dict:
+    """What `draft_kv.kv_bytes_per_token` reads of a draft (its config.json; a feature draft's
+    one layer from its spec)."""
+    if is_feature_draft(path):
+        s = read_spec(path)
+        return {
+            "num_hidden_layers": 1,
+            "num_attention_heads": s.heads,
+            "num_key_value_heads": s.kv_heads,
+            "head_dim": s.head_dim,
+        }
+    return model_config(path)
 
 
 def eos_token_ids(path: str | Path, tokenizer) -> set[int]:

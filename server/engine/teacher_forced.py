@@ -48,3 +48,28 @@ def teacher_forced(target, drafts: list, prompt_ids: list[int], tokens: list[int
     p = forced_logprobs(target, ids, start)  # [T, V]
     q = forced_member_logprobs(drafts, ids, start)  # [T, M, V]
     return TeacherForced(p, q, decompose(q, p))
+
+
+@torch.inference_mode()
+def forced_feature_logprobs(target, drafts, ids: list[int], start: int) -> torch.Tensor:
+    """Feature drafts' log-probs of every next token from ids[start] on, each position reading the
+    target's own features (as served). drafts: `feature_draft.FeatureDrafts`. -> [T, M, V]"""
+    from server.engine.feature_draft import shifted_features
+    from server.engine.stacked_layers import causal_attend
+
+    if not 1 <= start <= len(ids):
+        raise ValueError(f"start must be in [1, {len(ids)}], got {start}")
+    x = torch.tensor([ids])  # [1, L]
+    f = target.model(input_ids=x, use_cache=False).last_hidden_state.float()  # [1, L, E]
+    pos = torch.arange(len(ids))[None]  # [1, L]
+    cols = torch.arange(start - 1, len(ids) - 1)  # positions whose outputs predict ids[start:]
+    lq, _ = drafts(x, shifted_features(f), pos, causal_attend(drafts.scale), (torch.zeros_like(cols), cols))
+    return lq if drafts.vocab is None else drafts.vocab.expand(lq)  # [T, M, V]
+
+
+def forced_draft_logprobs(target, drafts, ids: list[int], start: int) -> torch.Tensor:
+    """The drafts' log-probs of every next token from ids[start] on, whatever their kind
+    (`models.load_drafts`: stacked feature drafts, or a list of causal LMs). -> [T, M, V]"""
+    if isinstance(drafts, list):
+        return forced_member_logprobs(drafts, ids, start)
+    return forced_feature_logprobs(target, drafts, ids, start)

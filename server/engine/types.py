@@ -18,6 +18,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, get_args, runtime_checkable
 
+from server.engine.p_error import PErrorRule
+
 FinishReason = Literal["stop", "length", "uncertainty", "abort", "error"]
 
 # Where the vllm engine's bias KL(q̄ ‖ p) comes from: "worker", exact, from the target's raw
@@ -34,11 +36,26 @@ DEFAULT_BIAS_SOURCE: BiasSource = "worker"
 
 @dataclass(frozen=True)
 class FlagThresholds:
-    """A token is flagged when eu > `eu` (and, where set, bias > `bias` or variance > `variance`)."""
+    """A token is flagged when eu > `eu` (and, where set, bias > `bias` or variance > `variance`).
+
+    With `p_error` (the served bundle's rule) every token gets its p_error, and while `by_p_error`
+    holds a token is flagged when p_error > the rule's threshold instead; explicit eu/bias/variance
+    thresholds (settings, flags, a request's `thresholds`) turn `by_p_error` off."""
 
     eu: float = DEFAULT_EU_THRESHOLD
     bias: float | None = None
     variance: float | None = None
+    p_error: PErrorRule | None = None
+    by_p_error: bool = True
+
+    def judge(
+        self, bias: float | None, variance: float | None, eu: float | None, logprob: float | None
+    ) -> tuple[float | None, bool]:
+        """(p_error or None, flagged) of one token."""
+        p = self.p_error.probability(eu, bias, variance, logprob) if self.p_error is not None else None
+        if p is not None and self.by_p_error:
+            return p, p > self.p_error.threshold
+        return p, self.flags(bias, variance, eu)
 
     def flags(self, bias: float | None, variance: float | None, eu: float | None) -> bool:
         if eu is None:
@@ -63,6 +80,14 @@ class InvalidRequest(ValueError):
 
 
 @dataclass(frozen=True)
+class JsonOutput:
+    """Constrain the output to JSON by a grammar: an object matching `schema` (a JSON Schema),
+    or any JSON object when `schema` is None. Engines that cannot constrain refuse it."""
+
+    schema: dict | None = None
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """What one request asks of the engine. Validation of client input happens in the API layer;
     `validate()` applies the same ranges in every engine (raises InvalidRequest)."""
@@ -76,6 +101,7 @@ class SamplingParams:
     logprobs: int = 0  # how many top log-probs of the (processed) target to return per token
     thresholds: FlagThresholds = field(default_factory=FlagThresholds)
     stop_on_uncertainty: bool = False
+    json_output: JsonOutput | None = None  # the OpenAI API's response_format
 
     def validate(self) -> None:
         if self.max_tokens < 1:
@@ -111,10 +137,12 @@ class TokenEvent:
     eu: float | None
     flagged: bool
     top_logprobs: tuple[TopLogprob, ...] = ()
+    p_error: float | None = None  # the bundle's calibrated probability that the token is wrong
 
     def as_dict(self) -> dict:
-        """The JSON shape shared by `epispec generate --jsonl` and `POST /generate`."""
-        return {
+        """The JSON shape shared by `epispec generate --jsonl` and `POST /generate` (`p_error`
+        only when the served bundle has a p_error rule)."""
+        out = {
             "token_id": self.token_id,
             "text": self.text,
             "logprob": self.logprob,
@@ -123,6 +151,9 @@ class TokenEvent:
             "eu": self.eu,
             "flagged": self.flagged,
         }
+        if self.p_error is not None:
+            out["p_error"] = self.p_error
+        return out
 
 
 @dataclass

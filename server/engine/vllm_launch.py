@@ -40,12 +40,12 @@ from vllm.v1.engine.async_llm import AsyncLLM
 
 from server.engine import models, vllm_internals
 from server.engine.draft_kv import DEFAULT_BLOCK_SIZE, kv_bytes_per_token, target_kv_blocks
+from server.engine.proposer_config import ProposerConfig
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CPU_KV_CACHE_GIB = 4  # GiB; ignored by GPU builds of vLLM
 LOGGING_STREAM = "ext://sys.stderr"
-DRAFT_DTYPES = ("float32", "bfloat16", "float16")
 GIB = 1 << 30
 
 
@@ -115,18 +115,19 @@ def engine_config(engine_kw: Mapping[str, Any]) -> VllmConfig:
     return AsyncEngineArgs(**engine_kw).create_engine_config(UsageContext.ENGINE_CONTEXT)
 
 
-def size_draft_kv(config: VllmConfig, drafts: list[str], gib: float | None, dtype: str, k: int) -> int:
-    """Sizes the drafts' KV pool from vLLM's resolved configuration and writes it, with the
-    drafts' dtype, into the proposer's settings (`additional_config["epispec"]`: "dtype",
-    "kv_tokens"); returns the drafts' KV bytes per token. With a budget (`gib`), vLLM's own KV
-    cache is capped (`num_gpu_blocks_override`) so that every request it admits fits in the
-    pool: beyond that, requests wait in vLLM's queue (see `draft_kv.target_kv_blocks`). Raises
-    ValueError when the budget cannot hold one request of max_model_len."""
-    if dtype not in DRAFT_DTYPES:
-        raise ValueError(f"draft_dtype must be float32, bfloat16 or float16, got '{dtype}'")
-    cfg = config.additional_config["epispec"]
-    cfg["dtype"] = dtype
-    per_token = kv_bytes_per_token([models.model_config(d) for d in drafts], getattr(torch, dtype))
+def size_draft_kv(config: VllmConfig, gib: float | None, k: int) -> int:
+    """Sizes the drafts' KV pool from vLLM's resolved configuration and writes it into the
+    proposer's settings there (`ProposerConfig.kv_tokens`; the drafts and their dtype are read
+    from the same settings); returns the drafts' KV bytes per token. With a budget (`gib`),
+    vLLM's own KV cache is capped (`num_gpu_blocks_override`) so that every request it admits
+    fits in the pool: beyond that, requests wait in vLLM's queue (see
+    `draft_kv.target_kv_blocks`). Raises ValueError when the budget cannot hold one request of
+    max_model_len."""
+    proposer = ProposerConfig.from_vllm_config(config)
+    dtype = proposer.dtype
+    per_token = kv_bytes_per_token(
+        [models.draft_kv_config(d) for d in proposer.drafts], getattr(torch, dtype)
+    )
     vllm_len = config.model_config.max_model_len
     seqs, block = config.scheduler_config.max_num_seqs, config.cache_config.block_size
     if gib is None:
@@ -136,13 +137,13 @@ def size_draft_kv(config: VllmConfig, drafts: list[str], gib: float | None, dtyp
         # tokens than it caches, except prompts shared through its prefix cache (then a row
         # is parked, see vllm_proposer), and the pool stays bounded by the target's memory
         cap = cpu_target_kv_tokens(config)
-        if cap is not None:
-            cfg["kv_tokens"] = min(seqs * vllm_len, cap + seqs * (k + DEFAULT_BLOCK_SIZE))
+        kv_tokens = None if cap is None else min(seqs * vllm_len, cap + seqs * (k + DEFAULT_BLOCK_SIZE))
+        config.additional_config.update(proposer.replace(kv_tokens=kv_tokens).to_additional_config())
         log.info(
             "drafts' KV cache: %d bytes per token (%s), a pool of %s tokens",
             per_token,
             dtype,
-            cfg.get("kv_tokens", "max_num_seqs × max_model_len"),
+            kv_tokens or "max_num_seqs × max_model_len",
         )
         return per_token
     tokens = int(gib * GIB) // per_token
@@ -154,7 +155,7 @@ def size_draft_kv(config: VllmConfig, drafts: list[str], gib: float | None, dtyp
             f"a request of max_model_len {vllm_len} with max_num_seqs {seqs} needs at least {need} "
             f"({need * per_token / GIB:.3f} GiB): raise it or lower max_model_len / max_num_seqs."
         )
-    cfg["kv_tokens"] = tokens
+    config.additional_config.update(proposer.replace(kv_tokens=tokens).to_additional_config())
     # vLLM's block pool keeps one block aside (its null block), which holds no tokens
     config.cache_config.num_gpu_blocks_override = blocks + 1
     log.info(

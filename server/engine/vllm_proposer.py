@@ -2,30 +2,31 @@
 
 vLLM builds `EnsembleProposer(vllm_config)` inside the process that runs its model runner
 (the engine core, or the last pipeline rank's worker), calls `load_model(target)` once and
-`propose(...)` after every step's bookkeeping. Settings come from
-`vllm_config.additional_config["epispec"]` (drafts, channel address, top-N, bias source, the
-drafts' dtype and KV pool size in tokens).
+`propose(...)` after every step's bookkeeping. Settings come as one typed record
+(`proposer_config.ProposerConfig`) in vLLM's `additional_config`.
 
-vLLM hands `propose` token histories by batch row, not request ids. The rows' request ids
-are the runner's `input_batch.req_ids`; the runner is the caller of `propose`, so it is read
-from the calling frame (vLLM 0.32's V1 runner; the version line is pinned). With real ids the
-proposer keeps one KV-cache slot per request and publishes each emitted position's record
-under its request id (see eu_channel.py).
+vLLM hands `propose` token histories by batch row, not request ids. Everything else of the
+step — the runner (whose `input_batch.req_ids` name the rows), the raw logits, the speculative
+metadata and the target's hidden states — comes from `vllm_internals.current_step()`, captured
+explicitly around the runner's `sample_tokens` (vLLM 0.32's V1 runner; the version line is
+pinned). With real ids the proposer keeps one KV-cache slot per request and publishes each
+emitted position's record under its request id (see eu_channel.py). Feature drafts also get,
+per row, the target's hidden states of the positions computed this step.
 
-Bias source "worker" (`cfg["bias"]`): the target's raw logits of every position verified
+Bias source "worker" (`cfg.bias`): the target's raw logits of every position verified
 this step are still in vLLM's runner when `propose` runs, so the proposer computes the exact
 bias = KL(q̄ ‖ softmax(logits)) over the whole vocabulary here and publishes just (position,
 variance, bias). It reads vLLM 0.32 internals (pinned):
-  - `sample_tokens` (a few frames up) holds `logits` and `spec_decode_metadata`: the rows of
+  - the step's `logits` and `spec_decode_metadata` (`vllm_internals.Step`): the rows of
     request i are [cu_num_sampled_tokens[i] − num_draft_tokens[i] − 1, cu_num_sampled_tokens[i])
     and the j-th emitted token was sampled from the j-th of them (`_calc_spec_decode_metadata`).
   - with a speculative config the runner builds that metadata on every step (0 drafts for
     prefills) and samples through the rejection sampler, which indexes copies of the rows and
     never writes to `logits`. Without metadata, vLLM's plain `Sampler` would scale and mask
     `logits` in place (temperature, top-p/k, penalties): the proposer refuses that case.
-  - a structured-output grammar bitmask is applied to `logits` in place before sampling; the
-    rows of such requests are no longer the raw target, so their bias is published as None
-    (epispec itself never requests structured output).
+  - a structured-output grammar bitmask (response_format) is applied to the runner's `logits`
+    in place before sampling; the step capture keeps a copy taken before it, so the bias of
+    such rows is exact against the raw target too.
 Bias source "logprobs": records ship q̄'s top-N and the API side computes `bias_topk`.
 
 The drafts' KV pool holds `kv_tokens` tokens (default: max_num_seqs × max_model_len, where no
@@ -46,39 +47,45 @@ import time
 import torch
 
 from server.engine import vllm_internals
-from server.engine.draft_ensemble import DraftEnsemble, RowInput
+from server.engine.draft_ensemble import DraftEnsemble, LogMix, RowInput, TopN
 from server.engine.eu_channel import Publisher
 from server.engine.eu_wire import Record, RequestRecords
+from server.engine.proposer_config import ProposerConfig
 from server.engine.uncertainty import kl
 
 log = logging.getLogger(__name__)
+FAULT_LOG_EVERY = 100  # a failing proposer logs its 1st fault, then one in every 100
 
 
 class EnsembleProposer:
     def __init__(self, vllm_config) -> None:
         vllm_internals.apply()  # the plugin's fix, also where VLLM_PLUGINS left the plugin out
-        cfg = vllm_config.additional_config["epispec"]
+        cfg = ProposerConfig.from_vllm_config(vllm_config)
         spec = vllm_config.speculative_config
         self.k = spec.num_speculative_tokens
         self.max_len = vllm_config.model_config.max_model_len
         self.slots = vllm_config.scheduler_config.max_num_seqs
         self.device = vllm_config.device_config.device
         self.cfg = cfg
-        self.worker_bias = cfg.get("bias", "logprobs") == "worker"
+        self.target_dir = vllm_config.model_config.model  # feature drafts read its embedding
+        self.worker_bias = cfg.bias == "worker"
         self.ensemble: DraftEnsemble | None = None
-        self.publisher = Publisher(cfg["channel"]) if _is_publishing_rank() else None
+        self.missing_features = 0  # feature drafts: positions fed a zero feature, in all
+        self.publisher = Publisher(cfg.channel, cfg.channel_keys) if _is_publishing_rank() else None
+        self.faults = 0  # steps whose proposal failed (see propose)
 
     def load_model(self, *args, **kwargs) -> None:
         vllm_internals.self_test()  # an incompatible vLLM fails here, at start-up
         self.ensemble = DraftEnsemble(
-            self.cfg["drafts"],
+            list(self.cfg.drafts),
             k=self.k,
             slots=self.slots,
             max_len=self.max_len,
-            top_n=0 if self.worker_bias else self.cfg["top_n"],
+            summary=LogMix() if self.worker_bias else TopN(None if self.cfg.top_n < 0 else self.cfg.top_n),
             device=self.device,
-            kv_tokens=self.cfg.get("kv_tokens"),
-            dtype=getattr(torch, self.cfg.get("dtype", "float32")),
+            kv_tokens=self.cfg.kv_tokens,
+            dtype=getattr(torch, self.cfg.dtype),
+            target=self.target_dir,
         )
         ens = self.ensemble
         log.info(
@@ -94,24 +101,73 @@ class EnsembleProposer:
     def propose(
         self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None, **kwargs
     ) -> list[list[int]]:
-        runner = vllm_internals.caller_runner()
-        batch = runner.input_batch
-        req_ids = list(batch.req_ids)[: len(sampled_token_ids)]
+        """The step's proposals; a failure stays inside the step instead of ending vLLM's engine
+        core: its rows decode on without proposals, their tokens get null-uncertainty records
+        (published, so the API does not wait for them), every draft slot is dropped (the next
+        step recomputes from the histories), and the fault is counted on the side channel and
+        logged (the 1st, then one in every FAULT_LOG_EVERY)."""
+        try:
+            return self._propose(
+                sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings, **kwargs
+            )
+        except Exception:
+            self.faults += 1
+            if self.faults % FAULT_LOG_EVERY == 1:
+                log.exception(
+                    "epispec proposer: a step failed (%d so far); decoding on without drafts", self.faults
+                )
+            if self.ensemble is not None:
+                self.ensemble.release(set())
+            if self.publisher is not None:
+                req_ids = list(vllm_internals.current_step().runner.input_batch.req_ids)[
+                    : len(sampled_token_ids)
+                ]
+                reqs = []
+                for i, rid in enumerate(req_ids):
+                    n, e = int(num_tokens_no_spec[i]), len(sampled_token_ids[i])
+                    if e:
+                        nulls = [Record.exact(j, math.nan, None) for j in range(n - e, n)]
+                        reqs.append(RequestRecords(rid, 0, 0, 0, 0.0, nulls))
+                self.publisher.faults = self.faults
+                self.publisher.send(0, reqs)
+            return [[] for _ in sampled_token_ids]
+
+    def _propose(
+        self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None, **kwargs
+    ) -> list[list[int]]:
+        step = vllm_internals.current_step()
+        runner = step.runner
+        req_ids = list(runner.input_batch.req_ids)[: len(sampled_token_ids)]
         rows = []
         for i, rid in enumerate(req_ids):
             n = int(num_tokens_no_spec[i])
             emitted = sampled_token_ids[i]
+            feats = step.features(i) if self.ensemble.features else None
             rows.append(
                 RowInput(
                     rid,
                     torch.from_numpy(token_ids_cpu[i, :n].astype("int64")),
                     len(emitted),
                     _is_final(runner.requests.get(rid), emitted, n),
+                    features=None if feats is None else feats[1],
+                    feature_start=0 if feats is None else feats[0],
                 )
             )
         self.ensemble.release(set(req_ids))
         outs = self.ensemble.propose(rows)
-        biases = self._biases(rows, outs) if self.worker_bias else None
+        missing = sum(o.missing_features for o in outs)
+        if missing:  # prefix-cache hits or a parked row's recompute: the drafts read zeros there
+            first = not self.missing_features
+            self.missing_features += missing
+            (log.warning if first else log.debug)(
+                "epispec feature drafts: %d positions without the target's hidden state this step "
+                "(%d so far; vLLM's prefix cache computes none for the tokens it serves): the drafts "
+                "read zeros there, so their context is weaker (no request fails; every token keeps "
+                "its EU); --no-prefix-caching avoids it",
+                missing,
+                self.missing_features,
+            )
+        biases = self._biases(step, rows, outs) if self.worker_bias else None
         if self.publisher is not None:
             if self.worker_bias:
                 recs = [
@@ -142,12 +198,11 @@ class EnsembleProposer:
             self.publisher.send(ens.num_states(), reqs, ens.kv_bytes_held(), ens.kv_tokens_held())
         return [o.proposal for o in outs]
 
-    def _biases(self, rows: list[RowInput], outs) -> list[list[float | None]]:
+    def _biases(self, step, rows: list[RowInput], outs) -> list[list[float | None]]:
         """Exact KL(q̄ ‖ p) of every record, p from the target's raw logits of this step (one
         batched log-softmax over the rows needed). Adds the time to each row's eu_seconds."""
         start = time.perf_counter()
-        step = vllm_internals.sample_tokens_locals()
-        meta, logits = step["spec_decode_metadata"], step["logits"]
+        meta, logits = step.spec_decode_metadata, step.logits
         if meta is None:  # the plain sampler ran, and it modifies `logits` in place
             raise RuntimeError(
                 f"epispec's proposer got a step without speculative metadata: {vllm_internals.VERSION_HINT}."
@@ -159,8 +214,6 @@ class EnsembleProposer:
                 f"{ends[-1]} sampled positions: {vllm_internals.VERSION_HINT}."
             )
         first = [ends[i] - drafted[i] - 1 for i in range(len(rows))]  # request i's first row
-        grammar = step.get("grammar_output")
-        masked = set(grammar.structured_output_request_ids) if grammar is not None else set()
         index, log_mix, where = [], [], []  # logits row, log q̄ [V], (row, record) of each record
         for i, (r, o) in enumerate(zip(rows, outs, strict=True)):
             n0 = len(r.history) - r.num_emitted  # position of the first emitted token
@@ -170,10 +223,9 @@ class EnsembleProposer:
                     f"{drafted[i] + 1} logits rows: {vllm_internals.VERSION_HINT}."
                 )
             for j, rec in enumerate(o.records):
-                if r.req_id not in masked:
-                    index.append(first[i] + rec.position - n0)
-                    log_mix.append(rec.log_mix)
-                    where.append((i, j))
+                index.append(first[i] + rec.position - n0)
+                log_mix.append(rec.log_mix)
+                where.append((i, j))
         out = [[None] * len(o.records) for o in outs]
         if index:
             idx = torch.tensor(index, device=logits.device)

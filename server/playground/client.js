@@ -115,7 +115,9 @@
                        logprob: c.logprob, ...c.uncertainty } };
     }
     if (choice.finish_reason) {
-      yield { final: { summary: choice.uncertainty.summary, finish_reason: choice.finish_reason } };
+      // a stop on uncertainty is finish_reason "stop" with stop_reason "uncertainty" here
+      yield { final: { summary: choice.uncertainty.summary,
+                       finish_reason: choice.stop_reason || choice.finish_reason } };
     }
   }
 

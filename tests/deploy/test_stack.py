@@ -1,5 +1,5 @@
 """The deployment files hold together: the compose file validates (`docker-compose config`),
-the Dockerfile passes hadolint and has the stages the README promises, Grafana's provisioning
+the Dockerfile passes hadolint and has the stages docs/operations.md promises, Grafana's provisioning
 points at the paths compose mounts and at the datasource the dashboard uses.
 
 Building the images needs a Docker daemon and a vLLM download; where a daemon exists, the

@@ -15,7 +15,7 @@ from drafts.osd import TeacherSampler
 from drafts.reduced import ReducedStudent, build_reduced_draft, choose_vocab, coverage
 from drafts.responses import response_docs
 from drafts.training import RunOptions
-from server.engine.draft_ensemble import DraftEnsemble, RowInput
+from server.engine.draft_ensemble import DraftEnsemble, RowInput, TopN
 from server.engine.draft_vocab import read_draft_vocab
 from server.engine.models import ModelFolderError, check_compatible, load_causal_lm, load_tokenizer
 
@@ -85,7 +85,7 @@ def test_reduced_drafts_from_responses_serve_in_the_ensemble(tiny_models, texts,
     assert not (out[0] / "tokenizer.json").exists()  # the draft's ids are S's, not the tokenizer's
     v0, v1 = read_draft_vocab(out[0]), read_draft_vocab(out[1])
     assert v0.same_as(v1)  # one S for the whole ensemble
-    ens = DraftEnsemble(out, k=2, slots=2, max_len=64, top_n=-1)
+    ens = DraftEnsemble(out, k=2, slots=2, max_len=64, summary=TopN(None))
     res = ens.propose([RowInput("a", torch.tensor(records[0]["prompt_ids"]), 1)])[0]
     assert set(res.proposal) <= set(v0.target_ids.tolist())  # proposals are target ids in S
     assert set(res.records[0].ids.tolist()) == set(v0.target_ids.tolist())

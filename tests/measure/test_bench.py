@@ -272,7 +272,7 @@ def test_engine_request_counts_stats_from_finished():
     }
 
 
-# --- the README's tables come from a committed results file
+# --- docs/benchmark.md's tables come from a committed results file
 
 
 def test_readme_bench_block_equals_the_report_of_the_committed_results():
@@ -281,8 +281,8 @@ def test_readme_bench_block_equals_the_report_of_the_committed_results():
     root = Path(__file__).resolve().parents[2]
     source = "docs/bench-smollm2.json"
     expected = report.readme_block(json.loads((root / source).read_text()), source)
-    assert report.BLOCK.current((root / "README.md").read_text()) == expected, (
-        f"README.md's bench-table block is stale: run `epispec bench --report {source} --readme README.md`"
+    assert report.BLOCK.current((root / report.DOC).read_text()) == expected, (
+        f"{report.DOC}'s bench-table block is stale: run `epispec bench --report {source} --readme {report.DOC}`"
     )
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from drafts.corpus import format_prompt, synthetic_records
-from measure.evaluation.forced_labels import cuts, forced_results, label_result
+from measure.evaluation.forced_labels import cuts, forced_tree, label_result
 from measure.evaluation.labels import response_wrong, stated_answer
 from server.engine.models import load_causal_lm, load_tokenizer
 
@@ -50,7 +50,7 @@ def test_stated_answer_of_a_chat_response():
     assert response_wrong("#### 72\nor maybe 5", "#### 72") == 0  # #### wins over the last number
 
 
-def test_forced_results_of_a_tiny_target(tiny_models, few_threads):
+def test_forced_cuts_of_a_tiny_target(tiny_models, few_threads):
     """Each sequence is the prompt + the solution up to `<<expr=` + the target's greedy tokens,
     scored from `start`; labels cover exactly the generated tokens."""
     target, tok = load_causal_lm(tiny_models["target"]), load_tokenizer(tiny_models["target"])
@@ -61,7 +61,7 @@ def test_forced_results_of_a_tiny_target(tiny_models, few_threads):
             *tok(format_prompt(r["question"]).rstrip(), add_special_tokens=False)["input_ids"],
         ]
         solution = " " + r["answer"].strip()
-        found = forced_results(i, prompt, solution, target, tok, max_tokens=8)
+        _, found = forced_tree(i, prompt, solution, target, tok, max_tokens=8)
         assert len(found) <= len(cuts(solution))
         for f in found:
             seen += 1

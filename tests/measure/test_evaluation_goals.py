@@ -1,25 +1,25 @@
-"""Issue #14's goal table: generated from the committed bundle results (the README's block must be
-current), and its met/missed verdicts follow the bounds (checked on both sides of each)."""
+"""Issue #14's goal table: generated from the committed bundle results (docs/evaluation.md's block
+must be current), and its met/missed verdicts follow the bounds (checked on both sides of each)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from measure.evaluation import goals
+from measure.evaluation import goals, report
 from measure.evaluation.cli import is_bundle_results
 
 ROOT = Path(__file__).resolve().parents[2]
-COMMITTED = "docs/eval-bundle/results.json"  # the README's goal block is generated from this file
+COMMITTED = "docs/eval-bundle/results.json"  # docs/evaluation.md's goal block is generated from this file
 
 
 def test_readme_goal_block_equals_the_table_of_the_committed_results():
     results = json.loads((ROOT / COMMITTED).read_text())
     assert is_bundle_results(results)
     expected = goals.readme_block(results, COMMITTED)
-    assert goals.BLOCK.current((ROOT / "README.md").read_text()) == expected, (
-        f"README.md's eval-bundle-goals block is stale: run `epispec eval --report "
-        f"{Path(COMMITTED).parent} --readme README.md`"
+    assert goals.BLOCK.current((ROOT / report.DOC).read_text()) == expected, (
+        f"{report.DOC}'s eval-bundle-goals block is stale: run `epispec eval --report "
+        f"{Path(COMMITTED).parent} --readme {report.DOC}`"
     )
 
 

@@ -15,6 +15,7 @@ from measure.evaluation.metrics import (
     pearson,
     precision_recall_at,
     prr,
+    resamples,
     rmse,
     scale_fit,
     spearman,
@@ -90,6 +91,37 @@ def test_bootstrap_ci_brackets_the_estimate():
     lo, hi = bootstrap_ci(auroc, s, y, n=300)
     assert lo < auroc(s, y) < hi
     assert 0.5 < lo and hi < 1.0
+
+
+def test_cluster_resamples_keep_clusters_whole():
+    """Problems 7 (3 tokens), 8 (1) and 9 (2): every resample is 3 drawn clusters, each with all
+    its tokens, so its length is the sum of the drawn clusters' sizes."""
+    groups = np.array([7, 7, 9, 7, 8, 9])
+    members = {7: {0, 1, 3}, 8: {4}, 9: {2, 5}}
+    for idx in resamples(6, 50, seed=1, groups=groups):
+        drawn = [g for g in (7, 8, 9) for _ in range(int(np.sum(groups[idx] == g) // len(members[g])))]
+        assert len(drawn) == 3
+        for g in (7, 8, 9):  # a cluster's tokens appear equally often
+            counts = [int(np.sum(idx == i)) for i in members[g]]
+            assert len(set(counts)) == 1
+    # one token per cluster: exactly the item resamples of the same seed
+    for a, b in zip(resamples(5, 20, seed=3), resamples(5, 20, seed=3, groups=np.arange(5)), strict=True):
+        assert a.tolist() == b.tolist()
+
+
+def test_cluster_bootstrap_widens_the_interval_of_correlated_tokens():
+    """20 problems of 10 identical tokens each carry 20 items of information, not 200: the
+    cluster interval of the mean matches the interval of 20 independent items and is about
+    sqrt(10) times wider than the token bootstrap's."""
+    rng = np.random.default_rng(0)
+    per_problem = rng.normal(0, 1, 20)
+    x, groups = np.repeat(per_problem, 10), np.repeat(np.arange(20), 10)
+    tok = np.diff(bootstrap_ci(np.mean, x, n=2000))[0]
+    clu = np.diff(bootstrap_ci(np.mean, x, n=2000, groups=groups))[0]
+    ind = np.diff(bootstrap_ci(np.mean, per_problem, n=2000))[0]
+    assert 2.5 < clu / tok < 4.0 and abs(clu / ind - 1) < 0.15
+    with pytest.raises(ValueError, match="one cluster id per item"):
+        next(resamples(5, 1, groups=[0, 1]))
 
 
 # --- estimates against EU*

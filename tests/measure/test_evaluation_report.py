@@ -1,4 +1,4 @@
-"""The README's evaluation tables are generated from the committed results.json, not typed: its block
+"""docs/evaluation.md's tables are generated from the committed results.json, not typed: its block
 must equal what `epispec eval --report` writes, and the splice touches nothing outside the markers."""
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ import pytest
 from measure.evaluation import cli, report
 
 ROOT = Path(__file__).resolve().parents[2]
-COMMITTED = "docs/eval-quick/results.json"  # the README's block is generated from this file
+COMMITTED = "docs/eval-quick/results.json"  # docs/evaluation.md's block is generated from this file
 
 
 def test_readme_block_equals_the_report_of_the_committed_results():
     results = json.loads((ROOT / COMMITTED).read_text())
     expected = report.readme_block(results, COMMITTED)
-    assert report.current_block((ROOT / "README.md").read_text()) == expected, (
-        f"README.md's eval-table block is stale: run `epispec eval --report {Path(COMMITTED).parent} --readme README.md`"
+    assert report.current_block((ROOT / report.DOC).read_text()) == expected, (
+        f"{report.DOC}'s eval-table block is stale: run `epispec eval --report {Path(COMMITTED).parent} --readme {report.DOC}`"
     )
 
 

@@ -227,3 +227,23 @@ def test_vllm_metrics_share_the_endpoint(tiny_models):
     vllm_tokens = sum(v for (n, _), v in s.items() if n == "vllm:generation_tokens_total")
     assert vllm_tokens >= 6
     assert value(s, "epispec_requests_total", endpoint="/generate", status="length") == 1
+
+
+def test_side_channel_counters_are_read_from_the_engine_at_each_scrape():
+    """Malformed messages dropped, peers refused at the CURVE handshake, proposer steps failed:
+    read from the vllm engine's joiner, never stored by the metrics."""
+    from types import SimpleNamespace
+
+    joiner = SimpleNamespace(dropped=1, rejected=7, proposer_faults=3)
+    m = Metrics("tiny", include_default_registry=False)
+    m.watch_engine(SimpleNamespace(num_running=lambda: 0, joiner=joiner))
+    first = parse(m.render())
+    joiner.rejected, joiner.proposer_faults = 9, 4
+    second = parse(m.render())
+    names = [
+        "epispec_eu_channel_dropped_messages_total",
+        "epispec_eu_channel_rejected_peers_total",
+        "epispec_eu_proposer_faults_total",
+    ]
+    assert values(first, names) == [1, 7, 3]
+    assert values(second, names) == [1, 9, 4]

@@ -11,7 +11,7 @@ import pytest
 from server.cli import build_parser
 from server.commands.serve import settings_from_flags
 from server.engine.types import DEFAULT_EU_THRESHOLD
-from server.resolve import engine_args, resolve_models, resolve_thresholds
+from server.resolve import engine_args, resolve_models, resolve_thresholds, vllm_args
 
 CALIBRATED = {"eu": 0.3, "bias": 0.2, "variance": 0.1}
 
@@ -58,12 +58,15 @@ def test_both_commands_build_the_same_engine_args(command):
             "logprobs",
             "--dtype",
             "float32",
+            "--eu-channel",
+            "tcp://0.0.0.0:5557",
         ),
         {"dtype": "float32"},
     )
     assert bundle is None and (eargs.target, eargs.drafts) == ("t", ["a", "b"])
     assert (eargs.engine, eargs.num_speculative_tokens, eargs.target_logprobs) == ("auto", 3, 20)
     assert eargs.bias_source == "logprobs" and eargs.vllm_args == {"dtype": "float32"}
+    assert eargs.eu_channel == "tcp://0.0.0.0:5557"
 
 
 def test_models_are_given_or_a_bundle_not_both():
@@ -122,10 +125,9 @@ def test_a_bad_speculation_entry_is_a_bundle_error(tmp_path):
 
 
 @pytest.mark.parametrize("command", ["serve", "generate"])
-def test_no_prefix_caching_reaches_vllm_and_is_absent_by_default(command):
-    given_flags = given(command, "--target", "t", "--no-prefix-caching")
-    flags = given_flags.model_flags if command == "serve" else vars(given_flags)
-    assert engine_args(given_flags, flags)[0].vllm_args["enable_prefix_caching"] is False
-    plain = given(command, "--target", "t")
-    flags = plain.model_flags if command == "serve" else vars(plain)
-    assert "enable_prefix_caching" not in engine_args(plain, flags)[0].vllm_args  # vLLM's default: on
+def test_no_prefix_caching_reaches_vllm_and_its_absence_keeps_vllms_default(command):
+    extra = ["--prompt", "hi"] if command == "generate" else []
+    on = vars(parse([command, *extra, "--dtype", "float32", "--no-prefix-caching"]))
+    off = vars(parse([command, *extra, "--dtype", "float32"]))
+    assert vllm_args(on) == {"dtype": "float32", "enable_prefix_caching": False}
+    assert vllm_args(off) == {"dtype": "float32"}

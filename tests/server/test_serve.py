@@ -68,6 +68,19 @@ def test_serve_without_models_says_how_to_pass_them(tmp_path):
     assert "--target" in r.stderr and "--bundle" in r.stderr
 
 
+def test_serve_refuses_a_side_channel_the_placement_cannot_reach():
+    """Ray may put the proposer on another machine: the default ipc:// channel is refused in one
+    sentence before any model loads (the folders need not exist), and so is a bad setting."""
+    base = [sys.executable, "-m", "server.cli", "serve", "--target", "t", "--draft", "d", "--engine", "vllm"]
+    for extra, said in (
+        (["--distributed-executor-backend", "ray"], "the default ipc side channel cannot reach"),
+        (["--eu-channel", "tcp://0.0.0.0"], "eu_channel must be 'ipc'"),
+    ):
+        r = subprocess.run([*base, *extra], cwd=ROOT, capture_output=True, text=True, env=_env(), timeout=120)
+        assert r.returncode == 2 and said in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_serve_starts_answers_and_exits_0_on_a_signal(tiny_models, sig):
     port = free_port()

@@ -94,7 +94,7 @@ def test_stop_on_uncertainty_through_extra_body(oai):
         temperature=0,
         extra_body={"thresholds": {"eu": 0.0}, "stop_on_uncertainty": True},
     )
-    assert r.choices[0].finish_reason == "uncertainty"
+    assert (r.choices[0].finish_reason, extra(r.choices[0], "stop_reason")) == ("stop", "uncertainty")
     assert extra(r.choices[0], "uncertainty")["summary"]["flagged"]
 
 

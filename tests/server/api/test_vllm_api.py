@@ -130,3 +130,54 @@ def test_same_seed_same_tokens_streamed_or_not_with_drafts(vllm_server):
             events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
     streamed = "".join(e["text"] for e in events if "token_id" in e)
     assert runs[0] == runs[1] == streamed
+
+
+def test_json_schema_response_format_parses_and_keeps_its_records(vllm_server):
+    """vLLM's structured outputs constrain the output, streamed or not; every token still has
+    its draft record and its bias against the raw target (the step capture keeps the logits from
+    before vLLM's grammar bitmask; docs/openai-compat.md): finite eu = bias + variance. A root enum: xgrammar allows no whitespace around it, so
+    even the tiny model ends (inside an object it may emit whitespace up to max_tokens)."""
+    import math
+
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    live, vllm_engine = vllm_server
+    client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="x", max_retries=0, timeout=120)
+    answers = ["three apples", "five apples"]
+    fmt = {"type": "json_schema", "json_schema": {"name": "count", "schema": {"enum": answers}}}
+    kw = dict(model="tiny-vllm", messages=[{"role": "user", "content": "Tom has 3 apples."}], max_tokens=12)
+    for temperature in (0.0, 1.0):
+        r = client.chat.completions.create(**kw, temperature=temperature, seed=3, response_format=fmt)
+        ChatCompletion.model_validate(r.model_dump(), strict=True)
+        assert json.loads(r.choices[0].message.content) in answers
+        assert r.choices[0].finish_reason == "stop"
+        tokens = r.choices[0].uncertainty["tokens"]
+        assert len(tokens) >= 2 and all(math.isfinite(t["variance"]) for t in tokens)
+        assert all(
+            math.isfinite(t["bias"]) and abs(t["eu"] - t["bias"] - t["variance"]) < 1e-6 for t in tokens
+        )
+    chunks = list(client.chat.completions.create(**kw, temperature=0, response_format=fmt, stream=True))
+    for c in chunks:
+        ChatCompletionChunk.model_validate(c.model_dump(), strict=True)
+    assert json.loads("".join(c.choices[0].delta.content or "" for c in chunks)) in answers
+    obj = client.chat.completions.create(**kw, temperature=0, response_format={"type": "json_object"})
+    assert obj.choices[0].message.content.startswith("{")  # the grammar's first token
+    # a schema no backend compiles: a 400 naming response_format before any engine state
+    bad = {"type": "json_schema", "json_schema": {"name": "b", "schema": {"$ref": "#/nowhere"}}}
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(**kw, response_format=bad)
+    assert info.value.body["param"] == "response_format"
+    assert vllm_engine.num_running() == 0 and vllm_engine.num_joiner_states() == 0
+
+
+def test_logprobs_bias_source_refuses_response_format():
+    """With bias from the target's top-K log-probs, a grammar would mask them: refused before
+    vLLM is asked (so no engine is started here)."""
+    from server.engine.types import InvalidRequest, JsonOutput
+    from server.engine.vllm_engine import VllmEngine
+
+    bare = VllmEngine.__new__(VllmEngine)
+    bare.max_model_len, bare._bias_logprobs, bare.bias_source, bare.joiner = 64, 20, "logprobs", object()
+    with pytest.raises(InvalidRequest) as info:
+        bare.validate([1, 2], SamplingParams(json_output=JsonOutput()))
+    assert info.value.param == "response_format" and "bias source" in str(info.value)

@@ -13,7 +13,8 @@ import random
 import pytest
 import torch
 
-from server.engine.draft_ensemble import DraftEnsemble, RowInput, _DraftGroup, log_mix_from_record
+from server.engine.draft_ensemble import DraftEnsemble, LogMix, RowInput, TopN, log_mix_from_record
+from server.engine.draft_kernels import LlamaGroup
 from server.engine.models import load_causal_lm, load_draft
 from server.engine.uncertainty import mixture_logprobs, variance
 
@@ -39,10 +40,10 @@ def _exact(drafts, history: list[int]) -> torch.Tensor:
     )
 
 
-@pytest.mark.parametrize("top_n", [-1, 16, 0])
-def test_records_and_proposals_match_full_recompute(draft_set, top_n):
+@pytest.mark.parametrize("summary", [TopN(None), TopN(16), LogMix()])
+def test_records_and_proposals_match_full_recompute(draft_set, summary):
     paths, drafts = draft_set
-    ens = DraftEnsemble(paths, k=3, slots=4, max_len=256, top_n=top_n)
+    ens = DraftEnsemble(paths, k=3, slots=4, max_len=256, summary=summary)
     support = int(torch.isfinite(_exact(drafts, [1])[0]).sum())  # |S|: V, or V_d when reduced
     rng = random.Random(0)
     hists = {"a": [1, 5, 7, 9, 11], "b": [1, 20, 30], "c": [1, 44, 45, 46, 47, 48, 49]}
@@ -62,13 +63,13 @@ def test_records_and_proposals_match_full_recompute(draft_set, top_n):
                 lp = _exact(drafts, h[: rec.position])  # [M, V]
                 assert abs(float(variance(lp)) - rec.variance) < 1e-4
                 q_mix = mixture_logprobs(lp).exp()  # [V]
-                if top_n == 0:  # the whole of log q̄, no top-N
+                if isinstance(summary, LogMix):  # the whole of log q̄, no top-N
                     assert rec.ids is None and rec.log_mix.shape == q_mix.shape
                     assert (rec.log_mix.exp() - q_mix).abs().max() < 1e-5
                     continue
                 got = log_mix_from_record(rec.ids, rec.probs, q_mix.shape[-1]).exp()
                 known = got > 0
-                assert known.sum() == (support if top_n < 0 else top_n)
+                assert known.sum() == (support if summary.n is None else summary.n)
                 assert (got[known] - q_mix[known]).abs().max() < 1e-5
             hh = list(h)
             for t in out.proposal:
@@ -96,7 +97,7 @@ def test_release_frees_slots_and_blocks_of_requests_gone_from_the_batch(tiny_mod
 def test_blocks_follow_tokens_held_and_rows_keep_their_keys(tiny_models, drafts):
     """Requests take blocks as their histories grow, from wherever the pool has them; a row
     whose blocks are not adjacent still reads its own keys (records equal a full recompute)."""
-    ens = DraftEnsemble(tiny_models["drafts"], k=2, slots=20, max_len=64, top_n=-1, block_size=4)
+    ens = DraftEnsemble(tiny_models["drafts"], k=2, slots=20, max_len=64, summary=TopN(None), block_size=4)
     first = ens.propose([RowInput("r0", torch.tensor([1, 5, 6]), 1)])[0]
     assert len(ens.pool.blocks_of("r0")) == 1  # ⌈(3 + k − 1) / 4⌉
     ens.propose([RowInput(f"n{i}", torch.tensor([1, 7 + i]), 1) for i in range(16)])
@@ -114,7 +115,9 @@ def test_blocks_follow_tokens_held_and_rows_keep_their_keys(tiny_models, drafts)
 def test_a_full_pool_parks_a_row_which_later_resumes_exactly(tiny_models, drafts):
     """With room for one request, a second one is parked (no proposal, no records, nothing
     held) and, once the first is released, recomputes its history: exact records again."""
-    ens = DraftEnsemble(tiny_models["drafts"], k=2, slots=1, max_len=64, top_n=-1, kv_tokens=8, block_size=4)
+    ens = DraftEnsemble(
+        tiny_models["drafts"], k=2, slots=1, max_len=64, summary=TopN(None), kv_tokens=8, block_size=4
+    )
     ens.propose([RowInput("a", torch.tensor([1, 5, 6, 7, 8]), 1)])  # 2 blocks: the whole pool
     a, b = [1, 5, 6, 7, 8, 9], [1, 20, 21]
     outs = ens.propose([RowInput("a", torch.tensor(a), 1), RowInput("b", torch.tensor(b), 1)])
@@ -136,7 +139,7 @@ def test_feed_groups_keep_decode_rows_apart_from_long_feeds():
 
 
 def _assert_records_exact(drafts, h, out, num_emitted):
-    """top_n = -1 records and greedy proposals against transformers on each whole prefix."""
+    """TopN(None) records and greedy proposals against transformers on each whole prefix."""
     assert [r.position for r in out.records] == list(range(len(h) - num_emitted, len(h)))
     for rec in out.records:
         lp = _exact(drafts, h[: rec.position])
@@ -154,8 +157,8 @@ def test_new_long_prompt_next_to_decoding_rows_matches_separate_runs(tiny_models
     """A new 60-token prompt joins 4 decoding rows: step 1 splits into a decode forward and a
     prompt forward; proposals and records equal those of the rows run apart and a full recompute."""
     k = 3
-    mixed = DraftEnsemble(tiny_models["drafts"], k=k, slots=8, max_len=256, top_n=-1)
-    apart = DraftEnsemble(tiny_models["drafts"], k=k, slots=8, max_len=256, top_n=-1)
+    mixed = DraftEnsemble(tiny_models["drafts"], k=k, slots=8, max_len=256, summary=TopN(None))
+    apart = DraftEnsemble(tiny_models["drafts"], k=k, slots=8, max_len=256, summary=TopN(None))
     rng = random.Random(1)
     hists = {f"d{i}": [1, 10 + i, 20 + i] for i in range(4)}
     proposals = {r: [] for r in hists}
@@ -173,13 +176,13 @@ def test_new_long_prompt_next_to_decoding_rows_matches_separate_runs(tiny_models
         else:  # the long prompt arrives (its first emitted token) while the others decode
             long_row = RowInput("p", torch.tensor(prompt), 1)
             shapes = []
-            forward = _DraftGroup.forward
+            forward = LlamaGroup.forward
 
             def spy(self, tokens, *a, shapes=shapes, forward=forward):
                 shapes.append(tuple(tokens.shape))
                 return forward(self, tokens, *a)
 
-            monkeypatch.setattr(_DraftGroup, "forward", spy)
+            monkeypatch.setattr(LlamaGroup, "forward", spy)
             outs = mixed.propose([rows[0], rows[1], long_row, rows[2], rows[3]])
             monkeypatch.undo()
             n_groups = len(mixed.drafts)  # stacked draft groups: forwards per batched step
@@ -193,7 +196,7 @@ def test_new_long_prompt_next_to_decoding_rows_matches_separate_runs(tiny_models
                 assert [x.position for x in out.records] == [x.position for x in r.records]
                 for x, y in zip(out.records, r.records, strict=True):
                     assert abs(x.variance - y.variance) < 1e-5
-                    v = len(x.ids)  # top_n = -1: all of q̄
+                    v = len(x.ids)  # TopN(None): all of q̄
                     assert (
                         log_mix_from_record(x.ids, x.probs, v).exp()
                         - log_mix_from_record(y.ids, y.probs, v).exp()
@@ -233,7 +236,10 @@ def test_block_size_changes_nothing_but_memory(tiny_models):
     """Blocks of 1, 16 and 256 tokens (one block: a contiguous cache) give identical outputs."""
     runs = [
         _run_rounds(
-            DraftEnsemble(tiny_models["drafts"], k=3, slots=4, max_len=256, top_n=-1, block_size=bs), 3
+            DraftEnsemble(
+                tiny_models["drafts"], k=3, slots=4, max_len=256, summary=TopN(None), block_size=bs
+            ),
+            3,
         )
         for bs in (1, 16, 256)
     ]
@@ -253,9 +259,13 @@ def test_half_precision_drafts_stay_close_to_float32(tiny_models, dtype):
     """bf16/fp16 weights and caches (norms, log-softmax and the EU math in float32): every
     record's variance within 0.02 nats + 5 % and q̄ within 0.02 of float32 (nothing is accepted,
     so each ensemble's own proposal never enters the history)."""
-    ref = _run_rounds(DraftEnsemble(tiny_models["drafts"], k=3, slots=4, max_len=256, top_n=-1), 5, False)
+    ref = _run_rounds(
+        DraftEnsemble(tiny_models["drafts"], k=3, slots=4, max_len=256, summary=TopN(None)), 5, False
+    )
     half = _run_rounds(
-        DraftEnsemble(tiny_models["drafts"], k=3, slots=4, max_len=256, top_n=-1, dtype=dtype), 5, False
+        DraftEnsemble(tiny_models["drafts"], k=3, slots=4, max_len=256, summary=TopN(None), dtype=dtype),
+        5,
+        False,
     )
     for outs, refs in zip(half, ref, strict=True):
         for x, y in zip(outs, refs, strict=True):

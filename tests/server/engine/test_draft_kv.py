@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from server.engine.draft_ensemble import DraftEnsemble, RowInput
+from server.engine.draft_ensemble import DraftEnsemble, RowInput, TopN
 from server.engine.draft_kv import BlockPool, PagedKV, PoolFull, kv_bytes_per_token, target_kv_blocks
 
 
@@ -91,7 +91,7 @@ def test_memory_per_request_follows_tokens_held_not_max_model_len(llama_1b_shape
     contiguous cache held max_model_len tokens per request: 64× or 4,096× more here)."""
     k, held = 3, {}
     for max_len in (2048, 131072):
-        ens = DraftEnsemble(llama_1b_shaped, k=k, slots=4, max_len=max_len, kv_tokens=4096, top_n=8)
+        ens = DraftEnsemble(llama_1b_shaped, k=k, slots=4, max_len=max_len, kv_tokens=4096, summary=TopN(8))
         per_token = ens.kv_bytes_per_token
         assert per_token == 2 * 2 * 2 * 8 * 64 * 4
         assert ens.kv_bytes() == (4096 + 16) * per_token  # the pool: the budget, whatever max_len

@@ -218,3 +218,25 @@ def test_the_socket_lives_in_a_private_directory_unique_per_joiner():
         a.close()
         b.close()
     assert not any(os.path.exists(f) for f in folders)
+
+
+def test_the_proposers_fault_count_travels_in_every_message(tmp_path):
+    """A message without the count (an older proposer) reads as 0 faults; the joiner keeps the
+    count of the last message, which the publisher carries in every one."""
+    assert eu_wire.decode(_raw(live=0)).faults == 0
+    address = f"ipc://{tmp_path}/eu"
+
+    async def scenario():
+        joiner = Joiner(address)
+        try:
+            joiner.register("a")
+            pub = Publisher(address)
+            pub.faults = 3
+            pub.send(0, [RequestRecords("a-1234abcd", 0, 0, 0, 0.0, [Record.exact(5, float("nan"), None)])])
+            rec = await joiner.record("a", 5, timeout=5)
+            return rec, joiner.proposer_faults
+        finally:
+            joiner.close()
+
+    rec, faults = asyncio.run(scenario())
+    assert faults == 3 and rec.variance is None and rec.bias is None

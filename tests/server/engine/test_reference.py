@@ -192,6 +192,36 @@ def _failing_target(engine, fail) -> None:
     engine.target.forward = forward  # nn.Module.__call__ finds the instance's first
 
 
+def _poisoned_target(engine, marker: int, after: int = 3) -> None:
+    """The target's forward pass raises for a sequence whose prompt holds token `marker`, from
+    its `after`-th forward on (a fault confined to one request, simulated: a bad input, an
+    out-of-memory on one long sequence); other sequences and a fresh forward pass run as ever.
+    A sequence is known by its KV cache, which the model updates in place."""
+    real = engine.target.forward
+    poisoned: dict[int, int] = {}  # id of a poisoned sequence's cache -> its forwards so far
+
+    def forward(*args, input_ids=None, past_key_values=None, **kwargs):
+        key = id(past_key_values)
+        if key in poisoned:
+            poisoned[key] += 1
+            if poisoned[key] >= after:
+                raise RuntimeError("simulated fault in one request")
+        out = real(*args, input_ids=input_ids, past_key_values=past_key_values, **kwargs)
+        if past_key_values is None and bool((input_ids == marker).any()):
+            poisoned[id(out.past_key_values)] = 1
+        return out
+
+    engine.target.forward = forward
+
+
+def poison_marker(tokenizer, poisoned: str, clean: list[str]) -> int:
+    """A token of `poisoned` that none of `clean` holds."""
+    seen = {t for text in clean for t in tokenizer(text, add_special_tokens=False)["input_ids"]}
+    only = [t for t in tokenizer(poisoned, add_special_tokens=False)["input_ids"] if t not in seen]
+    assert only, "the poisoned prompt needs a token of its own"
+    return only[0]
+
+
 async def _until_error(gen) -> tuple[list, BaseException | None]:
     items = []
     try:
@@ -202,10 +232,47 @@ async def _until_error(gen) -> tuple[list, BaseException | None]:
     return items, None
 
 
-def test_a_failed_step_kills_the_engine_and_every_stream(tiny_models):
-    """One stream's forward pass fails: that stream and the other one in flight end with
-    EngineDeadError (the failing one chained to the fault), the engine is unhealthy and
-    refuses new requests, also once the fault is gone. Nothing is left running."""
+POISONED = "Question: Zoe has 9 kiwis and gives 2 away. How many kiwis does Zoe have?\nAnswer:"
+
+
+def test_a_failed_step_fails_only_its_request(tiny_models):
+    """One sequence's forward pass fails mid-stream: that stream ends with StepFailed (chained to
+    the fault) after the tokens of the rounds before; the stream beside it decodes to the end,
+    token for token as it does alone; the engine stays healthy and serves the next request
+    exactly as before. Nothing is left running."""
+    from server.engine.reference import StepFailed
+
+    engine = ReferenceEngine(tiny_models["target"], tiny_models["drafts"], num_speculative_tokens=3)
+    _poisoned_target(engine, poison_marker(engine.tokenizer, POISONED, PROMPTS[:2]))
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+
+    async def tokens(rid: str, text: str) -> list[int]:
+        items = [x async for x in engine.generate(rid, _ids(engine, text), params)]
+        return [x.token_id for x in items if isinstance(x, TokenEvent)]
+
+    async def main():
+        alone = await tokens("before", PROMPTS[0])
+        bad = engine.generate("bad", _ids(engine, POISONED), params)
+        good = engine.generate("good", _ids(engine, PROMPTS[0]), params)
+        assert isinstance(await bad.__anext__(), TokenEvent)
+        got_bad, err = await _until_error(bad)
+        got_good, err_good = await _until_error(good)
+        assert 0 < len(got_bad) < 29  # the rounds before the fault (1 prefill + 2 rounds)
+        assert isinstance(err, StepFailed) and "simulated fault in one request" in str(err)
+        assert isinstance(err.__cause__, RuntimeError)
+        assert err_good is None and isinstance(got_good[-1], Finished)
+        assert [x.token_id for x in got_good if isinstance(x, TokenEvent)] == alone
+        assert engine.is_healthy() and engine.num_running() == 0
+        assert await tokens("after", PROMPTS[0]) == alone
+        assert engine.num_running() == 0
+
+    asyncio.run(main())
+
+
+def test_a_broken_device_kills_the_engine_and_every_stream(tiny_models):
+    """Every forward pass fails (the check after the failed step too): that stream and the other
+    one in flight end with EngineDeadError (the failing one chained to the fault), the engine is
+    unhealthy and refuses new requests, also once the fault is gone. Nothing is left running."""
     from server.engine.reference import EngineDeadError
 
     engine = ReferenceEngine(tiny_models["target"], tiny_models["drafts"], num_speculative_tokens=3)

@@ -512,6 +512,7 @@ def test_vllm_internals_are_checked_at_start_up():
     version line is refused in one sentence naming the one epispec needs."""
     from server.engine import vllm_internals
 
+    vllm_internals.apply()  # the plugin's moment in vLLM's processes: installs the step capture
     vllm_internals.self_test()
     with pytest.raises(vllm_internals.IncompatibleVllm, match=r"needs vLLM 0\.32\.x .* 0\.33\.1"):
         vllm_internals.check_version("0.33.1")

@@ -16,6 +16,7 @@ import pytest
 pytest.importorskip("vllm")
 
 from server.engine import vllm_internals, vllm_launch  # noqa: E402
+from server.engine.proposer_config import ProposerConfig  # noqa: E402
 from server.engine.types import Finished, SamplingParams  # noqa: E402
 
 pytestmark = pytest.mark.vllm
@@ -131,16 +132,16 @@ def stub_engine(tiny_models, monkeypatch):
         asyncio.run(engine.shutdown())
 
 
-def test_the_engine_builds_vllms_config_once_and_sizes_the_drafts_pool_from_it(stub_engine):
+def test_the_engine_builds_vllms_config_once_and_sizes_the_drafts_pool_from_it(stub_engine, tiny_models):
     make, builds = stub_engine
     config = make(drafts=True).llm.config
     assert len(builds) == 1
-    cfg = config.additional_config["epispec"]
-    assert set(cfg) == {"drafts", "channel", "top_n", "bias", "dtype", "kv_tokens"}
+    proposer = ProposerConfig.from_vllm_config(config)
+    assert proposer.dtype == "float32" and len(proposer.drafts) == len(tiny_models["drafts"])
     # 1 GiB of target KV (tokens by the resolved dtype) plus each slot's k and block of slack
     cap = vllm_launch.cpu_target_kv_tokens(config)
     assert config.cache_config.kv_cache_memory_bytes == GIB and cap > 0
-    assert cfg["kv_tokens"] == min(8 * config.model_config.max_model_len, cap + 8 * (3 + 16))
+    assert proposer.kv_tokens == min(8 * config.model_config.max_model_len, cap + 8 * (3 + 16))
 
 
 def test_a_request_is_converted_to_vllm_params_once(stub_engine, monkeypatch):
