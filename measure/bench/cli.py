@@ -115,8 +115,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     r.add_argument(
         "--dtype",
+        nargs="+",
+        metavar="DTYPE",
         help="vLLM target dtype for every vLLM config (default: what `epispec serve` picks: float32 "
-        "on a CPU without native bf16 matmul, else vLLM's auto)",
+        "on a CPU, else vLLM's auto); with several (--dtype bfloat16 float32), each vLLM config runs "
+        "once per dtype, one after the other, and a table gives each one's throughput against the "
+        "first's; the goals are judged on the first",
+    )
+    r.add_argument(
+        "--no-prefix-caching",
+        action="store_false",
+        dest="enable_prefix_caching",
+        default=None,
+        help="vLLM's prefix cache off, in every vLLM config",
     )
     r.add_argument("--timeout", type=float, default=900, help="seconds per config before it is killed")
     r.add_argument(
@@ -233,8 +244,13 @@ def run(args: argparse.Namespace) -> int:
         "configs": {},
     }
     eu_tokens = []
+    dtypes = args.dtype or [cpu_dtype()]
     with tempfile.TemporaryDirectory(prefix="epispec-bench-") as tmp:
-        for config in args.configs:
+        # the dtypes of a config back to back, so that they see the same load
+        for config, dtype in [(c, d) for c in args.configs for d in dtypes]:
+            if config == "reference" and dtype != dtypes[0]:
+                continue  # transformers in float32: no vLLM dtype
+            label = config if len(dtypes) == 1 or config == "reference" else f"{config} ({dtype})"
             reason = skip_reason(config, drafts)
             result = None
             if reason is None:
@@ -247,26 +263,30 @@ def run(args: argparse.Namespace) -> int:
                     ),
                     "workload": workload.as_dict(),
                     "kv_cache_space": args.kv_cache_space,
-                    "dtype": args.dtype or cpu_dtype(),
+                    "dtype": dtype,
+                    "enable_prefix_caching": args.enable_prefix_caching,
                     "bias_source": args.bias_source,
                     "profile": str(Path(args.profile).resolve()) if args.profile else None,
                 }
                 result, reason = run_config(spec, Path(tmp), args.timeout)
             if result is None:
-                doc["skipped"].append({"config": config, "reason": reason})
-                print(f"epispec bench: skipped {config}: {reason}", file=sys.stderr)
+                doc["skipped"].append({"config": label, "reason": reason})
+                print(f"epispec bench: skipped {label}: {reason}", file=sys.stderr)
                 continue
+            for row in result["runs"]:
+                row["dtype"] = None if config == "reference" else dtype
             doc["runs"] += result["runs"]
-            doc["configs"][config] = {
+            doc["configs"][label] = {
                 "startup_s": result["startup_s"],
                 "startup_peak_rss_bytes": result["startup_peak_rss_bytes"],
             }
-            eu_tokens += result["eu_tokens"]
+            eu_tokens += result["eu_tokens"] if dtype == dtypes[0] else []
     if eu_tokens:
         from measure.bench.eu_error import eu_error
 
         doc["eu_error"] = eu_error(target, drafts, eu_tokens, workload.target_logprobs)
-    doc["goals"] = report.goals(doc["runs"], doc["eu_error"])
+    first = [r for r in doc["runs"] if r["dtype"] in (None, dtypes[0])]
+    doc["goals"] = report.goals(first, doc["eu_error"])
     doc["wall_s"] = time.time() - started
     print(report.markdown(doc))
     if args.json:

@@ -48,6 +48,12 @@ def _fmt(v, spec: str) -> str:
     return "–" if v is None else format(v, spec)
 
 
+def labels(runs: list[dict]) -> list[str]:
+    """Each run's config, with its vLLM dtype where the runs hold more than one."""
+    several = len({r.get("dtype") for r in runs} - {None}) > 1
+    return [f"{r['config']} ({r['dtype']})" if several and r.get("dtype") else r["config"] for r in runs]
+
+
 def runs_table(runs: list[dict]) -> str:
     head = (
         "| config | T | C | out tok/s | TTFT p50 (ms) | ITL p50 (ms) | ITL p99 (ms) | acceptance "
@@ -55,16 +61,51 @@ def runs_table(runs: list[dict]) -> str:
         "\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     rows = [
-        f"| {r['config']} | {r.get('temperature', 0.0):g} | {r['concurrency']} "
+        f"| {label} | {r.get('temperature', 0.0):g} | {r['concurrency']} "
         f"| {_fmt(r['output_tokens_per_s'], '.1f')} "
         f"| {_fmt(_ms(r['ttft_p50_s']), '.1f')} | {_fmt(_ms(r['itl_p50_s']), '.2f')} "
         f"| {_fmt(_ms(r['itl_p99_s']), '.1f')} | {_fmt(r['acceptance_rate'], '.2f')} "
         f"| {_fmt(r['draft_passes_per_token'], '.2f')} | {r['peak_rss_bytes'] / MiB:.0f} "
         f"| {_fmt(_kib(r.get('draft_kv_bytes_per_request')), '.0f')} "
         f"| {_fmt(r.get('draft_kv_over_tokens_held'), '.2f')} |"
-        for r in runs
+        for r, label in zip(runs, labels(runs), strict=True)
     ]
     return "\n".join([head, *rows])
+
+
+def dtype_table(runs: list[dict]) -> str | None:
+    """Each vLLM config's output tok/s in every dtype against the first dtype it ran in, at the
+    same temperature and concurrency (None when the runs hold one dtype)."""
+    dtypes = list(dict.fromkeys(r["dtype"] for r in runs if r.get("dtype")))
+    if len(dtypes) < 2:
+        return None
+    lines = [
+        f"| config | T | C | {' | '.join(f'{d} tok/s' for d in dtypes)} "
+        f"| {' | '.join(f'{d} / {dtypes[0]}' for d in dtypes[1:])} |",
+        "|---|---:|---:|" + "---:|" * (2 * len(dtypes) - 1),
+    ]
+    keys = dict.fromkeys(
+        (r["config"], r.get("temperature", 0.0), r["concurrency"]) for r in runs if r.get("dtype")
+    )
+    for config, t, c in keys:
+        tps = [
+            next(
+                (
+                    r["output_tokens_per_s"]
+                    for r in runs
+                    if (r["config"], r.get("temperature", 0.0), r["concurrency"], r.get("dtype"))
+                    == (config, t, c, d)
+                ),
+                None,
+            )
+            for d in dtypes
+        ]
+        ratios = [None if v is None or not tps[0] else v / tps[0] for v in tps[1:]]
+        lines.append(
+            f"| {config} | {t:g} | {c} | {' | '.join(_fmt(v, '.1f') for v in tps)} "
+            f"| {' | '.join(_fmt(v, '.2f') for v in ratios)} |"
+        )
+    return "\n".join(lines)
 
 
 def _ms(s):
@@ -159,7 +200,10 @@ def eu_line(e: dict | None) -> str:
 
 
 def markdown(doc: dict) -> str:
-    parts = [runs_table(doc["runs"]), "", eu_line(doc["eu_error"])]
+    parts = [runs_table(doc["runs"])]
+    if (by_dtype := dtype_table(doc["runs"])) is not None:
+        parts += ["", by_dtype]
+    parts += ["", eu_line(doc["eu_error"])]
     if doc["goals"]:
         parts += ["", goals_table(doc["goals"])]
     for s in doc["skipped"]:
@@ -202,7 +246,10 @@ def plot(doc: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    series = list(dict.fromkeys((r["config"], r.get("temperature", 0.0)) for r in doc["runs"]))
+    names = labels(doc["runs"])
+    series = list(
+        dict.fromkeys((n, r.get("temperature", 0.0)) for n, r in zip(names, doc["runs"], strict=True))
+    )
     styles = {t: ls for t, ls in zip(sorted({t for _, t in series}), ("-", "--", ":", "-."), strict=False)}
     colors = {cfg: f"C{i}" for i, cfg in enumerate(dict.fromkeys(c for c, _ in series))}
     panels = (
@@ -214,8 +261,8 @@ def plot(doc: dict, path: str) -> None:
         for cfg, t in series:
             rs = [
                 r
-                for r in doc["runs"]
-                if (r["config"], r.get("temperature", 0.0)) == (cfg, t) and r[key] is not None
+                for n, r in zip(names, doc["runs"], strict=True)
+                if (n, r.get("temperature", 0.0)) == (cfg, t) and r[key] is not None
             ]
             ax.plot(
                 [r["concurrency"] for r in rs],

@@ -1,7 +1,8 @@
 """One benchmark config in its own process: `python -m measure.bench.runners SPEC.json OUT.json`.
 
 SPEC holds {"config", "target", "drafts", "draft_model", "workload", "kv_cache_space", "dtype",
-"bias_source", "profile"} (profile: a folder for `profile.py`'s output, or null).
+"enable_prefix_caching", "bias_source", "profile"} (profile: a folder for `profile.py`'s output,
+or null; enable_prefix_caching: null for vLLM's default).
 The runner starts the config's engine, warms it up, then for each concurrency C keeps C
 requests in flight until the level's requests are done (closed loop), timing every output
 token and sampling the process tree's peak RSS. `epispec` also streams `eu_prompts` prompts once more,
@@ -144,6 +145,8 @@ def start_vllm(spec: dict, totals: dict):
     )
     if spec.get("dtype"):
         kw["dtype"] = spec["dtype"]
+    if spec.get("enable_prefix_caching") is not None:
+        kw["enable_prefix_caching"] = spec["enable_prefix_caching"]
     if spec["config"] == "vllm-draft-model":
         kw["speculative_config"] = {
             "method": "draft_model",
@@ -203,6 +206,11 @@ def start_engine(spec: dict):
             vllm_args={
                 "max_num_seqs": max(w.concurrencies),
                 **({"dtype": spec["dtype"]} if spec.get("dtype") else {}),
+                **(
+                    {"enable_prefix_caching": spec["enable_prefix_caching"]}
+                    if spec.get("enable_prefix_caching") is not None
+                    else {}
+                ),
             },
         )
     )

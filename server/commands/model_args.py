@@ -102,7 +102,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FRACTION",
         help="fraction of GPU memory vLLM may use",
     )
-    v.add_argument("--dtype", default=None, help="target weights' dtype (auto, float32, bfloat16, ...)")
+    v.add_argument(
+        "--dtype",
+        default=None,
+        help="the target's dtype (float32, bfloat16, auto = the checkpoint's, ...; default on a CPU: "
+        "float32, as bf16 answers change with the drafts and the prefix cache: docs/determinism.md)",
+    )
     v.add_argument(
         "--max-num-seqs", type=int, default=None, metavar="N", help="most concurrent sequences per step"
     )
@@ -112,15 +117,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         dest="enable_prefix_caching",
         action="store_false",
         default=None,
-        help="turn vLLM's prefix cache off: every prompt is computed afresh (slower for shared "
-        "prompts; feature drafts then get the target's hidden state at every position)",
+        help="turn vLLM's prefix cache off: every prompt is computed afresh, so an answer does not "
+        "depend on which prompts came before it (docs/determinism.md); slower for shared prompts; "
+        "feature drafts then get the target's hidden state at every position",
     )
     v.add_argument(
         "--kv-cache-space",
         type=int,
         default=None,
         metavar="GIB",
-        help="CPU KV cache size in GiB (vLLM-CPU's VLLM_CPU_KVCACHE_SPACE; default 4)",
+        help="CPU KV cache size in GiB (vLLM's kv_cache_memory_bytes; default: VLLM_CPU_KVCACHE_SPACE, else 4)",
     )
 
 

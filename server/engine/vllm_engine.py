@@ -16,6 +16,9 @@ Per emitted token, variance comes exact from the drafts. The bias has two source
     returns the whole vocabulary and the proposer ships all of q̄, so the EU is exact).
 Conventions match the reference engine: EOS is counted but not emitted, `logprob` is the
 target's raw log-prob, stop strings and detokenization are ours.
+
+This module is the runtime (requests in, token events out); starting vLLM (its engine
+arguments, the settings it reads from the environment, the drafts' KV budget) is vllm_launch.py.
 """
 
 from __future__ import annotations
@@ -23,28 +26,21 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import torch
-
-# vLLM logs to stdout by default, which would mix its lines into `epispec generate --jsonl`;
-# set before vLLM configures its loggers (spawned engine processes inherit it)
-os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
-
 from vllm import SamplingParams as VllmSamplingParams
-from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
-from vllm.v1.engine.async_llm import AsyncLLM
 
-from server.engine import models, vllm_internals
+from server.engine import models, vllm_internals, vllm_launch
 from server.engine.detokenize import IncrementalDetokenizer
 from server.engine.draft_ensemble import log_mix_from_record
-from server.engine.draft_kv import DEFAULT_BLOCK_SIZE, kv_bytes_per_token, target_kv_blocks
 from server.engine.emission import EmissionGate
 from server.engine.eu_channel import Joiner, open_joiner
-from server.engine.proposer_config import DRAFT_DTYPES, ProposerConfig
+from server.engine.proposer_config import ProposerConfig
 from server.engine.types import (
     BIAS_SOURCES,
     DEFAULT_BIAS_SOURCE,
@@ -63,11 +59,11 @@ from server.engine.uncertainty import bias_topk
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CPU_KV_CACHE_GIB = 4  # GiB; ignored by GPU builds of vLLM
 PROPOSER_CLASS = "server.engine.vllm_proposer.EnsembleProposer"
 DEFAULT_DRAFT_TOP_N = 64  # q̄ entries shipped per position when K > 0
 RECORD_TIMEOUT_S = 30.0  # a record that never comes leaves that token's uncertainty null
 _PARAMS = {"max_tokens", "temperature", "top_p", "seed", "logprobs", "stop"}  # named in errors
+VALIDATED_KEPT = 64  # validated requests whose conversion waits for their generate call
 
 
 class VllmEngine:
@@ -108,36 +104,13 @@ class VllmEngine:
         # keep 2k+1 positions spare so every emitted token has its record
         self.max_model_len = vllm_len - (2 * self.k + 1 if drafts else 0)
         self.eos_token_ids = models.eos_token_ids(target, self._tokenizer)
-        args = dict(vllm_args or {})
-        kv_space = args.pop("kv_cache_space", None)
-        if kv_space is None and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
-            # vLLM-CPU's automatic size takes ~90% of the machine's memory, which kills the
-            # worker as soon as anything else needs memory; start modest, --kv-cache-space raises it
-            kv_space = DEFAULT_CPU_KV_CACHE_GIB
-        if kv_space is not None:  # vLLM-CPU reads its KV cache size from the environment only
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_space))
-        tp = int(args.get("tensor_parallel_size") or 1)
-        binding = vllm_internals.cpu_thread_binding(tp) if not torch.cuda.is_available() else None
-        if binding and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binding  # one core group per rank
-            log.info(
-                "tensor parallel size %d with fewer NUMA nodes than ranks: binding the "
-                "ranks' threads to cores %s",
-                tp,
-                binding,
-            )
+        max_logprobs = -1 if bias_lp is not None and bias_lp < 0 else max(bias_lp or 0, 20)
+        launch = vllm_launch.plan(target, vllm_len, max_logprobs, vllm_args)
+        engine_kw = dict(launch.engine_kw)
         self.joiner: Joiner | None = None
-        engine_kw = dict(
-            model=str(target),
-            tokenizer=str(target),
-            max_model_len=vllm_len,
-            logprobs_mode="raw_logprobs",
-            max_logprobs=-1 if bias_lp is not None and bias_lp < 0 else max(bias_lp or 0, 20),
-            **args,
-        )
         if drafts:
             # ipc:// in a private 0700 directory, or tcp:// with CURVE keys made here (eu_transport)
-            self.joiner = open_joiner(eu_channel, self.vocab_size, args)
+            self.joiner = open_joiner(eu_channel, self.vocab_size, engine_kw)
             address = self.joiner.connect_address
             top_n = -1 if target_logprobs < 0 else (draft_top_n or DEFAULT_DRAFT_TOP_N)  # logprobs
             engine_kw["speculative_config"] = {
@@ -146,20 +119,28 @@ class VllmEngine:
                 "num_speculative_tokens": num_speculative_tokens,
             }
             engine_kw.setdefault("async_scheduling", False)
-            kv_tokens = self._draft_kv_budget(engine_kw, drafts, draft_kv_gib, draft_dtype, vllm_len)
             engine_kw["additional_config"] = ProposerConfig(
                 drafts=tuple(str(d) for d in drafts),
                 channel=address,
                 top_n=top_n,
                 bias=bias_source,
                 dtype=draft_dtype,
-                kv_tokens=kv_tokens,
                 channel_keys=self.joiner.publisher_keys(),
-            ).to_additional_config()
+            ).to_additional_config()  # kv_tokens: below, from the resolved configuration
+        # vLLM-CPU takes these settings only from the process environment, read while vLLM builds
+        # its configuration and inherited by the processes it spawns: the one place epispec
+        # writes os.environ (see vllm_launch)
+        os.environ.update(launch.env)
+        config = vllm_launch.engine_config(engine_kw)
+        if drafts:
+            self.draft_kv_bytes_per_token = vllm_launch.size_draft_kv(config, draft_kv_gib, self.k)
         self._bias_logprobs = bias_lp
-        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kw))
+        self.llm = vllm_launch.start(config)
         self._running: set[str] = set()
         self._aborted: set[str] = set()
+        # validate's conversion of a request, kept for the generate call that follows it with the
+        # same objects (the API validates, then streams): each request is converted once
+        self._validated: OrderedDict[int, tuple] = OrderedDict()
         self._healthy = True
 
     @property
@@ -169,12 +150,15 @@ class VllmEngine:
     # --- the Engine interface
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        self._vllm_params(prompt_token_ids, params)
+        vllm_params = self._vllm_params(prompt_token_ids, params)
+        self._validated[id(params)] = (params, prompt_token_ids, vllm_params)
+        while len(self._validated) > VALIDATED_KEPT:  # validated, never generated (client gone)
+            self._validated.popitem(last=False)
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[GenerationItem]:
-        vllm_params = self._vllm_params(prompt_token_ids, params)  # before any state is held
+        vllm_params = self._converted(prompt_token_ids, params)  # before any state is held
         if request_id in self._running:
             raise ValueError(f"request id '{request_id}' is already running")
         n_prompt = len(prompt_token_ids)
@@ -256,68 +240,20 @@ class VllmEngine:
         return self._healthy and not self.llm.errored
 
     async def shutdown(self) -> None:
-        self.llm.shutdown()
-        self.llm.shutdown = lambda *a, **k: None  # its __del__ would shut down again at exit
+        self.llm.shutdown()  # once: a second call (its __del__ at exit) does nothing
         if self.joiner:
             self.joiner.close()
         self._running.clear()
 
     # --- helpers
 
-    def _draft_kv_budget(
-        self, engine_kw: dict, drafts: list[str], gib: float | None, dtype: str, vllm_len: int
-    ) -> int | None:
-        """The drafts' KV pool size in tokens (None: the proposer's default); with a budget
-        (`gib`), vLLM's own KV cache is capped (num_gpu_blocks_override) so that every request it
-        admits fits in the pool: beyond that, requests wait in vLLM's queue (see
-        `draft_kv.target_kv_blocks`). Raises ValueError when the budget cannot hold one request
-        of max_model_len."""
-        if dtype not in DRAFT_DTYPES:
-            raise ValueError(f"draft_dtype must be float32, bfloat16 or float16, got '{dtype}'")
-        kv_tokens = None
-        per_token = kv_bytes_per_token([models.draft_kv_config(d) for d in drafts], getattr(torch, dtype))
-        self.draft_kv_bytes_per_token = per_token
-        if gib is None:
-            # the proposer's default pool is max_num_seqs × max_model_len tokens (never full); on
-            # a CPU, where vLLM's KV cache size is known up front, no more than that cache holds
-            # (plus each request's block rounding and k spare positions): vLLM cannot run more
-            # tokens than it caches, except prompts shared through its prefix cache (then a row
-            # is parked, see vllm_proposer), and the pool stays bounded by the target's memory
-            cap = _cpu_target_kv_tokens(engine_kw)
-            if cap is not None:
-                seqs = AsyncEngineArgs(**engine_kw).create_engine_config().scheduler_config.max_num_seqs
-                kv_tokens = min(seqs * vllm_len, cap + seqs * (self.k + DEFAULT_BLOCK_SIZE))
-            log.info(
-                "drafts' KV cache: %d bytes per token (%s), a pool of %s tokens",
-                per_token,
-                dtype,
-                kv_tokens or "max_num_seqs × max_model_len",
-            )
-            return kv_tokens
-        tokens = int(gib * (1 << 30)) // per_token
-        resolved = AsyncEngineArgs(**engine_kw).create_engine_config()
-        seqs, block = resolved.scheduler_config.max_num_seqs, resolved.cache_config.block_size
-        blocks = target_kv_blocks(tokens, seqs, self.k, DEFAULT_BLOCK_SIZE, block)
-        if blocks * block < vllm_len:
-            need = vllm_len + seqs * (self.k + DEFAULT_BLOCK_SIZE)
-            raise ValueError(
-                f"draft_kv_gib {gib} holds {tokens} tokens of draft KV ({per_token} bytes per token); "
-                f"a request of max_model_len {vllm_len} with max_num_seqs {seqs} needs at least {need} "
-                f"({need * per_token / (1 << 30):.3f} GiB): raise it or lower max_model_len / max_num_seqs."
-            )
-        # vLLM's block pool keeps one block aside (its null block), which holds no tokens
-        engine_kw["num_gpu_blocks_override"] = blocks + 1
-        log.info(
-            "drafts' KV cache: %d bytes per token (%s), %.2f GiB holds %d tokens; vLLM's KV cache "
-            "capped at %d blocks of %d tokens so every request it runs fits (more wait in its queue)",
-            per_token,
-            dtype,
-            gib,
-            tokens,
-            blocks,
-            block,
-        )
-        return tokens
+    def _converted(self, prompt_token_ids: list[int], params: SamplingParams) -> VllmSamplingParams:
+        """vLLM's parameters for the request: those `validate` made for these very objects, else
+        made now (`_vllm_params`)."""
+        kept = self._validated.pop(id(params), None)
+        if kept is not None and kept[0] is params and kept[1] is prompt_token_ids:
+            return kept[2]
+        return self._vllm_params(prompt_token_ids, params)
 
     def _vllm_params(self, prompt_token_ids: list[int], params: SamplingParams) -> VllmSamplingParams:
         """vLLM's parameters for the request. Raises InvalidRequest, naming the field, for what
@@ -442,19 +378,3 @@ class VllmEngine:
             accepted=accepted,
             eu_seconds=eu_seconds + proposer_eu_seconds,
         )
-
-
-def _cpu_target_kv_tokens(engine_kw: dict) -> int | None:
-    """Tokens vLLM-CPU's KV cache holds for the target (VLLM_CPU_KVCACHE_SPACE GiB over the
-    target's KV bytes per token in its dtype); None on a GPU or when the size is unknown."""
-    space = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
-    if torch.cuda.is_available() or not space:
-        return None
-    cfg = models.model_config(engine_kw["model"])
-    name = str(engine_kw.get("dtype") or "auto").replace("torch.", "")
-    if name in ("auto", "half"):
-        name = {"auto": str(cfg.get("torch_dtype") or "float32"), "half": "float16"}[name]
-    dtype = getattr(torch, name, torch.float32)
-    if not isinstance(dtype, torch.dtype):
-        dtype = torch.float32
-    return int(float(space) * (1 << 30)) // kv_bytes_per_token([cfg], dtype)

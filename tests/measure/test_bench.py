@@ -144,6 +144,22 @@ def test_goals_are_ratios_of_the_same_concurrency():
     assert "| epispec | 0 | 32 | 80.0 |" in table  # T 0 (greedy: runs without a temperature)
 
 
+def test_several_dtypes_are_labelled_and_compared_to_the_first():
+    runs = [
+        {**_run("vllm-target-alone", c, tps, 1000), "dtype": d}
+        for d, tps in (("bfloat16", 100.0), ("float32", 70.0))
+        for c in (1, 8)
+    ]
+    runs.append({**_run("reference", 1, 5.0, 900), "dtype": None})
+    table = report.runs_table(runs)
+    assert "| vllm-target-alone (float32) | 0 | 8 | 70.0 |" in table and "| reference | 0 | 1 |" in table
+    by_dtype = report.dtype_table(runs)
+    assert "| vllm-target-alone | 0 | 8 | 100.0 | 70.0 | 0.70 |" in by_dtype
+    assert "reference" not in by_dtype
+    assert report.dtype_table([r for r in runs if r["dtype"] != "float32"]) is None  # one dtype: no table
+    assert "(bfloat16)" not in report.runs_table(runs[:2])
+
+
 def test_error_summary_pairs_tokens_and_floors_the_relative_error():
     s = error_summary([1.1, 0.002, None], [1.0, 0.0, 0.5], k=20)
     assert s["tokens"] == 2 and s["missing"] == 1 and s["k"] == 20
