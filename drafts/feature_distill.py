@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from drafts import ddd
-from drafts.osd import TeacherSampler, _layers
+from drafts.osd import TeacherSampler, layer_range
 from drafts.prefix_cache import pack_windows, shuffled_indices
 from drafts.reduced import coverage
 from drafts.training import RunOptions, finish_run, loss_summary, resolve_device, train_loop, write_record
@@ -130,7 +130,7 @@ def target_features(
                 pre = teacher.prefix(x)  # [b, S, E]
             pre = pre.float()
             last_in.clear()
-            with _layers(target, teacher.prefix_layers, n_layers, final_norm=True):
+            with layer_range(target, teacher.prefix_layers, n_layers, final_norm=True):
                 f = target.model(inputs_embeds=pre, use_cache=False).last_hidden_state  # [b, S, E]
             r = last_in[-1].flatten(0, 1).double()  # [b·S, E]
             xs = torch.cat([shifted_features(f), embed[x], torch.ones(*x.shape, 1)], -1)  # [b, S, 2E+1]
