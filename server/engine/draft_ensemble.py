@@ -107,6 +107,7 @@ class RowInput:
     req_id: str
     history: torch.Tensor  # [n] long: prompt + output tokens so far, the emitted ones included
     num_emitted: int  # tokens the target emitted this step (accepted + 1); 0 = not decoding
+    final: bool = False  # the request ends with this step: free its slot after recording
     # feature drafts: the target's final hidden states of the positions it computed this step,
     # features[i] of position feature_start + i (a prefill chunk too, where num_emitted is 0)
     features: torch.Tensor | None = None  # [F, E]
@@ -550,6 +551,8 @@ class DraftEnsemble:
             out.proposal = list(proposal)
             out.draft_passes = drafted.steps
             out.eu_seconds = share
+            if r.final:
+                self._drop(r.req_id)
 
     def _host(self, f: QFields) -> QFields:
         """Top-N fields go to the host (they are shipped); log q̄ stays where it is used."""

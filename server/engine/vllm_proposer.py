@@ -148,6 +148,7 @@ class EnsembleProposer:
                     rid,
                     torch.from_numpy(token_ids_cpu[i, :n].astype("int64")),
                     len(emitted),
+                    _is_final(runner.requests.get(rid), emitted, n),
                     features=None if feats is None else feats[1],
                     feature_start=0 if feats is None else feats[0],
                 )
@@ -236,6 +237,19 @@ class EnsembleProposer:
         for o in live:
             o.eu_seconds += (time.perf_counter() - start) / len(live)
         return out
+
+
+def _is_final(state, emitted: list[int], n: int) -> bool:
+    """Whether this step ends the request (so its slot is freed now, not at the next step)."""
+    if state is None or state.sampling_params is None or not emitted:
+        return False
+    sp = state.sampling_params
+    out_len = n - len(state.prompt_token_ids or ())
+    if sp.max_tokens is not None and out_len >= sp.max_tokens:
+        return True
+    if not sp.ignore_eos and out_len >= (sp.min_tokens or 0):
+        return any(t in sp.all_stop_token_ids for t in emitted)
+    return False
 
 
 def _is_publishing_rank() -> bool:
