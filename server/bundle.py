@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from server.engine.p_error import P_ERROR_FEATURES, PErrorRule
+from server.engine.p_error import P_ERROR_FEATURES, PErrorRule, logistic
 
 MANIFEST = "bundle.json"
 SCHEMA_VERSION = 1
@@ -165,8 +165,7 @@ class PWrongFit(BaseModel):
         values = [summary.get(f) for f in self.features]
         if any(v is None for v in values):
             return None
-        z = self.intercept + sum(c * float(v) for c, v in zip(self.coef, values, strict=True))
-        return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+        return logistic(self.intercept + sum(c * float(v) for c, v in zip(self.coef, values, strict=True)))
 
 
 P_ERROR_VERSION = 1

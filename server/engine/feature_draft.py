@@ -227,7 +227,7 @@ def init_weights(
     if fc is None:
         fc = torch.zeros(2 * E + 1, E)
         fc[:E] = torch.eye(E)
-    scale = fc[: 2 * E].std() * 1e-3 if fc[: 2 * E].std() > 0 else 0.02 / (2 * E) ** 0.5
+    scale = fc[: 2 * E].std() * 1e-3  # > 0: fc is the ridge fit or holds the identity
     out: dict[str, list[torch.Tensor]] = {k: [] for k in s.shapes()}
     for _ in range(m):
         for name in LAYER_WEIGHTS:

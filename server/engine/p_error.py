@@ -35,5 +35,9 @@ class PErrorRule:
         values = [given[f] for f in self.features]
         if any(v is None or not math.isfinite(v) for v in values):
             return None
-        z = self.intercept + sum(c * float(v) for c, v in zip(self.coef, values, strict=True))
-        return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+        return logistic(self.intercept + sum(c * float(v) for c, v in zip(self.coef, values, strict=True)))
+
+
+def logistic(z: float) -> float:
+    """1 / (1 + exp(−z)), without overflow for large |z|."""
+    return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
