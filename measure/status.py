@@ -1,6 +1,6 @@
 """The README's status box: what the default bundle measures today, generated from the two
 committed results files — its benchmark (`epispec bench --json`, docs/bench-smollm2.json) and its
-evaluation (`epispec eval --bundle`, docs/eval-bundle/results.json) — between `<!-- status:start -->`
+evaluation (`epispec eval --bundle`, docs/eval-scale/results.json) — between `<!-- status:start -->`
 and `<!-- status:end -->` in README.md.
 
     python -m measure.status [--bench FILE] [--eval DIR] [--readme README.md]
@@ -21,7 +21,7 @@ from measure.readme_block import ReadmeBlock
 
 BLOCK = ReadmeBlock("status")
 BENCH = "docs/bench-smollm2.json"
-EVAL = "docs/eval-bundle/results.json"
+EVAL = "docs/eval-scale/results.json"
 README = "README.md"
 
 
@@ -85,8 +85,9 @@ def quality_rows(r: dict) -> list[tuple[str, str]]:
             f"eu **{_f(au['eu'])}** {_ci(ci['eu'])}{below}; entropy {_f(au['entropy'])}, "
             f"TokUR {_f(au['tokur'])}",
         ),
+        *_p_error_rows(r),
         (
-            f"the flag at the calibrated threshold (eu > {_f(c['threshold'])} nats)",
+            f"eu alone as the flag (eu > {_f(c['threshold'])} nats, validation false-positive rate 0.1)",
             f"precision **{_f(test['precision'])}**, recall **{_f(test['recall'])}** "
             f"({test['flagged']} of {test['tokens']} tokens flagged)",
         ),
@@ -99,6 +100,22 @@ def quality_rows(r: dict) -> list[tuple[str, str]]:
     ]
 
 
+def _p_error_rows(r: dict) -> list[tuple[str, str]]:
+    """The served flag, p_error > threshold, where the evaluation fitted p_error."""
+    pe = (r.get("p_error") or {}).get("test")
+    if not pe:
+        return []
+    return [
+        (
+            f"the served flag: p_error > {_f(pe['threshold'])} (a logistic fit of eu, bias, variance "
+            f"and the target's log-prob on validation tokens)",
+            f"AUROC **{_f(pe['auroc'])}** {_ci(pe['auroc_ci95'])}; precision **{_f(pe['precision'])}**, "
+            f"recall **{_f(pe['recall'])}** ({pe['flagged']} of {pe['tokens']} flagged; "
+            f"base rate {_f(r['token_labels']['base_rate'])}: flagging every token gives that precision)",
+        )
+    ]
+
+
 def block(doc: dict, bench_source: str, r: dict, eval_source: str) -> str:
     """The status block for a bench JSON and a bundle evaluation's results.json (paths as written)."""
     m, models = doc["machine"], doc["models"]
@@ -107,7 +124,8 @@ def block(doc: dict, bench_source: str, r: dict, eval_source: str) -> str:
         (w, v, "" if i else "[benchmark](docs/benchmark.md)") for i, (w, v) in enumerate(serving_rows(doc))
     ]
     rows += [
-        (w, v, "" if i else "[evaluation](docs/evaluation.md)") for i, (w, v) in enumerate(quality_rows(r))
+        (w, v, "" if i else "[evaluation](docs/evaluation-at-scale.md)")
+        for i, (w, v) in enumerate(quality_rows(r))
     ]
     lines = [
         BLOCK.start,

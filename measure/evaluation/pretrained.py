@@ -114,6 +114,15 @@ class Models:
         ], " "
 
 
+def shown_path(path) -> str:
+    """`path` relative to the working directory when it lies under it (records stay portable)."""
+    p = Path(path)
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def families(recipe: BundleRecipe, drafts: int) -> dict[str, NoiseFamily]:
     r = recipe
     k = r.posterior_layers
@@ -301,7 +310,7 @@ def run(
         test_lab,
         test_y,
         n_boot,
-        {"data": str(data), "validation": f"train split, first {len(val)} problems"},
+        {"data": shown_path(data), "validation": f"train split, first {len(val)} problems"},
     )
     scores = {**TOKEN_SCORES, "p_error": "p_error"} if pe_fit else TOKEN_SCORES
     token_det = (
@@ -340,7 +349,7 @@ def run(
     return {
         "recipe": recipe.as_dict(),
         "data": {
-            "source": str(data),
+            "source": shown_path(data),
             "validation_questions": len(val),
             "test_questions": len(test),
             "test_tokens": {"results": int(len(t["ours.eu"]))},
