@@ -107,7 +107,6 @@ class RowInput:
     req_id: str
     history: torch.Tensor  # [n] long: prompt + output tokens so far, the emitted ones included
     num_emitted: int  # tokens the target emitted this step (accepted + 1); 0 = not decoding
-    final: bool = False  # the request ends with this step: free its slot after recording
     # feature drafts: the target's final hidden states of the positions it computed this step,
     # features[i] of position feature_start + i (a prefill chunk too, where num_emitted is 0)
     features: torch.Tensor | None = None  # [F, E]
@@ -358,6 +357,16 @@ class DraftEnsemble:
         for rid in [r for r in self._feats if r not in keep]:
             del self._feats[rid]
 
+    def forget(self, ids: set[str]) -> int:
+        """Free the slots (and KV blocks) of these requests (vLLM says they finished or were
+        aborted); returns how many held a slot or features."""
+        held = [r for r in ids if r in self._slots or r in self._feats]
+        for rid in held:
+            if rid in self._slots:
+                self._drop(rid)
+            self._feats.pop(rid, None)
+        return len(held)
+
     def _drop(self, rid: str) -> None:
         del self._slots[rid]
         self.pool.free(rid)
@@ -551,8 +560,6 @@ class DraftEnsemble:
             out.proposal = list(proposal)
             out.draft_passes = drafted.steps
             out.eu_seconds = share
-            if r.final:
-                self._drop(r.req_id)
 
     def _host(self, f: QFields) -> QFields:
         """Top-N fields go to the host (they are shipped); log q̄ stays where it is used."""

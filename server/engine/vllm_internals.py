@@ -6,7 +6,10 @@ runner (request ids, sampling parameters), the step's raw logits and speculative
 target's final hidden states and the attention metadata that places them — is captured
 explicitly: a wrapper around `GPUModelRunner.sample_tokens` (`capture_step`) records the
 runner's `execute_model_state` as a `Step` while that call runs; `propose` is called inside it
-and reads `current_step()`. `check_version` (API process, before vLLM starts) and `self_test`
+and reads `current_step()`. A wrapper around `GPUModelRunner._update_states` hands the scheduler's
+finished set (requests that finished or were aborted; vLLM sends it at the step after, an empty
+one when nothing else runs) to the listeners registered with `on_requests_finished`, so the
+proposer frees their draft state on vLLM's own word. `check_version` (API process, before vLLM starts) and `self_test`
 (the proposer's `load_model`, in vLLM's worker) make an incompatible vLLM fail at start with one
 sentence naming the version epispec needs.
 
@@ -18,9 +21,11 @@ loaded in every vLLM process; `apply()` is idempotent and the proposer calls it 
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,11 +96,16 @@ def self_test() -> None:
 
     missing = [
         f"GPUModelRunner.{name}"
-        for name in ("sample_tokens", "propose_draft_token_ids")
+        for name in ("sample_tokens", "propose_draft_token_ids", "_update_states")
         if not hasattr(GPUModelRunner, name)
     ]
-    if not getattr(GPUModelRunner.sample_tokens, "epispec_capture", False):
-        missing.append("epispec's capture of GPUModelRunner.sample_tokens")
+    for name in ("sample_tokens", "_update_states"):
+        if not getattr(getattr(GPUModelRunner, name, None), "epispec_capture", False):
+            missing.append(f"epispec's capture of GPUModelRunner.{name}")
+    from vllm.v1.core.sched.output import SchedulerOutput
+
+    if "finished_req_ids" not in getattr(SchedulerOutput, "__dataclass_fields__", {}):
+        missing.append("SchedulerOutput.finished_req_ids")
     missing += [f"ExecuteModelState.{f}" for f in STEP_FIELDS if f not in ExecuteModelState._fields]
     attn = getattr(CommonAttentionMetadata, "__dataclass_fields__", {})
     missing += [f"CommonAttentionMetadata.{f}" for f in ("query_start_loc_cpu", "seq_lens") if f not in attn]
@@ -151,7 +161,6 @@ def current_step() -> Step:
 def capture_step(sample_tokens):
     """Wraps `GPUModelRunner.sample_tokens`: its `execute_model_state` as the current `Step`
     while it runs (the proposer is called inside it, after the step's bookkeeping)."""
-    import functools
 
     @functools.wraps(sample_tokens)
     def wrapper(self, grammar_output, *args, **kwargs):
@@ -269,6 +278,36 @@ def sample_rewindably(sample):
 # --- applying the fixes
 
 
+_FINISHED_LISTENERS: list[Callable[[set[str]], None]] = []
+
+
+def on_requests_finished(listener: Callable[[set[str]], None]) -> None:
+    """Call `listener(ids)` in this process with vLLM's internal ids of the requests its runner
+    drops (finished or aborted), at the step after they end. A listener's exception is logged,
+    never raised into vLLM's step."""
+    _FINISHED_LISTENERS.append(listener)
+
+
+def capture_finished(update_states):
+    """Wraps `GPUModelRunner._update_states`: after vLLM drops the finished requests' state, the
+    scheduler's finished set goes to the `on_requests_finished` listeners."""
+
+    @functools.wraps(update_states)
+    def wrapper(self, scheduler_output, *args, **kwargs):
+        out = update_states(self, scheduler_output, *args, **kwargs)
+        done = set(getattr(scheduler_output, "finished_req_ids", ()) or ())
+        if done:
+            for listener in list(_FINISHED_LISTENERS):
+                try:
+                    listener(done)
+                except Exception:
+                    log.exception("epispec: a finished-request listener failed")
+        return out
+
+    wrapper.epispec_capture = True
+    return wrapper
+
+
 def _needs_fix() -> bool:
     import vllm
     from vllm.platforms import current_platform
@@ -284,6 +323,8 @@ def apply() -> bool:
 
     if not getattr(GPUModelRunner.sample_tokens, "epispec_capture", False):
         GPUModelRunner.sample_tokens = capture_step(GPUModelRunner.sample_tokens)
+    if not getattr(GPUModelRunner._update_states, "epispec_capture", False):
+        GPUModelRunner._update_states = capture_finished(GPUModelRunner._update_states)
     if not _needs_fix():
         return False
     from vllm.utils import cpu_triton_utils

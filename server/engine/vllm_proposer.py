@@ -87,6 +87,7 @@ class EnsembleProposer:
             dtype=getattr(torch, self.cfg.dtype),
             target=self.target_dir,
         )
+        vllm_internals.on_requests_finished(self._finished)
         ens = self.ensemble
         log.info(
             "epispec drafts' KV cache: %d bytes per token, a pool of %d tokens (%.2f GiB, blocks of %d "
@@ -97,6 +98,14 @@ class EnsembleProposer:
             ens.pool.block_size,
             ens.pool.capacity_tokens // self.max_len,
         )
+
+    def _finished(self, ids: set[str]) -> None:
+        """vLLM's finished set (finished or aborted requests, the step after they end): free their
+        draft state now, and tell the API, as no proposal step may follow."""
+        if self.ensemble is None or not self.ensemble.forget(ids) or self.publisher is None:
+            return
+        ens = self.ensemble
+        self.publisher.send(ens.num_states(), [], ens.kv_bytes_held(), ens.kv_tokens_held())
 
     def propose(
         self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None, **kwargs
@@ -148,7 +157,6 @@ class EnsembleProposer:
                     rid,
                     torch.from_numpy(token_ids_cpu[i, :n].astype("int64")),
                     len(emitted),
-                    _is_final(runner.requests.get(rid), emitted, n),
                     features=None if feats is None else feats[1],
                     feature_start=0 if feats is None else feats[0],
                 )
@@ -237,19 +245,6 @@ class EnsembleProposer:
         for o in live:
             o.eu_seconds += (time.perf_counter() - start) / len(live)
         return out
-
-
-def _is_final(state, emitted: list[int], n: int) -> bool:
-    """Whether this step ends the request (so its slot is freed now, not at the next step)."""
-    if state is None or state.sampling_params is None or not emitted:
-        return False
-    sp = state.sampling_params
-    out_len = n - len(state.prompt_token_ids or ())
-    if sp.max_tokens is not None and out_len >= sp.max_tokens:
-        return True
-    if not sp.ignore_eos and out_len >= (sp.min_tokens or 0):
-        return any(t in sp.all_stop_token_ids for t in emitted)
-    return False
 
 
 def _is_publishing_rank() -> bool:

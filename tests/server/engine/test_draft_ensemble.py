@@ -48,13 +48,13 @@ def test_records_and_proposals_match_full_recompute(draft_set, summary):
     rng = random.Random(0)
     hists = {"a": [1, 5, 7, 9, 11], "b": [1, 20, 30], "c": [1, 44, 45, 46, 47, 48, 49]}
     proposals = {r: [] for r in hists}
-    for step in range(5):
+    for _ in range(5):
         rows = []
         for rid, h in hists.items():
             p = proposals[rid]
             new = p[: rng.randint(0, len(p))] + [rng.randint(3, 300)]
             h.extend(new)
-            rows.append(RowInput(rid, torch.tensor(h), len(new), final=(step == 4)))
+            rows.append(RowInput(rid, torch.tensor(h), len(new)))
         outs = ens.propose(rows)
         for row, out in zip(rows, outs, strict=True):
             h = hists[row.req_id]
@@ -77,7 +77,8 @@ def test_records_and_proposals_match_full_recompute(draft_set, summary):
                 hh.append(t)
             proposals[row.req_id] = out.proposal
             assert out.draft_passes == 3
-    assert ens.num_states() == 0  # every row was final in the last step
+    assert ens.forget(set(hists) | {"never-seen"}) == 3  # vLLM's finished set: all three end
+    assert ens.num_states() == 0
 
 
 def test_release_frees_slots_and_blocks_of_requests_gone_from_the_batch(tiny_models):
@@ -88,8 +89,9 @@ def test_release_frees_slots_and_blocks_of_requests_gone_from_the_batch(tiny_mod
     assert ens.num_states() == 1 and ens.pool.blocks_of("x") == [] and ens.pool.blocks_in_use() == 1
     ens.propose([RowInput("z", torch.tensor([1, 9]), 1)])  # x's block is reused
     assert ens.num_states() == 2 and ens.pool.blocks_in_use() == 2
-    ens.propose([RowInput("z", torch.tensor([1, 9, 4]), 1, final=True)])  # z ends with this step
-    assert ens.num_states() == 1 and ens.pool.blocks_of("z") == []
+    ens.propose([RowInput("z", torch.tensor([1, 9, 4]), 1)])
+    assert ens.forget({"z"}) == 1  # vLLM's finished set names z
+    assert ens.num_states() == 1 and ens.pool.blocks_of("z") == [] and ens.forget({"z"}) == 0
     ens.release(set())
     assert ens.num_states() == 0 and ens.pool.blocks_in_use() == 0 and ens.kv_bytes_held() == 0
 

