@@ -173,6 +173,11 @@ def skip_reason(config: str, drafts: list[str]) -> str | None:
         return "vLLM is not installed"
     if config in ("vllm-draft-model", "epispec") and not drafts:
         return "no drafts given"
+    if config == "vllm-draft-model":
+        from server.engine.feature_draft import is_feature_draft
+
+        if is_feature_draft(drafts[0]):
+            return "feature drafts read the target's hidden states: vLLM's draft_model cannot run one alone"
     if config == "epispec":
         if not vllm:
             return "vLLM is not installed"
@@ -260,7 +265,9 @@ def run(args: argparse.Namespace) -> int:
                     "drafts": drafts,
                     "draft_model": _draft_model(
                         args.draft_model or (drafts[0] if drafts else None), target, Path(tmp)
-                    ),
+                    )
+                    if config == "vllm-draft-model"
+                    else None,
                     "workload": workload.as_dict(),
                     "kv_cache_space": args.kv_cache_space,
                     "dtype": dtype,

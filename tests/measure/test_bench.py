@@ -314,3 +314,13 @@ def test_report_regenerates_the_block_and_names_a_bad_file(tmp_path, capsys):
     readme.write_text("no markers\n")
     assert main(["bench", "--report", str(source), "--readme", str(readme)]) == 2
     assert "bench-table" in capsys.readouterr().err
+
+
+def test_feature_drafts_skip_vllms_draft_model_with_a_reason(tiny_models, feature_drafts):
+    """vLLM's draft_model cannot run a draft that reads the target's hidden states: that config
+    is skipped with its reason (the bench goes on), epispec is not."""
+    from measure.bench.cli import skip_reason
+
+    reason = skip_reason("vllm-draft-model", feature_drafts)
+    assert reason is not None and "feature drafts" in reason
+    assert skip_reason("vllm-draft-model", tiny_models["drafts"]) is None
