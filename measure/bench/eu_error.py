@@ -32,13 +32,12 @@ REL_FLOOR = 1e-3  # nats
 def exact_eu(target: str, drafts: list[str], sequences: list[dict], k: int = 20) -> list[dict]:
     """Per sequence ({"prompt_ids", "tokens"}): {"eu", "eu_topk", "topk_mass"} of every
     generated token (exact eu, the top-k bound in float32, the target's top-k probability mass)."""
-    lms = [models.load_causal_lm(target, "cpu", torch.float32)] + [
-        models.load_draft(p, "cpu", torch.float32) for p in drafts
-    ]
+    lm = models.load_causal_lm(target, "cpu", torch.float32)
+    draft_models = models.load_drafts(drafts, target, "cpu", torch.float32)  # either kind
     out = []
     with torch.inference_mode():
         for s in sequences:
-            tf = teacher_forced(lms[0], lms[1:], s["prompt_ids"], s["tokens"])
+            tf = teacher_forced(lm, draft_models, s["prompt_ids"], s["tokens"])
             lp, draft_lp, exact = tf.target, tf.drafts, tf.uncertainty.eu  # [n, V], [n, M, V], [n]
             n = len(s["tokens"])
             if k < 0 or k >= lp.shape[-1]:

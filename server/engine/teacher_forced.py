@@ -43,10 +43,11 @@ def forced_member_logprobs(members: list, ids: list[int], start: int) -> torch.T
 
 
 def teacher_forced(target, drafts: list, prompt_ids: list[int], tokens: list[int]) -> TeacherForced:
-    """Exact bias, variance and eu of every generated token (`tokens` after `prompt_ids`)."""
+    """Exact bias, variance and eu of every generated token (`tokens` after `prompt_ids`); drafts
+    of either kind (`models.load_drafts`)."""
     ids, start = [*prompt_ids, *tokens], len(prompt_ids)
     p = forced_logprobs(target, ids, start)  # [T, V]
-    q = forced_member_logprobs(drafts, ids, start)  # [T, M, V]
+    q = forced_draft_logprobs(target, drafts, ids, start)  # [T, M, V]
     return TeacherForced(p, q, decompose(q, p))
 
 

@@ -167,10 +167,13 @@ def test_error_summary_pairs_tokens_and_floors_the_relative_error():
     assert s["p95_rel"] == pytest.approx(0.1 + 0.95 * (0.002 / REL_FLOOR - 0.1))
 
 
-def test_exact_eu_by_teacher_forcing_equals_the_reference_engine(tiny_models):
+@pytest.mark.parametrize("kind", ["llama", "feature"])
+def test_exact_eu_by_teacher_forcing_equals_the_reference_engine(tiny_models, kind, request):
     """The reference engine's eu is exact (full vocabulary, float32) on its own tokens: teacher
-    forcing those tokens must give the same numbers, which pins the position alignment."""
-    engine = ReferenceEngine(tiny_models["target"], tiny_models["drafts"], num_speculative_tokens=2)
+    forcing those tokens must give the same numbers, which pins the position alignment; for
+    either kind of draft."""
+    drafts = tiny_models["drafts"] if kind == "llama" else request.getfixturevalue("feature_drafts")
+    engine = ReferenceEngine(tiny_models["target"], drafts, num_speculative_tokens=2)
     prompt = engine.tokenizer("Question: Ann has 3 apples.\nAnswer: ")["input_ids"]
     events = [
         e
@@ -179,7 +182,7 @@ def test_exact_eu_by_teacher_forcing_equals_the_reference_engine(tiny_models):
     ]
     seq = {"prompt_ids": prompt, "tokens": [e.token_id for e in events]}
     vocab = engine.vocab_size
-    full, top5 = (exact_eu(tiny_models["target"], tiny_models["drafts"], [seq], k)[0] for k in (vocab, 5))
+    full, top5 = (exact_eu(tiny_models["target"], drafts, [seq], k)[0] for k in (vocab, 5))
     assert torch.allclose(torch.tensor(full["eu"]), torch.tensor([e.eu for e in events]), atol=1e-4)
     # at k = V the top-k bound is exact; below, a lower bound with less than all the mass
     assert torch.allclose(torch.tensor(full["eu_topk"]), torch.tensor(full["eu"]), atol=1e-4)
