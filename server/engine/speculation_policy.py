@@ -122,6 +122,9 @@ class Fixed:
     def observe_verified(self, confidences: list[float], accepted: int) -> None:
         pass
 
+    def describe(self) -> str:
+        return self.name
+
 
 class Off(Fixed):
     """No row proposes (seeded ones neither: with no proposal at all, nothing depends on load)."""
@@ -153,6 +156,21 @@ class Adaptive(Fixed):
 
     def observe_verified(self, confidences: list[float], accepted: int) -> None:
         self.acceptance.observe(confidences, accepted)
+
+    def describe(self) -> str:
+        """The fit and the choices so far, for the log."""
+        fit = "none yet"
+        if self.cost.fitted is not None:
+            a, b = self.cost.fitted
+            fit = f"{1000 * a:.2f} ms + {1000 * b:.3f} ms/position"
+        rates = ", ".join(
+            f"{a / t:.2f}" for a, t in zip(self.acceptance.accepted, self.acceptance.tested, strict=True)
+        )
+        return (
+            f"adaptive: decode step {fit}; proposer {1000 * self.own_s:.2f} ms/step; acceptance by "
+            f"q̄ bin {rates}; {self.proposed / max(self.rows, 1):.3f} tokens proposed per row over "
+            f"{self.steps} steps"
+        )
 
     def choose(self, confidences: list[list[float]], seeded: list[bool]) -> list[int]:
         self.steps += 1

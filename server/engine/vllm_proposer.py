@@ -62,6 +62,7 @@ from server.engine.uncertainty import kl
 
 log = logging.getLogger(__name__)
 FAULT_LOG_EVERY = 100  # a failing proposer logs its 1st fault, then one in every 100
+POLICY_LOG_EVERY = 200  # the speculation policy's state is logged every 200 decoding steps
 
 
 class EnsembleProposer:
@@ -82,6 +83,7 @@ class EnsembleProposer:
         self.faults = 0  # steps whose proposal failed (see propose)
         self.policy = speculation_policy.make(cfg.speculation)
         self._last_end: float | None = None  # when the last propose call with decoding rows ended
+        self._steps = 0  # steps with decoding rows
 
     def load_model(self, *args, **kwargs) -> None:
         vllm_internals.self_test()  # an incompatible vLLM fails here, at start-up
@@ -226,6 +228,9 @@ class EnsembleProposer:
         decoding = any(r.num_emitted for r in rows)
         if decoding:
             self.policy.observe_proposer(end - start)
+            self._steps += 1
+            if self._steps % POLICY_LOG_EVERY == 0:
+                log.info("epispec speculation: %s", self.policy.describe())
         self._last_end = end if decoding else None
         return [o.proposal for o in outs]
 
