@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from server.engine.eu_transport import parse_channel
 from server.engine.p_error import PErrorRule
+from server.engine.speculation_policy import DEFAULT_SPECULATION, Speculation
 from server.engine.types import (
     DEFAULT_BIAS_SOURCE,
     DEFAULT_NUM_SPECULATIVE_TOKENS,
@@ -54,6 +55,9 @@ class Settings(BaseSettings):
     max_model_len: int | None = Field(None, ge=2)
     draft_kv_gib: float | None = Field(None, gt=0, description="the drafts' KV cache budget (vllm engine)")
     draft_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    speculation: Speculation = Field(
+        DEFAULT_SPECULATION, description="tokens proposed per row and step: adaptive, fixed (k) or off"
+    )
     model_name: str | None = Field(None, description="id served as `model`; default: target folder name")
     eu_channel: str = Field(
         "ipc", description="the proposer's side channel: ipc (one machine) or tcp://HOST:PORT (CURVE)"

@@ -2,7 +2,7 @@
 flag thresholds. One path for `epispec serve` (its `Settings`) and `epispec generate` (its
 parsed flags): both name the same things the same way (target, drafts, bundle, engine,
 num_speculative_tokens, bias_source, target_logprobs, device, max_model_len, draft_kv_gib,
-draft_dtype, eu_channel, and
+draft_dtype, speculation, eu_channel, and
 eu/bias/variance_threshold), so either can be passed where a function takes `given`.
 """
 
@@ -26,6 +26,7 @@ ENGINE_SETTINGS = (
     "max_model_len",
     "draft_kv_gib",
     "draft_dtype",
+    "speculation",
     "eu_channel",
 )
 # vLLM engine arguments passed through unchanged, in vLLM's own names (`--kv-cache-space`, GiB,

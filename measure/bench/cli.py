@@ -23,6 +23,7 @@ from measure.bench import report
 from measure.bench.runners import CONFIGS
 from measure.bench.workload import DEFAULT_PROMPTS, Workload, is_chat_target, load_questions
 from server.bundle import Bundle, BundleError
+from server.engine.speculation_policy import SPECULATION_POLICIES
 from server.engine.types import (
     BIAS_SOURCES,
     DEFAULT_NUM_SPECULATIVE_TOKENS,
@@ -96,6 +97,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--bias-source",
         choices=BIAS_SOURCES,
         help="epispec's bias: exact in vLLM's worker, or from top-k log-probs (default: the engine's)",
+    )
+    w.add_argument(
+        "--speculation",
+        choices=SPECULATION_POLICIES,
+        help="epispec: tokens proposed per request and step, adaptive, fixed or off (default: the "
+        "engine's, adaptive)",
     )
     r = parser.add_argument_group("run")
     r.add_argument(
@@ -273,6 +280,7 @@ def run(args: argparse.Namespace) -> int:
                     "dtype": dtype,
                     "enable_prefix_caching": args.enable_prefix_caching,
                     "bias_source": args.bias_source,
+                    "speculation": args.speculation,
                     "profile": str(Path(args.profile).resolve()) if args.profile else None,
                 }
                 result, reason = run_config(spec, Path(tmp), args.timeout)

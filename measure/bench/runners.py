@@ -91,6 +91,10 @@ def level_row(
     row["target_passes_per_token"] = counters["rounds"] / tokens if "rounds" in counters else None
     # engine-measured time computing bias/variance/eu (epispec, reference)
     row["eu_ms_per_token"] = 1000 * counters["eu_seconds"] / tokens if "eu_seconds" in counters else None
+    # tokens proposed per request and verification step, and the share of tokens with an eu
+    rounds = counters.get("rounds")
+    row["proposed_per_row_step"] = proposed / rounds if rounds and "tokens" in counters else None
+    row["eu_share"] = counters["uncertain_tokens"] / counters["tokens"] if counters.get("tokens") else None
     row["peak_rss_bytes"] = peak_rss
     return row
 
@@ -193,7 +197,7 @@ def start_engine(spec: dict):
 
         os.environ[profile.PROFILE_DIR_ENV] = spec["profile"]  # read by the worker's proposer
         vllm_engine.PROPOSER_CLASS = profile.PROPOSER
-    extra = {"bias_source": spec["bias_source"]} if spec.get("bias_source") else {}
+    extra = {key: spec[key] for key in ("bias_source", "speculation") if spec.get(key)}
     return build_engine(
         EngineArgs(
             **extra,
@@ -232,6 +236,7 @@ async def engine_request(
     )
     t = RequestTiming(now())
     counters: dict = {}
+    completion = uncertain = 0  # emitted tokens, and those that came with their eu
     async for item in engine.generate(rid, ids, params):
         if isinstance(item, Finished):
             if item.error:
@@ -244,9 +249,13 @@ async def engine_request(
                 "accepted": s.accepted,
                 "spec_rounds": s.target_forward_passes if s.proposed else 0,
                 "eu_seconds": s.eu_seconds,
+                "tokens": completion,
+                "uncertain_tokens": uncertain,
             }
         else:
             t.add(1, now())
+            completion += 1
+            uncertain += item.eu is not None
             if events is not None:
                 events.append(item)
     return t, counters

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from server.engine.factory import ENGINES
+from server.engine.speculation_policy import DEFAULT_SPECULATION, SPECULATION_POLICIES
 from server.engine.types import (
     BIAS_SOURCES,
     DEFAULT_BIAS_SOURCE,
@@ -76,6 +77,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["float32", "bfloat16", "float16"],
         help="vllm engine: the drafts' weights and KV cache (default float32: on CPUs without "
         "bf16 matmul units bf16 is ~10x slower; bfloat16 on GPUs)",
+    )
+    g.add_argument(
+        "--speculation",
+        default=DEFAULT_SPECULATION,
+        choices=SPECULATION_POLICIES,
+        help="vllm engine: how many tokens each request proposes per step: adaptive (default; "
+        "per step, what pays for the batch, from a cost model of the target's steps timed while "
+        "serving and the drafts' measured acceptance), fixed (always --num-speculative-tokens) "
+        "or off (none). Every emitted token keeps its uncertainty either way",
     )
     g.add_argument(
         "--eu-channel",

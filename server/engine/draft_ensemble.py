@@ -16,7 +16,10 @@ tokens the target emitted this step (the last e of h):
        similar length (`_feed_groups`), so decoding rows are never padded to a prompt
     2) k−1 more single-token steps, greedy on the mixture q̄, give a k-token proposal
     3) each emitted position's record (variance, q̄ summary) comes from the previous round's
-       drafted positions, or from 1) where the previous round did not cover it
+       drafted positions, or from 1) where the previous round did not cover it; a `choose`
+       callback (the speculation policy, `speculation_policy.py`) may cut each row's proposal,
+       down to none: the record of the next position, from 1), is kept all the same, so a row
+       that proposes nothing feeds one token per round and every emitted token keeps its record
 
 "Cropping" after a rejection is implicit: a slot's valid length is the number of its tokens
 that still stand; later writes overwrite the rest and the causal mask never reads past it.
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +63,8 @@ class LogMix:
 
 
 QSummary = TopN | LogMix  # what a record keeps of q̄
+# (the decoding rows, q̄ of each token drafted for each) -> tokens each row proposes
+Choose = Callable[[list["RowInput"], list[list[float]]], list[int]]
 
 
 @dataclass
@@ -123,6 +129,8 @@ class RowOutput:
     accepted: int
     eu_seconds: float = 0.0  # this row's share of the step's variance/q̄-summary time
     parked: bool = False  # the KV pool had no room for this row: no proposal, no records
+    confidence: list[float] = field(default_factory=list)  # q̄ of each proposed token
+    verified: list[float] = field(default_factory=list)  # q̄ of each token the step verified
     missing_features: int = 0  # positions fed with a zero feature (no hidden state from the target)
 
 
@@ -138,6 +146,7 @@ class _Slot:
     valid: int = 0  # tokens of the history whose keys/values stand in the cache
     drafted_from: int = 0  # history length when the last proposal was made
     proposal: list[int] = field(default_factory=list)
+    confidence: list[float] = field(default_factory=list)  # q̄ of each proposed token
     pending: dict[int, Record] = field(default_factory=dict)  # position -> record
     # feature drafts: a drafted token's keys were computed from a predicted feature, not the
     # target's, so only the history stands after a round, and only the first drafted
@@ -162,10 +171,14 @@ class _Slot:
             self.valid = min(missing)
         return missing
 
-    def drafted(self, n: int, proposal: list[int], pending: dict[int, Record]) -> None:
+    def drafted(
+        self, n: int, proposal: list[int], pending: dict[int, Record], confidence: list[float]
+    ) -> None:
         """A new proposal drafted from a history of n tokens: every drafted token but the last
-        was fed, so n + k − 1 tokens stand; `pending` holds the records of its k positions."""
+        was fed, so n + k − 1 tokens stand; `pending` holds the records of its k positions (of
+        position n alone when it proposes none)."""
         self.drafted_from = n
+        self.confidence = confidence
         if self.features:
             self.proposal, self.pending = proposal, {j: r for j, r in pending.items() if j == n}
             self.valid = n
@@ -194,6 +207,7 @@ class _Scored:
     var: torch.Tensor  # [P]
     fields: QFields  # [P, ...]
     greedy: torch.Tensor  # [P] long, target ids
+    confidence: torch.Tensor  # [P] q̄ of the greedy token
     index: dict[tuple[int, int], int]  # (live row b, position of the token) -> p
     seconds: float  # time spent summarizing
     g: torch.Tensor | None = None  # [M, P, E] feature drafts' predicted features
@@ -205,8 +219,9 @@ class _Drafted:
 
     proposal: list[list[int]]  # [B][S]
     var: list[list[float]]  # [B][S]
+    confidence: list[list[float]]  # [B][S] q̄ of each drafted token
     fields: QFields  # [B, S, ...]
-    ks: list[int]  # tokens each row may propose (room in the drafts' caches)
+    ks: list[int]  # tokens each row proposes (the policy's choice, within the room in the caches)
     steps: int  # batched ensemble steps taken (1 + S − 1)
     seconds: float
 
@@ -225,6 +240,13 @@ def _feed_groups(lengths: list[int], short: int) -> list[list[int]]:
         else:
             groups.append([b])
     return [g for g in groups if g]
+
+
+def _confidence(f: QFields) -> torch.Tensor:
+    """q̄ of the greedy token at each position: the top-1 probability. [P, ...] -> [P] float"""
+    if f.log_mix is not None:
+        return f.log_mix.max(-1).values.exp().float().cpu()
+    return f.probs[..., 0].float().cpu()
 
 
 def summarize(draft_lp: torch.Tensor, summary: QSummary, vocab: DraftVocab | None = None):
@@ -372,7 +394,11 @@ class DraftEnsemble:
         self.pool.free(rid)
 
     @torch.inference_mode()
-    def propose(self, rows: list[RowInput]) -> list[RowOutput]:
+    def propose(self, rows: list[RowInput], choose: Choose | None = None) -> list[RowOutput]:
+        """Records and proposals of a round. `choose(rows, confidences)` (the decoding rows; per
+        row, q̄ of its first drafted token, repeated for each token it has room to propose) returns
+        how many tokens each row proposes (None: all it has room for); step 2) drafts as many as the
+        longest choice."""
         outs = [RowOutput([], [], 0, 0, 0) for _ in rows]
         if self.features:
             self._keep_features(rows)
@@ -382,7 +408,13 @@ class DraftEnsemble:
         nb = max(len(self.pool.blocks_of(lv.row.req_id)) for lv in live)
         table = self.pool.table([lv.row.req_id for lv in live], nb, self.device)  # [B, nb]
         first = self._first_step(live, table)
-        drafted = self._greedy_steps(live, table, first)
+        last_idx = torch.tensor([first.index[(b, len(lv.row.history))] for b, lv in enumerate(live)])
+        ks = [max(0, min(self.k, self.max_len - len(lv.row.history) - 1)) for lv in live]  # room
+        if choose is not None:
+            conf = first.confidence[last_idx].tolist()  # [B]
+            chosen = choose([lv.row for lv in live], [[c] * k for c, k in zip(conf, ks, strict=True)])
+            ks = [min(k, max(0, int(c))) for k, c in zip(ks, chosen, strict=True)]
+        drafted = self._greedy_steps(live, table, first, last_idx, ks)
         self._assemble(live, first, drafted)
         return outs
 
@@ -409,6 +441,7 @@ class DraftEnsemble:
                 st = self._slots[r.req_id] = _Slot(features=self.features)
             if st.proposal:
                 out.proposed, out.accepted = len(st.proposal), e - 1
+                out.verified = st.confidence
             st.roll_back(n, e)
             missing = st.rewind_for(n, e)
             lv = _Live(r, out, st, r.history[st.valid :], missing)
@@ -492,24 +525,25 @@ class DraftEnsemble:
         t0 = time.perf_counter()
         var, fields, greedy = summarize(lp, self.summary, self.vocab)
         index = {(b, position): p_i for p_i, (b, position) in enumerate(zip(out_rows, out_pos, strict=True))}
-        return _Scored(var, fields, greedy, index, time.perf_counter() - t0, g)
+        return _Scored(var, fields, greedy, _confidence(fields), index, time.perf_counter() - t0, g)
 
-    def _greedy_steps(self, live: list[_Live], table: torch.Tensor, first: _Scored) -> _Drafted:
-        """2) The proposal: greedy on q̄ from step 1)'s newest position, then k−1 batched
-        single-token steps."""
+    def _greedy_steps(
+        self, live: list[_Live], table: torch.Tensor, first: _Scored, last_idx: torch.Tensor, ks: list[int]
+    ) -> _Drafted:
+        """2) The proposal: greedy on q̄ from step 1)'s newest position (`last_idx`), then
+        max(ks) − 1 batched single-token steps (row b proposes ks[b] tokens)."""
         dev, B = self.device, len(live)
-        last_idx = torch.tensor([first.index[(b, len(lv.row.history))] for b, lv in enumerate(live)])
         n_hist = torch.tensor([len(lv.row.history) for lv in live])
-        ks = [min(self.k, self.max_len - int(n) - 1) for n in n_hist]  # room in the drafts' caches
         step_var = [first.var[last_idx]]  # each [B]
         step_fields = [first.fields.map(lambda t: t[last_idx])]  # each [B, ...]
+        step_conf = [first.confidence[last_idx]]  # each [B]
         cur = first.greedy[last_idx].to(dev)  # [B] target ids
         own = first.g[:, last_idx.to(dev), None] if first.g is not None else None  # [M, B, 1, E]
         proposal = [cur]
         ones = torch.ones(B, 1, dtype=torch.bool, device=dev)
         arange_b = (torch.arange(B, device=dev), torch.zeros(B, dtype=torch.long, device=dev))
         seconds = 0.0
-        for s in range(1, max(ks)):
+        for s in range(1, max(ks, default=0)):
             p_s = (n_hist + s - 1).clamp(max=self.max_len - 1).to(dev)[:, None]  # [B, 1]
             res = [d.forward(cur[:, None].to(dev), own, p_s, table, ones, arange_b) for d in self.drafts]
             lp = torch.cat([lp_d for lp_d, _ in res], 1)  # [B, M, V]
@@ -518,6 +552,7 @@ class DraftEnsemble:
             t0 = time.perf_counter()
             v_s, fields_s, greedy_s = summarize(lp, self.summary, self.vocab)
             seconds += time.perf_counter() - t0
+            step_conf.append(_confidence(fields_s))
             step_var.append(v_s)
             step_fields.append(fields_s)
             cur = greedy_s
@@ -525,18 +560,21 @@ class DraftEnsemble:
         return _Drafted(
             proposal=torch.stack(proposal, 1).tolist(),  # [B, S]
             var=torch.stack(step_var, 1).tolist(),  # [B, S]
+            confidence=torch.stack(step_conf, 1).tolist(),  # [B, S]
             fields=self._host(QFields.stack(step_fields, 1)),  # [B, S, ...]
             ks=ks,
-            steps=1 + max(0, max(ks) - 1),
+            steps=1 + max(0, max(ks, default=0) - 1),
             seconds=seconds,
         )
 
     def _assemble(self, live: list[_Live], first: _Scored, drafted: _Drafted) -> None:
         """3) Each row's output: the records of its emitted positions (pending from the last
-        round, else from step 1)), its new proposal and the pending records of that, counts."""
+        round, else from step 1)), its new proposal and the pending records of that (at least
+        position n's, from step 1, when it proposes none), counts."""
         var_l = first.var.tolist()
         fields_c = self._host(first.fields)
         share = (first.seconds + drafted.seconds) / len(live)
+        ks = drafted.ks
         for b, lv in enumerate(live):
             r, st, out = lv.row, lv.slot, lv.out
             n, e = len(r.history), r.num_emitted
@@ -547,17 +585,19 @@ class DraftEnsemble:
                     rec = fields_c.map(lambda t, p_i=p_i: t[p_i]).record(j, var_l[p_i])
                 if rec is not None:
                     out.records.append(rec)
-            k_b = max(0, drafted.ks[b])
+            k_b = ks[b]
             proposal = drafted.proposal[b][:k_b]
             st.drafted(
                 n,
                 proposal,
                 {
                     n + s: drafted.fields.map(lambda t, b=b, s=s: t[b, s]).record(n + s, drafted.var[b][s])
-                    for s in range(k_b)
+                    for s in range(max(k_b, 1))  # position n's record (step 1's) stands without a proposal
                 },
+                drafted.confidence[b][:k_b],
             )
             out.proposal = list(proposal)
+            out.confidence = drafted.confidence[b][:k_b]
             out.draft_passes = drafted.steps
             out.eu_seconds = share
 

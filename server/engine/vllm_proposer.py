@@ -13,6 +13,13 @@ pinned). With real ids the proposer keeps one KV-cache slot per request and publ
 emitted position's record under its request id (see eu_channel.py). Feature drafts also get,
 per row, the target's hidden states of the positions computed this step.
 
+How many tokens each row proposes is the speculation policy's choice (`cfg.speculation`,
+`speculation_policy.py`), made per step from the drafts' confidence, the measured acceptance and
+a cost model of vLLM's decode steps timed here: the time from the end of one `propose` call to
+the start of the next is one step of vLLM's (scheduling, the target's forward, sampling), and
+the step's computed positions are known from its metadata. A row proposing none is verified at
+its emitted position only and still gets its record.
+
 Bias source "worker" (`cfg.bias`): the target's raw logits of every position verified
 this step are still in vLLM's runner when `propose` runs, so the proposer computes the exact
 bias = KL(q̄ ‖ softmax(logits)) over the whole vocabulary here and publishes just (position,
@@ -46,7 +53,7 @@ import time
 
 import torch
 
-from server.engine import vllm_internals
+from server.engine import speculation_policy, vllm_internals
 from server.engine.draft_ensemble import DraftEnsemble, LogMix, RowInput, TopN
 from server.engine.eu_channel import Publisher
 from server.engine.eu_wire import Record, RequestRecords
@@ -55,6 +62,7 @@ from server.engine.uncertainty import kl
 
 log = logging.getLogger(__name__)
 FAULT_LOG_EVERY = 100  # a failing proposer logs its 1st fault, then one in every 100
+POLICY_LOG_EVERY = 200  # the speculation policy's state is logged every 200 decoding steps
 
 
 class EnsembleProposer:
@@ -73,6 +81,9 @@ class EnsembleProposer:
         self.missing_features = 0  # feature drafts: positions fed a zero feature, in all
         self.publisher = Publisher(cfg.channel, cfg.channel_keys) if _is_publishing_rank() else None
         self.faults = 0  # steps whose proposal failed (see propose)
+        self.policy = speculation_policy.make(cfg.speculation)
+        self._last_end: float | None = None  # when the last propose call with decoding rows ended
+        self._steps = 0  # steps with decoding rows
 
     def load_model(self, *args, **kwargs) -> None:
         vllm_internals.self_test()  # an incompatible vLLM fails here, at start-up
@@ -120,6 +131,7 @@ class EnsembleProposer:
                 sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings, **kwargs
             )
         except Exception:
+            self._last_end = None
             self.faults += 1
             if self.faults % FAULT_LOG_EVERY == 1:
                 log.exception(
@@ -144,9 +156,12 @@ class EnsembleProposer:
     def _propose(
         self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None, **kwargs
     ) -> list[list[int]]:
+        start = time.perf_counter()
         step = vllm_internals.current_step()
+        self._time_step(step, start)
         runner = step.runner
         req_ids = list(runner.input_batch.req_ids)[: len(sampled_token_ids)]
+        seeded = {req_ids[i] for i in runner.input_batch.generators if i < len(req_ids)}
         rows = []
         for i, rid in enumerate(req_ids):
             n = int(num_tokens_no_spec[i])
@@ -162,7 +177,12 @@ class EnsembleProposer:
                 )
             )
         self.ensemble.release(set(req_ids))
-        outs = self.ensemble.propose(rows)
+        outs = self.ensemble.propose(
+            rows, lambda live, confs: self.policy.choose(confs, [r.req_id in seeded for r in live])
+        )
+        for o in outs:
+            if o.verified:
+                self.policy.observe_verified(o.verified, o.accepted)
         missing = sum(o.missing_features for o in outs)
         if missing:  # prefix-cache hits or a parked row's recompute: the drafts read zeros there
             first = not self.missing_features
@@ -204,7 +224,26 @@ class EnsembleProposer:
             ]
             ens = self.ensemble
             self.publisher.send(ens.num_states(), reqs, ens.kv_bytes_held(), ens.kv_tokens_held())
+        end = time.perf_counter()
+        decoding = any(r.num_emitted for r in rows)
+        if decoding:
+            self.policy.observe_proposer(end - start)
+            self._steps += 1
+            if self._steps % POLICY_LOG_EVERY == 0:
+                log.info("epispec speculation: %s", self.policy.describe())
+        self._last_end = end if decoding else None
         return [o.proposal for o in outs]
+
+    def _time_step(self, step, start: float) -> None:
+        """Hands the policy the seconds and computed positions of the step that just ran, when it
+        followed a step with decoding rows (no idle wait between) and decoded only (no prompt
+        chunk): T = its sampled positions = its computed tokens."""
+        last, self._last_end = self._last_end, None
+        if last is None or step.logits is None or step.query_start is None:
+            return
+        positions = int(step.logits.shape[0])
+        if positions and int(step.query_start[-1]) == positions:
+            self.policy.observe_step(positions, start - last)
 
     def _biases(self, step, rows: list[RowInput], outs) -> list[list[float | None]]:
         """Exact KL(q̄ ‖ p) of every record, p from the target's raw logits of this step (one

@@ -253,13 +253,14 @@ def test_bench_reference_config_writes_table_json_and_plot(tiny_models, tmp_path
 
 
 def test_engine_request_counts_stats_from_finished():
-    from measure.bench.runners import engine_request
+    from measure.bench.runners import engine_request, level_row
     from server.engine.types import EngineStats
 
     class Scripted:
         async def generate(self, rid, ids, params):
-            for tok in (5, 6, 7):
+            for tok in (5, 6):
                 yield TokenEvent(tok, "x", -0.1, 0.1, 0.2, 0.3, False)
+            yield TokenEvent(7, "x", -0.1, None, None, None, False)  # a token without its eu
             yield Finished("length", len(ids), 3, EngineStats(2, 6, 6, 1, eu_seconds=0.5))
 
     events: list = []
@@ -272,7 +273,18 @@ def test_engine_request_counts_stats_from_finished():
         "accepted": 1,
         "spec_rounds": 2,
         "eu_seconds": 0.5,
+        "tokens": 3,
+        "uncertain_tokens": 2,
     }
+    row = level_row("epispec", 1, [timing], counters, 1.0, 0, 3)
+    assert row["proposed_per_row_step"] == 3.0 and row["eu_share"] == 2 / 3
+    goal = report.goals([{**row, "eu_share": 2 / 3}], None)
+    assert {
+        "goal": "epispec share of tokens with uncertainty at C=1",
+        "value": 2 / 3,
+        "bound": ">= 1.0",
+        "met": False,
+    } in goal
 
 
 # --- docs/benchmark.md's tables come from a committed results file

@@ -60,13 +60,16 @@ def test_both_commands_build_the_same_engine_args(command):
             "float32",
             "--eu-channel",
             "tcp://0.0.0.0:5557",
+            "--speculation",
+            "off",
         ),
         {"dtype": "float32"},
     )
     assert bundle is None and (eargs.target, eargs.drafts) == ("t", ["a", "b"])
     assert (eargs.engine, eargs.num_speculative_tokens, eargs.target_logprobs) == ("auto", 3, 20)
     assert eargs.bias_source == "logprobs" and eargs.vllm_args == {"dtype": "float32"}
-    assert eargs.eu_channel == "tcp://0.0.0.0:5557"
+    assert eargs.eu_channel == "tcp://0.0.0.0:5557" and eargs.speculation == "off"
+    assert engine_args(given(command, "--target", "t"), {})[0].speculation == "adaptive"  # the default
 
 
 def test_models_are_given_or_a_bundle_not_both():

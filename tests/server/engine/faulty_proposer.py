@@ -17,9 +17,9 @@ class FaultyProposer(EnsembleProposer):
         super().load_model(*args, **kwargs)
         real = self.ensemble.propose
 
-        def propose(rows):
+        def propose(rows, *args):
             if any(bool((r.history == POISON).any()) for r in rows):
                 raise RuntimeError("injected proposer fault")
-            return real(rows)
+            return real(rows, *args)
 
         self.ensemble.propose = propose

@@ -277,3 +277,71 @@ def test_half_precision_drafts_stay_close_to_float32(tiny_models, dtype):
                 got = log_mix_from_record(p.ids, p.probs, v).exp()
                 want = log_mix_from_record(q.ids, q.probs, v).exp()
                 assert (got - want).abs().max() < 0.02
+
+
+@pytest.mark.parametrize("summary", [TopN(None), LogMix()])
+def test_rows_proposing_fewer_or_none_keep_exact_records(draft_set, summary):
+    """A speculation policy (`choose`) cuts proposals at random, to none for some rows and
+    rounds: every emitted token still gets the exact variance and q̄ of its prefix, the proposal
+    is the greedy prefix of the length chosen, a row that proposed nothing feeds exactly its one
+    new token next round, and its draft state stays valid (records of later rounds exact too)."""
+    paths, drafts = draft_set
+    ens = DraftEnsemble(paths, k=3, slots=4, max_len=256, summary=summary)
+    rng = random.Random(7)
+    hists = {"a": [1, 5, 7, 9, 11], "b": [1, 20, 30], "c": [1, 44, 45, 46]}
+    proposals = {r: [] for r in hists}
+    chosen: dict[str, int] = {}
+    seen = {"none": 0, "cut": 0, "full": 0}
+
+    def choose(rows, confs):
+        assert [len(c) for c in confs] == [3] * len(rows)
+        assert all(0 < q <= 1 for c in confs for q in c)
+        ks = [rng.choice([0, 0, 1, 3]) for _ in rows]
+        chosen.update({r.req_id: k for r, k in zip(rows, ks, strict=True)})
+        return ks
+
+    fed = []
+    forward = LlamaGroup.forward
+
+    def spy(self, tokens, *a):
+        fed.append(tuple(tokens.shape))
+        return forward(self, tokens, *a)
+
+    for _ in range(8):
+        rows = []
+        for rid, h in hists.items():
+            p = proposals[rid]
+            new = p[: rng.randint(0, len(p))] + [rng.randint(3, 300)]
+            h.extend(new)
+            rows.append(RowInput(rid, torch.tensor(h), len(new)))
+        none_before = [rid for rid in hists if chosen.get(rid) == 0]
+        fed.clear()
+        LlamaGroup.forward = spy
+        try:
+            outs = ens.propose(rows, choose)
+        finally:
+            LlamaGroup.forward = forward
+        if len(none_before) == len(hists):  # every row proposed nothing: step 1 feeds one token each
+            assert fed[0] == (len(hists), 1)
+        for row, out in zip(rows, outs, strict=True):
+            h = hists[row.req_id]
+            assert [r.position for r in out.records] == list(range(len(h) - row.num_emitted, len(h)))
+            for rec in out.records:
+                lp = _exact(drafts, h[: rec.position])  # [M, V]
+                assert abs(float(variance(lp)) - rec.variance) < 1e-4
+                q_mix = mixture_logprobs(lp).exp()
+                if isinstance(summary, LogMix):
+                    assert (rec.log_mix.exp() - q_mix).abs().max() < 1e-5
+                else:
+                    got = log_mix_from_record(rec.ids, rec.probs, q_mix.shape[-1]).exp()
+                    assert (got[got > 0] - q_mix[got > 0]).abs().max() < 1e-5
+            k = chosen[row.req_id]
+            assert len(out.proposal) == k and len(out.confidence) == k
+            hh = list(h)
+            for t, c in zip(out.proposal, out.confidence, strict=True):
+                q_mix = mixture_logprobs(_exact(drafts, hh)).exp()
+                assert int(q_mix.argmax()) == t and abs(float(q_mix.max()) - c) < 1e-5
+                hh.append(t)
+            seen["none" if k == 0 else "cut" if k < 3 else "full"] += 1
+            proposals[row.req_id] = out.proposal
+    assert min(seen.values()) > 0, seen

@@ -8,7 +8,9 @@ from server.engine.proposer_config import KEY, ProposerConfig
 
 
 def test_round_trip_through_additional_config():
-    cfg = ProposerConfig(drafts=("a", "b"), channel="ipc:///x", top_n=-1, bias="logprobs", kv_tokens=640)
+    cfg = ProposerConfig(
+        drafts=("a", "b"), channel="ipc:///x", top_n=-1, bias="logprobs", kv_tokens=640, speculation="off"
+    )
     extra = cfg.to_additional_config()
     assert list(extra) == [KEY] and extra[KEY]["drafts"] == ["a", "b"]
     assert ProposerConfig.from_vllm_config(SimpleNamespace(additional_config=extra)) == cfg
@@ -23,6 +25,7 @@ def test_round_trip_through_additional_config():
         ({KEY: {"drafts": ["a"], "channel": "c", "bias": "guess"}}, "bias must be one of"),
         ({KEY: {"drafts": ["a"], "channel": "c", "dtype": "int8"}}, "draft_dtype must be"),
         ({KEY: {"drafts": ["a"], "channel": "c", "kv_tokens": 0}}, "kv_tokens must be positive"),
+        ({KEY: {"drafts": ["a"], "channel": "c", "speculation": "k=2"}}, "speculation must be one of"),
     ],
 )
 def test_refused_with_a_sentence(extra, match):
