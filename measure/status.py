@@ -36,6 +36,14 @@ def _span(lo: float, hi: float, fmt: str) -> str:
     return a if a == b else f"{a}–{b}"
 
 
+def _proposed(runs: dict[int, dict], levels: list[int]) -> str:
+    """`; tokens proposed per request and step …` where the bench recorded it (adaptive speculation)."""
+    got = [runs[c].get("proposed_per_row_step") for c in levels]
+    if any(v is None for v in got):
+        return ""
+    return "; tokens proposed per request and step " + ", ".join(f"{v:.2f}" for v in got) + " (adaptive)"
+
+
 def serving_rows(doc: dict) -> list[tuple[str, str]]:
     """(what, measured) from a bench JSON: the cost of the uncertainty against plain vLLM."""
     ours, plain = _runs(doc, "epispec"), _runs(doc, "vllm-target-alone")
@@ -63,7 +71,7 @@ def serving_rows(doc: dict) -> list[tuple[str, str]]:
         ),
         (
             "output tokens/s against plain vLLM, same target",
-            f"{ratio} (acceptance {_span(min(acceptance), max(acceptance), '.2f')} at k = {k})",
+            f"{ratio} (acceptance {_span(min(acceptance), max(acceptance), '.2f')} at k = {k}{_proposed(ours, levels)})",
         ),
         (
             "peak RSS against plain vLLM",
