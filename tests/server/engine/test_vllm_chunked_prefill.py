@@ -26,13 +26,6 @@ CHUNKED_ARGS = {**VLLM_ARGS, "max_num_batched_tokens": BUDGET}
 MAX_TOKENS = 16
 
 
-@pytest.fixture(scope="module")
-def loop():
-    lp = asyncio.new_event_loop()
-    yield lp
-    lp.close()
-
-
 @pytest.fixture(scope="module", params=["plain", "drafts"])
 def chunked_engine(request, tiny_models, loop):
     from server.engine.vllm_engine import VllmEngine

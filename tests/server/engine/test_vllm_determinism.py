@@ -16,8 +16,6 @@ greedy tokens' log-probs differed with and without drafts, and 1 answer changed.
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 import torch
 
@@ -33,13 +31,6 @@ FLAGS = {"enforce_eager": True, "max_num_seqs": 8, "kv_cache_space": 1}  # no dt
 LOGPROB_TOL = 1e-3  # nats
 NEAR_TIE = 0.1  # nats between the target's top two log-probs
 GREEDY = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def loop():
-    lp = asyncio.new_event_loop()
-    yield lp
-    lp.close()
 
 
 def _engine(loop, target: str, drafts: list[str]):

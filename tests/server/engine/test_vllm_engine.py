@@ -56,13 +56,6 @@ def _start(tiny_models, bias_source: str = "worker", target_logprobs: int = 20):
 
 
 @pytest.fixture(scope="module")
-def loop():
-    lp = asyncio.new_event_loop()
-    yield lp
-    lp.close()
-
-
-@pytest.fixture(scope="module")
 def engine(tiny_models, loop):
     engine = loop.run_until_complete(_async(lambda: _start(tiny_models)))
     yield engine

@@ -29,13 +29,6 @@ PROMPTS = ["Question: Tom has 3 apples", "Question: A farmer sells 12 eggs", "Qu
 
 
 @pytest.fixture(scope="module")
-def loop():
-    lp = asyncio.new_event_loop()
-    yield lp
-    lp.close()
-
-
-@pytest.fixture(scope="module")
 def engine(tiny_models, feature_drafts, loop):
     from server.engine.vllm_engine import VllmEngine
 

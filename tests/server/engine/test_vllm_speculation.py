@@ -48,13 +48,6 @@ async def _async(fn):
 
 
 @pytest.fixture(scope="module")
-def loop():
-    lp = asyncio.new_event_loop()
-    yield lp
-    lp.close()
-
-
-@pytest.fixture(scope="module")
 def alt_engine(tiny_models, loop):
     from server.engine import vllm_engine
 
