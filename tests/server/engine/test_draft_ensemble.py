@@ -40,6 +40,18 @@ def _exact(drafts, history: list[int]) -> torch.Tensor:
     )
 
 
+def _verified_rows(hists: dict[str, list[int]], proposals: dict[str, list[int]], rng) -> list[RowInput]:
+    """One simulated verification step: each request accepts a random prefix of its last
+    proposal plus one token of the target's; its history grows by them (in place)."""
+    rows = []
+    for rid, h in hists.items():
+        p = proposals[rid]
+        new = p[: rng.randint(0, len(p))] + [rng.randint(3, 300)]
+        h.extend(new)
+        rows.append(RowInput(rid, torch.tensor(h), len(new)))
+    return rows
+
+
 @pytest.mark.parametrize("summary", [TopN(None), TopN(16), LogMix()])
 def test_records_and_proposals_match_full_recompute(draft_set, summary):
     paths, drafts = draft_set
@@ -49,12 +61,7 @@ def test_records_and_proposals_match_full_recompute(draft_set, summary):
     hists = {"a": [1, 5, 7, 9, 11], "b": [1, 20, 30], "c": [1, 44, 45, 46, 47, 48, 49]}
     proposals = {r: [] for r in hists}
     for _ in range(5):
-        rows = []
-        for rid, h in hists.items():
-            p = proposals[rid]
-            new = p[: rng.randint(0, len(p))] + [rng.randint(3, 300)]
-            h.extend(new)
-            rows.append(RowInput(rid, torch.tensor(h), len(new)))
+        rows = _verified_rows(hists, proposals, rng)
         outs = ens.propose(rows)
         for row, out in zip(rows, outs, strict=True):
             h = hists[row.req_id]
@@ -166,12 +173,7 @@ def test_new_long_prompt_next_to_decoding_rows_matches_separate_runs(tiny_models
     proposals = {r: [] for r in hists}
     prompt = [1] + [rng.randint(3, 300) for _ in range(59)]
     for step in range(3):
-        rows = []
-        for rid, h in hists.items():
-            p = proposals[rid]
-            new = p[: rng.randint(0, len(p))] + [rng.randint(3, 300)]
-            h.extend(new)
-            rows.append(RowInput(rid, torch.tensor(h), len(new)))
+        rows = _verified_rows(hists, proposals, rng)
         if step < 2:
             outs = mixed.propose(rows)
             apart.propose(rows)
@@ -308,12 +310,7 @@ def test_rows_proposing_fewer_or_none_keep_exact_records(draft_set, summary):
         return forward(self, tokens, *a)
 
     for _ in range(8):
-        rows = []
-        for rid, h in hists.items():
-            p = proposals[rid]
-            new = p[: rng.randint(0, len(p))] + [rng.randint(3, 300)]
-            h.extend(new)
-            rows.append(RowInput(rid, torch.tensor(h), len(new)))
+        rows = _verified_rows(hists, proposals, rng)
         none_before = [rid for rid in hists if chosen.get(rid) == 0]
         fed.clear()
         LlamaGroup.forward = spy
