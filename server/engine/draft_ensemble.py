@@ -374,10 +374,7 @@ class DraftEnsemble:
 
     def release(self, keep: set[str]) -> None:
         """Free the slots (and KV blocks) of requests not in `keep` (finished or aborted)."""
-        for rid in [r for r in self._slots if r not in keep]:
-            self._drop(rid)
-        for rid in [r for r in self._feats if r not in keep]:
-            del self._feats[rid]
+        self.forget({r for r in (*self._slots, *self._feats) if r not in keep})
 
     def forget(self, ids: set[str]) -> int:
         """Free the slots (and KV blocks) of these requests (vLLM says they finished or were
