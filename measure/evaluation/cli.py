@@ -18,6 +18,10 @@ DIR/results.json, prints the tables, and with `--readme docs/evaluation.md` spli
 results, its goal table between `<!-- eval-bundle-goals:start -->` / `<!-- eval-bundle-goals:end -->`
 (`goals.py`); for a bundle run at scale, the `eval-scale-tables` and `eval-scale-goals` blocks of
 the file given to `--readme` (docs/evaluation-at-scale.md, `scale_report.py`).
+`--served [URL]` is the black-box check of a running server (default: spawn `epispec serve
+--serve FLAGS`): short known-answer questions through the chat endpoint with the `openai` client
+at T = 0, mean eu against the target's mean negative log-prob as detectors of wrong answers
+(`served.py`).
 """
 
 from __future__ import annotations
@@ -105,6 +109,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy machine)"
     )
     parser.add_argument("--no-progress", action="store_true")
+    s = parser.add_argument_group("served black-box check (--served)")
+    s.add_argument(
+        "--served",
+        nargs="?",
+        const="spawn",
+        default=None,
+        metavar="URL",
+        help="ask the running server at URL (without URL: spawn one with --serve FLAGS)",
+    )
+    s.add_argument("--serve", default="", metavar="FLAGS", help="flags for the spawned `epispec serve`")
+    s.add_argument("--api-key", default=None, help="bearer key for the server")
+    s.add_argument("--questions", type=int, default=160, help="questions, half arithmetic, half capitals")
+    s.add_argument("--seed", type=int, default=0, help="seed of the question draw")
+    s.add_argument("--max-tokens", type=int, default=24, help="max_tokens of each answer")
+    s.add_argument("--concurrency", type=int, default=8, help="requests in flight")
 
 
 def _data(arg: str | None, quick: bool) -> str | None:
@@ -132,8 +151,12 @@ def regenerate(results_dir: str, readme: str | None) -> int:
     except (FileNotFoundError, json.JSONDecodeError) as exc:
         print(f"epispec eval: --report needs a readable {path}: {exc}", file=sys.stderr)
         return 2
-    from measure.evaluation import scale_report
+    from measure.evaluation import scale_report, served
 
+    if served.is_served_results(results):  # `epispec eval --served`: its report only
+        (Path(results_dir) / "report.md").write_text(served.markdown(results, results["command"]))
+        print(served.markdown(results, results["command"]), end="")
+        return 0
     if scale_report.is_scale_results(results):  # `epispec eval --bundle B` at scale: two blocks
         plots = sorted(p.name for p in Path(results_dir).glob("*.png"))
         (Path(results_dir) / "report.md").write_text(scale_report.markdown(results, plots))
@@ -175,6 +198,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.out:
         print("epispec eval: --out DIR is required (or --report DIR to regenerate tables).", file=sys.stderr)
         return 2
+    if args.served:
+        return run_served(args)
     if args.bundle:
         return run_bundle(args)
     import torch
@@ -316,4 +341,40 @@ def run_bundle(args: argparse.Namespace) -> int:
         f"{auroc.get('p_error', float('nan')):.3f}, tokur {auroc.get('tokur', float('nan')):.3f}; "
         f"{results['seconds']['total']:.0f} s)"
     )
+    return 0
+
+
+def run_served(args: argparse.Namespace) -> int:
+    """`epispec eval --served [URL]`: the black-box check (`served.py`)."""
+    import openai
+
+    from measure.evaluation import served
+    from measure.load.probe import LoadError, spawn_server, stop_server
+
+    command = "epispec eval " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["eval"] else sys.argv[1:])
+    proc = None
+    try:
+        if args.served == "spawn":
+            proc, url = spawn_server(args.serve, args.api_key, timeout=600)
+        else:
+            url = args.served.rstrip("/")
+        res = served.run(
+            url,
+            args.api_key,
+            Path(args.out),
+            n=args.questions,
+            seed=args.seed,
+            max_tokens=args.max_tokens,
+            concurrency=args.concurrency,
+            bootstrap=args.bootstrap,
+            progress=not args.no_progress,
+            command=command,
+        )
+    except (ValueError, LoadError, openai.OpenAIError) as exc:
+        print(f"epispec eval --served: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if proc is not None:
+            stop_server(proc)
+    print(served.markdown(res, command), end="")
     return 0
