@@ -2,7 +2,8 @@
 
     epispec load [--url http://127.0.0.1:8000 [--pid PID] | --serve "SERVE FLAGS"]
                  [--concurrency 8] [--duration 60] [--max-requests N] [--warmup S]
-                 [--max-tokens 8 64] [--leave-rate 0.2] [--api-key KEY] [--json FILE]
+                 [--max-tokens 8 64] [--leave-rate 0.2] [--api-key KEY] [--window 600]
+                 [--json FILE] [--plot FILE.png]
 
 Without `--url` it spawns `epispec serve SERVE FLAGS` on a free loopback port, measures
 its whole process tree's memory, and stops it with SIGTERM at the end (its exit status is
@@ -88,7 +89,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds to wait for the server to return to idle after the load (default 60)",
     )
     w.add_argument("--seed", type=int, default=0)
+    w.add_argument(
+        "--window",
+        type=float,
+        default=600,
+        help="seconds per window of the RSS slopes after the warm-up (default 600)",
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    parser.add_argument("--plot", metavar="FILE", help="also write the RSS over time as a PNG")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -102,6 +110,13 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
+    if args.plot:
+        from measure.load.plot import rss_plot
+
+        try:
+            print(f"wrote {rss_plot(report, args.plot)}")
+        except (ValueError, OSError) as exc:
+            print(f"epispec load: --plot: {exc}", file=sys.stderr)
     return 0 if report["passed"] else 1
 
 
@@ -117,6 +132,8 @@ def _check(args: argparse.Namespace) -> None:
         raise LoadError("--leave-rate must be within [0, 1].")
     if args.url:
         check_loopback(args.url)
+    if not args.window > 0:
+        raise LoadError("--window must be > 0 seconds.")
     if args.pid is not None and not args.url:
         raise LoadError("--pid goes with --url (a spawned server is measured anyway).")
 
@@ -172,7 +189,7 @@ async def _drive(args: argparse.Namespace, url: str, pid: int | None) -> dict:
         stop_sampling.set()
         await sampling
     warmup = args.warmup if args.warmup is not None else min(60.0, 0.1 * args.duration)
-    return summarize(outcomes, wall, after, memory_report(sampler.samples, warmup), args)
+    return summarize(outcomes, wall, after, memory_report(sampler.samples, warmup, args.window), args)
 
 
 def summarize(
@@ -240,6 +257,14 @@ def format_report(r: dict) -> str:
             f"{mem['growth_after_warmup_mib']:+.1f} MiB"
             + (f", slope {mem['slope_mib_per_min']:+.2f} MiB/min" if "slope_mib_per_min" in mem else "")
         )
+        if mem.get("windows"):
+            lines.append(
+                "RSS slope per window after warm-up (MiB/min): "
+                + ", ".join(
+                    f"{w['from_s'] / 60:.0f}-{w['to_s'] / 60:.0f} min {w['slope_mib_per_min']:+.2f}"
+                    for w in mem["windows"]
+                )
+            )
     for kind, example in r["error_examples"].items():
         lines.append(f"  e.g. {kind}: {example}")
     if "server" in r:

@@ -145,26 +145,58 @@ class MemorySampler:
             return None
 
 
-def memory_report(samples: list[tuple[float, int]], warmup_s: float) -> dict:
-    """RSS at the end of the warm-up and at the end, growth, and the slope after the warm-up."""
+def slope_mib_per_min(points: list[tuple[float, int]]) -> float | None:
+    """Least-squares slope of (seconds, bytes) points, MiB per minute; None with < 3 points."""
+    n = len(points)
+    if n < 3:
+        return None
+    mt = sum(t for t, _ in points) / n
+    mb = sum(b for _, b in points) / n
+    var = sum((t - mt) ** 2 for t, _ in points)
+    return sum((t - mt) * (b - mb) for t, b in points) / var * 60 / (1 << 20) if var else 0.0
+
+
+def memory_report(
+    samples: list[tuple[float, int]], warmup_s: float, window_s: float = 600.0, max_points: int = 720
+) -> dict:
+    """RSS at the end of the warm-up and at the end, growth, and the slope after the warm-up;
+    `windows`: the slope of each consecutive `window_s` after the warm-up (a working set that is
+    still filling shows as slopes falling towards 0, a leak as slopes that stay); `series`: at most
+    `max_points` (seconds, MiB) samples, evenly thinned, for a plot."""
     if not samples:
         return {"samples": 0}
     after = [(t, b) for t, b in samples if t >= warmup_s] or samples[-1:]
     mib = 1 << 20
     out = {
         "samples": len(samples),
+        "warmup_s": warmup_s,
         "start_mib": samples[0][1] / mib,
         "after_warmup_mib": after[0][1] / mib,
         "end_mib": samples[-1][1] / mib,
         "peak_mib": max(b for _, b in samples) / mib,
         "growth_after_warmup_mib": (samples[-1][1] - after[0][1]) / mib,
     }
-    if len(after) >= 3:  # least-squares slope, MiB per minute
-        n = len(after)
-        mt = sum(t for t, _ in after) / n
-        mb = sum(b for _, b in after) / n
-        var = sum((t - mt) ** 2 for t, _ in after)
-        out["slope_mib_per_min"] = sum((t - mt) * (b - mb) for t, b in after) / var * 60 / mib if var else 0.0
+    slope = slope_mib_per_min(after)
+    if slope is not None:
+        out["slope_mib_per_min"] = slope
+    windows = []
+    t0, t_end = after[0][0], after[-1][0]
+    while t0 < t_end:
+        pts = [(t, b) for t, b in after if t0 <= t < t0 + window_s]
+        w = slope_mib_per_min(pts)
+        if w is not None:
+            windows.append(
+                {
+                    "from_s": round(pts[0][0], 1),
+                    "to_s": round(pts[-1][0], 1),
+                    "slope_mib_per_min": w,
+                    "mean_mib": sum(b for _, b in pts) / len(pts) / mib,
+                }
+            )
+        t0 += window_s
+    out["windows"] = windows
+    step = max(1, -(-len(samples) // max_points))
+    out["series"] = [[round(t, 1), round(b / mib, 1)] for t, b in samples[::step]]
     return out
 
 
