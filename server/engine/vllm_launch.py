@@ -38,7 +38,7 @@ from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.usage.usage_lib import UsageContext
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from server.engine import models, vllm_internals
+from server.engine import heap, models, vllm_internals
 from server.engine.draft_kv import DEFAULT_BLOCK_SIZE, kv_bytes_per_token, target_kv_blocks
 from server.engine.proposer_config import ProposerConfig
 
@@ -72,6 +72,7 @@ def plan(
     becomes vLLM's `kv_cache_memory_bytes` on a CPU), and the environment settings listed in
     the module docstring. `environ` (default: `os.environ`) is read, never written."""
     environ = os.environ if environ is None else environ
+    heap.period_from_env(environ)  # a bad EPISPEC_MALLOC_TRIM_S fails here, not in vLLM's worker
     on_cpu = not torch.cuda.is_available() if on_cpu is None else on_cpu
     args = dict(vllm_args or {})
     kv_space = args.pop("kv_cache_space", None)

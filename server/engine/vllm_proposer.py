@@ -53,7 +53,7 @@ import time
 
 import torch
 
-from server.engine import speculation_policy, vllm_internals
+from server.engine import heap, memory_report, speculation_policy, vllm_internals
 from server.engine.draft_ensemble import DraftEnsemble, LogMix, RowInput, TopN
 from server.engine.eu_channel import Publisher
 from server.engine.eu_wire import Record, RequestRecords
@@ -80,6 +80,7 @@ class EnsembleProposer:
         self.ensemble: DraftEnsemble | None = None
         self.missing_features = 0  # feature drafts: positions fed a zero feature, in all
         self.publisher = Publisher(cfg.channel, cfg.channel_keys) if _is_publishing_rank() else None
+        self.memory_report: memory_report.MemoryReport | None = None
         self.faults = 0  # steps whose proposal failed (see propose)
         self.policy = speculation_policy.make(cfg.speculation)
         self._last_end: float | None = None  # when the last propose call with decoding rows ended
@@ -99,6 +100,8 @@ class EnsembleProposer:
             target=self.target_dir,
         )
         vllm_internals.on_requests_finished(self._finished)
+        self.heap = heap.start_from_env()  # this process's RSS stays flat under load (heap.py)
+        self.memory_report = memory_report.start_from_env()  # a diagnostic, off by default
         ens = self.ensemble
         log.info(
             "epispec drafts' KV cache: %d bytes per token, a pool of %d tokens (%.2f GiB, blocks of %d "
@@ -126,6 +129,8 @@ class EnsembleProposer:
         (published, so the API does not wait for them), every draft slot is dropped (the next
         step recomputes from the histories), and the fault is counted on the side channel and
         logged (the 1st, then one in every FAULT_LOG_EVERY)."""
+        if self.memory_report is not None:
+            self.memory_report.maybe_write()
         try:
             return self._propose(
                 sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings, **kwargs
