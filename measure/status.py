@@ -1,9 +1,10 @@
 """The README's status box: what the default bundle measures today, generated from the two
-committed results files — its benchmark (`epispec bench --json`, docs/bench-smollm2.json) and its
-evaluation (`epispec eval --bundle`, docs/eval-scale/results.json) — between `<!-- status:start -->`
+committed results files — its benchmark (`epispec bench --json`, docs/bench-smollm2.json), its
+evaluation (`epispec eval --bundle`, docs/eval-scale/results.json) and its served check (`epispec
+eval --served`, docs/eval-served/smollm2/results.json) — between `<!-- status:start -->`
 and `<!-- status:end -->` in README.md.
 
-    python -m measure.status [--bench FILE] [--eval DIR] [--readme README.md]
+    python -m measure.status [--bench FILE] [--eval DIR] [--served FILE] [--readme README.md]
 
 prints the block and, with `--readme`, splices it in; tests/measure/test_status.py fails when the
 README's block differs from it. The figures are the results files'; the rows say what they mean.
@@ -22,6 +23,7 @@ from measure.readme_block import ReadmeBlock
 BLOCK = ReadmeBlock("status")
 BENCH = "docs/bench-smollm2.json"
 EVAL = "docs/eval-scale/results.json"
+SERVED = "docs/eval-served/smollm2/results.json"
 README = "README.md"
 
 
@@ -124,8 +126,31 @@ def _p_error_rows(r: dict) -> list[tuple[str, str]]:
     ]
 
 
-def block(doc: dict, bench_source: str, r: dict, eval_source: str) -> str:
-    """The status block for a bench JSON and a bundle evaluation's results.json (paths as written)."""
+def served_rows(sv: dict) -> list[tuple[str, str]]:
+    """(what, measured) from `epispec eval --served` results: the black-box check."""
+    au, ci = sv["auroc"], sv["auroc_ci95"]
+    below = ": it ranks wrong answers *below* right ones" if au["mean_eu"] < 0.5 else ""
+    kinds = " and ".join(sv["by_kind"])
+    return [
+        (
+            f"served, black box: a response's mean eu as a detector of wrong answers ({sv['responses']} "
+            f"{kinds} questions through the chat endpoint at T = 0, {sv['wrong']} wrong)",
+            f"AUROC **{_f(au['mean_eu'])}** {_ci(ci['mean_eu'])}{below}; the target's own mean "
+            f"negative log-prob {_f(au['mean_nll'])} {_ci(ci['mean_nll'])}",
+        )
+    ]
+
+
+def block(
+    doc: dict,
+    bench_source: str,
+    r: dict,
+    eval_source: str,
+    served: dict | None = None,
+    served_source: str | None = None,
+) -> str:
+    """The status block for a bench JSON, a bundle evaluation's results.json and, optionally, a
+    served check's results.json (paths as written)."""
     m, models = doc["machine"], doc["models"]
     drafts = models.get("draft_parameters") or [0]
     rows = [
@@ -135,9 +160,16 @@ def block(doc: dict, bench_source: str, r: dict, eval_source: str) -> str:
         (w, v, "" if i else "[evaluation](docs/evaluation-at-scale.md)")
         for i, (w, v) in enumerate(quality_rows(r))
     ]
+    if served is not None:
+        rows += [(w, v, "[served check](docs/evaluation-at-scale.md)") for w, v in served_rows(served)]
+    sources = (
+        f"{bench_source} and {eval_source}"
+        if served is None
+        else f"{bench_source}, {eval_source} and {served_source}"
+    )
     lines = [
         BLOCK.start,
-        f"<!-- generated from {bench_source} and {eval_source} by `python -m measure.status --readme "
+        f"<!-- generated from {sources} by `python -m measure.status --readme "
         f"{README}`; edit measure/status.py, not this block -->",
         "",
         f"The default bundle ({models.get('target_name')}, {models.get('target_parameters', 0):,} "
@@ -147,8 +179,9 @@ def block(doc: dict, bench_source: str, r: dict, eval_source: str) -> str:
         "|---|---|---|",
         *(f"| {w} | {v} | {d} |" for w, v, d in rows),
         "",
-        f"From `{doc['command']}` ({doc.get('wall_s', 0):.0f} s) and `{r['command']}` "
-        f"({r['seconds']['total']:.0f} s).",
+        f"From `{doc['command']}` ({doc.get('wall_s', 0):.0f} s), `{r['command']}` "
+        f"({r['seconds']['total']:.0f} s)"
+        + ("." if served is None else f" and `{served['command']}` ({served['seconds']:.0f} s)."),
         BLOCK.end,
     ]
     return "\n".join(lines) + "\n"
@@ -160,15 +193,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--eval", default=str(Path(EVAL).parent), metavar="DIR", help="a bundle evaluation's folder"
     )
+    ap.add_argument(
+        "--served", default=SERVED, metavar="FILE", help=f"a served check's results.json (default {SERVED})"
+    )
     ap.add_argument("--readme", metavar="FILE", help="replace FILE's status block (README.md)")
     args = ap.parse_args(argv)
     eval_source = str(Path(args.eval) / "results.json")
     try:
         doc, r = json.loads(Path(args.bench).read_text()), json.loads(Path(eval_source).read_text())
+        sv = json.loads(Path(args.served).read_text())
     except (OSError, ValueError) as exc:
         print(f"measure.status: {exc}", file=sys.stderr)
         return 2
-    text = block(doc, args.bench, r, eval_source)
+    text = block(doc, args.bench, r, eval_source, sv, args.served)
     if args.readme:
         try:
             BLOCK.write_into(args.readme, text)
