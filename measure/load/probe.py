@@ -184,7 +184,8 @@ def memory_report(
     while t0 < t_end:
         pts = [(t, b) for t, b in after if t0 <= t < t0 + window_s]
         w = slope_mib_per_min(pts)
-        if w is not None:
+        # a tail shorter than half a window (the drain after the load) has no slope worth reading
+        if w is not None and pts[-1][0] - pts[0][0] >= window_s / 2:
             windows.append(
                 {
                     "from_s": round(pts[0][0], 1),

@@ -68,7 +68,7 @@ def test_a_spawned_server_is_measured_and_stopped_gracefully(tiny_models, tmp_pa
     mem = r["memory"]
     assert mem["samples"] >= 2 and mem["peak_mib"] > 50  # the process tree
     assert mem["series"] and all(a[0] < b[0] for a, b in zip(mem["series"], mem["series"][1:], strict=False))
-    assert all(w["from_s"] >= 1 and w["to_s"] - w["from_s"] < 1 for w in mem["windows"])
+    assert all(w["from_s"] >= 1 and 0.5 <= w["to_s"] - w["from_s"] < 1 for w in mem["windows"])
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -76,10 +76,11 @@ def test_the_memory_report_fits_slopes_per_window():
     mib = 1 << 20
     # flat for 10 min of warm-up filling, then +1 MiB/min for 10 min, then flat for 10 min
     samples = [(float(t), 1000 * mib + int(min(max(t - 600, 0), 600) / 60 * mib)) for t in range(0, 1800, 5)]
+    samples += [(1800.0, 1100 * mib), (1805.0, 1010 * mib), (1810.0, 1050 * mib)]  # a short, noisy tail
     rep = probe.memory_report(samples, warmup_s=600, window_s=600, max_points=100)
     slopes = [w["slope_mib_per_min"] for w in rep["windows"]]
     assert len(slopes) == 2 and abs(slopes[0] - 1.0) < 1e-6 and abs(slopes[1]) < 1e-6
-    assert rep["growth_after_warmup_mib"] == pytest.approx(10.0 - 1 / 12, abs=0.1)
+    assert rep["growth_after_warmup_mib"] == pytest.approx(50.0)
     assert len(rep["series"]) <= 100 and rep["series"][0] == [0.0, 1000.0]
     assert probe.slope_mib_per_min(samples[:2]) is None
 
