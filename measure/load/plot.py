@@ -35,9 +35,9 @@ def rss_plot(report: dict, path: str | Path) -> Path:
     ax.set(
         xlabel="minutes",
         ylabel="MiB",
-        title=f"epispec load: {cfg['concurrency']} clients, {cfg['duration_s'] / 60:.0f} min; "
+        title=f"epispec load: {cfg['concurrency']} clients, {cfg['duration_s'] / 60:.0f} min\n"
         f"slope after warm-up {'n/a' if slope is None else f'{slope:+.2f}'} MiB/min "
-        "(per window: numbers)",
+        "(numbers: each window's)",
     )
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
