@@ -126,6 +126,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--concurrency", type=int, default=8, help="requests in flight")
 
 
+def _command_line() -> str:
+    """This run's command as a user typed it, for the results' records."""
+    return "epispec eval " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["eval"] else sys.argv[1:])
+
+
 def _data(arg: str | None, quick: bool) -> str | None:
     """None means the synthetic corpus. --quick defaults to it: tiny models trained for a minute
     on GSM8K write no checkable calculator annotation (measured: 0 of 30 generations), which
@@ -154,8 +159,9 @@ def regenerate(results_dir: str, readme: str | None) -> int:
     from measure.evaluation import scale_report, served
 
     if served.is_served_results(results):  # `epispec eval --served`: its report only
-        (Path(results_dir) / "report.md").write_text(served.markdown(results, results["command"]))
-        print(served.markdown(results, results["command"]), end="")
+        text = served.markdown(results, results["command"])
+        (Path(results_dir) / "report.md").write_text(text)
+        print(text, end="")
         return 0
     if scale_report.is_scale_results(results):  # `epispec eval --bundle B` at scale: two blocks
         plots = sorted(p.name for p in Path(results_dir).glob("*.png"))
@@ -256,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"epispec eval: {exc}", file=sys.stderr)
         return 2
     files = plots.write_plots(results, out)
-    command = "epispec eval " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["eval"] else sys.argv[1:])
+    command = _command_line()
     results["command"] = command
     report.write_json(results, out / "results.json")
     (out / "report.md").write_text(report.markdown(results, command, files))
@@ -351,7 +357,7 @@ def run_served(args: argparse.Namespace) -> int:
     from measure.evaluation import served
     from measure.load.probe import LoadError, spawn_server, stop_server
 
-    command = "epispec eval " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["eval"] else sys.argv[1:])
+    command = _command_line()
     proc = None
     try:
         if args.served == "spawn":

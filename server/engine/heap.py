@@ -1,10 +1,11 @@
 """Give the C heap's free pages back to the OS at a fixed period, in the process that runs vLLM's
 model runner and the drafts.
 
-Measured (issue 27): under `epispec load --concurrency 64` that process's RSS rose ~65 MiB/min
-after warm-up, and one `malloc_trim(0)` (glibc) gave back 0.51 GiB of it at once. The growth is
-freed memory glibc keeps in its arenas (tensors of varying shapes freed by many threads), not
-live objects. A daemon thread calls `malloc_trim(0)` every `period_s` seconds; the call releases
+glibc keeps memory freed by that process (tensors of varying shapes, freed by many threads) in
+its arenas instead of returning it. Measured (issue 27, docs/reliability.md): one `malloc_trim(0)`
+under `epispec load --concurrency 64` gave back 0.51 GiB at once; under steady load most of it was
+touched again within seconds, so the trim matters after a burst, when the worker would otherwise
+keep its peak. A daemon thread calls `malloc_trim(0)` every `period_s` seconds; the call releases
 the GIL (ctypes) and takes each arena's lock only while it trims it.
 
 `EPISPEC_MALLOC_TRIM_S` sets the period (default 30 s; 0 turns it off). A libc without
@@ -26,14 +27,19 @@ ENV = "EPISPEC_MALLOC_TRIM_S"
 DEFAULT_PERIOD_S = 30.0
 
 
-def _malloc_trim():
-    """glibc's `malloc_trim(size_t pad) -> int`, or None where the libc has none."""
+def libc_function(name: str):
+    """The C library's function `name` (ctypes, untyped), or None where the libc has none."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        fn = libc.malloc_trim
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
     except (OSError, AttributeError):
         return None
-    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+
+
+def _malloc_trim():
+    """glibc's `malloc_trim(size_t pad) -> int`, or None where the libc has none."""
+    fn = libc_function("malloc_trim")
+    if fn is not None:
+        fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
     return fn
 
 

@@ -35,6 +35,8 @@ import time
 import tracemalloc
 import warnings
 
+from server.engine.heap import libc_function
+
 log = logging.getLogger(__name__)
 ENV, PERIOD_ENV, TRACE_ENV = "EPISPEC_MEMORY_REPORT", "EPISPEC_MEMORY_REPORT_S", "EPISPEC_MEMORY_REPORT_TRACE"
 FIELDS = (
@@ -56,15 +58,14 @@ class _MallInfo2(ctypes.Structure):
 
 
 def _mallinfo2():
-    try:
-        fn = ctypes.CDLL("libc.so.6").mallinfo2
-    except (OSError, AttributeError):
-        return None
-    fn.restype = _MallInfo2
+    fn = libc_function("mallinfo2")  # glibc >= 2.33
+    if fn is not None:
+        fn.restype = _MallInfo2
     return fn
 
 
 def rss_bytes() -> int:
+    """This process's resident set size, bytes (0 where /proc has no VmRSS line)."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):

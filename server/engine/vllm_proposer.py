@@ -100,7 +100,7 @@ class EnsembleProposer:
             target=self.target_dir,
         )
         vllm_internals.on_requests_finished(self._finished)
-        self.heap = heap.start_from_env()  # this process's RSS stays flat under load (heap.py)
+        self.heap = heap.start_from_env()  # free heap pages go back to the OS (heap.py)
         self.memory_report = memory_report.start_from_env()  # a diagnostic, off by default
         ens = self.ensemble
         log.info(

@@ -4,21 +4,12 @@ gives freed heap pages back to the OS (RSS of this process, glibc only)."""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import time
 
 import pytest
 
 from server.engine import heap
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
-
+from server.engine.memory_report import rss_bytes
 
 needs_trim = pytest.mark.skipif(heap._malloc_trim() is None, reason="this libc has no malloc_trim")
 
@@ -66,23 +57,23 @@ def test_the_thread_trims_periodically_and_stops():
 
 @needs_trim
 def test_a_trim_gives_freed_heap_pages_back():
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-    libc.free.argtypes = [ctypes.c_void_p]
+    malloc, free = heap.libc_function("malloc"), heap.libc_function("free")
+    malloc.restype, malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    free.argtypes = [ctypes.c_void_p]
     chunk, n = 64 << 10, 3000  # 64 KiB: below glibc's mmap threshold, so from the heap
-    blocks = [libc.malloc(chunk) for _ in range(n)]
+    blocks = [malloc(chunk) for _ in range(n)]
     assert all(blocks)
     for b in blocks:
         ctypes.memset(b, 1, chunk)  # touch every page
-    before = _rss_bytes()
+    before = rss_bytes()
     for b in blocks[:-1]:  # the last block pins the heap's top: no automatic trim
-        libc.free(b)
+        free(b)
     try:
-        freed_but_held = _rss_bytes()
+        freed_but_held = rss_bytes()
         assert heap.HeapTrimmer(1).trim_now()
-        after = _rss_bytes()
+        after = rss_bytes()
     finally:
-        libc.free(blocks[-1])
+        free(blocks[-1])
     assert before - freed_but_held < 0.2 * n * chunk  # free() alone gives (almost) nothing back
     assert freed_but_held - after > 0.8 * n * chunk  # the trim gives the freed pages back
 
