@@ -88,6 +88,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=60,
         help="seconds to wait for the server to return to idle after the load (default 60)",
     )
+    w.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="sampling temperature of every request (default 1.0, each with its own seed; 0: greedy)",
+    )
     w.add_argument("--seed", type=int, default=0)
     w.add_argument(
         "--window",
@@ -130,6 +136,8 @@ def _check(args: argparse.Namespace) -> None:
         raise LoadError("--max-tokens needs 1 <= MIN <= MAX.")
     if not 0 <= args.leave_rate <= 1:
         raise LoadError("--leave-rate must be within [0, 1].")
+    if not 0 <= args.temperature <= 2:
+        raise LoadError("--temperature must be within [0, 2].")
     if args.url:
         check_loopback(args.url)
     if not args.window > 0:
@@ -168,7 +176,12 @@ async def _drive(args: argparse.Namespace, url: str, pid: int | None) -> dict:
         base_url=url, headers=headers, limits=limits, timeout=httpx.Timeout(args.request_timeout, connect=30)
     ) as client:
         model = (await client.get("/v1/models")).json()["data"][0]["id"]
-        mix = Mix(max_tokens=tuple(args.max_tokens), leave_rate=args.leave_rate, model=model)
+        mix = Mix(
+            max_tokens=tuple(args.max_tokens),
+            leave_rate=args.leave_rate,
+            model=model,
+            temperature=args.temperature,
+        )
         sampler = MemorySampler(client, pid)
         stop_sampling = asyncio.Event()
         sampling = asyncio.create_task(sampler.run(stop_sampling))
@@ -212,6 +225,7 @@ def summarize(
             "max_requests": args.max_requests,
             "max_tokens": list(args.max_tokens),
             "leave_rate": args.leave_rate,
+            "temperature": args.temperature,
             "seed": args.seed,
         },
         "wall_s": round(wall, 1),

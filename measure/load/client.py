@@ -44,11 +44,14 @@ class Mix:
     max_tokens: tuple[int, int] = (8, 64)
     leave_rate: float = 0.2  # share of streams left after 1-5 events
     model: str | None = None
+    temperature: float = 1.0  # T > 0 requests carry a seed each; greedy ones (T = 0) none
 
 
 def _body(kind: str, prompt: str, max_tokens: int, seed: int, mix: Mix) -> tuple[str, dict]:
     endpoint, stream = kind.removesuffix("-stream"), kind.endswith("-stream")
-    body: dict = {"max_tokens": max_tokens, "stream": stream, "temperature": 1.0, "seed": seed}
+    body: dict = {"max_tokens": max_tokens, "stream": stream, "temperature": mix.temperature}
+    if mix.temperature > 0:
+        body["seed"] = seed
     if endpoint == "chat":
         body["messages"] = [{"role": "user", "content": prompt}]
     else:

@@ -92,3 +92,18 @@ def test_bad_window_is_refused(tmp_path):
 def test_only_loopback(tmp_path):
     assert main(["load", "--url", "http://192.0.2.1:8000", "--duration", "1"]) == 2
     assert main(["load", "--url", "http://example.com", "--duration", "1"]) == 2
+
+
+def test_requests_carry_the_temperature_and_a_seed_only_when_sampling():
+    from measure.load.client import Mix, _body
+
+    path, greedy = _body("chat-stream", "2+2?", 8, 123, Mix(temperature=0.0, model="m"))
+    assert path == "/v1/chat/completions" and greedy["temperature"] == 0.0 and "seed" not in greedy
+    assert greedy["stream"] and greedy["model"] == "m" and greedy["messages"][0]["content"] == "2+2?"
+    _, sampled = _body("generate", "2+2?", 8, 123, Mix(temperature=0.7))
+    assert sampled["temperature"] == 0.7 and sampled["seed"] == 123 and "model" not in sampled
+
+
+def test_bad_temperature_is_refused(capsys):
+    assert main(["load", "--url", "http://127.0.0.1:9", "--temperature", "-1", "--duration", "1"]) == 2
+    assert "--temperature" in capsys.readouterr().err
