@@ -73,10 +73,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--draft-dtype",
-        default="float32",
-        choices=["float32", "bfloat16", "float16"],
-        help="vllm engine: the drafts' weights and KV cache (default float32: on CPUs without "
-        "bf16 matmul units bf16 is ~10x slower; bfloat16 on GPUs)",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="vllm engine: the drafts' weights and KV cache (default auto: bfloat16 on GPUs and on "
+        "CPUs with avx512_bf16, where vLLM runs the target in bf16 too; float32 on other CPUs, "
+        "where bf16 matmuls are several times slower)",
     )
     g.add_argument(
         "--speculation",

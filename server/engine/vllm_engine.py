@@ -40,7 +40,7 @@ from server.engine.detokenize import IncrementalDetokenizer
 from server.engine.draft_ensemble import log_mix_from_record
 from server.engine.emission import EmissionGate
 from server.engine.eu_channel import Joiner, open_joiner
-from server.engine.proposer_config import ProposerConfig
+from server.engine.proposer_config import DEFAULT_DRAFT_DTYPE, ProposerConfig, resolve_draft_dtype
 from server.engine.speculation_policy import DEFAULT_SPECULATION, Speculation
 from server.engine.types import (
     BIAS_SOURCES,
@@ -82,7 +82,7 @@ class VllmEngine:
         draft_top_n: int | None = None,
         bias_source: BiasSource = DEFAULT_BIAS_SOURCE,
         draft_kv_gib: float | None = None,
-        draft_dtype: str = "float32",
+        draft_dtype: str = DEFAULT_DRAFT_DTYPE,
         speculation: Speculation = DEFAULT_SPECULATION,
         vllm_args: dict | None = None,
         eu_channel: str = "ipc",
@@ -126,7 +126,7 @@ class VllmEngine:
                 channel=address,
                 top_n=top_n,
                 bias=bias_source,
-                dtype=draft_dtype,
+                dtype=resolve_draft_dtype(draft_dtype),
                 speculation=speculation,
                 channel_keys=self.joiner.publisher_keys(),
             ).to_additional_config()  # kv_tokens: below, from the resolved configuration

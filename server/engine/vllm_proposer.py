@@ -104,8 +104,9 @@ class EnsembleProposer:
         self.memory_report = memory_report.start_from_env()  # a diagnostic, off by default
         ens = self.ensemble
         log.info(
-            "epispec drafts' KV cache: %d bytes per token, a pool of %d tokens (%.2f GiB, blocks of %d "
-            "tokens); %d max_model_len requests fit at once",
+            "epispec drafts in %s; their KV cache: %d bytes per token, a pool of %d tokens (%.2f GiB, "
+            "blocks of %d tokens); %d max_model_len requests fit at once",
+            self.cfg.dtype,
             ens.kv_bytes_per_token,
             ens.pool.capacity_tokens,
             ens.kv_bytes() / (1 << 30),

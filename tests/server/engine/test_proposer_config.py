@@ -31,3 +31,21 @@ def test_round_trip_through_additional_config():
 def test_refused_with_a_sentence(extra, match):
     with pytest.raises(ValueError, match=match):
         ProposerConfig.from_vllm_config(SimpleNamespace(additional_config=extra))
+
+
+def test_auto_draft_dtype_follows_the_machine(monkeypatch):
+    import torch
+
+    from server.engine.proposer_config import resolve_draft_dtype
+
+    assert resolve_draft_dtype("float16") == "float16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    assert resolve_draft_dtype("auto") == "float32"  # bf16 matmuls emulated: float32 is faster
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert resolve_draft_dtype("auto") == "bfloat16"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_draft_dtype("auto") == "bfloat16"
+    with pytest.raises(ValueError, match="draft_dtype must be auto or"):
+        resolve_draft_dtype("int8")
