@@ -86,6 +86,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "judged at 0; T > 0 shows acceptance and throughput when sampling; default: 0 0.7 1)",
     )
     w.add_argument(
+        "--unseeded",
+        action="store_true",
+        help="send requests without a seed, as most clients do: at T > 0 the speculation policy "
+        "then chooses per step for them too (a seeded row proposes a fixed k, so that its "
+        "tokens do not depend on the batch); T > 0 runs are then not reproducible",
+    )
+    w.add_argument(
         "--target-logprobs",
         type=int,
         default=DEFAULT_TARGET_LOGPROBS,
@@ -170,6 +177,7 @@ def _workload(args: argparse.Namespace, target: str, bundle: Bundle | None = Non
         num_speculative_tokens=num_speculative_tokens(args.num_speculative_tokens, bundle),
         target_logprobs=args.target_logprobs,
         temperatures=tuple(args.temperatures),
+        seeded=not args.unseeded,
     )
 
 

@@ -43,8 +43,8 @@ async def run_level(
     tag: str,
     temperature: float = 0.0,
 ) -> tuple[list[RequestTiming], dict, float]:
-    """All prompts with at most `concurrency` in flight, sampled at `temperature` (seeded per
-    request). Returns timings, summed counters, wall s."""
+    """All prompts with at most `concurrency` in flight, sampled at `temperature` (`submit` says
+    whether each request is seeded). Returns timings, summed counters, wall s."""
     sem = asyncio.Semaphore(concurrency)
     totals: dict[str, int] = {}
 
@@ -60,9 +60,9 @@ async def run_level(
     return list(timings), totals, now() - t0
 
 
-def request_seed(rid: str) -> int:
-    """A fixed seed per request id, so a sampled (T > 0) run is reproducible."""
-    return zlib.crc32(rid.encode())
+def request_seed(rid: str, seeded: bool = True) -> int | None:
+    """A fixed seed per request id, so a sampled (T > 0) run is reproducible (None: unseeded)."""
+    return zlib.crc32(rid.encode()) if seeded else None
 
 
 def level_row(
@@ -162,7 +162,7 @@ def start_vllm(spec: dict, totals: dict):
     )
 
 
-def vllm_submit(llm, totals: dict, k: int) -> Submit:
+def vllm_submit(llm, totals: dict, k: int, seeded: bool = True) -> Submit:
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -170,7 +170,7 @@ def vllm_submit(llm, totals: dict, k: int) -> Submit:
         params = SamplingParams(
             max_tokens=max_tokens,
             temperature=temperature,
-            seed=request_seed(rid),
+            seed=request_seed(rid, seeded),
             ignore_eos=True,
             output_kind=RequestOutputKind.DELTA,
         )
@@ -227,12 +227,13 @@ async def engine_request(
     max_tokens: int,
     temperature: float = 0.0,
     events: list | None = None,
+    seeded: bool = True,
 ):
     """One request through `Engine.generate`: timing, counters, and (optionally) its events."""
     from server.engine.types import Finished, SamplingParams
 
     params = SamplingParams(
-        max_tokens=max_tokens, temperature=temperature, seed=request_seed(rid), ignore_eos=True
+        max_tokens=max_tokens, temperature=temperature, seed=request_seed(rid, seeded), ignore_eos=True
     )
     t = RequestTiming(now())
     counters: dict = {}
@@ -261,9 +262,9 @@ async def engine_request(
     return t, counters
 
 
-def engine_submit(engine) -> Submit:
+def engine_submit(engine, seeded: bool = True) -> Submit:
     return lambda rid, ids, max_tokens, temperature=0.0: engine_request(
-        engine, rid, ids, max_tokens, temperature
+        engine, rid, ids, max_tokens, temperature, seeded=seeded
     )
 
 
@@ -309,10 +310,10 @@ async def run_config(spec: dict) -> dict:
     with PeakRss() as rss:
         if config.startswith("vllm-"):
             llm = start_vllm(spec, totals)
-            submit, close = vllm_submit(llm, totals, w.num_speculative_tokens), llm.shutdown
+            submit, close = vllm_submit(llm, totals, w.num_speculative_tokens, w.seeded), llm.shutdown
         else:
             engine = start_engine(spec)
-            submit = engine_submit(engine)
+            submit = engine_submit(engine, w.seeded)
             close = None
         startup_s = time.perf_counter() - t0
         startup_rss = rss.peak

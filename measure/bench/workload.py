@@ -69,8 +69,9 @@ class Workload:
     eu_prompts: int  # prompts whose per-token EU is checked against exact values (epispec)
     num_speculative_tokens: int = DEFAULT_NUM_SPECULATIVE_TOKENS
     target_logprobs: int = DEFAULT_TARGET_LOGPROBS
-    temperatures: tuple[float, ...] = (0.0,)  # each level runs at each; > 0 samples, seeded
+    temperatures: tuple[float, ...] = (0.0,)  # each level runs at each; > 0 samples
     chat: bool = False  # prompts are questions sent as one user turn through the chat template
+    seeded: bool = True  # each request carries a fixed seed (a T > 0 run is reproducible)
 
     def level_prompts(self, concurrency: int) -> list[str]:
         n = max(self.requests_per_level, concurrency)
@@ -87,6 +88,7 @@ class Workload:
             "target_logprobs": self.target_logprobs,
             "temperatures": list(self.temperatures),
             "chat": self.chat,
+            "seeded": self.seeded,
         }
 
     @classmethod

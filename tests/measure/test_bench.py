@@ -339,3 +339,19 @@ def test_feature_drafts_skip_vllms_draft_model_with_a_reason(tiny_models, featur
     reason = skip_reason("vllm-draft-model", feature_drafts)
     assert reason is not None and "feature drafts" in reason
     assert skip_reason("vllm-draft-model", tiny_models["drafts"]) is None
+
+
+def test_unseeded_requests_carry_no_seed():
+    from measure.bench.runners import engine_request, engine_submit
+    from server.engine.types import EngineStats
+
+    seen = []
+
+    class Scripted:
+        async def generate(self, rid, ids, params):
+            seen.append(params.seed)
+            yield Finished("length", len(ids), 0, EngineStats(1, 0, 0, 0))
+
+    asyncio.run(engine_request(Scripted(), "r", [1], 1, temperature=1.0))
+    asyncio.run(engine_submit(Scripted(), seeded=False)("r", [1], 1, 1.0))
+    assert seen[0] is not None and seen[1] is None
