@@ -20,7 +20,7 @@ import torch
 from server.bundle import load_bundle
 from server.engine.draft_ensemble import DraftEnsemble, LogMix, RowInput
 from server.engine.models import model_config
-from server.engine.uncertainty import kl
+from server.engine.uncertainty import bias_on_support
 
 
 def main() -> None:
@@ -46,8 +46,8 @@ def main() -> None:
             t0 = time.perf_counter()
             outs = ens.propose(rows, lambda live, confs: [0] * len(live))
             t1 = time.perf_counter()
-            log_mix = torch.stack([o.records[0].log_mix for o in outs])  # [B, V]
-            kl(log_mix, torch.log_softmax(torch.randn(B, vocab), -1)).tolist()
+            log_mix = torch.stack([o.records[0].log_mix for o in outs])  # [B, S]
+            bias_on_support(log_mix, torch.randn(B, vocab), ens.support).tolist()
             drafts_s.append(t1 - t0)
             bias_s.append(time.perf_counter() - t1)
         print(

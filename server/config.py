@@ -54,7 +54,7 @@ class Settings(BaseSettings):
     device: str = "auto"
     max_model_len: int | None = Field(None, ge=2)
     draft_kv_gib: float | None = Field(None, gt=0, description="the drafts' KV cache budget (vllm engine)")
-    draft_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    draft_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     speculation: Speculation = Field(
         DEFAULT_SPECULATION, description="tokens proposed per row and step: adaptive, fixed (k) or off"
     )

@@ -73,11 +73,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--draft-dtype",
-        default="auto",
+        default="float32",
         choices=["auto", "float32", "bfloat16", "float16"],
-        help="vllm engine: the drafts' weights and KV cache (default auto: bfloat16 on GPUs and on "
-        "CPUs with avx512_bf16, where vLLM runs the target in bf16 too; float32 on other CPUs, "
-        "where bf16 matmuls are several times slower)",
+        help="vllm engine: the drafts' weights and KV cache (default float32, the exact EU's "
+        "arithmetic; auto: bfloat16 on GPUs and on CPUs with avx512_bf16, float32 on other CPUs, "
+        "where bf16 matmuls are emulated and several times slower)",
     )
     g.add_argument(
         "--speculation",

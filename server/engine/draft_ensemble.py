@@ -58,8 +58,9 @@ class TopN:
 
 @dataclass(frozen=True)
 class LogMix:
-    """Records keep log q̄ itself over the target's vocabulary ([V], on the drafts' device), for
-    a bias computed in the same process (bias source "worker")."""
+    """Records keep log q̄ itself ([S], on the drafts' device: over the drafts' vocabulary, the
+    target ids `DraftEnsemble.support`, or the target's whole vocabulary where that is None),
+    for a bias computed in the same process (bias source "worker")."""
 
 
 QSummary = TopN | LogMix  # what a record keeps of q̄
@@ -77,13 +78,13 @@ class Record:
     variance: float
     ids: torch.Tensor | None  # [N] int32
     probs: torch.Tensor | None  # [N] float32
-    log_mix: torch.Tensor | None = None  # [V] float32 log q̄, on the drafts' device
+    log_mix: torch.Tensor | None = None  # [S] float32 log q̄ over `DraftEnsemble.support`
 
 
 @dataclass
 class QFields:
     """q̄'s summary at a batch of positions (any leading shape [...]): ids, probs [..., N] under
-    `TopN`, or log_mix [..., V] under `LogMix`."""
+    `TopN`, or log_mix [..., S] under `LogMix`."""
 
     ids: torch.Tensor | None = None
     probs: torch.Tensor | None = None
@@ -254,15 +255,16 @@ def summarize(draft_lp: torch.Tensor, summary: QSummary, vocab: DraftVocab | Non
     [P, M, V_d] -> [P], QFields [P, ...], [P] long (target ids)
 
     fields: ids [P, N] int32 target ids and probs [P, N] of q̄'s top-N (`TopN`; n None: N = V_d),
-    or log q̄ [P, V] over the target's vocabulary (`LogMix`). With a reduced vocabulary
-    (V_d < V) everything is computed over S and mapped: q̄ is 0 outside S."""
+    or log q̄ [P, V_d] over the drafts' vocabulary (`LogMix`: never expanded to the target's V,
+    `DraftEnsemble.support` maps it). With a reduced vocabulary (V_d < V) everything is computed
+    over S: q̄ is 0 outside S."""
     log_mix = mixture_logprobs(draft_lp)  # [P, V_d]
     var = variance(draft_lp, log_mix)  # [P]
     greedy = log_mix.argmax(-1)  # [P] draft ids
     if vocab is not None:
         greedy = vocab.to_target(greedy)
     if isinstance(summary, LogMix):
-        return var, QFields(log_mix=log_mix if vocab is None else vocab.expand(log_mix)), greedy
+        return var, QFields(log_mix=log_mix), greedy
     n = log_mix.shape[-1] if summary.n is None else min(summary.n, log_mix.shape[-1])
     probs, ids = log_mix.exp().topk(n, dim=-1)  # [P, N]
     if vocab is not None:
@@ -354,6 +356,16 @@ class DraftEnsemble:
         self.kv_bytes_per_token = kv_bytes_per_token(
             [lm.config for lms in groups.values() for lm in lms], dtype
         )
+
+    @property
+    def support(self) -> torch.Tensor | None:
+        """[S] long: the target id of each entry of a `LogMix` record's log q̄ (None: S is the
+        target's whole vocabulary, in its order)."""
+        return None if self.vocab is None else self.vocab.target_ids
+
+    def target_log_mix(self, log_mix: torch.Tensor) -> torch.Tensor:
+        """A `LogMix` record's log q̄ over the target's vocabulary (−inf outside S). [..., S] -> [..., V]"""
+        return log_mix if self.vocab is None else self.vocab.expand(log_mix)
 
     def num_states(self) -> int:
         """Requests holding a slot (0 when idle: aborts and finishes free their state)."""

@@ -34,7 +34,7 @@ class EngineArgs:
     model_name: str | None = None
     max_model_len: int | None = None
     draft_kv_gib: float | None = None  # vllm engine: the drafts' KV cache budget (None: never full)
-    draft_dtype: str = "auto"  # vllm engine: the drafts' weights and KV cache (proposer_config)
+    draft_dtype: str = "float32"  # vllm engine: the drafts' weights and KV cache (proposer_config)
     speculation: Speculation = DEFAULT_SPECULATION  # vllm engine: adaptive, fixed (k) or off
     eu_channel: str = "ipc"  # vllm engine: the side channel, "ipc" or tcp://HOST:PORT (eu_transport)
     # vLLM engine arguments passed through unchanged (tensor_parallel_size, dtype, ...)

@@ -16,7 +16,7 @@ from server.engine.types import BIAS_SOURCES, DEFAULT_BIAS_SOURCE, BiasSource
 
 KEY = "epispec"  # our key in vLLM's additional_config
 DRAFT_DTYPES = ("float32", "bfloat16", "float16")
-DEFAULT_DRAFT_DTYPE = "auto"  # `resolve_draft_dtype`: the target's side of the same machine
+DEFAULT_DRAFT_DTYPE = "float32"  # the arithmetic of the exact EU; "auto": `resolve_draft_dtype`
 
 
 def resolve_draft_dtype(name: str) -> str:

@@ -58,6 +58,19 @@ def variance(member_logprobs: torch.Tensor, log_mix: torch.Tensor | None = None)
     return kl(member_logprobs, log_mix.unsqueeze(-2)).mean(-1)  # [..., M] -> [...]
 
 
+def bias_on_support(
+    log_mix: torch.Tensor, target_logits: torch.Tensor, support: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Exact KL(q̄ ‖ p), p = softmax(target_logits), for a q̄ that is 0 outside `support` (the
+    target ids of log_mix's entries: a reduced draft vocabulary; None: log_mix covers the whole
+    vocabulary). Only p's normalizer reads all V columns. [..., S], [..., V], [S] long -> [...]"""
+    logits = target_logits.float()
+    if support is None:
+        return kl(log_mix, torch.log_softmax(logits, -1))
+    log_p = logits[..., support.to(logits.device)] - torch.logsumexp(logits, -1, keepdim=True)  # [..., S]
+    return kl(log_mix, log_p)
+
+
 def bias_topk(log_mix: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor) -> torch.Tensor:
     """Tail-bucket KL(q̄ ‖ p) from the target's top-K log-probs. [..., V], [..., K], [..., K] -> [...]
 

@@ -58,7 +58,7 @@ from server.engine.draft_ensemble import DraftEnsemble, LogMix, RowInput, TopN
 from server.engine.eu_channel import Publisher
 from server.engine.eu_wire import Record, RequestRecords
 from server.engine.proposer_config import ProposerConfig
-from server.engine.uncertainty import kl
+from server.engine.uncertainty import bias_on_support
 
 log = logging.getLogger(__name__)
 FAULT_LOG_EVERY = 100  # a failing proposer logs its 1st fault, then one in every 100
@@ -267,7 +267,7 @@ class EnsembleProposer:
                 f"{ends[-1]} sampled positions: {vllm_internals.VERSION_HINT}."
             )
         first = [ends[i] - drafted[i] - 1 for i in range(len(rows))]  # request i's first row
-        index, log_mix, where = [], [], []  # logits row, log q̄ [V], (row, record) of each record
+        index, log_mix, where = [], [], []  # logits row, log q̄ [S], (row, record) of each record
         for i, (r, o) in enumerate(zip(rows, outs, strict=True)):
             n0 = len(r.history) - r.num_emitted  # position of the first emitted token
             if r.num_emitted > drafted[i] + 1:
@@ -282,8 +282,9 @@ class EnsembleProposer:
         out = [[None] * len(o.records) for o in outs]
         if index:
             idx = torch.tensor(index, device=logits.device)
-            target = torch.log_softmax(logits[idx].float(), -1)  # [R, V]
-            bias = kl(torch.stack(log_mix).to(target.device), target).tolist()  # [R]
+            rows_lp = logits[idx]  # [R, V] raw
+            bias = bias_on_support(torch.stack(log_mix).to(rows_lp.device), rows_lp, self.ensemble.support)
+            bias = bias.tolist()  # [R]
             for (i, j), b in zip(where, bias, strict=True):
                 out[i][j] = b
         live = [o for r, o in zip(rows, outs, strict=True) if r.num_emitted]

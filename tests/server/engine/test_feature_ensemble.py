@@ -69,7 +69,7 @@ def test_records_equal_teacher_forced_feature_drafts(tiny_models, feature_drafts
                 assert abs(float(variance(lp)) - rec.variance) < 1e-4
                 q = mixture_logprobs(lp).exp()
                 got = (
-                    rec.log_mix.exp()
+                    ens.target_log_mix(rec.log_mix).exp()
                     if isinstance(summary, LogMix)
                     else torch.zeros_like(q).index_put_((rec.ids.long(),), rec.probs)
                 )

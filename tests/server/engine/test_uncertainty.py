@@ -141,3 +141,19 @@ def test_mutual_information_and_baselines():
     torch.testing.assert_close(token_nll(lp, ids), -lp[torch.arange(5), ids])
     uniform = torch.full((1, 8), -math.log(8))
     assert entropy(uniform).item() == pytest.approx(math.log(8), abs=1e-6)
+
+
+def test_bias_on_a_support_equals_the_full_vocabulary_kl():
+    """q̄ kept over a reduced vocabulary S (0 outside): KL(q̄ ‖ p) from S's columns and p's
+    normalizer equals the KL over the whole vocabulary with q̄ expanded."""
+    from server.engine.uncertainty import bias_on_support
+
+    g = torch.Generator().manual_seed(0)
+    V, S = 50, 12
+    support = torch.randperm(V, generator=g)[:S]
+    log_mix = torch.log_softmax(torch.randn(3, S, generator=g), -1)  # [3, S]
+    logits = 4 * torch.randn(3, V, generator=g)  # [3, V] raw
+    full = torch.full((3, V), float("-inf")).index_copy(1, support, log_mix)
+    want = kl(full, torch.log_softmax(logits, -1))
+    assert torch.allclose(bias_on_support(log_mix, logits, support), want, atol=1e-5)
+    assert torch.allclose(bias_on_support(full, logits), want, atol=1e-5)
