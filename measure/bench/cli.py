@@ -23,6 +23,7 @@ from measure.bench import report
 from measure.bench.runners import CONFIGS
 from measure.bench.workload import DEFAULT_PROMPTS, Workload, is_chat_target, load_questions
 from server.bundle import Bundle, BundleError
+from server.engine.proposer_config import DRAFT_DTYPES
 from server.engine.speculation_policy import SPECULATION_POLICIES
 from server.engine.types import (
     BIAS_SOURCES,
@@ -110,6 +111,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=SPECULATION_POLICIES,
         help="epispec: tokens proposed per request and step, adaptive, fixed or off (default: the "
         "engine's, adaptive)",
+    )
+    w.add_argument(
+        "--draft-dtype",
+        choices=("auto", *DRAFT_DTYPES),
+        help="epispec: the drafts' weights and KV cache (default: the engine's, float32)",
     )
     r = parser.add_argument_group("run")
     r.add_argument(
@@ -289,6 +295,7 @@ def run(args: argparse.Namespace) -> int:
                     "enable_prefix_caching": args.enable_prefix_caching,
                     "bias_source": args.bias_source,
                     "speculation": args.speculation,
+                    "draft_dtype": args.draft_dtype,
                     "profile": str(Path(args.profile).resolve()) if args.profile else None,
                 }
                 result, reason = run_config(spec, Path(tmp), args.timeout)

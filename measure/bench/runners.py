@@ -1,7 +1,7 @@
 """One benchmark config in its own process: `python -m measure.bench.runners SPEC.json OUT.json`.
 
 SPEC holds {"config", "target", "drafts", "draft_model", "workload", "kv_cache_space", "dtype",
-"enable_prefix_caching", "bias_source", "profile"} (profile: a folder for `profile.py`'s output,
+"enable_prefix_caching", "bias_source", "speculation", "draft_dtype", "profile"} (profile: a folder for `profile.py`'s output,
 or null; enable_prefix_caching: null for vLLM's default).
 The runner starts the config's engine, warms it up, then for each concurrency C keeps C
 requests in flight until the level's requests are done (closed loop), timing every output
@@ -197,7 +197,7 @@ def start_engine(spec: dict):
 
         os.environ[profile.PROFILE_DIR_ENV] = spec["profile"]  # read by the worker's proposer
         vllm_engine.PROPOSER_CLASS = profile.PROPOSER
-    extra = {key: spec[key] for key in ("bias_source", "speculation") if spec.get(key)}
+    extra = {key: spec[key] for key in ("bias_source", "speculation", "draft_dtype") if spec.get(key)}
     return build_engine(
         EngineArgs(
             **extra,
