@@ -23,7 +23,7 @@ from measure.bench import report
 from measure.bench.runners import CONFIGS
 from measure.bench.workload import DEFAULT_PROMPTS, Workload, is_chat_target, load_questions
 from server.bundle import Bundle, BundleError
-from server.engine.proposer_config import DRAFT_DTYPES
+from server.engine.proposer_config import DRAFT_DTYPE_CHOICES
 from server.engine.speculation_policy import SPECULATION_POLICIES
 from server.engine.types import (
     BIAS_SOURCES,
@@ -114,7 +114,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     w.add_argument(
         "--draft-dtype",
-        choices=("auto", *DRAFT_DTYPES),
+        choices=DRAFT_DTYPE_CHOICES,
         help="epispec: the drafts' weights and KV cache (default: the engine's, float32)",
     )
     r = parser.add_argument_group("run")

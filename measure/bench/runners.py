@@ -1,8 +1,8 @@
 """One benchmark config in its own process: `python -m measure.bench.runners SPEC.json OUT.json`.
 
 SPEC holds {"config", "target", "drafts", "draft_model", "workload", "kv_cache_space", "dtype",
-"enable_prefix_caching", "bias_source", "speculation", "draft_dtype", "profile"} (profile: a folder for `profile.py`'s output,
-or null; enable_prefix_caching: null for vLLM's default).
+"enable_prefix_caching", "bias_source", "speculation", "draft_dtype", "profile"} (profile: a
+folder for `profile.py`'s output, or null; enable_prefix_caching: null for vLLM's default).
 The runner starts the config's engine, warms it up, then for each concurrency C keeps C
 requests in flight until the level's requests are done (closed loop), timing every output
 token and sampling the process tree's peak RSS. `epispec` also streams `eu_prompts` prompts once more,

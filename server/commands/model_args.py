@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from server.engine.factory import ENGINES
+from server.engine.proposer_config import DEFAULT_DRAFT_DTYPE, DRAFT_DTYPE_CHOICES
 from server.engine.speculation_policy import DEFAULT_SPECULATION, SPECULATION_POLICIES
 from server.engine.types import (
     BIAS_SOURCES,
@@ -73,8 +74,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--draft-dtype",
-        default="float32",
-        choices=["auto", "float32", "bfloat16", "float16"],
+        default=DEFAULT_DRAFT_DTYPE,
+        choices=DRAFT_DTYPE_CHOICES,
         help="vllm engine: the drafts' weights and KV cache (default float32, the exact EU's "
         "arithmetic; auto: bfloat16 on GPUs and on CPUs with avx512_bf16, float32 on other CPUs, "
         "where bf16 matmuls are emulated and several times slower)",

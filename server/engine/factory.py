@@ -6,6 +6,7 @@ import importlib.util
 from dataclasses import dataclass, field
 
 from server.engine.eu_transport import check_placement, parse_channel
+from server.engine.proposer_config import DEFAULT_DRAFT_DTYPE
 from server.engine.speculation_policy import DEFAULT_SPECULATION, Speculation
 from server.engine.types import (
     DEFAULT_BIAS_SOURCE,
@@ -34,7 +35,7 @@ class EngineArgs:
     model_name: str | None = None
     max_model_len: int | None = None
     draft_kv_gib: float | None = None  # vllm engine: the drafts' KV cache budget (None: never full)
-    draft_dtype: str = "float32"  # vllm engine: the drafts' weights and KV cache (proposer_config)
+    draft_dtype: str = DEFAULT_DRAFT_DTYPE  # vllm engine: the drafts' weights and KV cache
     speculation: Speculation = DEFAULT_SPECULATION  # vllm engine: adaptive, fixed (k) or off
     eu_channel: str = "ipc"  # vllm engine: the side channel, "ipc" or tcp://HOST:PORT (eu_transport)
     # vLLM engine arguments passed through unchanged (tensor_parallel_size, dtype, ...)

@@ -16,21 +16,21 @@ from server.engine.types import BIAS_SOURCES, DEFAULT_BIAS_SOURCE, BiasSource
 
 KEY = "epispec"  # our key in vLLM's additional_config
 DRAFT_DTYPES = ("float32", "bfloat16", "float16")
-DEFAULT_DRAFT_DTYPE = "float32"  # the arithmetic of the exact EU; "auto": `resolve_draft_dtype`
+DRAFT_DTYPE_CHOICES = ("auto", *DRAFT_DTYPES)  # what users may name; "auto": `resolve_draft_dtype`
+DEFAULT_DRAFT_DTYPE = "float32"  # the arithmetic the exact-EU tests hold to
 
 
 def resolve_draft_dtype(name: str) -> str:
-    """The drafts' dtype for `name` (one of DRAFT_DTYPES, or "auto"): auto is bfloat16 on a GPU
-    and on a CPU with bf16 dot-product units (avx512_bf16, where vLLM runs the target in bf16
-    too), float32 on other CPUs (bf16 matmuls are emulated there, several times slower).
-    Raises ValueError for an unknown name."""
+    """The drafts' dtype for `name` (one of DRAFT_DTYPE_CHOICES): auto is bfloat16 on a GPU and on
+    a CPU with bf16 dot-product units (avx512_bf16), float32 on other CPUs (bf16 matmuls are
+    emulated there, several times slower). Raises ValueError for an unknown name."""
     if name == "auto":
         import torch
 
         bf16 = torch.cuda.is_available() or torch.cpu._is_avx512_bf16_supported()
         return "bfloat16" if bf16 else "float32"
     if name not in DRAFT_DTYPES:
-        raise ValueError(f"draft_dtype must be auto or {', '.join(DRAFT_DTYPES)}, got '{name}'.")
+        raise ValueError(f"draft_dtype must be {' or '.join(DRAFT_DTYPE_CHOICES)}, got '{name}'.")
     return name
 
 

@@ -282,9 +282,8 @@ class EnsembleProposer:
         out = [[None] * len(o.records) for o in outs]
         if index:
             idx = torch.tensor(index, device=logits.device)
-            rows_lp = logits[idx]  # [R, V] raw
-            bias = bias_on_support(torch.stack(log_mix).to(rows_lp.device), rows_lp, self.ensemble.support)
-            bias = bias.tolist()  # [R]
+            raw = logits[idx]  # [R, V]
+            bias = bias_on_support(torch.stack(log_mix).to(raw.device), raw, self.ensemble.support).tolist()
             for (i, j), b in zip(where, bias, strict=True):
                 out[i][j] = b
         live = [o for r, o in zip(rows, outs, strict=True) if r.num_emitted]
